@@ -1,0 +1,46 @@
+"""durable: crash-proof workflows on the Celery you already run.
+
+Public names are re-exported here; ``__all__`` is pinned by a test.
+"""
+
+from durable.context import WorkflowContext
+from durable.errors import (
+    ConfigurationError,
+    DurableError,
+    NonDeterminismError,
+    PayloadError,
+    ResultTimeout,
+    SignalTimeout,
+    StepFailed,
+    StoreUnavailable,
+    UnknownWorkflow,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowIdConflict,
+    WorkflowNotFound,
+)
+from durable.retry import RetryPolicy
+from durable.runtime import Durable, WorkflowRun
+from durable.worker import StepInfo, current_step
+
+__all__ = [
+    "ConfigurationError",
+    "Durable",
+    "DurableError",
+    "NonDeterminismError",
+    "PayloadError",
+    "ResultTimeout",
+    "RetryPolicy",
+    "SignalTimeout",
+    "StepFailed",
+    "StepInfo",
+    "StoreUnavailable",
+    "UnknownWorkflow",
+    "WorkflowCancelled",
+    "WorkflowContext",
+    "WorkflowFailed",
+    "WorkflowIdConflict",
+    "WorkflowNotFound",
+    "WorkflowRun",
+    "current_step",
+]

@@ -1,0 +1,88 @@
+"""One activation: take the run's lease, replay its code, commit what it did, dispatch.
+
+An activation ends in one of three ways: the workflow function returned or raised (the run
+is finished under the lease), or it reached a position that has not settled (``Suspend``).
+In the last case the lease is released together with ``run_seq := wake_seq``; if anything
+woke the run meanwhile (a step finished while we replayed) the release fails and the
+activation replays again, so no wake-up is lost. Messages are sent only after the writes
+that make them necessary are committed; if sending fails, the recovery sweep of
+``durable beat`` sends them again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from durable.context import Effects, Suspend, WorkflowContext
+from durable.errors import NonDeterminismError, PayloadError, UnknownWorkflow
+from durable.serialization import describe_exception, encode
+from durable.store import runs
+
+if TYPE_CHECKING:
+    from durable.runtime import Durable
+
+log = logging.getLogger(__name__)
+
+MAX_REPLAYS = 50
+
+
+def activate(durable: Durable, workflow_id: str) -> str:
+    """Run the workflow until it suspends or ends; returns the outcome for logs and tests."""
+    owner = durable.heartbeat.owner
+    ttl = durable.settings.lease_ttl.total_seconds()
+    for _ in range(MAX_REPLAYS):
+        with durable.connect() as conn:
+            activation = runs.acquire(conn, workflow_id, owner, ttl)
+        if activation is None:
+            return "busy-or-finished"
+        durable.heartbeat.hold()
+        try:
+            outcome, effects = _replay(durable, activation, owner)
+        finally:
+            durable.heartbeat.release()
+        if outcome == "unknown-workflow":
+            # Keep the lease: it expires, and the recovery sweep sends the activation again,
+            # maybe to a worker that has the workflow's module.
+            return outcome
+        if outcome != "suspended":
+            durable.apply_effects(effects)
+            return outcome
+        with durable.connect() as conn:
+            released = runs.release(conn, workflow_id, owner, activation.wake_seq)
+        durable.apply_effects(effects)
+        if released:
+            return "suspended"
+    # Woken again and again while replaying: leave it to the next message or the sweep.
+    return "yielded"
+
+
+def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
+    ctx = WorkflowContext(durable, activation)
+    fn = durable.registry.get(activation.name)
+    limit = durable.settings.max_payload_bytes
+    result: str | None = None
+    error: str | None = None
+    try:
+        if fn is None:
+            raise UnknownWorkflow(activation.name, list(durable.registry))
+        value = fn(ctx, *activation.args, **activation.kwargs)
+        ctx.check_end()
+        result = encode(value, f"result of workflow {activation.workflow_id}", limit)
+    except Suspend:
+        return "suspended", ctx.effects
+    except UnknownWorkflow as exc:
+        # Not registered in this process (a worker without the workflow's module): let a
+        # worker that has it take the run, instead of failing it here.
+        log.error("durable: %s; activation of %s left for another worker", exc, ctx.workflow_id)
+        return "unknown-workflow", ctx.effects
+    except (NonDeterminismError, PayloadError) as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = describe_exception(exc)
+    status = "completed" if error is None else "failed"
+    with durable.connect() as conn:
+        runs.finish(conn, activation.workflow_id, owner, status, result, error)
+    if error:
+        log.warning("durable: workflow %s failed: %s", activation.workflow_id, error)
+    return status, ctx.effects

@@ -1,0 +1,108 @@
+"""Settings, read once from arguments, the environment and the Celery config.
+
+Precedence, highest first, for every setting ``x``:
+
+1. the keyword argument given to ``Durable(app, x=...)``;
+2. the environment variable ``DURABLE_X``;
+3. the Celery setting ``durable_x`` (``app.conf.durable_x``);
+4. the default below.
+
+``redis_url`` has one more source, documented here so it is not a surprise: when none of the
+above names it and the Celery broker is a ``redis://`` URL, the broker's server is used.
+``database_url`` has no default: without it durable refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import Any
+
+from durable.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of durable, with its default."""
+
+    database_url: str
+    """PostgreSQL URL; ``postgresql://`` is read as ``postgresql+psycopg://``."""
+    redis_url: str
+    """Redis server holding the timer index."""
+    key_prefix: str = "durable"
+    """Prefix of every Redis key durable writes."""
+    lease_ttl: timedelta = timedelta(seconds=10)
+    """How long a running step or activation stays owned without a heartbeat."""
+    redispatch_after: timedelta = timedelta(seconds=10)
+    """How long a dispatched message may go unclaimed before it is sent again."""
+    max_payload_bytes: int = 1024 * 1024
+    """Largest encoded argument list, result or payload accepted."""
+    workflow_queue: str | None = None
+    """Queue of workflow activations (``None``: Celery's default queue)."""
+    inline_activation: bool = True
+    """Continue the workflow in the process that finished its step (saves a broker hop)."""
+    connect_retries: int = 3
+    """Attempts to reach PostgreSQL before giving up with a clear error."""
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between lease renewals: a third of the lease."""
+        return self.lease_ttl.total_seconds() / 3
+
+
+_DURATIONS = {"lease_ttl", "redispatch_after"}
+_INTS = {"max_payload_bytes", "connect_retries"}
+_BOOLS = {"inline_activation"}
+
+
+def normalise_database_url(url: str) -> str:
+    """Return ``url`` with the psycopg 3 driver named, as SQLAlchemy needs it."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if not url.startswith("postgresql+"):
+        raise ConfigurationError(f"database_url must be a PostgreSQL URL, got {url!r}")
+    return url
+
+
+def _coerce(name: str, value: Any) -> Any:
+    try:
+        if name in _DURATIONS:
+            return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+        if name in _INTS:
+            return int(value)
+        if name in _BOOLS:
+            if isinstance(value, bool):
+                return value
+            return str(value).strip().lower() in {"1", "true", "yes", "on"}
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"setting {name}: cannot read {value!r} ({exc})") from None
+    return value
+
+
+def load_settings(conf: Any = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``overrides``, ``DURABLE_*`` and the Celery config ``conf``."""
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        name = field.name
+        env = os.environ.get(f"DURABLE_{name.upper()}")
+        conf_value = conf.get(f"durable_{name}") if conf is not None else None
+        if overrides.get(name) is not None:
+            values[name] = _coerce(name, overrides[name])
+        elif env not in (None, ""):
+            values[name] = _coerce(name, env)
+        elif conf_value is not None:
+            values[name] = _coerce(name, conf_value)
+    if "redis_url" not in values:
+        broker = str(conf.get("broker_url") or "") if conf is not None else ""
+        broker = broker or os.environ.get("CELERY_BROKER_URL", "")
+        if broker.startswith(("redis://", "rediss://")):
+            values["redis_url"] = broker
+    for required in ("database_url", "redis_url"):
+        if required not in values:
+            raise ConfigurationError(
+                f"no {required}: set DURABLE_{required.upper()} or pass {required}= to Durable()"
+            )
+    values["database_url"] = normalise_database_url(values["database_url"])
+    return Settings(**values)

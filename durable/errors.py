@@ -1,0 +1,145 @@
+"""Errors raised by durable.
+
+Every error the library raises on purpose derives from :class:`DurableError`::
+
+    DurableError
+    ├── ConfigurationError        settings missing or malformed
+    ├── StoreUnavailable          PostgreSQL could not be reached (after retries)
+    ├── PayloadError              a value is not JSON-serialisable or is over the size limit
+    ├── UnknownWorkflow           no workflow is registered under that name
+    ├── WorkflowNotFound          no run exists with that id
+    ├── WorkflowIdConflict        the id exists for a workflow of another name
+    ├── NonDeterminismError       replay found another step than the one recorded
+    ├── StepFailed                a step exhausted its retries (raised inside the workflow)
+    ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
+    ├── WorkflowCancelled         the run was cancelled
+    ├── SignalTimeout             ``wait_for_signal`` timed out
+    └── ResultTimeout             ``WorkflowRun.result(timeout=...)`` ran out (also a TimeoutError)
+
+Each keeps its facts as attributes so callers need not parse messages.
+"""
+
+from __future__ import annotations
+
+
+class DurableError(Exception):
+    """Root of every error raised by durable."""
+
+
+class ConfigurationError(DurableError):
+    """A setting is missing or malformed."""
+
+
+class StoreUnavailable(DurableError):
+    """PostgreSQL could not be reached, even after retrying."""
+
+    def __init__(self, url: str, cause: str) -> None:
+        self.url = url
+        self.cause = cause
+        super().__init__(f"database unreachable at {url}: {cause}")
+
+
+class PayloadError(DurableError):
+    """A value cannot be stored: not JSON-serialisable, or over the size limit."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+
+class UnknownWorkflow(DurableError):
+    """No workflow is registered under the name."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        self.known = sorted(known or [])
+        hint = f" (registered: {', '.join(self.known)})" if self.known else ""
+        super().__init__(f"unknown workflow {name!r}{hint}")
+
+
+class WorkflowNotFound(DurableError):
+    """No run exists with the id."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"no workflow run with id {workflow_id!r}")
+
+
+class WorkflowIdConflict(DurableError):
+    """The workflow id is taken by a run of another workflow."""
+
+    def __init__(self, workflow_id: str, existing: str, requested: str) -> None:
+        self.workflow_id = workflow_id
+        self.existing = existing
+        self.requested = requested
+        super().__init__(
+            f"workflow id {workflow_id!r} belongs to a run of {existing!r}, not {requested!r}"
+        )
+
+
+class NonDeterminismError(DurableError):
+    """Replay met a different step than the one recorded at that position."""
+
+    def __init__(self, workflow_id: str, step: int, expected: str, recorded: str) -> None:
+        self.workflow_id = workflow_id
+        self.step = step
+        self.expected = expected
+        self.recorded = recorded
+        super().__init__(
+            f"non-determinism in workflow {workflow_id!r} at step {step}: the code now calls "
+            f"{expected!r} but the history records {recorded!r}"
+        )
+
+
+class StepFailed(DurableError):
+    """A step raised and has no retries left; the workflow may catch it and compensate."""
+
+    def __init__(self, workflow_id: str, step: int, name: str, error: str, attempts: int) -> None:
+        self.workflow_id = workflow_id
+        self.step = step
+        self.name = name
+        self.error = error
+        self.attempts = attempts
+        super().__init__(
+            f"step {step} ({name}) of workflow {workflow_id!r} failed after "
+            f"{attempts} attempt(s): {error}"
+        )
+
+
+class WorkflowFailed(DurableError):
+    """The workflow ended in failure; ``error`` holds the recorded reason."""
+
+    def __init__(self, workflow_id: str, error: str) -> None:
+        self.workflow_id = workflow_id
+        self.error = error
+        super().__init__(f"workflow {workflow_id!r} failed: {error}")
+
+
+class WorkflowCancelled(DurableError):
+    """The workflow was cancelled."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"workflow {workflow_id!r} was cancelled")
+
+
+class SignalTimeout(DurableError):
+    """No signal of that name arrived before the timeout."""
+
+    def __init__(self, workflow_id: str, name: str) -> None:
+        self.workflow_id = workflow_id
+        self.name = name
+        super().__init__(f"workflow {workflow_id!r} timed out waiting for signal {name!r}")
+
+
+class ResultTimeout(DurableError, TimeoutError):
+    """``WorkflowRun.result(timeout=...)`` ran out before the run finished."""
+
+    def __init__(self, workflow_id: str, timeout: float, status: str) -> None:
+        self.workflow_id = workflow_id
+        self.timeout = timeout
+        self.status = status
+        super().__init__(
+            f"workflow {workflow_id!r} still {status} after waiting {timeout:g}s for its result"
+        )

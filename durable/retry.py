@@ -1,0 +1,73 @@
+"""Retry policy of a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failing step is retried; waits between attempts are durable timers.
+
+    Example::
+
+        ctx.step(charge_card, order,
+                 retry=RetryPolicy(max_attempts=5, initial_interval=1.0, backoff=2.0,
+                                   max_interval=60.0, non_retryable=(CardDeclined,)))
+
+    A step given no policy is tried once, as a plain Celery task is.
+    """
+
+    max_attempts: int = 3
+    """Attempts in all, the first included; 1 means no retry."""
+    initial_interval: float | timedelta = 1.0
+    """Wait before the second attempt, in seconds or as a timedelta."""
+    backoff: float = 2.0
+    """Factor applied to the wait after each failed attempt."""
+    max_interval: float | timedelta = 60.0
+    """Upper bound of any single wait."""
+    non_retryable: tuple[type[BaseException], ...] = field(default_factory=tuple)
+    """Exception classes (and their subclasses) that fail the step at once."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+        if self.backoff < 1:
+            raise ValueError("RetryPolicy.backoff must be at least 1.0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as stored with the step (exception classes by dotted path)."""
+        return {
+            "max_attempts": self.max_attempts,
+            "initial_interval": _seconds(self.initial_interval),
+            "backoff": self.backoff,
+            "max_interval": _seconds(self.max_interval),
+            "non_retryable": [_class_path(c) for c in self.non_retryable],
+        }
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+NO_RETRY: dict[str, Any] = RetryPolicy(max_attempts=1).to_dict()
+
+
+def retry_delay(policy: dict[str, Any], failed_attempts: int) -> float | None:
+    """Seconds to wait before the next attempt, or ``None`` when the step has no attempts left."""
+    if failed_attempts >= int(policy["max_attempts"]):
+        return None
+    delay = float(policy["initial_interval"]) * float(policy["backoff"]) ** (failed_attempts - 1)
+    return min(delay, float(policy["max_interval"]))
+
+
+def is_retryable(policy: dict[str, Any], exc: BaseException) -> bool:
+    """False when ``exc`` is an instance of one of the policy's non-retryable classes."""
+    blocked = set(policy.get("non_retryable") or ())
+    return not any(_class_path(cls) in blocked for cls in type(exc).__mro__)

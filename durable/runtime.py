@@ -1,0 +1,318 @@
+"""The public object: ``Durable(app)``, its workflow registry, ``start`` and ``WorkflowRun``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from celery import Celery
+from sqlalchemy import Connection
+
+from durable import activation as activation_mod
+from durable import worker
+from durable.config import Settings, load_settings
+from durable.context import Effects
+from durable.errors import (
+    ResultTimeout,
+    UnknownWorkflow,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowIdConflict,
+    WorkflowNotFound,
+)
+from durable.liveness import Heartbeat
+from durable.serialization import encode
+from durable.store import engine as store_engine
+from durable.store import runs
+from durable.timers import TimerIndex
+
+log = logging.getLogger(__name__)
+
+ACTIVATE_TASK = "durable.activate"
+STEP_TASK = "durable.step"
+ROUTING_KEYS = ("queue", "routing_key", "exchange", "priority")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Durable:
+    """Durable execution for an existing Celery app.
+
+    Example::
+
+        app = Celery("shop")
+        durable = Durable(app)          # database_url= / redis_url= or DURABLE_* env
+
+        @durable.workflow("orders.fulfill")
+        def fulfill(ctx, order_id):
+            return ctx.step(charge_card, order_id)
+
+        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+        run.result(timeout=60)
+
+    Creating it registers two tasks on ``app`` (``durable.activate`` runs workflow code,
+    ``durable.step`` runs a step as the user's task), so the user's ordinary
+    ``celery -A app worker`` runs workflows with nothing new to deploy.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        **settings: Any,
+    ) -> None:
+        self.app = app
+        self._overrides = {"database_url": database_url, "redis_url": redis_url, **settings}
+        self._settings: Settings | None = None
+        self.registry: dict[str, Callable[..., Any]] = {}
+        self._heartbeat: Heartbeat | None = None
+        self._index: TimerIndex | None = None
+        self._register_tasks()
+
+    # -- configuration, read lazily so that the Celery config can be set after Durable() ----
+
+    @property
+    def settings(self) -> Settings:
+        """The effective settings (see :mod:`durable.config` for their precedence)."""
+        if self._settings is None:
+            self._settings = load_settings(self.app.conf, **self._overrides)
+        return self._settings
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """This process's lease renewer."""
+        if self._heartbeat is None:
+            interval = self.settings.heartbeat_interval
+            self._heartbeat = Heartbeat(self._renew_leases, interval)
+        return self._heartbeat
+
+    @property
+    def timer_index(self) -> TimerIndex:
+        """The Redis index of durable timers."""
+        if self._index is None:
+            self._index = TimerIndex(self.settings.redis_url, self.settings.key_prefix)
+        return self._index
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """An autocommit connection to the store: each statement commits on its own."""
+        url = self.settings.database_url
+        engine = store_engine.autocommit(url)
+        conn = store_engine.with_retry(url, engine.connect, self.settings.connect_retries)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection inside one transaction, committed at the end of the block."""
+        url = self.settings.database_url
+        engine = store_engine.get_engine(url)
+        conn = store_engine.with_retry(url, engine.connect, self.settings.connect_retries)
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            conn.close()
+
+    def _renew_leases(self, owner: str) -> int:
+        with self.connect() as conn:
+            return runs.renew_leases(conn, owner, self.settings.lease_ttl.total_seconds())
+
+    # -- registration -------------------------------------------------------------------------
+
+    def workflow(self, name: str | None = None) -> Callable[[F], F]:
+        """Register a function as a workflow under ``name`` (default: module.qualname).
+
+        Example::
+
+            @durable.workflow("orders.fulfill")
+            def fulfill(ctx, order_id: str) -> dict:
+                order = ctx.step(validate_order, order_id)
+                return {"order": order}
+
+        The function receives the workflow context first, then the arguments given to
+        :meth:`start`. It must be deterministic: anything that reads the world (time,
+        randomness, I/O) belongs in a step or in ``ctx.now()``/``ctx.uuid4()``/``ctx.random()``.
+        """
+
+        def register(fn: F) -> F:
+            key = name or f"{fn.__module__}.{fn.__qualname__}"
+            existing = self.registry.get(key)
+            if existing is not None and existing is not fn:
+                same = getattr(existing, "__qualname__", None) == fn.__qualname__
+                if not (same and existing.__module__ == fn.__module__):
+                    raise ValueError(f"workflow name {key!r} is already registered")
+            self.registry[key] = fn
+            fn.__durable_name__ = key  # type: ignore[attr-defined]
+            return fn
+
+        return register
+
+    def _register_tasks(self) -> None:
+        durable = self
+
+        @self.app.task(
+            name=ACTIVATE_TASK, acks_late=True, ignore_result=True, shared=False, typing=False
+        )
+        def activate(workflow_id: str) -> str:
+            return activation_mod.activate(durable, workflow_id)
+
+        @self.app.task(
+            name=STEP_TASK, acks_late=True, ignore_result=True, shared=False, typing=False
+        )
+        def step(workflow_id: str, seq: int) -> str:
+            return worker.execute_step(durable, workflow_id, seq)
+
+    # -- starting and reading runs --------------------------------------------------------
+
+    def workflow_name(self, name_or_fn: str | Callable[..., Any]) -> str:
+        """The registered name of a workflow given by name or by function."""
+        name = name_or_fn if isinstance(name_or_fn, str) else None
+        if name is None:
+            name = getattr(name_or_fn, "__durable_name__", None)
+        if name is None or name not in self.registry:
+            shown = name or getattr(name_or_fn, "__qualname__", repr(name_or_fn))
+            raise UnknownWorkflow(str(shown), list(self.registry))
+        return name
+
+    def start(
+        self,
+        name_or_fn: str | Callable[..., Any],
+        *args: Any,
+        workflow_id: str | None = None,
+        **kwargs: Any,
+    ) -> WorkflowRun:
+        """Start a workflow, or return the existing run when ``workflow_id`` is taken.
+
+        Example::
+
+            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+
+        Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
+        :class:`~durable.errors.PayloadError` is raised and nothing is written. The run is
+        committed before its first message is sent; if the broker cannot be reached the
+        run still starts, sent again by ``durable beat``'s recovery sweep.
+        """
+        name = self.workflow_name(name_or_fn)
+        limit = self.settings.max_payload_bytes
+        args_json = encode(list(args), f"arguments of workflow {name}", limit)
+        kwargs_json = encode(kwargs, f"keyword arguments of workflow {name}", limit)
+        wid = workflow_id or uuid.uuid4().hex
+        with self.connect() as conn:
+            created = runs.insert_run(conn, wid, name, args_json, kwargs_json)
+            existing = None if created else runs.get_run(conn, wid)
+        if existing is not None and existing.name != name:
+            raise WorkflowIdConflict(wid, existing.name, name)
+        if created:
+            self.send_activation(wid, name)
+        return WorkflowRun(self, wid)
+
+    def run(self, workflow_id: str) -> WorkflowRun:
+        """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
+        with self.connect() as conn:
+            if runs.get_run(conn, workflow_id) is None:
+                raise WorkflowNotFound(workflow_id)
+        return WorkflowRun(self, workflow_id)
+
+    # -- dispatching ----------------------------------------------------------------------
+
+    def send_activation(self, workflow_id: str, name: str | None = None) -> None:
+        """Ask a worker to replay the run; a failed send is logged and left to recovery."""
+        options: dict[str, Any] = {"shadow": f"workflow {name or ''}[{workflow_id}]".strip()}
+        if self.settings.workflow_queue:
+            options["queue"] = self.settings.workflow_queue
+        self._send(ACTIVATE_TASK, [workflow_id], options)
+
+    def send_step(
+        self, workflow_id: str, seq: int, name: str, options: dict[str, Any] | None = None
+    ) -> None:
+        """Send a step message, routed like the user's task ``name`` would be."""
+        options = options or {}
+        send: dict[str, Any] = {k: options[k] for k in ROUTING_KEYS if options.get(k) is not None}
+        send["route_name"] = name
+        send["shadow"] = options.get("label") or f"{name}[{workflow_id}#{seq}]"
+        send["argsrepr"] = repr((workflow_id, seq))
+        self._send(STEP_TASK, [workflow_id, seq], send)
+
+    def _send(self, task: str, args: list[Any], options: dict[str, Any]) -> None:
+        try:
+            self.app.send_task(task, args=args, **options)
+        except Exception:  # the commit stands; recovery sends it again
+            log.exception("durable: could not send %s%r; recovery will resend it", task, args)
+
+    def apply_effects(self, effects: Effects) -> None:
+        """After an activation's commits: index its timers, send its step messages."""
+        if effects.timers:
+            self.index_timers(effects.timers)
+        for pending in effects.dispatches:
+            self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options)
+
+    def index_timers(self, timers: list[tuple[int, float]]) -> None:
+        """Add committed timers to the Redis index; PostgreSQL sweeps cover a failure here."""
+        try:
+            for timer_id, fire_at in timers:
+                self.timer_index.add(timer_id, fire_at)
+        except Exception:
+            log.warning("durable: could not index timers %r; the sweep will fire them", timers)
+
+    def continue_workflow(self, workflow_id: str) -> None:
+        """Replay the run in this process now, as the step that woke it just finished."""
+        try:
+            activation_mod.activate(self, workflow_id)
+        except Exception:
+            log.exception("durable: inline activation of %s failed; sending it", workflow_id)
+            self.send_activation(workflow_id)
+
+
+class WorkflowRun:
+    """A handle on one workflow run: ``run.id``, ``run.status()``, ``run.result()``."""
+
+    def __init__(self, durable: Durable, workflow_id: str) -> None:
+        self._durable = durable
+        self.id = workflow_id
+        """The run's workflow id."""
+
+    def __repr__(self) -> str:
+        return f"WorkflowRun({self.id!r})"
+
+    def _row(self) -> Any:
+        with self._durable.connect() as conn:
+            row = runs.get_run(conn, self.id)
+        if row is None:
+            raise WorkflowNotFound(self.id)
+        return row
+
+    def status(self) -> str:
+        """``running``, ``completed``, ``failed`` or ``cancelled``."""
+        return str(self._row().status)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its result.
+
+        Raises :class:`~durable.errors.WorkflowFailed` or ``WorkflowCancelled`` when it
+        did not complete, and :class:`~durable.errors.ResultTimeout` (a ``TimeoutError``)
+        after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            row = self._row()
+            if row.status == "completed":
+                return row.result
+            if row.status == "failed":
+                raise WorkflowFailed(self.id, row.error or "")
+            if row.status == "cancelled":
+                raise WorkflowCancelled(self.id)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(self.id, float(timeout or 0), row.status)
+            pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
+            time.sleep(pause)
+            delay = min(delay * 1.5, 0.25)

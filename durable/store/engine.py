@@ -1,0 +1,84 @@
+"""Engines, one per process and URL, created after fork and retried on connection loss."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from durable.errors import StoreUnavailable
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def get_engine(url: str) -> Engine:
+    """The engine for ``url`` in this process (a forked child gets its own pool)."""
+    key = (os.getpid(), url)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = create_engine(
+                    url,
+                    pool_size=5,
+                    max_overflow=10,
+                    pool_recycle=1800,
+                    connect_args={"connect_timeout": 5},
+                )
+                _engines[key] = engine
+    return engine
+
+
+def autocommit(url: str) -> Engine:
+    """An engine whose connections commit each statement on its own (no BEGIN round trip)."""
+    return get_engine(url).execution_options(isolation_level="AUTOCOMMIT")
+
+
+def dispose_all() -> None:
+    """Close every pooled connection of this process (tests, shutdown)."""
+    with _lock:
+        for (pid, _), engine in list(_engines.items()):
+            if pid == os.getpid():
+                engine.dispose()
+        _engines.clear()
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+
+
+def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:
+    """Run ``fn``, retrying when the connection fails; then raise :class:`StoreUnavailable`.
+
+    Only connection-level failures are retried: ``fn`` must be safe to run again (each of
+    the store's statements is, by its WHERE clause or ON CONFLICT).
+    """
+    last: Exception | None = None
+    for attempt in range(max(attempts, 1)):
+        try:
+            return fn()
+        except OperationalError as exc:
+            last = exc
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            last = exc
+        if attempt + 1 < attempts:
+            time.sleep(delay * (2**attempt))
+    cause = str(getattr(last, "orig", last) or last).strip().splitlines()[0]
+    raise StoreUnavailable(redact(url), cause)

@@ -1,0 +1,171 @@
+"""The store's schema: the one definition that Alembic revisions are drafted from.
+
+Tables (all prefixed ``durable_``):
+
+- ``workflows``: one row per run; its lease (one writer) and its wake counters.
+- ``steps``: one row per position in a run's history, unique on (workflow id, step number):
+  remote steps, local steps and sleeps alike; the result is committed here.
+- ``timers``: durable timers (sleeps and retry back-offs); PostgreSQL is the truth, the Redis
+  sorted set only an index.
+- ``history``: append-only events that ``durable show`` renders.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+Timestamp = DateTime(timezone=True)
+NOW = text("now()")
+
+
+class Base(DeclarativeBase):
+    """Declarative base bound to the store's metadata."""
+
+    metadata = metadata
+
+
+class Workflow(Base):
+    """A workflow run."""
+
+    __tablename__ = "durable_workflows"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    args: Mapped[Any] = mapped_column(JSONB)
+    kwargs: Mapped[Any] = mapped_column(JSONB)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    # wake_seq counts reasons to run the workflow code; run_seq is the last one an activation
+    # finished with. wake_seq > run_seq means an activation is owed (the activation outbox).
+    wake_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
+    run_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    woken_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        Index("ix_durable_workflows_status_created_at", "status", "created_at"),
+        Index("ix_durable_workflows_name", "name"),
+        Index(
+            "ix_durable_workflows_lease_owner",
+            "lease_owner",
+            postgresql_where=text("lease_owner IS NOT NULL"),
+        ),
+        Index(
+            "ix_durable_workflows_owed",
+            "woken_at",
+            postgresql_where=text("status = 'running' AND wake_seq > run_seq"),
+        ),
+    )
+
+
+class Step(Base):
+    """One position of a run's history: a remote step, a local step or a sleep."""
+
+    __tablename__ = "durable_steps"
+
+    workflow_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("durable_workflows.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    args: Mapped[Any | None] = mapped_column(JSONB)
+    kwargs: Mapped[Any | None] = mapped_column(JSONB)
+    options: Mapped[Any | None] = mapped_column(JSONB)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    dispatched_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    dispatch_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    completed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        Index(
+            "ix_durable_steps_started_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'started'"),
+        ),
+        Index(
+            "ix_durable_steps_scheduled",
+            "dispatched_at",
+            postgresql_where=text("status = 'scheduled'"),
+        ),
+    )
+
+
+class Timer(Base):
+    """A durable timer: a sleep's end or a retry's back-off."""
+
+    __tablename__ = "durable_timers"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("durable_workflows.id", ondelete="CASCADE")
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    purpose: Mapped[str] = mapped_column(Text)
+    fire_at: Mapped[datetime] = mapped_column(Timestamp)
+    fired_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+
+    __table_args__ = (
+        Index("ix_durable_timers_pending", "fire_at", postgresql_where=text("fired_at IS NULL")),
+        Index("ix_durable_timers_workflow_id_seq", "workflow_id", "seq"),
+    )
+
+
+class HistoryEvent(Base):
+    """An append-only record of what happened to a run."""
+
+    __tablename__ = "durable_history"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("durable_workflows.id", ondelete="CASCADE")
+    )
+    seq: Mapped[int | None] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(Text)
+    detail: Mapped[Any | None] = mapped_column(JSONB)
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+
+    __table_args__ = (Index("ix_durable_history_workflow_id_id", "workflow_id", "id"),)
+
+
+workflows = Workflow.__table__
+steps = Step.__table__
+timers = Timer.__table__
+history = HistoryEvent.__table__

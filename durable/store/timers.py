@@ -1,0 +1,107 @@
+"""Queries on durable timers: firing (the exactly-once gate), sweeps and index rebuilds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Row, select, text
+
+from durable.store.models import timers
+
+
+@dataclass(frozen=True)
+class FiredTimer:
+    """A timer that this call fired, and what must be dispatched because of it."""
+
+    timer_id: int
+    workflow_id: str
+    seq: int
+    kind: str
+    """``task``: dispatch the step again; otherwise the workflow was woken: activate it."""
+    name: str
+    options: dict[str, Any]
+    lateness: float
+
+
+# Setting fired_at WHERE fired_at IS NULL is the exactly-once gate: however many beats claim
+# the same id (from Redis, from a sweep, after a rebuild), one UPDATE wins. The same statement
+# moves the step on (sleep done, retry due) and wakes the workflow where replay must run.
+_FIRE = text(
+    """
+    WITH t AS (
+        UPDATE durable_timers SET fired_at = now()
+         WHERE id = ANY(:ids) AND fired_at IS NULL
+        RETURNING id, workflow_id, seq, purpose, fire_at
+    ), s AS (
+        UPDATE durable_steps st
+           SET status = CASE WHEN st.kind = 'sleep' THEN 'completed'
+                             WHEN st.kind = 'task' THEN 'scheduled' ELSE 'ready' END,
+               completed_at = CASE WHEN st.kind = 'sleep' THEN now() ELSE st.completed_at END,
+               dispatched_at = CASE WHEN st.kind = 'task' THEN now() ELSE st.dispatched_at END,
+               dispatch_count = st.dispatch_count + CASE WHEN st.kind = 'task' THEN 1 ELSE 0 END
+          FROM t
+         WHERE st.workflow_id = t.workflow_id AND st.seq = t.seq AND st.status = 'waiting'
+        RETURNING st.workflow_id, st.seq, st.kind, st.name, st.options
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT workflow_id, seq, 'timer fired',
+               jsonb_build_object('timer', id, 'purpose', purpose,
+                                  'lateness', extract(epoch FROM now() - fire_at))
+          FROM t
+    ), w AS (
+        UPDATE durable_workflows wf SET wake_seq = wake_seq + 1, woken_at = now()
+         WHERE wf.status = 'running'
+           AND wf.id IN (SELECT workflow_id FROM s WHERE kind <> 'task')
+    )
+    SELECT t.id, s.workflow_id, s.seq, s.kind, s.name, s.options,
+           extract(epoch FROM now() - t.fire_at) AS lateness
+      FROM t JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
+      JOIN durable_workflows wf ON wf.id = s.workflow_id AND wf.status = 'running'
+    """
+)
+
+
+def fire_timers(conn: Connection, ids: list[int]) -> list[FiredTimer]:
+    """Fire the given timers that have not fired yet; returns what they woke."""
+    if not ids:
+        return []
+    rows = conn.execute(_FIRE, {"ids": ids})
+    return [
+        FiredTimer(
+            int(r.id),
+            r.workflow_id,
+            r.seq,
+            r.kind,
+            r.name,
+            dict(r.options or {}),
+            float(r.lateness or 0.0),
+        )
+        for r in rows
+    ]
+
+
+_OVERDUE = text(
+    """
+    SELECT id FROM durable_timers
+     WHERE fired_at IS NULL AND fire_at <= now() - make_interval(secs => :grace)
+     ORDER BY fire_at LIMIT :limit
+    """
+)
+
+
+def overdue_timers(conn: Connection, grace: float, limit: int = 500) -> list[int]:
+    """Ids of unfired timers due more than ``grace`` seconds ago (missing from the index)."""
+    return [int(r.id) for r in conn.execute(_OVERDUE, {"grace": grace, "limit": limit})]
+
+
+def pending_timers(conn: Connection) -> list[tuple[int, float]]:
+    """Every unfired timer as (id, fire time as epoch): the source of an index rebuild."""
+    query = select(timers.c.id, timers.c.fire_at).where(timers.c.fired_at.is_(None))
+    return [(int(r.id), r.fire_at.timestamp()) for r in conn.execute(query)]
+
+
+def list_timers(conn: Connection, wid: str) -> list[Row[Any]]:
+    """Every timer of a run."""
+    query = select(timers).where(timers.c.workflow_id == wid).order_by(timers.c.id)
+    return list(conn.execute(query))

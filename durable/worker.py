@@ -1,0 +1,133 @@
+"""Running a step in a worker: claim it, run the user's task, commit its outcome.
+
+The message a step travels in (task ``durable.step``) carries only the workflow id and the
+step number. The claim, one statement, moves the step from ``scheduled`` to ``started``
+under this process's lease and returns the task name and arguments; a message for a step
+that is not ``scheduled`` (a duplicate delivery, a late redelivery after recovery) finds
+nothing to claim and ends there, so a finished step's body never runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from durable.retry import NO_RETRY, is_retryable, retry_delay
+from durable.serialization import describe_exception, encode
+from durable.store import steps as step_queries
+
+if TYPE_CHECKING:
+    from durable.runtime import Durable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a running step knows about itself; see :func:`current_step`."""
+
+    workflow_id: str | None = None
+    step: int | None = None
+    name: str | None = None
+    attempt: int = 0
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """``"<workflow id>:<step number>"``: the same on every attempt and redelivery.
+
+        ``None`` outside a workflow. Pass it to a payment API or use it as a unique key in
+        your own tables so that a step re-run after a crash does its side effect once.
+        """
+        if self.workflow_id is None or self.step is None:
+            return None
+        return f"{self.workflow_id}:{self.step}"
+
+
+_NO_STEP = StepInfo()
+_current: ContextVar[StepInfo] = ContextVar("durable_current_step")
+
+
+class TaskNotRegistered(LookupError):
+    """The step's task is not registered in the worker that received it."""
+
+
+def current_step() -> StepInfo:
+    """The step being run in this task, or an empty :class:`StepInfo` outside a workflow.
+
+    Example::
+
+        @app.task
+        def charge_card(order):
+            key = current_step().idempotency_key   # stable across retries; None outside
+            return payments.charge(order, idempotency_key=key)
+    """
+    return _current.get(_NO_STEP)
+
+
+@contextmanager
+def step_context(info: StepInfo) -> Iterator[None]:
+    """Make ``info`` the :func:`current_step` for the duration of the block."""
+    token = _current.set(info)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
+    """Run one step message; returns what happened (for logs and tests)."""
+    owner = durable.heartbeat.owner
+    ttl = durable.settings.lease_ttl.total_seconds()
+    with durable.connect() as conn:
+        claimed = step_queries.claim_step(conn, workflow_id, seq, owner, ttl)
+    if claimed is None:
+        log.info("durable: step %s#%s is not scheduled; message ignored", workflow_id, seq)
+        return "ignored"
+    durable.heartbeat.hold()
+    try:
+        outcome = _run_claimed(durable, claimed)
+    finally:
+        durable.heartbeat.release()
+    if outcome in ("completed", "failed") and durable.settings.inline_activation:
+        durable.continue_workflow(workflow_id)
+    return outcome
+
+
+def _run_claimed(durable: Durable, claimed: step_queries.ClaimedStep) -> str:
+    wid, seq, name = claimed.workflow_id, claimed.seq, claimed.name
+    task = durable.app.tasks.get(name)
+    if task is None:
+        return _settle_failure(
+            durable, claimed, TaskNotRegistered(f"task {name!r} is not registered on this worker")
+        )
+    info = StepInfo(wid, seq, name, claimed.attempt)
+    try:
+        with step_context(info):
+            value = task(*claimed.args, **claimed.kwargs)
+        result = encode(value, f"result of step {seq} ({name})", durable.settings.max_payload_bytes)
+    except Exception as exc:
+        return _settle_failure(durable, claimed, exc)
+    with durable.connect() as conn:
+        done = step_queries.complete_step(conn, wid, seq, result)
+    return "completed" if done else "superseded"
+
+
+def _settle_failure(durable: Durable, claimed: step_queries.ClaimedStep, exc: Exception) -> str:
+    wid, seq = claimed.workflow_id, claimed.seq
+    error = describe_exception(exc)
+    policy: dict[str, Any] = claimed.options.get("retry") or NO_RETRY
+    retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered)
+    delay = retry_delay(policy, claimed.attempt) if retryable else None
+    log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, error)
+    with durable.connect() as conn:
+        if delay is None:
+            return "failed" if step_queries.fail_step(conn, wid, seq, error) else "superseded"
+        timer = step_queries.schedule_retry(conn, wid, seq, error, delay)
+    if timer is None:
+        return "superseded"
+    durable.index_timers([timer])
+    return "retrying"
