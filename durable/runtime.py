@@ -17,6 +17,7 @@ from durable import worker
 from durable.config import Settings, load_settings
 from durable.context import Effects
 from durable.errors import (
+    ConfigurationError,
     ResultTimeout,
     UnknownWorkflow,
     WorkflowCancelled,
@@ -74,6 +75,15 @@ class Durable:
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
         self._register_tasks()
+        app._durable = self  # type: ignore[attr-defined]
+
+    @classmethod
+    def of(cls, app: Celery) -> Durable:
+        """The ``Durable`` created for ``app``; raises ``ConfigurationError`` if none was."""
+        found = getattr(app, "_durable", None)
+        if not isinstance(found, cls):
+            raise ConfigurationError(f"no Durable(app) was created for the Celery app {app.main!r}")
+        return found
 
     # -- configuration, read lazily so that the Celery config can be set after Durable() ----
 
