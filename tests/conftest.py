@@ -1,0 +1,154 @@
+"""Shared fixtures: real PostgreSQL and Redis, a fresh database per session, a key prefix
+per test, in-process workers and beats.
+
+A missing service fails the run; nothing here skips.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import text
+
+from durable import Durable
+from durable.beat import Beat
+from durable.devservices import Services, create_database, drop_database, ensure_services
+from durable.store import engine as store_engine
+from durable.store.migrate import upgrade
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    found = ensure_services()
+    yield found
+    found.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(services: Services) -> Iterator[str]:
+    name = f"durable_test_{uuid.uuid4().hex[:10]}"
+    url = create_database(services.database_url, name)
+    upgrade(url)
+    yield url
+    store_engine.dispose_all()
+    drop_database(services.database_url, name)
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: Services) -> str:
+    return services.redis_url
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"dt{uuid.uuid4().hex[:10]}"
+
+
+def clean_tables(database_url: str) -> None:
+    with store_engine.autocommit(database_url).connect() as conn:
+        conn.execute(text("TRUNCATE durable_workflows CASCADE"))
+
+
+def clean_keys(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def make_app(
+    database_url: str, redis_url: str, prefix: str, **settings: Any
+) -> tuple[Celery, Durable]:
+    """A Celery app on Redis whose every key (queues and timers) starts with ``prefix``."""
+    app = Celery(f"test-{prefix}", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:"}
+    app.conf.task_acks_late = True
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.broker_connection_retry_on_startup = True
+    durable = Durable(
+        app, database_url=database_url, redis_url=redis_url, key_prefix=prefix, **settings
+    )
+    return app, durable
+
+
+@pytest.fixture
+def durable_app(
+    database_url: str, redis_url: str, prefix: str
+) -> Iterator[tuple[Celery, Durable]]:
+    clean_tables(database_url)
+    app, durable = make_app(database_url, redis_url, prefix)
+    yield app, durable
+    clean_keys(redis_url, prefix)
+
+
+@pytest.fixture
+def app(durable_app: tuple[Celery, Durable]) -> Celery:
+    return durable_app[0]
+
+
+@pytest.fixture
+def durable(durable_app: tuple[Celery, Durable]) -> Durable:
+    return durable_app[1]
+
+
+@pytest.fixture
+def worker(app: Celery) -> Iterator[Any]:
+    """An in-process worker (threads pool) consuming the test's queues."""
+    with start_worker(
+        app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"
+    ) as w:
+        yield w
+
+
+@pytest.fixture
+def beat(durable: Durable) -> Iterator[Beat]:
+    """An in-process beat (timers and the liveness sweep) on a thread."""
+    b = Beat(durable, sweep_interval=0.5)
+    thread = threading.Thread(target=b.run, daemon=True)
+    thread.start()
+    yield b
+    b.stopping.set()
+    thread.join(timeout=5)
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def query(database_url: str, sql: str, **params: Any) -> list[Any]:
+    with store_engine.autocommit(database_url).connect() as conn:
+        return list(conn.execute(text(sql), params))
+
+
+@pytest.fixture
+def counter(redis_url: str, prefix: str) -> Callable[[str], int]:
+    """Read a Redis counter that test tasks increment (``INCR <prefix>:count:<key>``)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def read(key: str) -> int:
+        return int(client.get(f"{prefix}:count:{key}") or 0)
+
+    return read
+
+
+os.environ.setdefault("DURABLE_TEST", "1")

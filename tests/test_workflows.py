@@ -1,0 +1,234 @@
+"""End-to-end behaviour of workflows on an in-process worker and beat."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from durable import (
+    Durable,
+    RetryPolicy,
+    StepFailed,
+    WorkflowFailed,
+    current_step,
+)
+from durable.errors import ResultTimeout
+from tests.conftest import query
+
+
+class CardDeclined(Exception):
+    pass
+
+
+def counting_tasks(app: Celery, redis_url: str, prefix: str) -> dict[str, Any]:
+    """Tasks that count each run of their body in Redis, keyed by idempotency key."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def bump(key: str) -> int:
+        return int(client.incr(f"{prefix}:count:{key}"))
+
+    @app.task(name="t.add", shared=False)
+    def add(x: int, y: int) -> int:
+        bump(f"add:{current_step().idempotency_key}")
+        return x + y
+
+    @app.task(name="t.flaky", shared=False)
+    def flaky(fail_times: int) -> str:
+        key = current_step().idempotency_key
+        n = bump(f"flaky:{key}")
+        if n <= fail_times:
+            raise RuntimeError(f"attempt {n} failed")
+        return f"ok after {n}"
+
+    @app.task(name="t.decline", shared=False)
+    def decline() -> None:
+        bump("decline")
+        raise CardDeclined("card declined")
+
+    @app.task(name="t.release", shared=False)
+    def release(item: str) -> str:
+        bump(f"release:{item}")
+        return f"released {item}"
+
+    return {"add": add, "flaky": flaky, "decline": decline, "release": release}
+
+
+def test_steps_run_in_order_and_results_are_committed(
+    app: Celery, durable: Durable, worker: Any, redis_url: str, prefix: str, counter: Any,
+    database_url: str,
+) -> None:
+    t = counting_tasks(app, redis_url, prefix)
+
+    @durable.workflow("wf.sum")
+    def wf(ctx: Any, a: int) -> dict[str, Any]:
+        x = ctx.step(t["add"], a, 1)
+        y = ctx.step(t["add"].s(x, 10))
+        z = ctx.step(lambda v: v * 2, y, local=True)
+        return {"x": x, "y": y, "z": z, "key": None}
+
+    run = durable.start("wf.sum", 1, workflow_id="sum-1")
+    assert run.result(timeout=20) == {"x": 2, "y": 12, "z": 24, "key": None}
+    assert run.status() == "completed"
+    rows = query(database_url, "SELECT seq, kind, status, attempts FROM durable_steps "
+                 "WHERE workflow_id = 'sum-1' ORDER BY seq")
+    assert [(r.seq, r.kind, r.status, r.attempts) for r in rows] == [
+        (1, "task", "completed", 1), (2, "task", "completed", 1), (3, "local", "completed", 1)
+    ]
+    assert counter("add:sum-1:1") == 1
+    assert counter("add:sum-1:2") == 1
+
+
+def test_start_is_idempotent_by_id(durable: Durable, app: Celery, worker: Any) -> None:
+    @app.task(name="t.echo", shared=False)
+    def echo(v: str) -> str:
+        return v
+
+    @durable.workflow("wf.echo")
+    def wf(ctx: Any, v: str) -> str:
+        return str(ctx.step(echo, v))
+
+    first = durable.start("wf.echo", "a", workflow_id="echo-1")
+    second = durable.start(wf, "b", workflow_id="echo-1")
+    assert first.id == second.id == "echo-1"
+    assert second.result(timeout=20) == "a"
+
+
+def test_retry_policy_retries_with_durable_timers(
+    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str,
+    counter: Any, database_url: str,
+) -> None:
+    t = counting_tasks(app, redis_url, prefix)
+
+    @durable.workflow("wf.retry")
+    def wf(ctx: Any) -> str:
+        return str(ctx.step(t["flaky"], 2, retry=RetryPolicy(max_attempts=5, initial_interval=0.2)))
+
+    run = durable.start("wf.retry", workflow_id="retry-1")
+    assert run.result(timeout=20) == "ok after 3"
+    assert counter("flaky:retry-1:1") == 3
+    timers = query(database_url, "SELECT purpose, fired_at FROM durable_timers "
+                   "WHERE workflow_id = 'retry-1'")
+    assert [t.purpose for t in timers] == ["retry", "retry"]
+    assert all(t.fired_at is not None for t in timers)
+    events = [r.event for r in query(database_url, "SELECT event FROM durable_history "
+                                     "WHERE workflow_id = 'retry-1' ORDER BY id")]
+    assert events.count("retry scheduled") == 2
+    assert events[0] == "started" and events[-1] == "completed"
+
+
+def test_exhausted_step_raises_step_failed_and_workflow_compensates(
+    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str,
+    counter: Any,
+) -> None:
+    t = counting_tasks(app, redis_url, prefix)
+
+    @durable.workflow("wf.compensate")
+    def wf(ctx: Any) -> dict[str, Any]:
+        try:
+            ctx.step(t["decline"], retry=RetryPolicy(max_attempts=4, non_retryable=(CardDeclined,)))
+        except StepFailed as exc:
+            return {"released": ctx.step(t["release"], "sku-1"), "error": exc.error}
+        return {"released": None, "error": None}
+
+    result = durable.start("wf.compensate", workflow_id="comp-1").result(timeout=20)
+    assert result["released"] == "released sku-1"
+    assert "CardDeclined: card declined" in result["error"]
+    assert counter("decline") == 1  # non-retryable: one attempt only
+
+
+def test_uncaught_step_failure_fails_the_workflow(
+    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str,
+) -> None:
+    t = counting_tasks(app, redis_url, prefix)
+
+    @durable.workflow("wf.fail")
+    def wf(ctx: Any) -> None:
+        ctx.step(t["flaky"], 10, retry=RetryPolicy(max_attempts=2, initial_interval=0.1))
+
+    run = durable.start("wf.fail", workflow_id="fail-1")
+    with pytest.raises(WorkflowFailed) as info:
+        run.result(timeout=20)
+    assert "StepFailed" in info.value.error and "attempt 2 failed" in info.value.error
+    assert run.status() == "failed"
+
+
+def test_sleep_is_a_durable_timer(
+    durable: Durable, worker: Any, beat: Any, database_url: str
+) -> None:
+    @durable.workflow("wf.sleep")
+    def wf(ctx: Any) -> list[str]:
+        before = ctx.now()
+        ctx.sleep(timedelta(seconds=1))
+        after = ctx.now()
+        return [before.isoformat(), after.isoformat()]
+
+    before, after = durable.start("wf.sleep", workflow_id="sleep-1").result(timeout=20)
+    assert (_dt(after) - _dt(before)).total_seconds() >= 1.0
+    (timer,) = query(database_url, "SELECT fire_at, fired_at FROM durable_timers "
+                     "WHERE workflow_id = 'sleep-1'")
+    assert timer.fired_at >= timer.fire_at
+
+
+def _dt(value: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value)
+
+
+def test_deterministic_helpers_replay_identically(
+    app: Celery, durable: Durable, worker: Any
+) -> None:
+    @app.task(name="t.noop", shared=False)
+    def noop() -> None:
+        return None
+
+    seen: list[tuple[str, float, str]] = []
+
+    @durable.workflow("wf.det")
+    def wf(ctx: Any) -> list[Any]:
+        values = (str(ctx.uuid4()), ctx.random(), ctx.now().isoformat())
+        seen.append(values)
+        ctx.step(noop)
+        ctx.step(noop)
+        return list(values)
+
+    result = durable.start("wf.det", workflow_id="det-1").result(timeout=20)
+    assert len(seen) >= 3  # one activation per step, each replaying from the top
+    assert all(v == seen[0] for v in seen)
+    assert result == list(seen[0])
+
+
+def test_local_step_failure_retries_then_succeeds(
+    durable: Durable, worker: Any, beat: Any
+) -> None:
+    attempts: list[str | None] = []
+
+    def sometimes(x: int) -> int:
+        attempts.append(current_step().idempotency_key)
+        if len(attempts) < 3:
+            raise ValueError("not yet")
+        return x + 1
+
+    @durable.workflow("wf.local")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(sometimes, 1, local=True,
+                            retry=RetryPolicy(max_attempts=3, initial_interval=0.1)))
+
+    assert durable.start("wf.local", workflow_id="local-1").result(timeout=20) == 2
+    assert attempts == ["local-1:1"] * 3
+
+
+def test_result_timeout_is_a_timeout_error(durable: Durable) -> None:
+    @durable.workflow("wf.never")
+    def wf(ctx: Any) -> None:
+        ctx.sleep(3600)
+
+    run = durable.start("wf.never", workflow_id="never-1")  # no worker: stays running
+    with pytest.raises(ResultTimeout) as info:
+        run.result(timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert run.status() == "running"
