@@ -29,7 +29,7 @@ MAX_REPLAYS = 50
 
 def activate(durable: Durable, workflow_id: str) -> str:
     """Run the workflow until it suspends or ends; returns the outcome for logs and tests."""
-    owner = durable.heartbeat.owner
+    owner = durable.heartbeat.token()
     ttl = durable.settings.lease_ttl.total_seconds()
     for _ in range(MAX_REPLAYS):
         with durable.connect() as conn:

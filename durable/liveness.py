@@ -36,6 +36,7 @@ class Heartbeat:
         self._held = 0
         self._pid = 0
         self._owner = ""
+        self._tokens = 0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -51,6 +52,17 @@ class Heartbeat:
                     self._wake = threading.Event()
                     self._pid = os.getpid()
         return self._owner
+
+    def token(self) -> str:
+        """A lease owner for one activation or step run: ``<process owner>#<n>``.
+
+        Leases are per run, not per process, so two threads of one worker can never both
+        hold the same workflow; the heartbeat renews every token of the process at once.
+        """
+        owner = self.owner
+        with self._lock:
+            self._tokens += 1
+            return f"{owner}#{self._tokens}"
 
     def hold(self) -> None:
         """Count one more lease held; starts the renewing thread if needed."""

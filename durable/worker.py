@@ -80,7 +80,7 @@ def step_context(info: StepInfo) -> Iterator[None]:
 
 def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
     """Run one step message; returns what happened (for logs and tests)."""
-    owner = durable.heartbeat.owner
+    owner = durable.heartbeat.token()
     ttl = durable.settings.lease_ttl.total_seconds()
     with durable.connect() as conn:
         claimed = step_queries.claim_step(conn, workflow_id, seq, owner, ttl)

@@ -82,9 +82,7 @@ def make_app(
 
 
 @pytest.fixture
-def durable_app(
-    database_url: str, redis_url: str, prefix: str
-) -> Iterator[tuple[Celery, Durable]]:
+def durable_app(database_url: str, redis_url: str, prefix: str) -> Iterator[tuple[Celery, Durable]]:
     clean_tables(database_url)
     app, durable = make_app(database_url, redis_url, prefix)
     yield app, durable

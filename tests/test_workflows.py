@@ -58,7 +58,12 @@ def counting_tasks(app: Celery, redis_url: str, prefix: str) -> dict[str, Any]:
 
 
 def test_steps_run_in_order_and_results_are_committed(
-    app: Celery, durable: Durable, worker: Any, redis_url: str, prefix: str, counter: Any,
+    app: Celery,
+    durable: Durable,
+    worker: Any,
+    redis_url: str,
+    prefix: str,
+    counter: Any,
     database_url: str,
 ) -> None:
     t = counting_tasks(app, redis_url, prefix)
@@ -73,10 +78,15 @@ def test_steps_run_in_order_and_results_are_committed(
     run = durable.start("wf.sum", 1, workflow_id="sum-1")
     assert run.result(timeout=20) == {"x": 2, "y": 12, "z": 24, "key": None}
     assert run.status() == "completed"
-    rows = query(database_url, "SELECT seq, kind, status, attempts FROM durable_steps "
-                 "WHERE workflow_id = 'sum-1' ORDER BY seq")
+    rows = query(
+        database_url,
+        "SELECT seq, kind, status, attempts FROM durable_steps "
+        "WHERE workflow_id = 'sum-1' ORDER BY seq",
+    )
     assert [(r.seq, r.kind, r.status, r.attempts) for r in rows] == [
-        (1, "task", "completed", 1), (2, "task", "completed", 1), (3, "local", "completed", 1)
+        (1, "task", "completed", 1),
+        (2, "task", "completed", 1),
+        (3, "local", "completed", 1),
     ]
     assert counter("add:sum-1:1") == 1
     assert counter("add:sum-1:2") == 1
@@ -98,8 +108,14 @@ def test_start_is_idempotent_by_id(durable: Durable, app: Celery, worker: Any) -
 
 
 def test_retry_policy_retries_with_durable_timers(
-    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str,
-    counter: Any, database_url: str,
+    app: Celery,
+    durable: Durable,
+    worker: Any,
+    beat: Any,
+    redis_url: str,
+    prefix: str,
+    counter: Any,
+    database_url: str,
 ) -> None:
     t = counting_tasks(app, redis_url, prefix)
 
@@ -110,18 +126,29 @@ def test_retry_policy_retries_with_durable_timers(
     run = durable.start("wf.retry", workflow_id="retry-1")
     assert run.result(timeout=20) == "ok after 3"
     assert counter("flaky:retry-1:1") == 3
-    timers = query(database_url, "SELECT purpose, fired_at FROM durable_timers "
-                   "WHERE workflow_id = 'retry-1'")
+    timers = query(
+        database_url, "SELECT purpose, fired_at FROM durable_timers WHERE workflow_id = 'retry-1'"
+    )
     assert [t.purpose for t in timers] == ["retry", "retry"]
     assert all(t.fired_at is not None for t in timers)
-    events = [r.event for r in query(database_url, "SELECT event FROM durable_history "
-                                     "WHERE workflow_id = 'retry-1' ORDER BY id")]
+    events = [
+        r.event
+        for r in query(
+            database_url,
+            "SELECT event FROM durable_history WHERE workflow_id = 'retry-1' ORDER BY id",
+        )
+    ]
     assert events.count("retry scheduled") == 2
     assert events[0] == "started" and events[-1] == "completed"
 
 
 def test_exhausted_step_raises_step_failed_and_workflow_compensates(
-    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str,
+    app: Celery,
+    durable: Durable,
+    worker: Any,
+    beat: Any,
+    redis_url: str,
+    prefix: str,
     counter: Any,
 ) -> None:
     t = counting_tasks(app, redis_url, prefix)
@@ -141,7 +168,12 @@ def test_exhausted_step_raises_step_failed_and_workflow_compensates(
 
 
 def test_uncaught_step_failure_fails_the_workflow(
-    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str,
+    app: Celery,
+    durable: Durable,
+    worker: Any,
+    beat: Any,
+    redis_url: str,
+    prefix: str,
 ) -> None:
     t = counting_tasks(app, redis_url, prefix)
 
@@ -168,8 +200,9 @@ def test_sleep_is_a_durable_timer(
 
     before, after = durable.start("wf.sleep", workflow_id="sleep-1").result(timeout=20)
     assert (_dt(after) - _dt(before)).total_seconds() >= 1.0
-    (timer,) = query(database_url, "SELECT fire_at, fired_at FROM durable_timers "
-                     "WHERE workflow_id = 'sleep-1'")
+    (timer,) = query(
+        database_url, "SELECT fire_at, fired_at FROM durable_timers WHERE workflow_id = 'sleep-1'"
+    )
     assert timer.fired_at >= timer.fire_at
 
 
@@ -202,9 +235,7 @@ def test_deterministic_helpers_replay_identically(
     assert result == list(seen[0])
 
 
-def test_local_step_failure_retries_then_succeeds(
-    durable: Durable, worker: Any, beat: Any
-) -> None:
+def test_local_step_failure_retries_then_succeeds(durable: Durable, worker: Any, beat: Any) -> None:
     attempts: list[str | None] = []
 
     def sometimes(x: int) -> int:
@@ -215,8 +246,11 @@ def test_local_step_failure_retries_then_succeeds(
 
     @durable.workflow("wf.local")
     def wf(ctx: Any) -> int:
-        return int(ctx.step(sometimes, 1, local=True,
-                            retry=RetryPolicy(max_attempts=3, initial_interval=0.1)))
+        return int(
+            ctx.step(
+                sometimes, 1, local=True, retry=RetryPolicy(max_attempts=3, initial_interval=0.1)
+            )
+        )
 
     assert durable.start("wf.local", workflow_id="local-1").result(timeout=20) == 2
     assert attempts == ["local-1:1"] * 3

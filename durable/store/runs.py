@@ -169,11 +169,11 @@ _RENEW = text(
     """
     WITH s AS (
         UPDATE durable_steps SET lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE status = 'started' AND lease_owner = :owner
+         WHERE status = 'started' AND starts_with(lease_owner, :prefix)
         RETURNING 1
     ), w AS (
         UPDATE durable_workflows SET lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE lease_owner = :owner
+         WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, :prefix)
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM s) + (SELECT count(*) FROM w)
@@ -182,5 +182,5 @@ _RENEW = text(
 
 
 def renew_leases(conn: Connection, owner: str, ttl: float) -> int:
-    """Extend every lease ``owner`` holds, on steps and runs; returns how many."""
-    return int(conn.execute(_RENEW, {"owner": owner, "ttl": ttl}).scalar_one())
+    """Extend every lease held by a token of process ``owner``; returns how many."""
+    return int(conn.execute(_RENEW, {"prefix": f"{owner}#", "ttl": ttl}).scalar_one())

@@ -1,0 +1,240 @@
+"""The invariants of the design, each with a test that fails without the mechanism."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import event
+
+from durable import Durable, WorkflowFailed
+from durable.activation import activate
+from durable.beat import Beat
+from durable.devservices import start_private_redis
+from durable.store import engine as store_engine
+from durable.worker import execute_step
+from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+
+
+def test_one_writer_per_workflow(durable: Durable, app: Celery, database_url: str) -> None:
+    entered, proceed = threading.Event(), threading.Event()
+    bodies: list[int] = []
+    sent: list[int] = []
+    original_send = durable.send_step
+    durable.send_step = lambda wid, seq, *a, **k: (
+        sent.append(seq),
+        original_send(wid, seq, *a, **k),
+    )  # type: ignore[method-assign]
+
+    @app.task(name="t.one", shared=False)
+    def one() -> int:
+        return 1
+
+    def gate() -> str:
+        entered.set()
+        assert proceed.wait(10)
+        return "through"
+
+    @durable.workflow("wf.writer")
+    def wf(ctx: Any) -> int:
+        bodies.append(1)
+        ctx.step(gate, local=True)
+        return int(ctx.step(one))
+
+    durable.start("wf.writer", workflow_id="writer-1")  # no worker consumes it
+    first = threading.Thread(target=activate, args=(durable, "writer-1"))
+    first.start()
+    assert entered.wait(10)
+    # A second activation while the first runs the workflow's code must not run it too.
+    assert activate(durable, "writer-1") == "busy-or-finished"
+    assert len(bodies) == 1
+    proceed.set()
+    first.join(10)
+    assert sent == [2]
+    rows = query(
+        database_url,
+        "SELECT seq, dispatch_count FROM durable_steps WHERE workflow_id = 'writer-1' ORDER BY seq",
+    )
+    assert [(r.seq, r.dispatch_count) for r in rows] == [(1, 0), (2, 1)]
+
+
+def test_duplicate_delivery_never_runs_a_finished_step_again(
+    durable: Durable,
+    app: Celery,
+    worker: Any,
+    redis_url: str,
+    prefix: str,
+    counter: Any,
+    database_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="t.charge", shared=False)
+    def charge() -> str:
+        client.incr(f"{prefix}:count:charge")
+        return "txn-1"
+
+    @durable.workflow("wf.dup")
+    def wf(ctx: Any) -> str:
+        return str(ctx.step(charge))
+
+    assert durable.start("wf.dup", workflow_id="dup-1").result(timeout=20) == "txn-1"
+    # The same message again, through the broker, and straight into the step runner.
+    app.send_task("durable.step", args=["dup-1", 1])
+    assert execute_step(durable, "dup-1", 1) == "ignored"
+    wait_until(lambda: client.llen(f"{prefix}:celery") == 0, what="the queue to drain")
+    time.sleep(0.5)
+    assert counter("charge") == 1
+    (row,) = query(
+        database_url,
+        "SELECT status, attempts, result FROM durable_steps WHERE workflow_id = 'dup-1'",
+    )
+    assert (row.status, row.attempts, row.result) == ("completed", 1, "txn-1")
+
+
+def test_messages_lost_after_commit_are_sent_again(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    clean_tables(database_url)
+    app, durable = make_app(database_url, redis_url, prefix, redispatch_after=1)
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="t.ship", shared=False)
+    def ship() -> str:
+        return "shipped"
+
+    @durable.workflow("wf.lost")
+    def wf(ctx: Any) -> str:
+        return str(ctx.step(ship))
+
+    try:
+        durable.start("wf.lost", workflow_id="lost-1")
+        assert client.delete(f"{prefix}:celery") == 1  # the activation message is gone
+        assert activate(durable, "lost-1") == "suspended"  # step committed and sent ...
+        assert client.delete(f"{prefix}:celery") == 1  # ... and that message is gone too
+        beat = Beat(durable, sweep_interval=0.2)
+        thread = threading.Thread(target=beat.run, daemon=True)
+        thread.start()
+        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+            assert durable.run("lost-1").result(timeout=20) == "shipped"
+        beat.stopping.set()
+        thread.join(5)
+        assert beat.stats.steps_redispatched >= 1
+    finally:
+        clean_keys(redis_url, prefix)
+
+
+def test_replay_detects_non_determinism(
+    durable: Durable, app: Celery, worker: Any, database_url: str
+) -> None:
+    @app.task(name="t.reserve", shared=False)
+    def reserve() -> str:
+        return "reserved"
+
+    @app.task(name="t.charge2", shared=False)
+    def charge() -> str:
+        return "charged"
+
+    @durable.workflow("wf.changed")
+    def v1(ctx: Any) -> None:
+        ctx.step(reserve)
+        ctx.sleep(3600)
+
+    durable.start("wf.changed", workflow_id="nd-1")
+    wait_until(
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM durable_steps WHERE workflow_id = 'nd-1' AND kind = 'sleep'",
+        ),
+        what="the sleep",
+    )
+
+    def v2(ctx: Any) -> None:  # a deploy changed the code: another step at position 1
+        ctx.step(charge)
+        ctx.sleep(3600)
+
+    durable.registry["wf.changed"] = v2
+    assert activate(durable, "nd-1") == "failed"
+    try:
+        durable.run("nd-1").result(timeout=1)
+    except WorkflowFailed as exc:
+        assert "step 1" in exc.error
+        assert "task t.charge2" in exc.error and "task t.reserve" in exc.error
+    else:
+        raise AssertionError("the changed workflow should have failed")
+    (row,) = query(
+        database_url, "SELECT status FROM durable_steps WHERE workflow_id = 'nd-1' AND seq = 1"
+    )
+    assert row.status == "completed"  # the history is left intact
+
+
+def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
+    clean_tables(database_url)
+    url, stop = start_private_redis()
+    try:
+        app, durable = make_app(database_url, url, prefix, redispatch_after=1)
+
+        @durable.workflow("wf.nap")
+        def wf(ctx: Any) -> str:
+            ctx.sleep(2)
+            return "awake"
+
+        client = redis.Redis.from_url(url)
+        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+            durable.start("wf.nap", workflow_id="nap-1")
+            wait_until(lambda: client.zcard(f"{prefix}:timers") == 1, what="the timer index")
+            client.flushall()  # Redis restarted with nothing on disk
+            beat = Beat(durable, sweep_interval=0.2)
+            thread = threading.Thread(target=beat.run, daemon=True)
+            thread.start()
+            assert durable.run("nap-1").result(timeout=20) == "awake"
+            beat.stopping.set()
+            thread.join(5)
+        assert beat.stats.index_rebuilds >= 1
+        (timer,) = query(
+            database_url, "SELECT fired_at FROM durable_timers WHERE workflow_id = 'nap-1'"
+        )
+        assert timer.fired_at is not None
+    finally:
+        stop()
+
+
+def _statements_during(database_url: str, fn: Any) -> list[str]:
+    seen: list[str] = []
+    engine = store_engine.get_engine(database_url)
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        fn()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return seen
+
+
+def test_replay_loads_history_in_one_query(durable: Durable, database_url: str) -> None:
+    def bump(i: int) -> int:
+        return i + 1
+
+    @durable.workflow("wf.long")
+    def wf(ctx: Any, n: int) -> None:
+        for i in range(n):
+            ctx.step(bump, i, local=True)
+        ctx.sleep(3600)
+
+    counts = {}
+    for n in (5, 60):
+        wid = f"long-{n}"
+        durable.start("wf.long", n, workflow_id=wid)
+        assert activate(durable, wid) == "suspended"  # runs the local steps, parks at sleep
+        statements = _statements_during(database_url, lambda wid=wid: activate(durable, wid))
+        reading_steps = [s for s in statements if "durable_steps" in s]
+        assert len(reading_steps) == 1, reading_steps
+        counts[n] = len(statements)
+    assert counts[5] == counts[60] == 2  # acquire-and-load, release
