@@ -1,0 +1,53 @@
+# Everyday tasks. A fresh clone needs only Python 3.11+: `make test` creates .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format demo bench clean
+
+help:
+	@echo "make install  create .venv and install the project with its dev extras"
+	@echo "make test     run the test suite (finds or starts PostgreSQL and Redis)"
+	@echo "make lint     ruff check, ruff format --check, mypy"
+	@echo "make format   ruff format, then ruff check --fix"
+	@echo "make demo     run the example workflows end to end"
+	@echo "make bench    run the benchmarks"
+	@echo "make clean    delete caches and build output (keeps .venv)"
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "Python 3.11 or newer is needed; run: make PYTHON=python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+# Reinstalls only when pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: install
+	$(BIN)/python -m workflows.demo
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name '*.egg-info' \) \
+		-prune -exec rm -rf {} +
