@@ -1,0 +1,79 @@
+"""The app that crash tests run in real worker processes (``celery -A tests.apps.crash_app``).
+
+Every task records each run of its body in Redis under the test's key prefix, so a test can
+count runs and read the idempotency keys they saw.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from durable import Durable, current_step
+
+
+def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durable]:
+    """The app, its tasks and workflows, all keyed under ``prefix``."""
+    app = Celery(f"crash-{prefix}", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport_options = {
+        "global_keyprefix": f"{prefix}:",
+        "visibility_timeout": float(os.environ.get("CRASH_VISIBILITY_TIMEOUT", 3600)),
+        # Sweep for abandoned messages every second, so a test sees the late redelivery.
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+    app.conf.task_acks_late = True
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.broker_connection_retry_on_startup = True
+    durable = Durable(app, database_url=database_url, redis_url=redis_url, key_prefix=prefix)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def record(kind: str) -> int:
+        key = current_step().idempotency_key
+        client.rpush(f"{prefix}:keys:{kind}", str(key))
+        return int(client.incr(f"{prefix}:count:{kind}"))
+
+    @app.task(name="crash.slow", shared=False)
+    def slow(seconds: float) -> str:
+        """Runs long the first time, so that a test can kill its worker meanwhile."""
+        n = record("slow")
+        time.sleep(seconds if n == 1 else 0.1)
+        client.incr(f"{prefix}:count:slow-done")
+        return f"done on run {n}"
+
+    @app.task(name="crash.after", shared=False)
+    def after() -> str:
+        record("after")
+        return "after"
+
+    @durable.workflow("crash.step")
+    def step_workflow(ctx: Any, seconds: float) -> list[str]:
+        return [ctx.step(slow, seconds), ctx.step(after)]
+
+    def slow_local(seconds: float) -> str:
+        n = record("local")
+        time.sleep(seconds if n == 1 else 0.0)
+        return f"local run {n}"
+
+    @durable.workflow("crash.local")
+    def local_workflow(ctx: Any, seconds: float) -> list[str]:
+        return [ctx.step(slow_local, seconds, local=True), ctx.step(after)]
+
+    @durable.workflow("crash.nap")
+    def nap_workflow(ctx: Any, seconds: float) -> str:
+        ctx.sleep(seconds)
+        return str(ctx.step(after))
+
+    return app, durable
+
+
+if os.environ.get("CRASH_PREFIX"):
+    app, durable = build(
+        os.environ["DURABLE_DATABASE_URL"],
+        os.environ["DURABLE_REDIS_URL"],
+        os.environ["CRASH_PREFIX"],
+    )

@@ -1,0 +1,201 @@
+"""Crashes for real: worker processes killed with SIGKILL, stopped with SIGTERM, two beats."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from durable import Durable
+from durable.beat import Beat
+from tests.apps.crash_app import build
+from tests.conftest import clean_keys, clean_tables, query, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Workers:
+    """Real ``celery worker`` processes of the crash app, each in its own process group."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.apps.crash_app",
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={concurrency}",
+                f"--hostname={name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel=INFO",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture
+def crash(
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> Iterator[tuple[Durable, Workers, redis.Redis]]:
+    clean_tables(database_url)
+    env = {
+        **os.environ,
+        "DURABLE_DATABASE_URL": database_url,
+        "DURABLE_REDIS_URL": redis_url,
+        "CRASH_PREFIX": prefix,
+        "CRASH_VISIBILITY_TIMEOUT": "8",
+        "PYTHONPATH": str(ROOT),
+    }
+    _, durable = build(database_url, redis_url, prefix)
+    workers = Workers(env, tmp_path)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    beat = Beat(durable, sweep_interval=0.5)
+    thread = threading.Thread(target=beat.run, daemon=True)
+    thread.start()
+    try:
+        yield durable, workers, client
+    finally:
+        beat.stopping.set()
+        thread.join(5)
+        workers.stop_all()
+        clean_keys(redis_url, prefix)
+
+
+def count(client: redis.Redis, prefix: str, kind: str) -> int:
+    return int(client.get(f"{prefix}:count:{kind}") or 0)
+
+
+def test_sigkilled_step_runs_again_within_15s_with_the_same_key(
+    crash: Any, prefix: str, database_url: str
+) -> None:
+    durable, workers, client = crash
+    first = workers.start("first")
+    run = durable.start("crash.step", 30, workflow_id="kill-step")
+    wait_until(lambda: count(client, prefix, "slow") == 1, timeout=30, what="the step to start")
+    workers.kill(first)
+    killed_at = time.monotonic()
+    workers.start("second")
+    wait_until(lambda: count(client, prefix, "slow") == 2, timeout=30, what="the re-run")
+    assert time.monotonic() - killed_at <= 15
+    assert run.result(timeout=30) == ["done on run 2", "after"]
+    keys = client.lrange(f"{prefix}:keys:slow", 0, -1)
+    assert keys == ["kill-step:1", "kill-step:1"]
+    (step,) = query(
+        database_url,
+        "SELECT status, attempts, result FROM durable_steps "
+        "WHERE workflow_id = 'kill-step' AND seq = 1",
+    )
+    assert (step.status, step.attempts, step.result) == ("completed", 2, "done on run 2")
+    events = [
+        r.event
+        for r in query(
+            database_url,
+            "SELECT event FROM durable_history WHERE workflow_id = 'kill-step' ORDER BY id",
+        )
+    ]
+    assert events.count("step lease expired") == 1
+    assert events.count("step completed") == 2  # the slow step once, the next step once
+    # The killed worker's message is still unacknowledged in Redis; once its visibility
+    # timeout (8 s here) passes it is redelivered, and must find nothing to do.
+    unacked = f"{prefix}:unacked"
+    wait_until(lambda: client.hlen(unacked) == 0, timeout=40, what="the late redelivery")
+    time.sleep(2)
+    assert count(client, prefix, "slow") == 2
+    assert count(client, prefix, "after") == 1
+
+
+def test_sigkilled_activation_runs_again_within_15s(
+    crash: Any, prefix: str, database_url: str
+) -> None:
+    durable, workers, client = crash
+    first = workers.start("first")
+    run = durable.start("crash.local", 30, workflow_id="kill-activation")
+    wait_until(lambda: count(client, prefix, "local") == 1, timeout=30, what="the local step")
+    workers.kill(first)
+    killed_at = time.monotonic()
+    workers.start("second")
+    wait_until(lambda: count(client, prefix, "local") == 2, timeout=30, what="the re-run")
+    assert time.monotonic() - killed_at <= 15
+    assert run.result(timeout=30) == ["local run 2", "after"]
+    assert client.lrange(f"{prefix}:keys:local", 0, -1) == ["kill-activation:1"] * 2
+
+
+def test_sigterm_lets_the_running_step_finish_once(
+    crash: Any, prefix: str, database_url: str
+) -> None:
+    durable, workers, client = crash
+    first = workers.start("first")
+    run = durable.start("crash.step", 4, workflow_id="term-step")
+    wait_until(lambda: count(client, prefix, "slow") == 1, timeout=30, what="the step to start")
+    first.send_signal(signal.SIGTERM)  # a deploy: warm shutdown
+    workers.start("second")
+    assert run.result(timeout=40) == ["done on run 1", "after"]
+    first.wait(30)
+    assert count(client, prefix, "slow") == 1
+    assert count(client, prefix, "slow-done") == 1
+    events = [
+        r.event
+        for r in query(
+            database_url, "SELECT event FROM durable_history WHERE workflow_id = 'term-step'"
+        )
+    ]
+    assert "step lease expired" not in events
+
+
+def test_two_beats_fire_each_timer_once(
+    crash: Any, prefix: str, database_url: str, redis_url: str
+) -> None:
+    durable, workers, client = crash
+    _, other = build(database_url, redis_url, prefix)
+    second_beat = Beat(other, sweep_interval=0.5)
+    thread = threading.Thread(target=second_beat.run, daemon=True)
+    thread.start()
+    try:
+        workers.start("first", concurrency=2)
+        runs = [durable.start("crash.nap", 1, workflow_id=f"nap-{i}") for i in range(30)]
+        assert [r.result(timeout=60) for r in runs] == ["after"] * 30
+    finally:
+        second_beat.stopping.set()
+        thread.join(5)
+    fired = query(
+        database_url,
+        "SELECT workflow_id, count(*) AS n FROM durable_history "
+        "WHERE event = 'timer fired' GROUP BY workflow_id",
+    )
+    assert len(fired) == 30 and all(r.n == 1 for r in fired)
+    assert count(client, prefix, "after") == 30
