@@ -1,0 +1,54 @@
+"""The schema: models and migrations agree; the public names are pinned."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+import durable
+from durable.store import engine as store_engine
+from durable.store.migrate import VERSION_TABLE, upgrade
+from durable.store.models import metadata
+
+
+def test_models_and_migrations_agree(database_url: str) -> None:
+    with store_engine.get_engine(database_url).connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        diff = compare_metadata(context, metadata)
+    assert diff == []
+
+
+def test_upgrade_is_idempotent(database_url: str) -> None:
+    upgrade(database_url)
+    upgrade(database_url)
+    with store_engine.get_engine(database_url).connect() as conn:
+        version = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar_one()
+    assert version == "0001"
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(durable.__all__) == sorted(
+        [
+            "ConfigurationError",
+            "Durable",
+            "DurableError",
+            "NonDeterminismError",
+            "PayloadError",
+            "ResultTimeout",
+            "RetryPolicy",
+            "SignalTimeout",
+            "StepFailed",
+            "StepInfo",
+            "StoreUnavailable",
+            "UnknownWorkflow",
+            "WorkflowCancelled",
+            "WorkflowContext",
+            "WorkflowFailed",
+            "WorkflowIdConflict",
+            "WorkflowNotFound",
+            "WorkflowRun",
+            "current_step",
+        ]
+    )
+    for name in durable.__all__:
+        assert getattr(durable, name) is not None
