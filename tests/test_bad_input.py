@@ -53,7 +53,7 @@ def test_arguments_that_are_not_json(durable: Durable, database_url: str) -> Non
 
 
 def test_payload_over_the_limit(database_url: str, redis_url: str, prefix: str) -> None:
-    app, durable = make_app(database_url, redis_url, prefix, max_payload_bytes=1000)
+    _, durable = make_app(database_url, redis_url, prefix, max_payload_bytes=1000)
 
     @durable.workflow("wf.big")
     def wf(ctx: Any, value: str) -> None:
