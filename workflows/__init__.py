@@ -1,0 +1,1 @@
+"""Example workflows built from the shop's tasks."""
