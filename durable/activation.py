@@ -18,6 +18,7 @@ from durable.context import Effects, Suspend, WorkflowContext
 from durable.errors import NonDeterminismError, PayloadError, UnknownWorkflow
 from durable.serialization import describe_exception, encode
 from durable.store import runs
+from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
     from durable.runtime import Durable
@@ -27,13 +28,24 @@ log = logging.getLogger(__name__)
 MAX_REPLAYS = 50
 
 
-def activate(durable: Durable, workflow_id: str) -> str:
-    """Run the workflow until it suspends or ends; returns the outcome for logs and tests."""
-    owner = durable.heartbeat.token()
+def activate(
+    durable: Durable,
+    workflow_id: str,
+    owner: str | None = None,
+    leased: runs.Activation | None = None,
+) -> str:
+    """Run the workflow until it suspends or ends; returns the outcome for logs and tests.
+
+    ``leased`` is a run already leased to ``owner`` with its history loaded (a worker that
+    just settled a step took both in the settling statement).
+    """
+    owner = owner or durable.heartbeat.token()
     ttl = durable.settings.lease_ttl.total_seconds()
     for _ in range(MAX_REPLAYS):
-        with durable.connect() as conn:
-            activation = runs.acquire(conn, workflow_id, owner, ttl)
+        activation, leased = leased, None
+        if activation is None:
+            with durable.connect() as conn:
+                activation = runs.acquire(conn, workflow_id, owner, ttl)
         if activation is None:
             return "busy-or-finished"
         durable.heartbeat.hold()
@@ -48,13 +60,32 @@ def activate(durable: Durable, workflow_id: str) -> str:
         if outcome != "suspended":
             durable.apply_effects(effects)
             return outcome
-        with durable.connect() as conn:
-            released = runs.release(conn, workflow_id, owner, activation.wake_seq)
+        released = _release(durable, effects, owner, activation.wake_seq)
         durable.apply_effects(effects)
         if released:
             return "suspended"
     # Woken again and again while replaying: leave it to the next message or the sweep.
     return "yielded"
+
+
+def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> bool:
+    """Give the lease back, writing the new step (if any) in the same statement."""
+    pending = effects.schedule
+    with durable.connect() as conn:
+        if pending is None:
+            return runs.release(conn, effects.workflow_id, owner, wake_seq)
+        _, released = step_queries.schedule_step(
+            conn,
+            effects.workflow_id,
+            pending.seq,
+            pending.name,
+            pending.args,
+            pending.kwargs,
+            pending.options,
+            release_owner=owner,
+            wake_seq=wake_seq,
+        )
+        return released
 
 
 def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:

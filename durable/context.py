@@ -10,7 +10,8 @@ query and runs the workflow function from the top:
   activation: the workflow is resumed when that position settles;
 - the first position with no record runs for real: a remote step is committed as
   ``scheduled`` and dispatched after the activation ends; a local step runs here and its
-  outcome is committed before the workflow goes on; a sleep commits a durable timer.
+  outcome is committed before the workflow goes on; a sleep commits a durable timer. (The
+  scheduled step is written in the same statement that releases the run's lease.)
 
 A recorded position whose kind or name differs from what the code asks for now raises
 :class:`~durable.errors.NonDeterminismError`, naming both.
@@ -58,10 +59,22 @@ class PendingDispatch:
 
 
 @dataclass
+class PendingSchedule:
+    """A new remote step, written together with the release of the run's lease."""
+
+    seq: int
+    name: str
+    args: str
+    kwargs: str
+    options: str
+
+
+@dataclass
 class Effects:
-    """What an activation must do after its writes are committed."""
+    """What an activation must write when it ends, and do once that is committed."""
 
     workflow_id: str
+    schedule: PendingSchedule | None = None
     dispatches: list[PendingDispatch] = field(default_factory=list)
     timers: list[tuple[int, float]] = field(default_factory=list)
 
@@ -188,16 +201,14 @@ class WorkflowContext:
         limit = self._durable.settings.max_payload_bytes
         options["retry"] = policy
         options["label"] = f"{name}[{self.workflow_id}#{seq}]"
-        with self._durable.connect() as conn:
-            step_queries.schedule_step(
-                conn,
-                self.workflow_id,
-                seq,
-                name,
-                encode(call_args, f"arguments of step {seq} ({name})", limit),
-                encode(call_kwargs, f"keyword arguments of step {seq} ({name})", limit),
-                encode(options, f"options of step {seq} ({name})", limit),
-            )
+        # Written by the activation in the statement that releases the lease, then sent.
+        self.effects.schedule = PendingSchedule(
+            seq,
+            name,
+            encode(call_args, f"arguments of step {seq} ({name})", limit),
+            encode(call_kwargs, f"keyword arguments of step {seq} ({name})", limit),
+            encode(options, f"options of step {seq} ({name})", limit),
+        )
         self.effects.dispatches.append(PendingDispatch(seq, name, options))
         raise Suspend()
 

@@ -273,10 +273,12 @@ class Durable:
         except Exception:
             log.warning("durable: could not index timers %r; the sweep will fire them", timers)
 
-    def continue_workflow(self, workflow_id: str) -> None:
+    def continue_workflow(
+        self, workflow_id: str, owner: str | None = None, leased: Any = None
+    ) -> None:
         """Replay the run in this process now, as the step that woke it just finished."""
         try:
-            activation_mod.activate(self, workflow_id)
+            activation_mod.activate(self, workflow_id, owner, leased)
         except Exception:
             log.exception("durable: inline activation of %s failed; sending it", workflow_id)
             self.send_activation(workflow_id)

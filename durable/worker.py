@@ -22,6 +22,7 @@ from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
     from durable.runtime import Durable
+    from durable.store.runs import Activation
 
 log = logging.getLogger(__name__)
 
@@ -89,45 +90,71 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
         return "ignored"
     durable.heartbeat.hold()
     try:
-        outcome = _run_claimed(durable, claimed)
+        outcome, leased = _run_claimed(durable, claimed, owner)
     finally:
         durable.heartbeat.release()
-    if outcome in ("completed", "failed") and durable.settings.inline_activation:
-        durable.continue_workflow(workflow_id)
+    if leased is not None:
+        durable.continue_workflow(workflow_id, owner, leased)
     return outcome
 
 
-def _run_claimed(durable: Durable, claimed: step_queries.ClaimedStep) -> str:
+def _run_claimed(
+    durable: Durable, claimed: step_queries.ClaimedStep, owner: str
+) -> tuple[str, Activation | None]:
     wid, seq, name = claimed.workflow_id, claimed.seq, claimed.name
     task = durable.app.tasks.get(name)
     if task is None:
-        return _settle_failure(
-            durable, claimed, TaskNotRegistered(f"task {name!r} is not registered on this worker")
-        )
+        missing = TaskNotRegistered(f"task {name!r} is not registered on this worker")
+        return _settle_failure(durable, claimed, missing, owner)
     info = StepInfo(wid, seq, name, claimed.attempt)
     try:
         with step_context(info):
             value = task(*claimed.args, **claimed.kwargs)
         result = encode(value, f"result of step {seq} ({name})", durable.settings.max_payload_bytes)
     except Exception as exc:
-        return _settle_failure(durable, claimed, exc)
+        return _settle_failure(durable, claimed, exc, owner)
+    return _settle(durable, claimed, owner, result=result)
+
+
+def _settle(
+    durable: Durable,
+    claimed: step_queries.ClaimedStep,
+    owner: str,
+    result: str | None = None,
+    error: str | None = None,
+) -> tuple[str, Activation | None]:
+    """Commit the outcome; with inline activation also take the workflow's lease."""
+    ttl = durable.settings.lease_ttl.total_seconds()
     with durable.connect() as conn:
-        done = step_queries.complete_step(conn, wid, seq, result)
-    return "completed" if done else "superseded"
+        settled = step_queries.settle_step(
+            conn,
+            claimed.workflow_id,
+            claimed.seq,
+            result=result,
+            error=error,
+            owner=owner,
+            ttl=ttl,
+            acquire=durable.settings.inline_activation,
+        )
+    if not settled.settled:
+        return "superseded", None
+    return ("completed" if error is None else "failed"), settled.activation
 
 
-def _settle_failure(durable: Durable, claimed: step_queries.ClaimedStep, exc: Exception) -> str:
+def _settle_failure(
+    durable: Durable, claimed: step_queries.ClaimedStep, exc: Exception, owner: str
+) -> tuple[str, Activation | None]:
     wid, seq = claimed.workflow_id, claimed.seq
     error = describe_exception(exc)
     policy: dict[str, Any] = claimed.options.get("retry") or NO_RETRY
     retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered)
     delay = retry_delay(policy, claimed.attempt) if retryable else None
     log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, error)
+    if delay is None:
+        return _settle(durable, claimed, owner, error=error)
     with durable.connect() as conn:
-        if delay is None:
-            return "failed" if step_queries.fail_step(conn, wid, seq, error) else "superseded"
         timer = step_queries.schedule_retry(conn, wid, seq, error, delay)
     if timer is None:
-        return "superseded"
+        return "superseded", None
     durable.index_timers([timer])
-    return "retrying"
+    return "retrying", None

@@ -68,6 +68,15 @@ class Activation:
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
 # statement: replay costs one round trip whatever the number of steps. Step rows are
 # aggregated into a single JSON value so the run's arguments are not repeated per row.
+# The history of a run as one JSON array (replay's whole read), for a run aliased ``w``.
+HISTORY_JSON = """
+    (SELECT coalesce(json_agg(json_build_object(
+                'seq', s.seq, 'kind', s.kind, 'name', s.name, 'status', s.status,
+                'attempts', s.attempts, 'result', s.result, 'error', s.error,
+                'completed_at', s.completed_at) ORDER BY s.seq), '[]')
+       FROM durable_steps s WHERE s.workflow_id = w.id)
+"""
+
 _ACQUIRE = text(
     """
     WITH w AS (
@@ -78,12 +87,9 @@ _ACQUIRE = text(
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING id, name, args, kwargs, wake_seq, created_at
     )
-    SELECT w.id, w.name, w.args, w.kwargs, w.wake_seq, w.created_at,
-           (SELECT coalesce(json_agg(json_build_object(
-                        'seq', s.seq, 'kind', s.kind, 'name', s.name, 'status', s.status,
-                        'attempts', s.attempts, 'result', s.result, 'error', s.error,
-                        'completed_at', s.completed_at) ORDER BY s.seq), '[]')
-              FROM durable_steps s WHERE s.workflow_id = w.id) AS steps
+    SELECT w.id, w.name, w.args, w.kwargs, w.wake_seq, w.created_at, """
+    + HISTORY_JSON
+    + """ AS steps
       FROM w
     """
 )
@@ -92,8 +98,11 @@ _ACQUIRE = text(
 def acquire(conn: Connection, workflow_id: str, owner: str, ttl: float) -> Activation | None:
     """Take the run's lease and load its history; None if another process holds it."""
     row = conn.execute(_ACQUIRE, {"id": workflow_id, "owner": owner, "ttl": ttl}).first()
-    if row is None:
-        return None
+    return None if row is None else activation_from_row(row)
+
+
+def activation_from_row(row: Any) -> Activation:
+    """Build an :class:`Activation` from a row with the run's columns and ``steps`` JSON."""
     steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
     return Activation(
         workflow_id=row.id,

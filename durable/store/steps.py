@@ -6,12 +6,14 @@ statement), so on an autocommit connection every state change costs one round tr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Row, select, text
 
 from durable.store.models import steps
+from durable.store.runs import HISTORY_JSON, Activation, activation_from_row
 
 _SCHEDULE = text(
     """
@@ -26,16 +28,36 @@ _SCHEDULE = text(
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', CAST(:name AS text))
           FROM s
+    ), r AS (
+        UPDATE durable_workflows
+           SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq,
+               updated_at = now()
+         WHERE id = :wid AND :release AND lease_owner = :owner AND wake_seq = :wake_seq
+        RETURNING 1
     )
-    SELECT count(*) FROM s
+    SELECT (SELECT count(*) FROM s) AS scheduled, (SELECT count(*) FROM r) AS released
     """
 )
 
 
 def schedule_step(
-    conn: Connection, wid: str, seq: int, name: str, args: str, kwargs: str, options: str
-) -> bool:
-    """Record a remote step as scheduled (JSON text arguments); False if it already exists."""
+    conn: Connection,
+    wid: str,
+    seq: int,
+    name: str,
+    args: str,
+    kwargs: str,
+    options: str,
+    *,
+    release_owner: str | None = None,
+    wake_seq: int = 0,
+) -> tuple[bool, bool]:
+    """Record a remote step as scheduled (JSON text arguments).
+
+    With ``release_owner`` the same statement releases the run's lease as
+    :func:`durable.store.runs.release` does. Returns (scheduled, released): scheduled is
+    False if the step already existed, released False if the run was woken meanwhile.
+    """
     params = {
         "wid": wid,
         "seq": seq,
@@ -43,8 +65,12 @@ def schedule_step(
         "args": args,
         "kwargs": kwargs,
         "options": options,
+        "release": release_owner is not None,
+        "owner": release_owner or "",
+        "wake_seq": wake_seq,
     }
-    return bool(conn.execute(_SCHEDULE, params).scalar_one())
+    row = conn.execute(_SCHEDULE, params).one()
+    return bool(row.scheduled), bool(row.released)
 
 
 @dataclass(frozen=True)
@@ -97,8 +123,11 @@ def claim_step(conn: Connection, wid: str, seq: int, owner: str, ttl: float) -> 
     )
 
 
-# A step's end and the workflow's wake-up are one statement: nothing can commit the result
-# without also recording that the workflow has something new to replay.
+# A step's end, the workflow's wake-up and (when asked) taking the workflow's lease and
+# reading its history are one statement: nothing can commit a result without also recording
+# that the workflow has something new to replay, and the worker that finished the step can
+# continue the workflow without another round trip. The history read sees the statement's
+# snapshot, where the settled step is still 'started'; ``settle_step`` patches it in.
 _SETTLE = text(
     """
     WITH s AS (
@@ -106,44 +135,98 @@ _SETTLE = text(
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
                completed_at = now(), lease_owner = NULL, lease_expires_at = NULL
          WHERE workflow_id = :wid AND seq = :seq AND status = 'started'
-        RETURNING workflow_id, seq, attempts
+        RETURNING workflow_id, seq, attempts, completed_at
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT workflow_id, seq, :event,
                jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
     ), w AS (
-        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
+        UPDATE durable_workflows
+           SET wake_seq = wake_seq + 1, woken_at = now(),
+               lease_owner = CASE WHEN :acquire AND (lease_owner IS NULL
+                                       OR lease_expires_at < now())
+                                  THEN :owner ELSE lease_owner END,
+               lease_expires_at = CASE WHEN :acquire AND (lease_owner IS NULL
+                                            OR lease_expires_at < now())
+                                       THEN now() + make_interval(secs => :ttl)
+                                       ELSE lease_expires_at END
          WHERE id = :wid AND status = 'running' AND EXISTS (SELECT 1 FROM s)
+        RETURNING id, name, args, kwargs, wake_seq, created_at, lease_owner
     )
-    SELECT count(*) FROM s
+    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at,
+           w.id, w.name, w.args, w.kwargs, w.wake_seq, w.created_at,
+           CASE WHEN w.lease_owner = :owner THEN """
+    + HISTORY_JSON
+    + """ END AS steps
+      FROM s LEFT JOIN w ON true
     """
 )
 
 
-def complete_step(conn: Connection, wid: str, seq: int, result: str) -> bool:
-    """Commit a step's result (JSON text) and wake its workflow; False if already settled."""
+@dataclass(frozen=True)
+class Settled:
+    """The outcome of :func:`settle_step`."""
+
+    settled: bool
+    """False when the step was not ``started`` (already settled by another run of it)."""
+    activation: Activation | None
+    """The workflow, leased to the caller, when ``acquire`` was asked and the lease was free."""
+
+
+def settle_step(
+    conn: Connection,
+    wid: str,
+    seq: int,
+    *,
+    result: str | None = None,
+    error: str | None = None,
+    owner: str = "",
+    ttl: float = 0.0,
+    acquire: bool = False,
+) -> Settled:
+    """Commit a step's result (JSON text) or its final ``error``, and wake its workflow.
+
+    With ``acquire`` the workflow's lease is also taken for ``owner`` if it is free, and its
+    history returned, so the caller can replay at once.
+    """
+    status = "completed" if error is None else "failed"
     params = {
         "wid": wid,
         "seq": seq,
-        "status": "completed",
+        "status": status,
         "result": result,
-        "error": None,
-        "event": "step completed",
+        "error": error,
+        "event": f"step {status}",
+        "owner": owner,
+        "ttl": ttl,
+        "acquire": acquire,
     }
-    return bool(conn.execute(_SETTLE, params).scalar_one())
+    row = conn.execute(_SETTLE, params).first()
+    if row is None:
+        return Settled(False, None)
+    if row.steps is None:
+        return Settled(True, None)
+    activation = activation_from_row(row)
+    for record in activation.steps:
+        if record["seq"] == seq:
+            record.update(
+                status=status,
+                result=None if result is None else json.loads(result),
+                error=error,
+                attempts=row.settled_attempts,
+                completed_at=row.settled_at,
+            )
+    return Settled(True, activation)
+
+
+def complete_step(conn: Connection, wid: str, seq: int, result: str) -> bool:
+    """Commit a step's result (JSON text) and wake its workflow; False if already settled."""
+    return settle_step(conn, wid, seq, result=result).settled
 
 
 def fail_step(conn: Connection, wid: str, seq: int, error: str) -> bool:
     """Record that a step failed for good and wake its workflow; False if already settled."""
-    params = {
-        "wid": wid,
-        "seq": seq,
-        "status": "failed",
-        "result": None,
-        "error": error,
-        "event": "step failed",
-    }
-    return bool(conn.execute(_SETTLE, params).scalar_one())
+    return settle_step(conn, wid, seq, error=error).settled
 
 
 _RETRY = text(
