@@ -55,6 +55,10 @@ STATUS_STYLES = {
 }
 NO_WRAP = {"id", "#", "at", "created", "updated", "completed", "status", "attempts"}
 PIPED_WIDTH = 160
+# The fields ``durable show --json`` gives for each step and timer.
+STEP_FIELDS: tuple[str, ...] = ("seq", "kind", "name", "status", "attempts", "result", "error")
+STEP_FIELDS += ("started_at", "completed_at")
+TIMER_FIELDS = ("id", "seq", "purpose", "fire_at", "fired_at")
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
 RESERVED_KWARGS = ("name_or_fn", "workflow_id")
 
@@ -529,32 +533,20 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
     row = runs.get_run(conn, workflow_id)
     if row is None:
         raise WorkflowNotFound(workflow_id)
-    step_fields = (
-        "seq",
-        "kind",
-        "name",
-        "status",
-        "attempts",
-        "result",
-        "error",
-        "started_at",
-        "completed_at",
-    )
-    timer_fields = ("id", "seq", "purpose", "fire_at", "fired_at")
     return {
         **_run_summary(row),
         "args": row.args,
         "kwargs": row.kwargs,
         "result": row.result,
         "error": row.error,
-        "steps": [{f: getattr(s, f) for f in step_fields} for s in steps.list_steps(conn, row.id)],
+        "steps": [{f: getattr(s, f) for f in STEP_FIELDS} for s in steps.list_steps(conn, row.id)],
         "events": {},
         "history": [
             {"at": h.at, "seq": h.seq, "event": h.event, "detail": h.detail}
             for h in history.list_history(conn, row.id)
         ],
         "timers": [
-            {f: getattr(t, f) for f in timer_fields} for t in timers.list_timers(conn, row.id)
+            {f: getattr(t, f) for f in TIMER_FIELDS} for t in timers.list_timers(conn, row.id)
         ],
     }
 

@@ -1,0 +1,296 @@
+"""The ``durable`` command against a real PostgreSQL database of its own (and Redis for
+``start`` and ``beat``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from sqlalchemy import create_engine, text
+
+from durable.cli import cli, load_durable
+from durable.config import normalise_database_url
+from durable.errors import ConfigurationError
+from durable.store import engine as store_engine
+from durable.store import runs, steps
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/5"
+PREFIX = f"dcli{uuid.uuid4().hex[:10]}"
+UNREACHABLE = "postgresql://nobody:secret@127.0.0.1:1/x"
+
+
+def invoke(*args: str, **env: str | None) -> Result:
+    """Run ``durable ARGS`` in-process, ignoring any DURABLE_* set by the caller's shell."""
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("DURABLE_")}
+    return CliRunner().invoke(cli, list(args), env={**clean, **env}, catch_exceptions=False)
+
+
+def one_line_error(result: Result) -> str:
+    """The one ``durable: ...`` line a failing command must print on stderr, and no more."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("durable: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    name = f"durable_cli_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    app_env = {  # read by tests/cli_app.py when a test loads it
+        "CLI_APP_DATABASE_URL": url,
+        "CLI_APP_REDIS_URL": REDIS_URL,
+        "CLI_APP_BROKER_URL": REDIS_URL,
+        "CLI_APP_PREFIX": PREFIX,
+    }
+    saved = {k: os.environ.get(k) for k in app_env}
+    os.environ.update(app_env)
+    try:
+        result = invoke("db", "upgrade", "--database-url", url)
+        assert result.exit_code == 0, result.output
+        yield url
+    finally:
+        store_engine.get_engine(normalise_database_url(url)).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{PREFIX}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def seeded(database_url: str) -> dict[str, str]:
+    """Two runs: one running with a completed and a started step, one failed."""
+    ids = {"running": "cli-running", "failed": "cli-failed"}
+    engine = store_engine.autocommit(normalise_database_url(database_url))
+    with engine.connect() as conn:
+        assert runs.insert_run(conn, ids["running"], "orders.fulfill", '["o-1"]', "{}")
+        for seq, name in ((1, "tasks.charge"), (2, "tasks.ship")):
+            assert steps.schedule_step(conn, ids["running"], seq, name, "[]", "{}", "{}")
+            assert steps.claim_step(conn, ids["running"], seq, "worker-1", 30.0)
+        assert steps.complete_step(conn, ids["running"], 1, '{"txn": "t-1"}')
+        time.sleep(0.01)  # a distinct created_at, so "newest first" is well defined
+        assert runs.insert_run(conn, ids["failed"], "nightly.batch", "[]", '{"day": 1}')
+        assert runs.acquire(conn, ids["failed"], "worker-1", 30.0)
+        assert runs.finish(conn, ids["failed"], "worker-1", "failed", error="ValueError: boom")
+    return ids
+
+
+def test_db_upgrade_runs_again(database_url: str) -> None:
+    result = invoke("db", "upgrade", "--database-url", database_url)
+    assert result.exit_code == 0
+    assert "up to date" in result.stdout
+
+
+def test_list_table(database_url: str, seeded: dict[str, str]) -> None:
+    result = invoke("list", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    for word in ("cli-running", "cli-failed", "orders.fulfill", "running", "failed", "created"):
+        assert word in result.stdout
+
+
+def test_list_json_filters(database_url: str, seeded: dict[str, str]) -> None:
+    result = invoke("list", "--json", "--database-url", database_url)
+    rows = json.loads(result.stdout)
+    assert [r["id"] for r in rows] == ["cli-failed", "cli-running"]
+    assert set(rows[0]) >= {"id", "name", "status", "created_at", "updated_at"}
+    datetime.fromisoformat(rows[0]["created_at"])
+    failed = json.loads(
+        invoke("list", "--json", "--status", "failed", "--database-url", database_url).stdout
+    )
+    assert [r["id"] for r in failed] == ["cli-failed"]
+    named = json.loads(
+        invoke("list", "--json", "--name", "orders.fulfill", "--database-url", database_url).stdout
+    )
+    assert [r["id"] for r in named] == ["cli-running"]
+    newest = json.loads(
+        invoke("list", "--json", "--limit", "1", "--database-url", database_url).stdout
+    )
+    assert [r["id"] for r in newest] == ["cli-failed"]
+
+
+def test_options_read_the_environment(database_url: str, seeded: dict[str, str]) -> None:
+    result = invoke(
+        "list", DURABLE_DATABASE_URL=database_url, DURABLE_LIST_JSON="1", DURABLE_LIST_LIMIT="1"
+    )
+    assert [r["id"] for r in json.loads(result.stdout)] == ["cli-failed"]
+
+
+def test_show_json(database_url: str, seeded: dict[str, str]) -> None:
+    result = invoke("show", "cli-running", "--json", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    assert set(run) >= {"id", "name", "status", "result", "error", "steps", "events"}
+    assert (run["id"], run["name"], run["status"], run["events"]) == (
+        "cli-running", "orders.fulfill", "running", {},
+    )  # fmt: skip
+    assert run["args"] == ["o-1"]
+    first, second = run["steps"]
+    assert set(first) >= {"seq", "name", "status", "attempts", "result", "error"}
+    assert (first["seq"], first["name"], first["status"]) == (1, "tasks.charge", "completed")
+    assert (first["attempts"], first["result"], first["error"]) == (1, {"txn": "t-1"}, None)
+    datetime.fromisoformat(first["completed_at"])
+    assert (second["name"], second["status"], second["result"]) == ("tasks.ship", "started", None)
+    events = [h["event"] for h in run["history"]]
+    assert events[0] == "started"
+    assert {"step scheduled", "step started", "step completed"} <= set(events)
+    datetime.fromisoformat(run["history"][0]["at"])
+
+    failed = json.loads(
+        invoke("show", "cli-failed", "--json", "--database-url", database_url).stdout
+    )
+    assert (failed["status"], failed["error"], failed["steps"]) == (
+        "failed",
+        "ValueError: boom",
+        [],
+    )
+
+
+def test_show_text(database_url: str, seeded: dict[str, str]) -> None:
+    result = invoke("show", "cli-running", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    for word in ("cli-running", "orders.fulfill", "steps", "tasks.charge", "t-1", "timeline"):
+        assert word in result.stdout
+    assert "step completed" in result.stdout
+    failed = invoke("show", "cli-failed", "--database-url", database_url)
+    assert "ValueError: boom" in failed.stdout
+
+
+def test_show_unknown_id(database_url: str) -> None:
+    result = invoke("show", "no-such-run", "--database-url", database_url)
+    assert result.exit_code == 1
+    assert "no-such-run" in one_line_error(result)
+    assert result.stdout == ""
+
+
+def test_unreachable_database() -> None:
+    result = invoke("list", "--database-url", UNREACHABLE)
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert "postgresql://nobody:***@127.0.0.1:1/x" in line
+    assert "refused" in line.lower()
+    assert "secret" not in line
+
+
+def test_malformed_database_url() -> None:
+    result = invoke("list", "--database-url", "postgresql://nobody:secret@host:port/x")
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert "nobody:***@host" in line
+    assert "secret" not in line
+
+
+def test_no_database_url() -> None:
+    result = invoke("list")
+    assert result.exit_code == 1
+    assert "DURABLE_DATABASE_URL" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("--args", "[1,", "not valid JSON"),
+        ("--args", '{"a": 1}', "must be a JSON array"),
+        ("--kwargs", "[1]", "must be a JSON object"),
+        ("--kwargs", '{"workflow_id": "x"}', "cannot pass workflow_id"),
+    ],
+)
+def test_start_rejects_bad_json(option: str, value: str, reason: str) -> None:
+    result = invoke("start", "cli.greet", option, value)
+    assert result.exit_code == 2
+    line = one_line_error(result)
+    assert option in line
+    assert reason in line
+
+
+def test_start_prints_the_id(database_url: str) -> None:
+    args = ("start", "cli.greet", "--app", "tests.cli_app", "--args", '["ann"]')
+    result = invoke(*args, "--kwargs", '{"punctuation": "?"}')
+    assert result.exit_code == 0, result.output
+    workflow_id = result.stdout.strip()
+    assert result.stdout == f"{workflow_id}\n"
+    with store_engine.autocommit(normalise_database_url(database_url)).connect() as conn:
+        row = runs.get_run(conn, workflow_id)
+    assert row is not None
+    assert (row.name, row.args, row.kwargs) == ("cli.greet", ["ann"], {"punctuation": "?"})
+
+    for _ in range(2):  # idempotent by id
+        again = invoke("start", "cli.greet", "--id", "cli-fixed", DURABLE_APP="tests.cli_app")
+        assert again.stdout == "cli-fixed\n"
+
+
+def test_start_unknown_workflow(database_url: str) -> None:
+    result = invoke("start", "no.such.workflow", "--app", "tests.cli_app")
+    assert result.exit_code == 1
+    assert "unknown workflow" in one_line_error(result)
+
+
+def test_store_commands_can_use_the_app(database_url: str, seeded: dict[str, str]) -> None:
+    result = invoke("list", "--json", DURABLE_APP="tests.cli_app")
+    assert "cli-running" in {r["id"] for r in json.loads(result.stdout)}
+
+
+def test_app_specs(database_url: str) -> None:
+    found = load_durable("tests.cli_app")
+    assert load_durable("tests.cli_app:app") is found
+    assert load_durable("tests.cli_app:durable") is found
+    for bad in ("tests.no_such_module", "tests.cli_app:nothing", "tests.cli_app:PREFIX"):
+        with pytest.raises(ConfigurationError):
+            load_durable(bad)
+
+
+def test_beat_stops_on_sigterm(database_url: str) -> None:
+    env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
+    command = [sys.executable, "-m", "durable.cli", "beat", "--app", "tests.cli_app"]
+    proc = subprocess.Popen(
+        [*command, "--sweep-interval", "0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        deadline = time.monotonic() + 20
+        # The first sweep marks the (empty) timer index as built: the beat is looping.
+        while not client.exists(f"{PREFIX}:timers:built"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "beat never swept"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert "durable beat started" in stderr
+    assert "durable beat stopped" in stderr
+    assert "Traceback" not in stderr
