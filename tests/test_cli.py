@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -294,3 +295,12 @@ def test_beat_stops_on_sigterm(database_url: str) -> None:
     assert "durable beat started" in stderr
     assert "durable beat stopped" in stderr
     assert "Traceback" not in stderr
+
+
+def test_cli_reference_is_current() -> None:
+    spec = importlib.util.spec_from_file_location("gen_cli", ROOT / "docs" / "gen_cli.py")
+    assert spec is not None and spec.loader is not None
+    gen_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_cli)
+    written = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert written == gen_cli.render(), "docs/cli.md is stale: run python docs/gen_cli.py"
