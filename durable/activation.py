@@ -44,8 +44,7 @@ def activate(
     for _ in range(MAX_REPLAYS):
         activation, leased = leased, None
         if activation is None:
-            with durable.connect() as conn:
-                activation = runs.acquire(conn, workflow_id, owner, ttl)
+            activation = durable.store(lambda c: runs.acquire(c, workflow_id, owner, ttl))
         if activation is None:
             return "busy-or-finished"
         durable.heartbeat.hold()
@@ -71,12 +70,13 @@ def activate(
 def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> bool:
     """Give the lease back, writing the new step (if any) in the same statement."""
     pending = effects.schedule
-    with durable.connect() as conn:
-        if pending is None:
-            return runs.release(conn, effects.workflow_id, owner, wake_seq)
-        _, released = step_queries.schedule_step(
-            conn,
-            effects.workflow_id,
+    wid = effects.workflow_id
+    if pending is None:
+        return durable.store(lambda c: runs.release(c, wid, owner, wake_seq))
+    _, released = durable.store(
+        lambda c: step_queries.schedule_step(
+            c,
+            wid,
             pending.seq,
             pending.name,
             pending.args,
@@ -85,7 +85,8 @@ def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> b
             release_owner=owner,
             wake_seq=wake_seq,
         )
-        return released
+    )
+    return released
 
 
 def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
@@ -112,8 +113,8 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
     except Exception as exc:
         error = describe_exception(exc)
     status = "completed" if error is None else "failed"
-    with durable.connect() as conn:
-        runs.finish(conn, activation.workflow_id, owner, status, result, error)
+    wid = activation.workflow_id
+    durable.store(lambda c: runs.finish(c, wid, owner, status, result, error))
     if error:
         log.warning("durable: workflow %s failed: %s", activation.workflow_id, error)
     return status, ctx.effects

@@ -38,6 +38,7 @@ STEP_TASK = "durable.step"
 ROUTING_KEYS = ("queue", "routing_key", "exchange", "priority")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class Durable:
@@ -120,6 +121,20 @@ class Durable:
         finally:
             conn.close()
 
+    def store(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` on an autocommit connection, retrying if the connection fails.
+
+        ``fn`` must be safe to run twice (every store statement is, by its WHERE clause or
+        ON CONFLICT); after ``connect_retries`` attempts ``StoreUnavailable`` is raised.
+        """
+        url = self.settings.database_url
+
+        def attempt() -> T:
+            with store_engine.autocommit(url).connect() as conn:
+                return fn(conn)
+
+        return store_engine.with_retry(url, attempt, self.settings.connect_retries)
+
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection inside one transaction, committed at the end of the block."""
@@ -133,8 +148,8 @@ class Durable:
             conn.close()
 
     def _renew_leases(self, owner: str) -> int:
-        with self.connect() as conn:
-            return runs.renew_leases(conn, owner, self.settings.lease_ttl.total_seconds())
+        ttl = self.settings.lease_ttl.total_seconds()
+        return self.store(lambda c: runs.renew_leases(c, owner, ttl))
 
     # -- registration -------------------------------------------------------------------------
 
@@ -216,9 +231,8 @@ class Durable:
         args_json = encode(list(args), f"arguments of workflow {name}", limit)
         kwargs_json = encode(kwargs, f"keyword arguments of workflow {name}", limit)
         wid = workflow_id or uuid.uuid4().hex
-        with self.connect() as conn:
-            created = runs.insert_run(conn, wid, name, args_json, kwargs_json)
-            existing = None if created else runs.get_run(conn, wid)
+        created = self.store(lambda c: runs.insert_run(c, wid, name, args_json, kwargs_json))
+        existing = None if created else self.store(lambda c: runs.get_run(c, wid))
         if existing is not None and existing.name != name:
             raise WorkflowIdConflict(wid, existing.name, name)
         if created:
@@ -227,9 +241,8 @@ class Durable:
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
-        with self.connect() as conn:
-            if runs.get_run(conn, workflow_id) is None:
-                raise WorkflowNotFound(workflow_id)
+        if self.store(lambda c: runs.get_run(c, workflow_id)) is None:
+            raise WorkflowNotFound(workflow_id)
         return WorkflowRun(self, workflow_id)
 
     # -- dispatching ----------------------------------------------------------------------
@@ -296,8 +309,7 @@ class WorkflowRun:
         return f"WorkflowRun({self.id!r})"
 
     def _row(self) -> Any:
-        with self._durable.connect() as conn:
-            row = runs.get_run(conn, self.id)
+        row = self._durable.store(lambda c: runs.get_run(c, self.id))
         if row is None:
             raise WorkflowNotFound(self.id)
         return row

@@ -83,8 +83,7 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
     """Run one step message; returns what happened (for logs and tests)."""
     owner = durable.heartbeat.token()
     ttl = durable.settings.lease_ttl.total_seconds()
-    with durable.connect() as conn:
-        claimed = step_queries.claim_step(conn, workflow_id, seq, owner, ttl)
+    claimed = durable.store(lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl))
     if claimed is None:
         log.info("durable: step %s#%s is not scheduled; message ignored", workflow_id, seq)
         return "ignored"
@@ -125,9 +124,9 @@ def _settle(
 ) -> tuple[str, Activation | None]:
     """Commit the outcome; with inline activation also take the workflow's lease."""
     ttl = durable.settings.lease_ttl.total_seconds()
-    with durable.connect() as conn:
-        settled = step_queries.settle_step(
-            conn,
+    settled = durable.store(
+        lambda c: step_queries.settle_step(
+            c,
             claimed.workflow_id,
             claimed.seq,
             result=result,
@@ -136,6 +135,7 @@ def _settle(
             ttl=ttl,
             acquire=durable.settings.inline_activation,
         )
+    )
     if not settled.settled:
         return "superseded", None
     return ("completed" if error is None else "failed"), settled.activation
@@ -152,8 +152,7 @@ def _settle_failure(
     log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, error)
     if delay is None:
         return _settle(durable, claimed, owner, error=error)
-    with durable.connect() as conn:
-        timer = step_queries.schedule_retry(conn, wid, seq, error, delay)
+    timer = durable.store(lambda c: step_queries.schedule_retry(c, wid, seq, error, delay))
     if timer is None:
         return "superseded", None
     durable.index_timers([timer])
