@@ -98,13 +98,9 @@ class Processes:
         return self.start(f"demo-{number}", command)
 
     def start_beat(self) -> Worker:
-        """The durable beat: timers, and re-dispatching the steps of dead workers."""
-        code = (
-            "import logging; logging.basicConfig(level=logging.INFO); "
-            "from config.celery_app import app; from durable import Durable; "
-            "from durable.beat import Beat; Beat(Durable.of(app)).run()"
-        )
-        return self.start("beat", [sys.executable, "-c", code])
+        """``durable beat``: timers, and re-dispatching the steps of dead workers."""
+        command = [sys.executable, "-m", "durable.cli", "beat", "--app", "config.celery_app:app"]
+        return self.start("beat", command)
 
     def owner_of(self, pid: int) -> Worker | None:
         """The started process whose group ``pid`` belongs to."""
