@@ -62,7 +62,8 @@ def normalise_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     if not url.startswith("postgresql+"):
-        raise ConfigurationError(f"database_url must be a PostgreSQL URL, got {url!r}")
+        scheme = url.partition("://")[0] or url[:20]
+        raise ConfigurationError(f"database_url must be a PostgreSQL URL, not {scheme!r}")
     return url
 
 

@@ -133,3 +133,26 @@ def test_missing_database_url_is_a_configuration_error(monkeypatch: Any) -> None
     with pytest.raises(ConfigurationError) as info:
         _ = durable.settings
     assert "DURABLE_DATABASE_URL" in _one_line(info.value)
+
+
+def test_store_without_tables_says_to_upgrade(services: Any, redis_url: str, prefix: str) -> None:
+    from durable.devservices import create_database, drop_database
+
+    name = f"durable_empty_{prefix}"
+    url = create_database(services.database_url, name)
+    try:
+        app = Celery("empty", broker=redis_url, set_as_current=False)
+        durable = Durable(app, database_url=url, redis_url=redis_url)
+
+        @durable.workflow("wf.empty")
+        def wf(ctx: Any) -> None:
+            return None
+
+        with pytest.raises(ConfigurationError) as info:
+            durable.start("wf.empty")
+        assert "run `durable db upgrade`" in _one_line(info.value)
+    finally:
+        from durable.store import engine as store_engine
+
+        store_engine.dispose_all()
+        drop_database(services.database_url, name)

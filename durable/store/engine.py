@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
-from durable.errors import StoreUnavailable
+from durable.errors import ConfigurationError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -74,6 +74,12 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
             return fn()
         except OperationalError as exc:
             last = exc
+        except ProgrammingError as exc:
+            if getattr(getattr(exc, "orig", None), "sqlstate", None) == "42P01":
+                raise ConfigurationError(
+                    f"the durable tables are missing in {redact(url)}: run `durable db upgrade`"
+                ) from None
+            raise
         except DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise

@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic.config import Config
 
 from alembic import command
+from durable.config import normalise_database_url
 from durable.errors import ConfigurationError
 
 VERSION_TABLE = "durable_alembic_version"
@@ -30,5 +31,5 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the store's schema to ``revision``."""
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the store's schema to ``revision``; ``postgresql://`` URLs are accepted."""
+    command.upgrade(alembic_config(normalise_database_url(database_url)), revision)
