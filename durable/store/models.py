@@ -8,6 +8,8 @@ Tables (all prefixed ``durable_``):
 - ``timers``: durable timers (sleeps and retry back-offs); PostgreSQL is the truth, the Redis
   sorted set only an index.
 - ``history``: append-only events that ``durable show`` renders.
+- ``signals``: data pushed into a run from outside, consumed once, oldest first.
+- ``events``: key/value state a run publishes (``ctx.set_event``), read from outside.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -70,10 +73,24 @@ class Workflow(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # A child run knows its parent and the parent's position waiting for it.
+    parent_id: Mapped[str | None] = mapped_column(Text)
+    parent_seq: Mapped[int | None] = mapped_column(Integer)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # The position at which the cancellation was delivered, so that replay delivers it there.
+    cancelled_at_seq: Mapped[int | None] = mapped_column(Integer)
+    # Change ids that ``ctx.patched`` found new code for in this run.
+    patches: Mapped[Any | None] = mapped_column(JSONB)
+    deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
         Index("ix_durable_workflows_name", "name"),
+        Index(
+            "ix_durable_workflows_parent_id",
+            "parent_id",
+            postgresql_where=text("parent_id IS NOT NULL"),
+        ),
         Index(
             "ix_durable_workflows_lease_owner",
             "lease_owner",
@@ -112,6 +129,8 @@ class Step(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     completed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Start-to-close limit of the current attempt (``ctx.step(..., timeout=...)``).
+    deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (
         Index(
@@ -165,7 +184,48 @@ class HistoryEvent(Base):
     __table_args__ = (Index("ix_durable_history_workflow_id_id", "workflow_id", "id"),)
 
 
+class Signal(Base):
+    """A signal sent to a run; consumed by one ``wait_for_signal`` position, oldest first."""
+
+    __tablename__ = "durable_signals"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("durable_workflows.id", ondelete="CASCADE")
+    )
+    name: Mapped[str] = mapped_column(Text)
+    payload: Mapped[Any | None] = mapped_column(JSONB)
+    sent_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+    consumed_seq: Mapped[int | None] = mapped_column(Integer)
+    consumed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        Index(
+            "ix_durable_signals_unconsumed",
+            "workflow_id",
+            "name",
+            "id",
+            postgresql_where=text("consumed_seq IS NULL"),
+        ),
+    )
+
+
+class Event(Base):
+    """A key a run publishes with ``ctx.set_event``; the latest value wins."""
+
+    __tablename__ = "durable_events"
+
+    workflow_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("durable_workflows.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[Any | None] = mapped_column(JSONB)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+
+
 workflows = Workflow.__table__
 steps = Step.__table__
 timers = Timer.__table__
 history = HistoryEvent.__table__
+signals = Signal.__table__
+events = Event.__table__
