@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 
-from alembic import command
 from durable.config import normalise_database_url
 from durable.errors import ConfigurationError
 
