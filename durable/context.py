@@ -112,6 +112,8 @@ class WorkflowContext:
         self._uuid_count = 0
         self.workflow_id = activation.workflow_id
         """The id of the running workflow."""
+        self.app = durable.app
+        """The Celery app (for building signatures by name)."""
         self.effects = Effects(activation.workflow_id)
 
     # -- deterministic helpers -------------------------------------------------------------

@@ -13,7 +13,7 @@ from celery import Celery
 from sqlalchemy import Connection
 
 from durable import activation as activation_mod
-from durable import worker
+from durable import builtins, worker
 from durable.config import Settings, load_settings
 from durable.context import Effects
 from durable.errors import (
@@ -76,6 +76,7 @@ class Durable:
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
         self._register_tasks()
+        builtins.register(self)
         app._durable = self  # type: ignore[attr-defined]
 
     @classmethod

@@ -266,3 +266,14 @@ def test_result_timeout_is_a_timeout_error(durable: Durable) -> None:
         run.result(timeout=0.2)
     assert isinstance(info.value, TimeoutError)
     assert run.status() == "running"
+
+
+def test_builtin_task_workflow_runs_a_task_by_name(
+    app: Celery, durable: Durable, worker: Any
+) -> None:
+    @app.task(name="t.mul", shared=False)
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    run = durable.start("durable.task", "t.mul", [6, 7], workflow_id="builtin-1")
+    assert run.result(timeout=20) == 42

@@ -1,0 +1,33 @@
+"""Workflows every ``Durable`` registers: a plain Celery task run durably as one step.
+
+``durable.task`` lets a schedule (or a migrated ``beat_schedule`` entry) start any Celery task
+by name, checkpointed and retried like any other step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from durable.context import WorkflowContext
+
+if TYPE_CHECKING:
+    from durable.runtime import Durable
+
+TASK_WORKFLOW = "durable.task"
+
+
+def run_task(
+    ctx: WorkflowContext,
+    task: str,
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Run the Celery task named ``task`` as the workflow's single step; return its result."""
+    signature = ctx.app.signature(task, args=args or [], kwargs=kwargs or {}, **(options or {}))
+    return ctx.step(signature)
+
+
+def register(durable: Durable) -> None:
+    """Register the built-in workflows on ``durable``."""
+    durable.workflow(TASK_WORKFLOW)(run_task)
