@@ -245,6 +245,27 @@ def test_start_prints_the_id(database_url: str) -> None:
         assert again.stdout == "cli-fixed\n"
 
 
+def test_start_registers_the_workflows_the_app_includes(database_url: str) -> None:
+    # config.celery_app defines no workflow itself: orders.fulfill is in a module it includes,
+    # which a worker imports at start-up, and so must the command.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "CELERY_"))}
+    env.update(
+        DURABLE_DATABASE_URL=database_url,
+        DURABLE_REDIS_URL=REDIS_URL,
+        DURABLE_KEY_PREFIX=PREFIX,
+        CELERY_KEY_PREFIX=f"{PREFIX}:",
+    )
+    command = [sys.executable, "-m", "durable.cli", "start", "orders.fulfill"]
+    options = ["--app", "config.celery_app:app", "--id", "cli-include", "--args", '["o-1"]']
+    done = subprocess.run(
+        [*command, *options], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "cli-include\n", "")
+    with store_engine.autocommit(normalise_database_url(database_url)).connect() as conn:
+        row = runs.get_run(conn, "cli-include")
+    assert row is not None and row.name == "orders.fulfill"
+
+
 def test_start_unknown_workflow(database_url: str) -> None:
     result = invoke("start", "no.such.workflow", "--app", "tests.cli_app")
     assert result.exit_code == 1

@@ -1,0 +1,63 @@
+"""The ``durable`` admin command: migrate the store, run the beat, start and inspect runs.
+
+Each command parses its options, calls the library, and prints a rich table or ``--json``.
+Every option can also be set from the environment: ``--app`` and ``--database-url`` read
+``DURABLE_APP`` and ``DURABLE_DATABASE_URL`` wherever they appear; any other option reads
+``DURABLE_<COMMAND>_<OPTION>`` (``durable list --limit`` reads ``DURABLE_LIST_LIMIT``).
+
+A failing command prints one line, ``durable: <reason>``, on stderr and exits 1; a command
+given bad options or arguments exits 2 the same way.
+
+One module per concept: ``_common`` (options, loading the app, reaching the store, output),
+``db``, ``beat``, ``runs``; this module holds the group and registers their commands.
+"""
+
+from __future__ import annotations
+
+import click
+
+from durable.cli._common import (
+    DurableGroup,
+    Globals,
+    app_option,
+    database_option,
+    given,
+    load_durable,
+)
+from durable.cli.beat import beat
+from durable.cli.db import db
+from durable.cli.runs import describe_run, list_command, render_run, show, start
+
+__all__ = ["cli", "describe_run", "load_durable", "main", "render_run"]
+
+
+@click.group(
+    cls=DurableGroup,
+    context_settings={"auto_envvar_prefix": "DURABLE", "help_option_names": ["-h", "--help"]},
+)
+@app_option
+@database_option
+@click.version_option(package_name="celery-durable", prog_name="durable")
+@click.pass_context
+def cli(ctx: click.Context, app: str | None, database_url: str | None) -> None:
+    """Operate durable: migrate the store, run the beat, start and inspect workflow runs.
+
+    Commands that only read or write the store need --database-url (or DURABLE_DATABASE_URL);
+    commands that start work need the app (--app module:attr or DURABLE_APP).
+    """
+    ctx.obj = Globals(app, database_url, given(ctx, "database_url"))
+
+
+cli.add_command(db)
+cli.add_command(beat)
+cli.add_command(start)
+cli.add_command(list_command)
+cli.add_command(show)
+# `durable schedule ...` is registered here, by the scheduler's own module:
+#     from durable.cli.schedule import schedule
+#     cli.add_command(schedule)
+
+
+def main() -> None:
+    """Entry point of the ``durable`` console script."""
+    cli.main(prog_name="durable")

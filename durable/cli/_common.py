@@ -1,0 +1,325 @@
+"""What every ``durable`` command shares: options, loading the app, reaching the store, output.
+
+Errors: a :class:`CommandFailed` is printed as one line, ``durable: <reason>``, on stderr and
+exits 1; a :class:`UsageFailed` (bad options or arguments) exits 2 the same way.
+:class:`DurableGroup` turns the library's expected errors into these.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+from celery import Celery
+from click.core import ParameterSource
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import Connection
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from durable.config import normalise_database_url
+from durable.errors import ConfigurationError, DurableError
+from durable.runtime import Durable
+from durable.store import engine as store_engine
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATUSES = ("running", "completed", "failed", "cancelled")
+STATUS_STYLES = {
+    "running": "yellow",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+    "scheduled": "cyan",
+    "started": "yellow",
+    "waiting": "blue",
+}
+NO_WRAP = {"id", "#", "at", "created", "updated", "completed", "status", "attempts"}
+PIPED_WIDTH = 160
+
+
+class CommandFailed(click.ClickException):
+    """An error shown as one line, ``durable: <reason>``, on stderr."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+    def show(self, file: Any = None) -> None:
+        """Print the one-line reason on stderr."""
+        click.echo(f"durable: {self.format_message()}", err=True)
+
+
+class UsageFailed(CommandFailed):
+    """Bad options or arguments, shown as one line; exits 2 like click's usage errors."""
+
+    exit_code = 2
+
+
+def _database_error(exc: SQLAlchemyError) -> CommandFailed:
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    hint = (
+        " (has 'durable db upgrade' been run?)" if getattr(orig, "sqlstate", "") == "42P01" else ""
+    )
+    return CommandFailed(f"database error: {first}{hint}")
+
+
+class DurableGroup(click.Group):
+    """A group whose expected failures end in one line on stderr, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand, turning expected errors into :class:`CommandFailed`."""
+        try:
+            return super().invoke(ctx)
+        except CommandFailed:
+            raise
+        except DurableError as exc:
+            raise CommandFailed(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            raise _database_error(exc) from exc
+        except click.UsageError as exc:
+            where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx else ""
+            raise UsageFailed(exc.format_message().rstrip(".") + where) from exc
+
+
+@dataclass(frozen=True)
+class Globals:
+    """The group's options, read by the commands that do not repeat them."""
+
+    app: str | None = None
+    database_url: str | None = None
+    database_url_given: bool = False
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not by default or env)."""
+    return ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def app_option(fn: F) -> F:
+    """The ``--app`` option, also read from ``DURABLE_APP``."""
+    return click.option(
+        "--app",
+        "-A",
+        envvar="DURABLE_APP",
+        show_envvar=True,
+        metavar="MODULE[:ATTR]",
+        help="The Celery app (or Durable instance) to load, as module:attr or module.",
+    )(fn)
+
+
+def database_option(fn: F) -> F:
+    """The ``--database-url`` option, also read from ``DURABLE_DATABASE_URL``."""
+    return click.option(
+        "--database-url",
+        envvar="DURABLE_DATABASE_URL",
+        show_envvar=True,
+        metavar="URL",
+        help="PostgreSQL URL of the store; given on the command line it wins over --app.",
+    )(fn)
+
+
+def json_option(command: str) -> Callable[[F], F]:
+    """The ``--json`` flag of ``command``, also read from ``DURABLE_<COMMAND>_JSON``."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        envvar=f"DURABLE_{command.upper().replace(' ', '_')}_JSON",
+        show_envvar=True,
+        help="Print JSON instead of tables.",
+    )
+
+
+# -- loading the app ------------------------------------------------------------------------
+
+
+def _as_durable(obj: Any, spec: str) -> Durable:
+    if isinstance(obj, Durable):
+        return obj
+    if isinstance(obj, Celery):
+        return Durable.of(obj)
+    raise ConfigurationError(f"{spec!r} is a {type(obj).__name__}, not a Celery app or Durable")
+
+
+def _find_durable(module: Any, module_name: str, attr: str, spec: str) -> Durable:
+    if attr:
+        obj: Any = module
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        return _as_durable(obj, spec)
+    found = {id(v): v for v in vars(module).values() if isinstance(v, Durable)}
+    if len(found) > 1:
+        raise ConfigurationError(f"module {module_name!r} holds several Durable objects; name one")
+    if found:
+        return next(iter(found.values()))
+    for name in ("app", "celery"):
+        if hasattr(module, name):
+            return _as_durable(getattr(module, name), f"{module_name}:{name}")
+    raise ConfigurationError(
+        f"module {module_name!r} has no Durable object nor an 'app' or 'celery' attribute"
+    )
+
+
+def load_durable(spec: str) -> Durable:
+    """Import ``module:attr`` (or ``module``) from the working directory; return its Durable.
+
+    ``attr`` may name a Celery app or a ``Durable`` instance. Given a module alone, the
+    ``Durable`` instance it holds is used, else its attribute ``app`` or ``celery``. The
+    app's own modules (its ``include`` and ``imports``) are imported too, as a worker does,
+    so that the workflows they define are registered.
+
+    Args:
+        spec: ``module:attr`` or ``module``.
+
+    Returns:
+        The ``Durable`` of the app.
+
+    Raises:
+        ConfigurationError: the module, or one the app includes, cannot be imported, or it
+            holds no such app.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise ConfigurationError(f"--app {spec!r}: expected module:attr or module")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from None
+    durable = _find_durable(module, module_name, attr, spec)
+    try:
+        durable.app.loader.import_default_modules()
+    except ImportError as exc:
+        raise ConfigurationError(f"app {spec!r}: cannot import its modules: {exc}") from None
+    return durable
+
+
+def require_app(ctx: click.Context, app: str | None) -> Durable:
+    """The Durable of ``--app`` (the command's or the group's); a usage error without one."""
+    spec = app or (ctx.find_object(Globals) or Globals()).app
+    if not spec:
+        raise click.UsageError("no app: pass --app module:attr or set DURABLE_APP", ctx)
+    return load_durable(spec)
+
+
+# -- reaching the store ---------------------------------------------------------------------
+
+
+def store_url(ctx: click.Context, app: str | None, database_url: str | None) -> tuple[str, int]:
+    """The database URL (and connection attempts) for a command that only needs the store.
+
+    Precedence: ``--database-url`` on the command line, then the app's settings, then
+    ``DURABLE_DATABASE_URL``.
+    """
+    top = ctx.find_object(Globals) or Globals()
+    if database_url and given(ctx, "database_url"):
+        return database_url, 3
+    if top.database_url and top.database_url_given:
+        return top.database_url, 3
+    spec = app or top.app
+    if spec:
+        settings = load_durable(spec).settings
+        return settings.database_url, settings.connect_retries
+    url = database_url or top.database_url
+    if not url:
+        raise ConfigurationError(
+            "no database URL: pass --database-url, set DURABLE_DATABASE_URL, or name the --app"
+        )
+    return url, 3
+
+
+def engine_url(url: str) -> str:
+    """``url`` as SQLAlchemy needs it; a malformed one is reported without its password."""
+    try:
+        target = normalise_database_url(url)
+        make_url(target)
+    except (ConfigurationError, ArgumentError, ValueError):
+        raise ConfigurationError(
+            f"not a valid PostgreSQL URL: {store_engine.redact(url)}"
+        ) from None
+    return target
+
+
+@contextmanager
+def connect(ctx: click.Context, app: str | None, database_url: str | None) -> Iterator[Connection]:
+    """An autocommit connection to the store, retried; ``StoreUnavailable`` names the URL."""
+    url, attempts = store_url(ctx, app, database_url)
+    engine = store_engine.autocommit(engine_url(url))
+    conn = store_engine.with_retry(url, engine.connect, attempts)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as indented JSON, datetimes as ISO-8601 strings."""
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
+
+
+def when(value: datetime | None) -> str:
+    """A time as ``YYYY-MM-DD HH:MM:SS`` in UTC; empty for None."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def compact(value: Any, limit: int = 80) -> str:
+    """A value as short text: strings as they are, anything else as JSON, cut at ``limit``."""
+    if value is None:
+        return ""
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def make_table(*headers: str, title: str | None = None) -> Table:
+    """A table whose short columns never wrap and whose long ones fold, never truncate."""
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, no_wrap=header in NO_WRAP, overflow="fold")
+    return table
+
+
+def console() -> Console:
+    """A console for tables; piped output has no terminal to fit, so rows stay whole."""
+    shown = Console()
+    if not shown.is_terminal and not os.environ.get("COLUMNS"):
+        shown.width = PIPED_WIDTH
+    return shown
+
+
+def status_text(status: str) -> Text:
+    """A status, coloured."""
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def parse_json(value: str, param: click.Parameter | None, kind: type, label: str) -> Any:
+    """``value`` parsed as JSON of type ``kind`` (a ``label``), else a usage error."""
+    try:
+        data = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param=param) from None
+    if not isinstance(data, kind):
+        raise click.BadParameter(f"must be a JSON {label}, not {value!r}", param=param)
+    return data
