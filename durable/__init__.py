@@ -18,6 +18,7 @@ from durable.errors import (
     WorkflowFailed,
     WorkflowIdConflict,
     WorkflowNotFound,
+    WorkflowNotRunning,
 )
 from durable.retry import RetryPolicy
 from durable.runtime import Durable, WorkflowRun
@@ -41,6 +42,7 @@ __all__ = [
     "WorkflowFailed",
     "WorkflowIdConflict",
     "WorkflowNotFound",
+    "WorkflowNotRunning",
     "WorkflowRun",
     "current_step",
 ]

@@ -2,11 +2,11 @@
 
 An activation ends in one of three ways: the workflow function returned or raised (the run
 is finished under the lease), or it reached a position that has not settled (``Suspend``).
-In the last case the lease is released together with ``run_seq := wake_seq``; if anything
-woke the run meanwhile (a step finished while we replayed) the release fails and the
-activation replays again, so no wake-up is lost. Messages are sent only after the writes
-that make them necessary are committed; if sending fails, the recovery sweep of
-``durable beat`` sends them again.
+In the last case the lease is released together with ``run_seq := wake_seq`` (and any new
+steps are written in that same statement); if anything woke the run meanwhile (a step
+finished while we replayed) the release fails and the activation replays again, so no
+wake-up is lost. Messages are sent only after the writes that make them necessary are
+committed; if sending fails, the recovery sweep of ``durable beat`` sends them again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from durable.context import Effects, Suspend, WorkflowContext
-from durable.errors import NonDeterminismError, PayloadError, UnknownWorkflow
+from durable.errors import NonDeterminismError, PayloadError, UnknownWorkflow, WorkflowCancelled
 from durable.serialization import describe_exception, encode
 from durable.store import runs
 from durable.store import steps as step_queries
@@ -68,33 +68,23 @@ def activate(
 
 
 def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> bool:
-    """Give the lease back, writing the new step (if any) in the same statement."""
-    pending = effects.schedule
-    wid = effects.workflow_id
-    if pending is None:
+    """Give the lease back, writing the new steps (if any) in the same statement."""
+    wid, new = effects.workflow_id, effects.schedules
+    if not new:
         return durable.store(lambda c: runs.release(c, wid, owner, wake_seq))
     _, released = durable.store(
-        lambda c: step_queries.schedule_step(
-            c,
-            wid,
-            pending.seq,
-            pending.name,
-            pending.args,
-            pending.kwargs,
-            pending.options,
-            release_owner=owner,
-            wake_seq=wake_seq,
-        )
+        lambda c: step_queries.schedule_steps(c, wid, new, release_owner=owner, wake_seq=wake_seq)
     )
     return released
 
 
 def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
-    ctx = WorkflowContext(durable, activation)
+    ctx = WorkflowContext(durable, activation, owner)
     fn = durable.registry.get(activation.name)
     limit = durable.settings.max_payload_bytes
     result: str | None = None
     error: str | None = None
+    status = "completed"
     try:
         if fn is None:
             raise UnknownWorkflow(activation.name, list(durable.registry))
@@ -108,13 +98,18 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
         # worker that has it take the run, instead of failing it here.
         log.error("durable: %s; activation of %s left for another worker", exc, ctx.workflow_id)
         return "unknown-workflow", ctx.effects
+    except WorkflowCancelled:
+        status, error = "cancelled", "cancelled"
     except (NonDeterminismError, PayloadError) as exc:
-        error = str(exc)
+        status, error = "failed", str(exc)
     except Exception as exc:
-        error = describe_exception(exc)
-    status = "completed" if error is None else "failed"
+        status, error = "failed", describe_exception(exc)
+    if status == "completed" and ctx.cancel_delivered:
+        status, error = "cancelled", "cancelled"  # compensated, then returned
     wid = activation.workflow_id
-    durable.store(lambda c: runs.finish(c, wid, owner, status, result, error))
-    if error:
-        log.warning("durable: workflow %s failed: %s", activation.workflow_id, error)
+    ended = durable.store(lambda c: runs.finish(c, wid, owner, status, result, error))
+    if ended.parent_id:
+        ctx.effects.activations.append(ended.parent_id)
+    if status == "failed":
+        log.warning("durable: workflow %s failed: %s", wid, error)
     return status, ctx.effects

@@ -97,10 +97,7 @@ class Beat:
             fired = timer_queries.fire_timers(conn, ids)
         for timer in fired:
             self.stats.lateness.append(timer.lateness)
-            if timer.kind == "task":
-                self.durable.send_step(timer.workflow_id, timer.seq, timer.name, timer.options)
-            else:
-                self.durable.send_activation(timer.workflow_id)
+            self.durable.after_timer(timer)
         self.stats.timers_fired += len(fired)
         del self.stats.lateness[:-1000]
         return len(fired)
@@ -123,6 +120,7 @@ class Beat:
             owed = recovery.owed_activations(conn, after)
         if overdue:
             self._fire(overdue)
+        durable.enforce_step_deadlines()
         for d in [*expired, *stale]:
             durable.send_step(d.workflow_id, d.seq, d.name, d.options)
         for wid in owed:

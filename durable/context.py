@@ -1,20 +1,26 @@
 """The workflow context: what ``ctx`` is inside a workflow, and how replay works.
 
-Every durable operation a workflow performs (a step, a local step, a sleep) takes the next
-position in its history. On each activation the runtime loads the recorded positions in one
-query and runs the workflow function from the top:
+Every durable operation a workflow performs (a step, a local step, a sleep, a signal wait, an
+event, a child workflow) takes the next position in its history. On each activation the
+runtime loads the recorded positions in one query and runs the workflow function from the
+top:
 
 - a position with a recorded outcome returns it (or raises ``StepFailed``) without running
   anything again;
 - a position recorded but not finished (a step in flight, a sleep not over) suspends the
   activation: the workflow is resumed when that position settles;
-- the first position with no record runs for real: a remote step is committed as
-  ``scheduled`` and dispatched after the activation ends; a local step runs here and its
-  outcome is committed before the workflow goes on; a sleep commits a durable timer. (The
-  scheduled step is written in the same statement that releases the run's lease.)
+- the first position with no record runs for real: a remote step is scheduled (written in
+  the statement that releases the run's lease) and dispatched after the activation ends; a
+  local step runs here and its outcome is committed before the workflow goes on; a sleep
+  commits a durable timer.
 
 A recorded position whose kind or name differs from what the code asks for now raises
 :class:`~durable.errors.NonDeterminismError`, naming both.
+
+Cancellation is delivered at the first position that has not settled once a cancel was
+requested; that position is remembered on the run (``cancelled_at_seq``), so every later
+replay raises :class:`~durable.errors.WorkflowCancelled` at the same place, and the positions
+after it (compensation) run normally.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.canvas import Signature
 
-from durable.errors import NonDeterminismError, StepFailed
+from durable._control import PENDING, Suspend
+from durable.errors import NonDeterminismError, StepFailed, WorkflowCancelled
+from durable.primitives import PrimitivesMixin
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
 from durable.serialization import describe_exception, encode
+from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.worker import StepInfo, step_context
 
@@ -41,12 +50,9 @@ if TYPE_CHECKING:
     from durable.runtime import Durable
     from durable.store.runs import Activation
 
+__all__ = ["Effects", "PendingDispatch", "Suspend", "WorkflowContext"]
 
-class Suspend(BaseException):
-    """Ends an activation at a position that has not settled yet.
-
-    A ``BaseException`` so that a workflow's ``except Exception`` cannot swallow it.
-    """
+ROUTING_OPTIONS = ("queue", "routing_key", "exchange", "priority")
 
 
 @dataclass
@@ -59,24 +65,14 @@ class PendingDispatch:
 
 
 @dataclass
-class PendingSchedule:
-    """A new remote step, written together with the release of the run's lease."""
-
-    seq: int
-    name: str
-    args: str
-    kwargs: str
-    options: str
-
-
-@dataclass
 class Effects:
     """What an activation must write when it ends, and do once that is committed."""
 
     workflow_id: str
-    schedule: PendingSchedule | None = None
+    schedules: list[step_queries.NewStep] = field(default_factory=list)
     dispatches: list[PendingDispatch] = field(default_factory=list)
     timers: list[tuple[int, float]] = field(default_factory=list)
+    activations: list[str] = field(default_factory=list)
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -89,7 +85,13 @@ def _function_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-class WorkflowContext:
+def _seconds(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class WorkflowContext(PrimitivesMixin):
     """The ``ctx`` argument of a workflow function.
 
     Example::
@@ -101,15 +103,21 @@ class WorkflowContext:
             return ctx.step(charge_card, order, retry=RetryPolicy(max_attempts=5))
     """
 
-    def __init__(self, durable: Durable, activation: Activation) -> None:
+    def __init__(self, durable: Durable, activation: Activation, owner: str = "") -> None:
         self._durable = durable
+        self._owner = owner
         self._records: dict[int, dict[str, Any]] = {int(s["seq"]): s for s in activation.steps}
         self._last_recorded = max(self._records, default=0)
         self._seq = 0
-        self._now = activation.created_at
+        self._now: datetime = activation.created_at
         self._seed = hashlib.sha256(activation.workflow_id.encode()).digest()
         self._rng = _random.Random(self._seed)
         self._uuid_count = 0
+        self._cancel_requested = activation.cancel_requested
+        self._cancelled_at = activation.cancelled_at_seq
+        self.cancel_delivered = False
+        self._patches = set(activation.patches)
+        self._patch_memo: dict[str, bool] = {}
         self.workflow_id = activation.workflow_id
         """The id of the running workflow."""
         self.app = durable.app
@@ -136,9 +144,37 @@ class WorkflowContext:
         """A float in [0, 1) from a generator seeded by the workflow id, replayed exactly."""
         return self._rng.random()
 
+    def patched(self, change_id: str) -> bool:
+        """Whether this run takes the new code path of ``change_id`` (Temporal's patching).
+
+        Runs that reached this point before the change was deployed replay the old path
+        (False); runs that reach it under the new code take the new path (True) and remember
+        it. Example::
+
+            if ctx.patched("send-sms"):
+                ctx.step(send_sms, order)      # new code
+            else:
+                ctx.step(send_email, order)    # what in-flight runs recorded
+        """
+        if change_id in self._patch_memo:
+            return self._patch_memo[change_id]
+        if change_id in self._patches:
+            decision = True
+        elif self._seq < self._last_recorded:
+            decision = False  # history goes on past here: it was written by the old code
+        else:
+            wid, owner = self.workflow_id, self._owner
+            self._durable.store(lambda c: run_queries.record_patch(c, wid, owner, change_id))
+            self._patches.add(change_id)
+            decision = True
+        self._patch_memo[change_id] = decision
+        return decision
+
     # -- positions ---------------------------------------------------------------------------
 
-    def _take(self, kind: str, name: str) -> tuple[int, dict[str, Any] | None]:
+    def _take(
+        self, kind: str, name: str, check_cancel: bool = True
+    ) -> tuple[int, dict[str, Any] | None]:
         self._seq += 1
         seq = self._seq
         record = self._records.get(seq)
@@ -146,9 +182,31 @@ class WorkflowContext:
             raise NonDeterminismError(
                 self.workflow_id, seq, f"{kind} {name}", f"{record['kind']} {record['name']}"
             )
+        if check_cancel:
+            self._check_cancel(seq, record)
         if record is not None and record.get("completed_at"):
             self._now = _parse_time(record["completed_at"]) or self._now
         return seq, record
+
+    def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
+        """Deliver a requested cancellation at ``seq`` if that is where it lands."""
+        self._check_cancel(seq, record)
+
+    def _check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
+        """Raise WorkflowCancelled where the cancellation is (or now gets) delivered."""
+        if self.cancel_delivered:
+            return
+        if self._cancelled_at == seq:
+            self.cancel_delivered = True
+            raise WorkflowCancelled(self.workflow_id)
+        if self._cancel_requested and self._cancelled_at is None:
+            if record is not None and record["status"] not in PENDING:
+                return  # settled before the cancel: replays as it happened
+            wid, owner = self.workflow_id, self._owner
+            self._durable.store(lambda c: run_queries.deliver_cancel(c, wid, owner, seq))
+            self._cancelled_at = seq
+            self.cancel_delivered = True
+            raise WorkflowCancelled(self.workflow_id)
 
     def check_end(self) -> None:
         """At the function's return: every recorded position must have been reached."""
@@ -172,6 +230,8 @@ class WorkflowContext:
                 record.get("error") or "",
                 int(record.get("attempts") or 0),
             )
+        if record["status"] == "cancelled":
+            raise WorkflowCancelled(self.workflow_id)
         raise Suspend()
 
     def step(
@@ -180,6 +240,7 @@ class WorkflowContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         local: bool = False,
+        timeout: timedelta | float | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``task`` as the workflow's next step and return its committed result.
@@ -189,7 +250,11 @@ class WorkflowContext:
         worker its routing names. With ``local=True`` any callable runs here, in the
         workflow's own process, without a broker hop, checkpointed the same way.
         ``retry`` sets the retry policy; without it a raising step fails at once. A step
-        with no attempts left raises :class:`~durable.errors.StepFailed`.
+        with no attempts left raises :class:`~durable.errors.StepFailed`. ``timeout`` limits
+        each attempt from start to close (a Celery time limit, and the beat fails an attempt
+        past it even where the pool cannot enforce one); a timed-out attempt counts as failed.
+        ``retry``, ``local`` and ``timeout`` are durable's: a task cannot receive keyword
+        arguments of those names through ``ctx.step``.
         """
         name, call_args, call_kwargs, options = self._describe(task, args, kwargs)
         kind = "local" if local else "task"
@@ -200,40 +265,45 @@ class WorkflowContext:
         if local:
             attempts = int(record["attempts"]) if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)
+        self._schedule(seq, name, call_args, call_kwargs, options, policy, _seconds(timeout))
+        raise Suspend()
+
+    def _schedule(
+        self,
+        seq: int,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        policy: dict[str, Any],
+        timeout: float | None,
+    ) -> None:
+        """Queue a new remote step: written when the activation ends, then sent."""
         limit = self._durable.settings.max_payload_bytes
         options["retry"] = policy
         options["label"] = f"{name}[{self.workflow_id}#{seq}]"
-        # Written by the activation in the statement that releases the lease, then sent.
-        self.effects.schedule = PendingSchedule(
-            seq,
-            name,
-            encode(call_args, f"arguments of step {seq} ({name})", limit),
-            encode(call_kwargs, f"keyword arguments of step {seq} ({name})", limit),
-            encode(options, f"options of step {seq} ({name})", limit),
+        if timeout is not None:
+            options["timeout"] = timeout
+        self.effects.schedules.append(
+            step_queries.NewStep(
+                seq,
+                name,
+                encode(args, f"arguments of step {seq} ({name})", limit),
+                encode(kwargs, f"keyword arguments of step {seq} ({name})", limit),
+                encode(options, f"options of step {seq} ({name})", limit),
+            )
         )
         self.effects.dispatches.append(PendingDispatch(seq, name, options))
-        raise Suspend()
 
     def _describe(
         self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
         if isinstance(task, Signature):
-            options = {
-                k: v
-                for k, v in task.options.items()
-                if k in ("queue", "routing_key", "exchange", "priority")
-            }
-            return (
-                str(task.task),
-                [*task.args, *args],
-                {**task.kwargs, **kwargs},
-                options,
-            )
+            options = {k: v for k, v in task.options.items() if k in ROUTING_OPTIONS}
+            return str(task.task), [*task.args, *args], {**task.kwargs, **kwargs}, options
         if isinstance(task, Task):
             options = {
-                k: getattr(task, k)
-                for k in ("queue", "routing_key", "exchange", "priority")
-                if getattr(task, k, None) is not None
+                k: getattr(task, k) for k in ROUTING_OPTIONS if getattr(task, k, None) is not None
             }
             return str(task.name), list(args), dict(kwargs), options
         if callable(task):
@@ -261,10 +331,12 @@ class WorkflowContext:
             result = encode(value, f"result of step {seq} ({name})", limit)
         except Exception as exc:
             return self._local_failed(seq, name, exc, policy, attempt)
-        with self._durable.connect() as conn:
-            done = step_queries.record_local(
-                conn, self.workflow_id, seq, name, attempt, result, None, "completed"
+        wid = self.workflow_id
+        done = self._durable.store(
+            lambda c: step_queries.record_local(
+                c, wid, seq, name, attempt, result, None, "completed"
             )
+        )
         self._now = done or self._now
         # Hand back what replay will hand back: the JSON round trip of the value.
         return json.loads(result)
@@ -295,13 +367,13 @@ class WorkflowContext:
         ``duration`` is a ``timedelta`` or seconds. The worker is free meanwhile; the timer
         lives in PostgreSQL and ``durable beat`` resumes the workflow when it is due.
         """
-        seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+        seconds = max(_seconds(duration) or 0.0, 0.0)
         seq, record = self._take("sleep", "sleep")
         if record is not None:
             self._settled(seq, record)
             return
-        with self._durable.connect() as conn:
-            timer = step_queries.record_sleep(conn, self.workflow_id, seq, max(seconds, 0.0))
+        wid = self.workflow_id
+        timer = self._durable.store(lambda c: step_queries.record_sleep(c, wid, seq, seconds))
         if timer:
             self.effects.timers.append(timer)
         raise Suspend()

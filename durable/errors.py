@@ -9,6 +9,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── UnknownWorkflow           no workflow is registered under that name
     ├── WorkflowNotFound          no run exists with that id
     ├── WorkflowIdConflict        the id exists for a workflow of another name
+    ├── WorkflowNotRunning        a signal or cancel for a run that has already ended
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
     ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
@@ -76,6 +77,16 @@ class WorkflowIdConflict(DurableError):
         super().__init__(
             f"workflow id {workflow_id!r} belongs to a run of {existing!r}, not {requested!r}"
         )
+
+
+class WorkflowNotRunning(DurableError):
+    """The run has already ended, so it cannot be signalled or cancelled."""
+
+    def __init__(self, workflow_id: str, status: str, action: str) -> None:
+        self.workflow_id = workflow_id
+        self.status = status
+        self.action = action
+        super().__init__(f"cannot {action} workflow {workflow_id!r}: it is already {status}")
 
 
 class NonDeterminismError(DurableError):

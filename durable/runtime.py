@@ -7,13 +7,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
 from sqlalchemy import Connection
 
 from durable import activation as activation_mod
-from durable import builtins, worker
+from durable import builtins, messaging, timeouts, worker
 from durable.config import Settings, load_settings
 from durable.context import Effects
 from durable.errors import (
@@ -29,6 +30,7 @@ from durable.liveness import Heartbeat
 from durable.serialization import encode
 from durable.store import engine as store_engine
 from durable.store import runs
+from durable.store.timers import FiredTimer
 from durable.timers import TimerIndex
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class Durable:
         self._overrides = {"database_url": database_url, "redis_url": redis_url, **settings}
         self._settings: Settings | None = None
         self.registry: dict[str, Callable[..., Any]] = {}
+        self.execution_timeouts: dict[str, float | None] = {}
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
         self._register_tasks()
@@ -154,7 +157,9 @@ class Durable:
 
     # -- registration -------------------------------------------------------------------------
 
-    def workflow(self, name: str | None = None) -> Callable[[F], F]:
+    def workflow(
+        self, name: str | None = None, *, execution_timeout: timedelta | float | None = None
+    ) -> Callable[[F], F]:
         """Register a function as a workflow under ``name`` (default: module.qualname).
 
         Example::
@@ -167,7 +172,14 @@ class Durable:
         The function receives the workflow context first, then the arguments given to
         :meth:`start`. It must be deterministic: anything that reads the world (time,
         randomness, I/O) belongs in a step or in ``ctx.now()``/``ctx.uuid4()``/``ctx.random()``.
+        With ``execution_timeout`` a run that has not ended that long after its start is
+        failed (``execution timeout exceeded``) and its child workflows cancelled.
         """
+        timeout = (
+            execution_timeout.total_seconds()
+            if isinstance(execution_timeout, timedelta)
+            else execution_timeout
+        )
 
         def register(fn: F) -> F:
             key = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -177,6 +189,7 @@ class Durable:
                 if not (same and existing.__module__ == fn.__module__):
                     raise ValueError(f"workflow name {key!r} is already registered")
             self.registry[key] = fn
+            self.execution_timeouts[key] = timeout
             fn.__durable_name__ = key  # type: ignore[attr-defined]
             return fn
 
@@ -232,7 +245,13 @@ class Durable:
         args_json = encode(list(args), f"arguments of workflow {name}", limit)
         kwargs_json = encode(kwargs, f"keyword arguments of workflow {name}", limit)
         wid = workflow_id or uuid.uuid4().hex
-        created = self.store(lambda c: runs.insert_run(c, wid, name, args_json, kwargs_json))
+        timeout = self.execution_timeouts.get(name)
+        inserted = self.store(
+            lambda c: runs.insert_run(c, wid, name, args_json, kwargs_json, timeout)
+        )
+        created = inserted.created
+        if inserted.timer:
+            self.index_timers([inserted.timer])
         existing = None if created else self.store(lambda c: runs.get_run(c, wid))
         if existing is not None and existing.name != name:
             raise WorkflowIdConflict(wid, existing.name, name)
@@ -245,6 +264,36 @@ class Durable:
         if self.store(lambda c: runs.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
         return WorkflowRun(self, workflow_id)
+
+    # -- talking to running workflows ------------------------------------------------------
+
+    def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
+        """Send signal ``name`` with a JSON ``payload`` to a running workflow.
+
+        Example::
+
+            durable.signal("order-o-1", "shipped", {"carrier": "ups"})
+
+        The signal is stored before this returns, so it survives any crash, and is delivered
+        to the workflow's ``ctx.wait_for_signal(name)`` (now or later), oldest first.
+        Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
+        """
+        messaging.signal(self, workflow_id, name, payload)
+
+    def get_event(self, workflow_id: str, key: str, timeout: float | None = None) -> Any:
+        """The latest value a workflow published with ``ctx.set_event(key, ...)``, or None.
+
+        With ``timeout`` (seconds) wait up to that long for the key to be set.
+        """
+        return messaging.get_event(self, workflow_id, key, timeout)
+
+    def cancel(self, workflow_id: str) -> None:
+        """Cancel a running workflow and its child workflows.
+
+        The workflow receives :class:`WorkflowCancelled` at its next step, sleep or signal
+        wait, may run compensation in ``except``/``finally``, and ends ``cancelled``.
+        """
+        messaging.cancel(self, workflow_id)
 
     # -- dispatching ----------------------------------------------------------------------
 
@@ -273,14 +322,26 @@ class Durable:
             log.exception("durable: could not send %s%r; recovery will resend it", task, args)
 
     def apply_effects(self, effects: Effects) -> None:
-        """After an activation's commits: index its timers, send its step messages."""
+        """After an activation's commits: index its timers, send its messages."""
         if effects.timers:
             self.index_timers(effects.timers)
         for pending in effects.dispatches:
             self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options)
+        for workflow_id in effects.activations:
+            self.send_activation(workflow_id)
+
+    def after_timer(self, timer: FiredTimer) -> None:
+        """Send what a timer fired by ``durable beat`` made due."""
+        timeouts.after_timer(self, timer)
+
+    def enforce_step_deadlines(self) -> int:
+        """Fail the attempts of steps running past their ``timeout`` (run by the beat)."""
+        return timeouts.enforce_step_deadlines(self)
 
     def index_timers(self, timers: list[tuple[int, float]]) -> None:
         """Add committed timers to the Redis index; PostgreSQL sweeps cover a failure here."""
+        if not timers:
+            return
         try:
             for timer_id, fire_at in timers:
                 self.timer_index.add(timer_id, fire_at)

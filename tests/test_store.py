@@ -48,6 +48,7 @@ def test_public_names_are_pinned() -> None:
             "WorkflowFailed",
             "WorkflowIdConflict",
             "WorkflowNotFound",
+            "WorkflowNotRunning",
             "WorkflowRun",
             "current_step",
         ]

@@ -102,3 +102,34 @@ def stale_scheduled_steps(conn: Connection, after: float, limit: int = 200) -> l
 def owed_activations(conn: Connection, after: float, limit: int = 200) -> list[str]:
     """Runs owed an activation for ``after`` seconds with no live lease, marked re-sent."""
     return [r.id for r in conn.execute(_OWED_RUNS, {"after": after, "limit": limit})]
+
+
+# A started step past its start-to-close deadline (``ctx.step(..., timeout=...)``): its
+# attempt has failed, whether or not its worker is alive. Rows are locked for the caller's
+# transaction, which applies the retry policy to each.
+_TIMED_OUT = text(
+    """
+    SELECT st.workflow_id, st.seq, st.name, st.options, st.attempts FROM durable_steps st
+      JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+     WHERE st.status = 'started' AND st.deadline_at < now()
+     ORDER BY st.deadline_at LIMIT :limit
+       FOR UPDATE OF st SKIP LOCKED
+    """
+)
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    """A started step past its deadline."""
+
+    workflow_id: str
+    seq: int
+    name: str
+    options: dict[str, Any]
+    attempts: int
+
+
+def timed_out_steps(conn: Connection, limit: int = 200) -> list[TimedOut]:
+    """Started steps past their deadline, locked until the caller's transaction ends."""
+    rows = conn.execute(_TIMED_OUT, {"limit": limit})
+    return [TimedOut(r.workflow_id, r.seq, r.name, dict(r.options or {}), r.attempts) for r in rows]

@@ -13,26 +13,51 @@ from durable.store.models import workflows
 
 TERMINAL = ("completed", "failed", "cancelled")
 
+# With an execution timeout the run gets a 'deadline' timer (position 0) in the same statement.
 _INSERT = text(
     """
     WITH w AS (
-        INSERT INTO durable_workflows (id, name, status, args, kwargs)
-        VALUES (:id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb))
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at)
+        VALUES (:id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb),
+                now() + make_interval(secs => CAST(:timeout AS float8)))
         ON CONFLICT (id) DO NOTHING
-        RETURNING id
+        RETURNING id, deadline_at
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
+    ), t AS (
+        INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
+        SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
+        RETURNING id, fire_at
     )
-    SELECT count(*) FROM w
+    SELECT (SELECT count(*) FROM w) AS created, (SELECT id FROM t) AS timer_id,
+           (SELECT fire_at FROM t) AS fire_at
     """
 )
 
 
-def insert_run(conn: Connection, workflow_id: str, name: str, args: str, kwargs: str) -> bool:
-    """Create a run (arguments given as JSON text); False when the id already exists."""
-    params = {"id": workflow_id, "name": name, "args": args, "kwargs": kwargs}
-    return bool(conn.execute(_INSERT, params).scalar_one())
+@dataclass(frozen=True)
+class Inserted:
+    """The outcome of :func:`insert_run`."""
+
+    created: bool
+    timer: tuple[int, float] | None
+    """The execution-timeout timer (id, fire time as epoch), to index."""
+
+
+def insert_run(
+    conn: Connection,
+    workflow_id: str,
+    name: str,
+    args: str,
+    kwargs: str,
+    timeout: float | None = None,
+) -> Inserted:
+    """Create a run (arguments as JSON text); ``created`` is False when the id exists."""
+    params = {"id": workflow_id, "name": name, "args": args, "kwargs": kwargs, "timeout": timeout}
+    row = conn.execute(_INSERT, params).one()
+    timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
+    return Inserted(bool(row.created), timer)
 
 
 def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:
@@ -63,11 +88,11 @@ class Activation:
     wake_seq: int
     created_at: datetime
     steps: list[dict[str, Any]]
+    cancel_requested: bool = False
+    cancelled_at_seq: int | None = None
+    patches: tuple[str, ...] = ()
 
 
-# The lease is taken (free, expired, or already ours) and the whole step history read in one
-# statement: replay costs one round trip whatever the number of steps. Step rows are
-# aggregated into a single JSON value so the run's arguments are not repeated per row.
 # The history of a run as one JSON array (replay's whole read), for a run aliased ``w``.
 HISTORY_JSON = """
     (SELECT coalesce(json_agg(json_build_object(
@@ -77,6 +102,14 @@ HISTORY_JSON = """
        FROM durable_steps s WHERE s.workflow_id = w.id)
 """
 
+# The run's columns replay needs, as returned by the statements that lease it.
+RUN_COLUMNS = (
+    "id, name, args, kwargs, wake_seq, created_at, cancel_requested, cancelled_at_seq, patches"
+)
+
+# The lease is taken (free, expired, or already ours) and the whole step history read in one
+# statement: replay costs one round trip whatever the number of steps. Step rows are
+# aggregated into a single JSON value so the run's arguments are not repeated per row.
 _ACQUIRE = text(
     """
     WITH w AS (
@@ -85,9 +118,11 @@ _ACQUIRE = text(
                lease_expires_at = now() + make_interval(secs => :ttl)
          WHERE id = :id AND status = 'running'
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
-        RETURNING id, name, args, kwargs, wake_seq, created_at
+        RETURNING """
+    + RUN_COLUMNS
+    + """
     )
-    SELECT w.id, w.name, w.args, w.kwargs, w.wake_seq, w.created_at, """
+    SELECT w.*, """
     + HISTORY_JSON
     + """ AS steps
       FROM w
@@ -112,6 +147,9 @@ def activation_from_row(row: Any) -> Activation:
         wake_seq=row.wake_seq,
         created_at=row.created_at,
         steps=steps,
+        cancel_requested=bool(row.cancel_requested),
+        cancelled_at_seq=row.cancelled_at_seq,
+        patches=tuple(row.patches or ()),
     )
 
 
@@ -130,6 +168,8 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
     return conn.execute(_RELEASE, params).rowcount == 1
 
 
+# A run's end also settles its parent's position waiting for it (child workflows), in the
+# same statement, so a parent can never miss its child's outcome.
 _FINISH = text(
     """
     WITH w AS (
@@ -137,15 +177,38 @@ _FINISH = text(
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
                finished_at = now(), updated_at = now(), run_seq = wake_seq,
                lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = :id AND lease_owner = :owner AND status = 'running'
-        RETURNING id
+         WHERE id = :id AND (lease_owner = :owner OR :owner = '') AND status = 'running'
+        RETURNING id, parent_id, parent_seq
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, :status, jsonb_build_object('error', CAST(:error AS text)) FROM w
+    ), p AS (
+        UPDATE durable_steps st
+           SET status = CASE WHEN :status = 'completed' THEN 'completed' ELSE 'failed' END,
+               result = CAST(:result AS jsonb),
+               error = CASE WHEN :status = 'completed' THEN NULL
+                            ELSE :status || ': ' || coalesce(:error, '') END,
+               completed_at = now()
+          FROM w
+         WHERE st.workflow_id = w.parent_id AND st.seq = w.parent_seq AND st.status = 'waiting'
+        RETURNING st.workflow_id
+    ), pw AS (
+        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
+         WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
+        RETURNING id
     )
-    SELECT count(*) FROM w
+    SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id
     """
 )
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The outcome of :func:`finish`."""
+
+    finished: bool
+    parent_id: str | None
+    """A parent woken by this child's end: send it an activation."""
 
 
 def finish(
@@ -155,10 +218,144 @@ def finish(
     status: str,
     result: str | None = None,
     error: str | None = None,
-) -> bool:
-    """End the run as completed or failed (result as JSON text); False if not ours."""
+) -> Finished:
+    """End the run (completed, failed or cancelled; result as JSON text) under its lease.
+
+    ``owner=""`` ends it whoever holds the lease (an execution timeout does that).
+    """
     params = {"id": workflow_id, "owner": owner, "status": status, "result": result, "error": error}
-    return bool(conn.execute(_FINISH, params).scalar_one())
+    row = conn.execute(_FINISH, params).one()
+    return Finished(bool(row.finished), row.parent_id)
+
+
+# Cancelling a run cancels its descendants too (child workflows): each gets the flag and a
+# wake-up; replay delivers WorkflowCancelled at the first position that has not settled.
+_CANCEL = text(
+    """
+    WITH RECURSIVE tree AS (
+        SELECT id FROM durable_workflows WHERE id = :id AND status = 'running'
+        UNION
+        SELECT c.id FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
+         WHERE c.status = 'running'
+    ), w AS (
+        UPDATE durable_workflows
+           SET cancel_requested = true, wake_seq = wake_seq + 1, woken_at = now()
+         WHERE id IN (SELECT id FROM tree) AND NOT cancel_requested
+        RETURNING id
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT id, 'cancel requested', jsonb_build_object('by', CAST(:id AS text)) FROM w
+    )
+    SELECT id FROM w
+    """
+)
+
+
+def request_cancel(conn: Connection, workflow_id: str) -> list[str]:
+    """Flag the run and its running descendants as cancelled; returns the runs to activate."""
+    return [r.id for r in conn.execute(_CANCEL, {"id": workflow_id})]
+
+
+_DELIVER_CANCEL = text(
+    """
+    WITH w AS (
+        UPDATE durable_workflows SET cancelled_at_seq = :seq
+         WHERE id = :id AND lease_owner = :owner AND cancelled_at_seq IS NULL
+        RETURNING id
+    ), s AS (
+        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
+         WHERE workflow_id = :id AND seq = :seq AND EXISTS (SELECT 1 FROM w)
+           AND (status IN ('waiting', 'ready') OR (kind = 'task' AND status = 'scheduled'))
+        RETURNING seq
+    ), t AS (
+        UPDATE durable_timers SET fired_at = now()
+         WHERE workflow_id = :id AND seq = :seq AND fired_at IS NULL
+           AND EXISTS (SELECT 1 FROM w)
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event)
+        SELECT id, :seq, 'cancelled' FROM w
+    )
+    SELECT count(*) FROM w
+    """
+)
+
+
+def deliver_cancel(conn: Connection, workflow_id: str, owner: str, seq: int) -> bool:
+    """Record that cancellation reached the run at position ``seq``.
+
+    A position that has not started (a sleep, a signal wait, a step not yet claimed) is marked
+    ``cancelled`` so nothing runs it; a step already running finishes and its result is kept.
+    """
+    params = {"id": workflow_id, "owner": owner, "seq": seq}
+    return bool(conn.execute(_DELIVER_CANCEL, params).scalar_one())
+
+
+_PATCH = text(
+    """
+    UPDATE durable_workflows
+       SET patches = coalesce(patches, '[]'::jsonb) || jsonb_build_array(CAST(:change AS text))
+     WHERE id = :id AND lease_owner = :owner
+    """
+)
+
+
+def record_patch(conn: Connection, workflow_id: str, owner: str, change_id: str) -> None:
+    """Remember that this run took the new code path of ``change_id``."""
+    conn.execute(_PATCH, {"id": workflow_id, "owner": owner, "change": change_id})
+
+
+_CHILD = text(
+    """
+    WITH c AS (
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
+                                       cancel_requested)
+        SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
+               :seq, p.cancel_requested
+          FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id
+    ), s AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, options, started_at)
+        SELECT :id, :seq, 'child', :name, 'waiting',
+               jsonb_build_object('child', CAST(:child AS text)), now()
+          FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
+        ON CONFLICT (workflow_id, seq) DO NOTHING
+        RETURNING seq
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT :id, :seq, 'child started', jsonb_build_object('child', CAST(:child AS text))
+          FROM s
+    ), ch AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text),
+                                                 'parent', CAST(:id AS text)) FROM c
+    )
+    SELECT (SELECT count(*) FROM c) AS created, (SELECT count(*) FROM s) AS recorded
+    """
+)
+
+
+def start_child(
+    conn: Connection,
+    workflow_id: str,
+    owner: str,
+    seq: int,
+    child_id: str,
+    name: str,
+    args: str,
+    kwargs: str,
+) -> bool:
+    """Create a child run waited for at the parent's position ``seq``; True if created."""
+    params = {
+        "id": workflow_id,
+        "owner": owner,
+        "seq": seq,
+        "child": child_id,
+        "name": name,
+        "args": args,
+        "kwargs": kwargs,
+    }
+    return bool(conn.execute(_CHILD, params).one().created)
 
 
 _WAKE = text(

@@ -13,21 +13,23 @@ from typing import Any
 from sqlalchemy import Connection, Row, select, text
 
 from durable.store.models import steps
-from durable.store.runs import HISTORY_JSON, Activation, activation_from_row
+from durable.store.runs import HISTORY_JSON, RUN_COLUMNS, Activation, activation_from_row
 
+# New remote steps (one, or a parallel batch) are written in the statement that releases the
+# run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}.
 _SCHEDULE = text(
     """
     WITH s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
                                    dispatched_at, dispatch_count)
-        VALUES (:wid, :seq, 'task', :name, 'scheduled', CAST(:args AS jsonb),
-                CAST(:kwargs AS jsonb), CAST(:options AS jsonb), now(), 1)
+        SELECT :wid, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options, now(), 1
+          FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
         ON CONFLICT (workflow_id, seq) DO NOTHING
-        RETURNING workflow_id, seq
+        RETURNING workflow_id, seq, name
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', CAST(:name AS text))
-          FROM s
+        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM s
     ), r AS (
         UPDATE durable_workflows
            SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq,
@@ -40,37 +42,54 @@ _SCHEDULE = text(
 )
 
 
-def schedule_step(
+@dataclass(frozen=True)
+class NewStep:
+    """A remote step to schedule; arguments and options already encoded as JSON text."""
+
+    seq: int
+    name: str
+    args: str
+    kwargs: str
+    options: str
+
+    def as_json(self) -> str:
+        """The step as one JSON object, embedding the encoded parts as they are."""
+        return (
+            f'{{"seq":{self.seq},"name":{json.dumps(self.name)},"args":{self.args},'
+            f'"kwargs":{self.kwargs},"options":{self.options}}}'
+        )
+
+
+def schedule_steps(
     conn: Connection,
     wid: str,
-    seq: int,
-    name: str,
-    args: str,
-    kwargs: str,
-    options: str,
+    new: list[NewStep],
     *,
     release_owner: str | None = None,
     wake_seq: int = 0,
-) -> tuple[bool, bool]:
-    """Record a remote step as scheduled (JSON text arguments).
+) -> tuple[int, bool]:
+    """Record remote steps as scheduled.
 
     With ``release_owner`` the same statement releases the run's lease as
-    :func:`durable.store.runs.release` does. Returns (scheduled, released): scheduled is
-    False if the step already existed, released False if the run was woken meanwhile.
+    :func:`durable.store.runs.release` does. Returns (how many were new, released): released
+    is False if the run was woken meanwhile (replay again).
     """
     params = {
         "wid": wid,
-        "seq": seq,
-        "name": name,
-        "args": args,
-        "kwargs": kwargs,
-        "options": options,
+        "rows": "[" + ",".join(step.as_json() for step in new) + "]",
         "release": release_owner is not None,
         "owner": release_owner or "",
         "wake_seq": wake_seq,
     }
     row = conn.execute(_SCHEDULE, params).one()
-    return bool(row.scheduled), bool(row.released)
+    return int(row.scheduled), bool(row.released)
+
+
+def schedule_step(
+    conn: Connection, wid: str, seq: int, name: str, args: str, kwargs: str, options: str
+) -> bool:
+    """Record one remote step as scheduled (JSON text arguments); False if it existed."""
+    return schedule_steps(conn, wid, [NewStep(seq, name, args, kwargs, options)])[0] == 1
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,9 @@ _CLAIM = text(
     WITH s AS (
         UPDATE durable_steps st
            SET status = 'started', attempts = st.attempts + 1, started_at = now(),
-               lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :ttl)
+               lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :ttl),
+               deadline_at = now() + make_interval(
+                   secs => CAST(st.options ->> 'timeout' AS float8))
           FROM durable_workflows w
          WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
            AND w.id = st.workflow_id AND w.status = 'running'
@@ -133,7 +154,8 @@ _SETTLE = text(
     WITH s AS (
         UPDATE durable_steps
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
-               completed_at = now(), lease_owner = NULL, lease_expires_at = NULL
+               completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+               deadline_at = NULL
          WHERE workflow_id = :wid AND seq = :seq AND status = 'started'
         RETURNING workflow_id, seq, attempts, completed_at
     ), h AS (
@@ -151,10 +173,11 @@ _SETTLE = text(
                                        THEN now() + make_interval(secs => :ttl)
                                        ELSE lease_expires_at END
          WHERE id = :wid AND status = 'running' AND EXISTS (SELECT 1 FROM s)
-        RETURNING id, name, args, kwargs, wake_seq, created_at, lease_owner
+        RETURNING lease_owner, """
+    + RUN_COLUMNS
+    + """
     )
-    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at,
-           w.id, w.name, w.args, w.kwargs, w.wake_seq, w.created_at,
+    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*,
            CASE WHEN w.lease_owner = :owner THEN """
     + HISTORY_JSON
     + """ END AS steps
@@ -233,7 +256,8 @@ _RETRY = text(
     """
     WITH s AS (
         UPDATE durable_steps
-           SET status = 'waiting', error = :error, lease_owner = NULL, lease_expires_at = NULL
+           SET status = 'waiting', error = :error, lease_owner = NULL, lease_expires_at = NULL,
+               deadline_at = NULL
          WHERE workflow_id = :wid AND seq = :seq AND status = :from_status
         RETURNING workflow_id, seq, attempts
     ), t AS (

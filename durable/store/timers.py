@@ -18,7 +18,7 @@ class FiredTimer:
     workflow_id: str
     seq: int
     kind: str
-    """``task``: dispatch the step again; otherwise the workflow was woken: activate it."""
+    """``task``: send the step again; ``deadline``: end the run; else activate the run."""
     name: str
     options: dict[str, Any]
     lateness: float
@@ -26,7 +26,13 @@ class FiredTimer:
 
 # Setting fired_at WHERE fired_at IS NULL is the exactly-once gate: however many beats claim
 # the same id (from Redis, from a sweep, after a rebuild), one UPDATE wins. The same statement
-# moves the step on (sleep done, retry due) and wakes the workflow where replay must run.
+# moves the position on and wakes the workflow where replay must run:
+#   sleep  -> completed (its commit time is the later of now and the due time, so a test that
+#             skips time sees ctx.now() move by the full sleep)
+#   task   -> scheduled again (a retry is due: the beat sends the step)
+#   local  -> ready (a local step's retry is due: replay runs it)
+#   signal -> timeout (the wait raises SignalTimeout on replay)
+# A 'deadline' timer (position 0) is a run's execution timeout; the caller ends the run.
 _FIRE = text(
     """
     WITH t AS (
@@ -35,13 +41,15 @@ _FIRE = text(
         RETURNING id, workflow_id, seq, purpose, fire_at
     ), s AS (
         UPDATE durable_steps st
-           SET status = CASE WHEN st.kind = 'sleep' THEN 'completed'
-                             WHEN st.kind = 'task' THEN 'scheduled' ELSE 'ready' END,
-               completed_at = CASE WHEN st.kind = 'sleep' THEN now() ELSE st.completed_at END,
+           SET status = CASE st.kind WHEN 'sleep' THEN 'completed' WHEN 'task' THEN 'scheduled'
+                                     WHEN 'signal' THEN 'timeout' ELSE 'ready' END,
+               completed_at = CASE WHEN st.kind IN ('sleep', 'signal')
+                                   THEN greatest(now(), t.fire_at) ELSE st.completed_at END,
                dispatched_at = CASE WHEN st.kind = 'task' THEN now() ELSE st.dispatched_at END,
                dispatch_count = st.dispatch_count + CASE WHEN st.kind = 'task' THEN 1 ELSE 0 END
           FROM t
          WHERE st.workflow_id = t.workflow_id AND st.seq = t.seq AND st.status = 'waiting'
+           AND t.purpose <> 'deadline'
         RETURNING st.workflow_id, st.seq, st.kind, st.name, st.options
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
@@ -54,10 +62,12 @@ _FIRE = text(
          WHERE wf.status = 'running'
            AND wf.id IN (SELECT workflow_id FROM s WHERE kind <> 'task')
     )
-    SELECT t.id, s.workflow_id, s.seq, s.kind, s.name, s.options,
+    SELECT t.id, t.workflow_id, t.seq, t.purpose,
+           coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, '') AS name, s.options,
            extract(epoch FROM now() - t.fire_at) AS lateness
-      FROM t JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
-      JOIN durable_workflows wf ON wf.id = s.workflow_id AND wf.status = 'running'
+      FROM t LEFT JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
+      JOIN durable_workflows wf ON wf.id = t.workflow_id AND wf.status = 'running'
+     WHERE s.seq IS NOT NULL OR t.purpose = 'deadline'
     """
 )
 
@@ -79,6 +89,32 @@ def fire_timers(conn: Connection, ids: list[int]) -> list[FiredTimer]:
         )
         for r in rows
     ]
+
+
+_DUE_BY = text(
+    """
+    SELECT id FROM durable_timers
+     WHERE fired_at IS NULL AND fire_at <= now() + make_interval(secs => :ahead)
+       AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
+     ORDER BY fire_at LIMIT :limit
+    """
+)
+
+
+def timers_due_by(
+    conn: Connection, ahead: float, workflow_id: str | None = None, limit: int = 500
+) -> list[int]:
+    """Unfired timers due within ``ahead`` seconds from now (time skipping in tests)."""
+    params = {"ahead": ahead, "wid": workflow_id, "limit": limit}
+    return [int(r.id) for r in conn.execute(_DUE_BY, params)]
+
+
+def next_timer(conn: Connection, workflow_id: str | None = None) -> Any:
+    """Fire time of the earliest unfired timer (of one run, or of all), or None."""
+    query = select(timers.c.fire_at).where(timers.c.fired_at.is_(None))
+    if workflow_id is not None:
+        query = query.where(timers.c.workflow_id == workflow_id)
+    return conn.execute(query.order_by(timers.c.fire_at).limit(1)).scalar()
 
 
 _OVERDUE = text(

@@ -1,0 +1,81 @@
+"""What fired timers and passed deadlines do: steps retried or failed, runs timed out.
+
+Called by ``durable beat`` (and the testing helpers' time skipping) once the PostgreSQL side
+of a timer has fired (see :mod:`durable.store.timers`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from durable.retry import NO_RETRY, retry_delay
+from durable.store import recovery
+from durable.store import runs as run_queries
+from durable.store import steps as step_queries
+from durable.store.timers import FiredTimer
+
+if TYPE_CHECKING:
+    from durable.runtime import Durable
+
+log = logging.getLogger(__name__)
+
+
+def after_timer(durable: Durable, timer: FiredTimer) -> None:
+    """Send what a fired timer made due."""
+    if timer.kind == "task":
+        durable.send_step(timer.workflow_id, timer.seq, timer.name, timer.options)
+    elif timer.kind == "deadline":
+        expire_run(durable, timer.workflow_id)
+    else:
+        durable.send_activation(timer.workflow_id)
+
+
+def expire_run(durable: Durable, workflow_id: str) -> None:
+    """End a run whose execution timeout passed: failed, its children cancelled."""
+    flagged = durable.store(lambda c: run_queries.request_cancel(c, workflow_id))
+    ended = durable.store(
+        lambda c: run_queries.finish(
+            c, workflow_id, "", "failed", None, "execution timeout exceeded"
+        )
+    )
+    log.warning("durable: workflow %s exceeded its execution timeout", workflow_id)
+    for wid in flagged:
+        if wid != workflow_id:
+            durable.send_activation(wid)
+    if ended.parent_id:
+        durable.send_activation(ended.parent_id)
+
+
+def enforce_step_deadlines(durable: Durable) -> int:
+    """Fail the attempts of started steps past their timeout; returns how many."""
+    timers: list[tuple[int, float]] = []
+    woken: list[str] = []
+    with durable.transaction() as conn:
+        for step in recovery.timed_out_steps(conn):
+            _time_out(conn, step, timers, woken)
+            log.warning(
+                "durable: step %s#%s (%s) timed out (attempt %d)",
+                step.workflow_id,
+                step.seq,
+                step.name,
+                step.attempts,
+            )
+    durable.index_timers(timers)
+    for wid in woken:
+        durable.send_activation(wid)
+    return len(woken) + len(timers)
+
+
+def _time_out(
+    conn: Any, step: recovery.TimedOut, timers: list[tuple[int, float]], woken: list[str]
+) -> None:
+    error = f"TimeoutError: attempt {step.attempts} ran past its timeout"
+    policy: dict[str, Any] = step.options.get("retry") or NO_RETRY
+    delay = retry_delay(policy, step.attempts)
+    if delay is not None:
+        timer = step_queries.schedule_retry(conn, step.workflow_id, step.seq, error, delay)
+        if timer:
+            timers.append(timer)
+    elif step_queries.settle_step(conn, step.workflow_id, step.seq, error=error).settled:
+        woken.append(step.workflow_id)
