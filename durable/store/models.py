@@ -10,20 +10,23 @@ Tables (all prefixed ``durable_``):
 - ``history``: append-only events that ``durable show`` renders.
 - ``signals``: data pushed into a run from outside, consumed once, oldest first.
 - ``events``: key/value state a run publishes (``ctx.set_event``), read from outside.
+- ``schedules``: what ``durable beat`` starts when; the next fire, indexed in Redis.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    Interval,
     MetaData,
     Text,
     text,
@@ -229,3 +232,46 @@ timers = Timer.__table__
 history = HistoryEvent.__table__
 signals = Signal.__table__
 events = Event.__table__
+
+
+class Schedule(Base):
+    """A schedule: which workflow ``durable beat`` starts when, and how far firing has got.
+
+    ``next_fire_at`` is the truth of the next fire (the Redis sorted set only indexes it);
+    NULL when the expression never fires again. A fire starts the run
+    ``<name>@<fire time, ISO-8601 UTC>``.
+    """
+
+    __tablename__ = "durable_schedules"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    workflow: Mapped[str] = mapped_column(Text)
+    args: Mapped[Any] = mapped_column(JSONB)
+    kwargs: Mapped[Any] = mapped_column(JSONB)
+    # Exactly one of: a cron expression read in ``timezone``, or an interval whose fires fall
+    # on its multiples since the Unix epoch.
+    cron: Mapped[str | None] = mapped_column(Text)
+    every: Mapped[timedelta | None] = mapped_column(Interval)
+    timezone: Mapped[str] = mapped_column(Text, server_default=text("'UTC'"))
+    catchup: Mapped[str] = mapped_column(Text, server_default=text("'skip'"))
+    overlap: Mapped[str] = mapped_column(Text, server_default=text("'skip'"))
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Who wrote it: 'api' (Python or the CLI), 'crontab' (import-crontab), or 'beat_schedule'
+    # (imported from the Celery config at beat start, and removed when gone from it).
+    origin: Mapped[str] = mapped_column(Text, server_default=text("'api'"))
+    next_fire_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_fire_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # No foreign key: a schedule outlives the runs it started.
+    last_run_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+
+    __table_args__ = (
+        CheckConstraint("(cron IS NULL) <> (every IS NULL)", name="cron_or_every"),
+        CheckConstraint("catchup IN ('skip', 'once', 'all')", name="catchup"),
+        CheckConstraint("overlap IN ('skip', 'allow')", name="overlap"),
+        Index("ix_durable_schedules_due", "next_fire_at", postgresql_where=text("NOT paused")),
+    )
+
+
+schedules = Schedule.__table__
