@@ -1,0 +1,132 @@
+"""The app the benchmark's worker runs: ``celery -A bench.app worker``.
+
+One trivial task, ``bench.add``, is both the link of the plain Celery chain and the step of
+the durable workflow, so the two sides run the same code on the same worker. Its optional
+``notify`` argument names a Redis list to which it pushes the wall-clock time at which it
+ran: the completion signal of the last link or step.
+
+The worker process counts and times the SQL statements durable sends (SQLAlchemy events,
+in-memory counters); the task ``bench.flush`` reports and resets them, and closes the
+process's pooled connections so that PostgreSQL publishes their statistics.
+
+Everything is keyed under ``BENCH_PREFIX``: broker queues, results, durable's Redis keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from types import ModuleType
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from sqlalchemy import Engine, TextClause, event
+
+from durable import Durable
+from durable.store import engine as store_engine
+from durable.store import recovery, runs, steps, timers
+
+PREFIX_ENV = "BENCH_PREFIX"
+STEPS_WORKFLOW = "bench.steps"
+LOCAL_WORKFLOW = "bench.local"
+
+statements: Counter[str] = Counter()
+seconds: Counter[str] = Counter()  # time from sending each statement to its result, summed
+
+
+def _labels(*modules: ModuleType) -> dict[int, str]:
+    """Name each of the store's SQL texts after its module and constant (``runs.acquire``)."""
+    found: dict[int, str] = {}
+    for module in modules:
+        short = module.__name__.rsplit(".", 1)[-1]
+        for name, value in vars(module).items():
+            if isinstance(value, TextClause):
+                found[id(value)] = f"{short}.{name.strip('_').lower()}"
+    return found
+
+
+_LABELS = _labels(runs, steps, recovery, timers)
+
+
+def _label(context: Any, statement: str) -> str:
+    compiled = getattr(getattr(context, "compiled", None), "statement", None)
+    known = _LABELS.get(id(compiled))
+    if known:
+        return known
+    return re.sub(r"\s+", " ", statement).strip()[:48]
+
+
+def count_statements() -> None:
+    """Count and time every statement this process sends through SQLAlchemy, by label."""
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def before(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: Any
+    ) -> None:
+        conn.info["bench_sent"] = time.perf_counter()
+
+    @event.listens_for(Engine, "after_cursor_execute")
+    def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: Any) -> None:
+        label = _label(context, statement)
+        statements[label] += 1
+        seconds[label] += time.perf_counter() - conn.info.pop("bench_sent", time.perf_counter())
+
+
+def increment(x: int) -> int:
+    """The body of a local step."""
+    return x + 1
+
+
+def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durable, Task]:
+    """The app, its tasks and workflows, every Redis key under ``prefix``; returns ``add``."""
+    app = Celery(f"bench-{prefix}", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:"}
+    app.conf.result_backend_transport_options = {"global_keyprefix": f"{prefix}:"}
+    app.conf.result_expires = 600
+    app.conf.task_acks_late = True
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.broker_connection_retry_on_startup = True
+    durable = Durable(app, database_url=database_url, redis_url=redis_url, key_prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="bench.add", shared=False)
+    def add(x: int, y: int, notify: str | None = None) -> int:
+        if notify:
+            client.rpush(notify, repr(time.time()))
+        return x + y
+
+    @app.task(name="bench.flush", shared=False, ignore_result=True)
+    def flush(notify: str) -> None:
+        store_engine.dispose_all()
+        client.rpush(notify, json.dumps({"count": statements, "seconds": seconds}))
+        statements.clear()
+        seconds.clear()
+
+    @durable.workflow(STEPS_WORKFLOW)
+    def chain_of_steps(ctx: Any, n: int, notify: str) -> int:
+        x = 0
+        for _ in range(n - 1):
+            x = ctx.step(add, x, 1)
+        return int(ctx.step(add, x, 1, notify=notify))
+
+    @durable.workflow(LOCAL_WORKFLOW)
+    def local_steps(ctx: Any, n: int) -> int:
+        x = 0
+        for _ in range(n):
+            x = ctx.step(increment, x, local=True)
+        return x
+
+    return app, durable, add
+
+
+if os.environ.get(PREFIX_ENV):
+    count_statements()
+    app, durable, add = build(
+        os.environ["DURABLE_DATABASE_URL"],
+        os.environ["DURABLE_REDIS_URL"],
+        os.environ[PREFIX_ENV],
+    )
