@@ -199,3 +199,51 @@ def test_two_beats_fire_each_timer_once(
     )
     assert len(fired) == 30 and all(r.n == 1 for r in fired)
     assert count(client, prefix, "after") == 30
+
+
+def test_signal_sent_while_every_worker_is_down(crash: Any, prefix: str, database_url: str) -> None:
+    durable, workers, client = crash
+    first = workers.start("first")
+    run = durable.start("crash.wait", workflow_id="sig-down")
+    wait_until(
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM durable_steps WHERE workflow_id = "
+            "'sig-down' AND kind = 'signal' AND status = 'waiting'",
+        ),
+        timeout=30,
+        what="the wait",
+    )
+    workers.kill(first)
+    durable.signal("sig-down", "go", {"approved": True})  # no worker runs at all
+    (stored,) = query(
+        database_url,
+        "SELECT payload, consumed_seq FROM durable_signals WHERE workflow_id = 'sig-down'",
+    )
+    assert (stored.payload, stored.consumed_seq) == ({"approved": True}, None)
+    workers.start("second")
+    assert run.result(timeout=40) == [{"approved": True}, "after"]
+
+
+def test_sigkill_mid_fanout_reruns_only_the_unfinished_steps(
+    crash: Any, prefix: str, database_url: str
+) -> None:
+    durable, workers, client = crash
+    first = workers.start("first", concurrency=2)
+    run = durable.start("crash.fanout", 4, workflow_id="fan-kill")
+    wait_until(
+        lambda: (
+            all(count(client, prefix, f"part-done:{i}") == 1 for i in (1, 2, 3))
+            and count(client, prefix, "part:0") == 1
+        ),
+        timeout=40,
+        what="the fan-out",
+    )
+    workers.kill(first)
+    killed_at = time.monotonic()
+    workers.start("second", concurrency=2)
+    assert run.result(timeout=40) == [0, 10, 20, 30]
+    assert time.monotonic() - killed_at <= 20
+    assert count(client, prefix, "part:0") == 2  # the interrupted one ran again ...
+    assert [count(client, prefix, f"part:{i}") for i in (1, 2, 3)] == [1, 1, 1]  # ... only it
+    assert client.lrange(f"{prefix}:keys:part:0", 0, -1) == ["fan-kill:1", "fan-kill:1"]

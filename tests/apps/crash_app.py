@@ -68,6 +68,22 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
         ctx.sleep(seconds)
         return str(ctx.step(after))
 
+    @app.task(name="crash.part", shared=False)
+    def part(i: int) -> int:
+        """Part 0 runs long the first time; the others finish quickly."""
+        n = record(f"part:{i}")
+        time.sleep(30 if (i == 0 and n == 1) else 0.2)
+        client.incr(f"{prefix}:count:part-done:{i}")
+        return i * 10
+
+    @durable.workflow("crash.fanout")
+    def fanout_workflow(ctx: Any, n: int) -> list[int]:
+        return [int(x) for x in ctx.map(part, range(n))]
+
+    @durable.workflow("crash.wait")
+    def wait_workflow(ctx: Any) -> list[Any]:
+        return [ctx.wait_for_signal("go"), ctx.step(after)]
+
     return app, durable
 
 
