@@ -202,7 +202,7 @@ def test_two_beats_fire_each_timer_once(
 
 
 def test_signal_sent_while_every_worker_is_down(crash: Any, prefix: str, database_url: str) -> None:
-    durable, workers, client = crash
+    durable, workers, _ = crash
     first = workers.start("first")
     run = durable.start("crash.wait", workflow_id="sig-down")
     wait_until(
