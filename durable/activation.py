@@ -44,7 +44,9 @@ def activate(
     for _ in range(MAX_REPLAYS):
         activation, leased = leased, None
         if activation is None:
-            activation = durable.store(lambda c: runs.acquire(c, workflow_id, owner, ttl))
+            activation = durable.store(
+                lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False
+            )
         if activation is None:
             return "busy-or-finished"
         durable.heartbeat.hold()
@@ -69,11 +71,15 @@ def activate(
 
 def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> bool:
     """Give the lease back, writing the new steps (if any) in the same statement."""
+    # Not flushed: if a PostgreSQL crash loses this commit, the run is left owed an activation
+    # (wake_seq > run_seq, lease expiring) and the sweep replays it, scheduling the step again;
+    # a message already sent for a lost step row finds nothing to claim.
     wid, new = effects.workflow_id, effects.schedules
     if not new:
-        return durable.store(lambda c: runs.release(c, wid, owner, wake_seq))
+        return durable.store(lambda c: runs.release(c, wid, owner, wake_seq), flush=False)
     _, released = durable.store(
-        lambda c: step_queries.schedule_steps(c, wid, new, release_owner=owner, wake_seq=wake_seq)
+        lambda c: step_queries.schedule_steps(c, wid, new, release_owner=owner, wake_seq=wake_seq),
+        flush=False,
     )
     return released
 

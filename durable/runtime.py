@@ -125,16 +125,19 @@ class Durable:
         finally:
             conn.close()
 
-    def store(self, fn: Callable[[Connection], T]) -> T:
+    def store(self, fn: Callable[[Connection], T], flush: bool = True) -> T:
         """Run ``fn`` on an autocommit connection, retrying if the connection fails.
 
         ``fn`` must be safe to run twice (every store statement is, by its WHERE clause or
         ON CONFLICT); after ``connect_retries`` attempts ``StoreUnavailable`` is raised.
+        ``flush=False`` does not wait for the commit to reach the disk: only for writes whose
+        loss in a PostgreSQL crash the recovery sweep repairs (a claim, a lease, a schedule),
+        never for a result (see :func:`durable.store.engine.get_engine`).
         """
         url = self.settings.database_url
 
         def attempt() -> T:
-            with store_engine.autocommit(url).connect() as conn:
+            with store_engine.autocommit(url, flush).connect() as conn:
                 return fn(conn)
 
         return store_engine.with_retry(url, attempt, self.settings.connect_retries)
@@ -153,7 +156,7 @@ class Durable:
 
     def _renew_leases(self, owner: str) -> int:
         ttl = self.settings.lease_ttl.total_seconds()
-        return self.store(lambda c: runs.renew_leases(c, owner, ttl))
+        return self.store(lambda c: runs.renew_leases(c, owner, ttl), flush=False)
 
     # -- registration -------------------------------------------------------------------------
 

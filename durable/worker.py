@@ -83,7 +83,12 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
     """Run one step message; returns what happened (for logs and tests)."""
     owner = durable.heartbeat.token()
     ttl = durable.settings.lease_ttl.total_seconds()
-    claimed = durable.store(lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl))
+    # Not flushed: a claim lost in a PostgreSQL crash leaves the step scheduled, and the sweep
+    # sends it again (the body may run twice, under the same idempotency key, as after any
+    # crash). The result below is always flushed before anything moves on.
+    claimed = durable.store(
+        lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl), flush=False
+    )
     if claimed is None:
         log.info("durable: step %s#%s is not scheduled; message ignored", workflow_id, seq)
         return "ignored"

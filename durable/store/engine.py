@@ -16,37 +16,47 @@ from durable.errors import ConfigurationError, StoreUnavailable
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_engines: dict[tuple[int, str], Engine] = {}
+_engines: dict[tuple[int, str, bool], Engine] = {}
 
 
-def get_engine(url: str) -> Engine:
-    """The engine for ``url`` in this process (a forked child gets its own pool)."""
-    key = (os.getpid(), url)
+def get_engine(url: str, flush: bool = True) -> Engine:
+    """The engine for ``url`` in this process (a forked child gets its own pool).
+
+    With ``flush=False`` its sessions run with ``synchronous_commit = off``: a commit returns
+    before its WAL reaches the disk. It is visible to every other session at once, and a
+    PostgreSQL crash can lose only the latest such commits, never half of one, in order.
+    Durable uses it only for writes whose loss the recovery sweep repairs (see
+    ``docs/design.md``), never for a step's result.
+    """
+    key = (os.getpid(), url, flush)
     engine = _engines.get(key)
     if engine is None:
         with _lock:
             engine = _engines.get(key)
             if engine is None:
+                connect_args: dict[str, object] = {"connect_timeout": 5}
+                if not flush:
+                    connect_args["options"] = "-c synchronous_commit=off"
                 engine = create_engine(
                     url,
                     pool_size=5,
                     max_overflow=10,
                     pool_recycle=1800,
-                    connect_args={"connect_timeout": 5},
+                    connect_args=connect_args,
                 )
                 _engines[key] = engine
     return engine
 
 
-def autocommit(url: str) -> Engine:
+def autocommit(url: str, flush: bool = True) -> Engine:
     """An engine whose connections commit each statement on its own (no BEGIN round trip)."""
-    return get_engine(url).execution_options(isolation_level="AUTOCOMMIT")
+    return get_engine(url, flush).execution_options(isolation_level="AUTOCOMMIT")
 
 
 def dispose_all() -> None:
     """Close every pooled connection of this process (tests, shutdown)."""
     with _lock:
-        for (pid, _), engine in list(_engines.items()):
+        for (pid, _, _), engine in list(_engines.items()):
             if pid == os.getpid():
                 engine.dispose()
         _engines.clear()
