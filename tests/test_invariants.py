@@ -205,16 +205,18 @@ def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
 
 def _statements_during(database_url: str, fn: Any) -> list[str]:
     seen: list[str] = []
-    engine = store_engine.get_engine(database_url)
+    engines = [store_engine.get_engine(database_url, flush) for flush in (True, False)]
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", record)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         fn()
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
     return seen
 
 
