@@ -85,6 +85,17 @@ def _function_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
+def _step_name(task: Any) -> str:
+    """The name a step is recorded under, without reading anything else of the task."""
+    if isinstance(task, Signature):
+        return str(task.task)
+    if isinstance(task, Task):
+        return str(task.name)
+    if callable(task):
+        return _function_name(task)
+    raise TypeError(f"ctx.step needs a Celery task, a signature or a callable, got {task!r}")
+
+
 def _seconds(value: timedelta | float | None) -> float | None:
     if value is None:
         return None
@@ -256,12 +267,12 @@ class WorkflowContext(PrimitivesMixin):
         ``retry``, ``local`` and ``timeout`` are durable's: a task cannot receive keyword
         arguments of those names through ``ctx.step``.
         """
-        name, call_args, call_kwargs, options = self._describe(task, args, kwargs)
         kind = "local" if local else "task"
-        seq, record = self._take(kind, name)
-        policy = retry.to_dict() if retry is not None else NO_RETRY
+        seq, record = self._take(kind, _step_name(task))
         if record is not None and not (local and record["status"] == "ready"):
-            return self._settled(seq, record)
+            return self._settled(seq, record)  # replay: nothing else to work out
+        name, call_args, call_kwargs, options = self._describe(task, args, kwargs)
+        policy = retry.to_dict() if retry is not None else NO_RETRY
         if local:
             attempts = int(record["attempts"]) if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)

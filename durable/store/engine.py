@@ -48,9 +48,17 @@ def get_engine(url: str, flush: bool = True) -> Engine:
     return engine
 
 
+_autocommit: dict[tuple[int, str, bool], Engine] = {}
+
+
 def autocommit(url: str, flush: bool = True) -> Engine:
     """An engine whose connections commit each statement on its own (no BEGIN round trip)."""
-    return get_engine(url, flush).execution_options(isolation_level="AUTOCOMMIT")
+    key = (os.getpid(), url, flush)
+    engine = _autocommit.get(key)
+    if engine is None:
+        engine = get_engine(url, flush).execution_options(isolation_level="AUTOCOMMIT")
+        _autocommit[key] = engine
+    return engine
 
 
 def dispose_all() -> None:
@@ -60,6 +68,7 @@ def dispose_all() -> None:
             if pid == os.getpid():
                 engine.dispose()
         _engines.clear()
+        _autocommit.clear()
 
 
 def redact(url: str) -> str:
