@@ -145,6 +145,11 @@ class WorkflowContext(PrimitivesMixin):
         """
         return self._now
 
+    def advance_now(self, moment: datetime | None) -> None:
+        """Move :meth:`now` to ``moment`` if later: workflow time never runs backwards."""
+        if moment is not None and moment > self._now:
+            self._now = moment
+
     def uuid4(self) -> uuid.UUID:
         """A random-looking UUID that replay reproduces exactly."""
         self._uuid_count += 1
@@ -196,7 +201,7 @@ class WorkflowContext(PrimitivesMixin):
         if check_cancel:
             self._check_cancel(seq, record)
         if record is not None and record.get("completed_at"):
-            self._now = _parse_time(record["completed_at"]) or self._now
+            self.advance_now(_parse_time(record["completed_at"]))
         return seq, record
 
     def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
@@ -348,7 +353,7 @@ class WorkflowContext(PrimitivesMixin):
                 c, wid, seq, name, attempt, result, None, "completed"
             )
         )
-        self._now = done or self._now
+        self.advance_now(done)
         # Hand back what replay will hand back: the JSON round trip of the value.
         return json.loads(result)
 
@@ -384,7 +389,8 @@ class WorkflowContext(PrimitivesMixin):
             self._settled(seq, record)
             return
         wid = self.workflow_id
-        timer = self._durable.store(lambda c: step_queries.record_sleep(c, wid, seq, seconds))
+        base = self._now
+        timer = self._durable.store(lambda c: step_queries.record_sleep(c, wid, seq, seconds, base))
         if timer:
             self.effects.timers.append(timer)
         raise Suspend()

@@ -31,13 +31,18 @@ class PrimitivesMixin:
     if TYPE_CHECKING:
         _durable: Durable
         _owner: str
-        _now: datetime
         workflow_id: str
         effects: Effects
 
         def _take(
             self, kind: str, name: str, check_cancel: bool = True
         ) -> tuple[int, dict[str, Any] | None]: ...
+        def now(self) -> datetime:
+            """See :meth:`durable.context.WorkflowContext.now`."""
+
+        def advance_now(self, moment: datetime | None) -> None:
+            """See :meth:`durable.context.WorkflowContext.advance_now`."""
+
         def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
             """See :meth:`durable.context.WorkflowContext.check_cancel`."""
 
@@ -75,15 +80,15 @@ class PrimitivesMixin:
             if record["status"] != "waiting":
                 return self._settled(seq, record)
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        wid, first = self.workflow_id, record is None
+        wid, first, base = self.workflow_id, record is None, self.now()
         got = self._durable.store(
-            lambda c: signal_queries.wait_for_signal(c, wid, seq, name, seconds, first)
+            lambda c: signal_queries.wait_for_signal(c, wid, seq, name, seconds, first, base)
         )
         if got.timer:
             self.effects.timers.append(got.timer)
         if not got.consumed:
             raise Suspend()
-        self._now = got.completed_at or self._now
+        self.advance_now(got.completed_at)
         return got.payload
 
     def set_event(self, key: str, value: Any) -> None:
@@ -99,7 +104,7 @@ class PrimitivesMixin:
         text = encode(value, f"event {key!r}", self._durable.settings.max_payload_bytes)
         wid = self.workflow_id
         done = self._durable.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
-        self._now = done or self._now
+        self.advance_now(done)
 
     # -- parallel steps -----------------------------------------------------------------------
 

@@ -390,3 +390,45 @@ _RENEW = text(
 def renew_leases(conn: Connection, owner: str, ttl: float) -> int:
     """Extend every lease held by a token of process ``owner``; returns how many."""
     return int(conn.execute(_RENEW, {"prefix": f"{owner}#", "ttl": ttl}).scalar_one())
+
+
+_TREE = """
+    WITH RECURSIVE tree AS (
+        SELECT id FROM durable_workflows WHERE id = :id
+        UNION
+        SELECT c.id FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
+    )
+"""
+
+_IN_FLIGHT = text(
+    _TREE
+    + """
+    SELECT EXISTS (
+               SELECT 1 FROM durable_steps
+                WHERE workflow_id IN (SELECT id FROM tree)
+                  AND status IN ('scheduled', 'started', 'ready'))
+        OR EXISTS (
+               SELECT 1 FROM durable_workflows
+                WHERE id IN (SELECT id FROM tree) AND status = 'running'
+                  AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
+    """
+)
+
+
+def has_work_in_flight(conn: Connection, workflow_id: str) -> bool:
+    """Whether the run or a descendant has a step, activation or local retry under way."""
+    return bool(conn.execute(_IN_FLIGHT, {"id": workflow_id}).scalar())
+
+
+_NEXT_TIMER = text(
+    _TREE
+    + """
+    SELECT min(fire_at) FROM durable_timers
+     WHERE workflow_id IN (SELECT id FROM tree) AND fired_at IS NULL
+    """
+)
+
+
+def next_timer_of_tree(conn: Connection, workflow_id: str) -> Any:
+    """Fire time of the earliest unfired timer of the run or its descendants, or None."""
+    return conn.execute(_NEXT_TIMER, {"id": workflow_id}).scalar()

@@ -68,7 +68,8 @@ _CONSUME = """
         {write}
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
-        SELECT :wid, :seq, 'timeout', now() + make_interval(secs => CAST(:timeout AS float8))
+        SELECT :wid, :seq, 'timeout', greatest(now(), CAST(:base AS timestamptz))
+                                      + make_interval(secs => CAST(:timeout AS float8))
           FROM st WHERE :first AND st.completed_at IS NULL AND CAST(:timeout AS float8) IS NOT NULL
         RETURNING id, fire_at
     )
@@ -116,11 +117,27 @@ class Consumed:
 
 
 def wait_for_signal(
-    conn: Connection, wid: str, seq: int, name: str, timeout: float | None, first: bool
+    conn: Connection,
+    wid: str,
+    seq: int,
+    name: str,
+    timeout: float | None,
+    first: bool,
+    base: Any = None,
 ) -> Consumed:
-    """Record (``first``) or retry a wait at ``seq``, consuming a signal if one is there."""
+    """Record (``first``) or retry a wait at ``seq``, consuming a signal if one is there.
+
+    A timeout's timer is due ``timeout`` seconds after the later of now and ``base``.
+    """
     statement = _BEGIN_WAIT if first else _RETRY_WAIT
-    params = {"wid": wid, "seq": seq, "name": name, "timeout": timeout, "first": first}
+    params = {
+        "wid": wid,
+        "seq": seq,
+        "name": name,
+        "timeout": timeout,
+        "first": first,
+        "base": base,
+    }
     row = conn.execute(statement, params).one()
     timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
     return Consumed(bool(row.consumed), row.payload, row.completed_at, timer)

@@ -344,7 +344,9 @@ _SLEEP = text(
         RETURNING workflow_id, seq
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
-        SELECT workflow_id, seq, 'sleep', now() + make_interval(secs => :seconds) FROM s
+        SELECT workflow_id, seq, 'sleep',
+               greatest(now(), CAST(:base AS timestamptz)) + make_interval(secs => :seconds)
+          FROM s
         RETURNING id, fire_at
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
@@ -357,9 +359,16 @@ _SLEEP = text(
 )
 
 
-def record_sleep(conn: Connection, wid: str, seq: int, seconds: float) -> tuple[int, float] | None:
-    """Record a sleep and its timer; returns (timer id, fire time as epoch)."""
-    row = conn.execute(_SLEEP, {"wid": wid, "seq": seq, "seconds": seconds}).first()
+def record_sleep(
+    conn: Connection, wid: str, seq: int, seconds: float, base: Any = None
+) -> tuple[int, float] | None:
+    """Record a sleep and its timer; returns (timer id, fire time as epoch).
+
+    The timer is due ``seconds`` after the later of now and ``base`` (the workflow's own
+    time, which runs ahead of the clock only when a test skips time).
+    """
+    params = {"wid": wid, "seq": seq, "seconds": seconds, "base": base}
+    row = conn.execute(_SLEEP, params).first()
     return (int(row.id), row.fire_at.timestamp()) if row else None
 
 
