@@ -1,7 +1,8 @@
-"""Workflows every ``Durable`` registers: a plain Celery task run durably as one step.
+"""Workflows every ``Durable`` registers.
 
 ``durable.task`` lets a schedule (or a migrated ``beat_schedule`` entry) start any Celery task
-by name, checkpointed and retried like any other step.
+by name, checkpointed and retried like any other step; ``durable.chain`` runs the links of a
+:class:`durable.canvas.DurableChain`.
 """
 
 from __future__ import annotations
@@ -30,4 +31,7 @@ def run_task(
 
 def register(durable: Durable) -> None:
     """Register the built-in workflows on ``durable``."""
+    from durable.canvas import CHAIN_WORKFLOW, run_chain
+
     durable.workflow(TASK_WORKFLOW)(run_task)
+    durable.workflow(CHAIN_WORKFLOW)(run_chain)

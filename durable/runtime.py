@@ -11,10 +11,12 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
+from celery.canvas import Signature
 from sqlalchemy import Connection
 
 from durable import activation as activation_mod
 from durable import builtins, messaging, timeouts, worker
+from durable.canvas import DurableChain
 from durable.config import Settings, load_settings
 from durable.context import Effects
 from durable.errors import (
@@ -267,6 +269,13 @@ class Durable:
         if self.store(lambda c: runs.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
         return WorkflowRun(self, workflow_id)
+
+    def chain(self, *signatures: Signature[Any]) -> DurableChain:
+        """A Celery chain made durable: ``durable.chain(a.s(1), b.s()).start(workflow_id=...)``.
+
+        Each link runs as a checkpointed step; results pass as Celery passes them.
+        """
+        return DurableChain(self, signatures)
 
     # -- talking to running workflows ------------------------------------------------------
 

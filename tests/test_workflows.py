@@ -277,3 +277,30 @@ def test_builtin_task_workflow_runs_a_task_by_name(
 
     run = durable.start("durable.task", "t.mul", [6, 7], workflow_id="builtin-1")
     assert run.result(timeout=20) == 42
+
+
+def test_durable_chain_passes_results_like_celery(
+    app: Celery, durable: Durable, worker: Any, database_url: str
+) -> None:
+    @app.task(name="t.validate", shared=False)
+    def validate(order_id: str) -> dict[str, Any]:
+        return {"id": order_id, "total": 10}
+
+    @app.task(name="t.reserve", shared=False)
+    def reserve(order: dict[str, Any], warehouse: str) -> dict[str, Any]:
+        return {**order, "warehouse": warehouse}
+
+    @app.task(name="t.notify", shared=False)
+    def notify(message: str) -> str:
+        return message
+
+    run = durable.chain(
+        validate.s("o-1"), reserve.s("north"), notify.si("done").set(queue="celery")
+    ).start(workflow_id="c-1")
+    assert run.result(timeout=20) == "done"
+    rows = query(
+        database_url,
+        "SELECT seq, name, result FROM durable_steps WHERE workflow_id = 'c-1' ORDER BY seq",
+    )
+    assert [(r.seq, r.name) for r in rows] == [(1, "t.validate"), (2, "t.reserve"), (3, "t.notify")]
+    assert rows[1].result == {"id": "o-1", "total": 10, "warehouse": "north"}
