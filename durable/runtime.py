@@ -329,7 +329,8 @@ class Durable:
 
     def _send(self, task: str, args: list[Any], options: dict[str, Any]) -> None:
         try:
-            self.app.send_task(task, args=args, ignore_result=True, **options)
+            # JSON whatever the app's default serializer: durable never sends pickle.
+            self.app.send_task(task, args=args, ignore_result=True, serializer="json", **options)
         except Exception:  # the commit stands; recovery sends it again
             log.exception("durable: could not send %s%r; recovery will resend it", task, args)
 
