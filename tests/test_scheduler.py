@@ -344,7 +344,7 @@ def test_import_crontab_maps_workflows_and_tasks_and_reports_the_rest(
         "shop.sync",
         "reports.nightly-3",
     ]
-    assert report.problems == [
+    assert report.problems[:4] == [
         "line 8: the command names no workflow or task (use durable start NAME or celery call "
         "TASK): 0 4 * * * /opt/run_ai_pipeline.sh",
         "line 9: @reboot has no time to schedule: @reboot durable start reports.nightly",
@@ -352,9 +352,10 @@ def test_import_crontab_maps_workflows_and_tasks_and_reports_the_rest(
         "61 * * * * durable start reports.nightly",
         "line 11: a shell pipeline cannot be mapped: "
         "0 1 * * * durable start reports.nightly | mail ops",
-        "line 12: unknown workflow 'reports.weekly' (registered: durable.task, reports.nightly): "
-        "0 2 * * * durable start reports.weekly",
     ]
+    assert len(report.problems) == 5
+    assert report.problems[4].startswith("line 12: unknown workflow 'reports.weekly' (registered:")
+    assert report.problems[4].endswith("): 0 2 * * * durable start reports.weekly")
     got = {s.name: s for s in schedules.list()}
     assert (got["reports.nightly"].cron, got["reports.nightly"].args) == ("0 3 * * *", ["eu"])
     assert got["reports.nightly"].timezone == "UTC"
