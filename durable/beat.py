@@ -1,16 +1,20 @@
-"""``durable beat``: the timer service and the liveness sweep.
+"""``durable beat``: the timer service, the liveness sweep and the scheduler.
 
 Every beat process, however many run, loops over:
 
 1. **due timers** from the Redis index (claimed atomically by a Lua script), fired in
    PostgreSQL, where ``fired_at IS NULL`` is the exactly-once gate;
-2. every ``sweep_interval`` seconds, **the sweep**: rebuild the index if Redis lost it, fire
-   timers overdue in PostgreSQL (an entry lost from the index), re-dispatch steps whose
+2. **due schedules**, on the one beat that holds the leader lock (:mod:`durable.leader`):
+   each fire starts its run in a transaction that holds the schedule's row
+   (:class:`ScheduleRunner`);
+3. every ``sweep_interval`` seconds, **the sweep**: rebuild the indexes if Redis lost them,
+   fire timers overdue in PostgreSQL (an entry lost from the index), re-dispatch steps whose
    lease expired (their worker died), steps whose message was never claimed, and runs owed
-   an activation.
+   an activation; the leader also fires schedules PostgreSQL says are due.
 
-Each of these takes its rows with a conditional UPDATE (``SKIP LOCKED`` where it scans), so
-two beats never act on the same row twice.
+Each of these takes its rows with a conditional UPDATE (``SKIP LOCKED`` where it scans) or a
+row lock, so two beats never act on the same row twice. At start every beat imports the
+app's ``beat_schedule`` (:meth:`durable.scheduler.Schedules.import_beat_schedule`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
+import redis
+
+from durable.errors import DurableError, WorkflowIdConflict
+from durable.leader import LeaderLock
+from durable.scheduler import (
+    RETRY_AFTER,
+    Cadence,
+    ScheduleIndex,
+    Schedules,
+    ScheduleSettings,
+    fire_id,
+    plan_fires,
+    schedule_settings,
+)
 from durable.store import recovery
+from durable.store import schedules as schedule_queries
 from durable.store import timers as timer_queries
 
 if TYPE_CHECKING:
@@ -39,13 +60,28 @@ class BeatStats:
     activations_resent: int = 0
     index_rebuilds: int = 0
     lateness: list[float] = field(default_factory=list)
+    schedule_runs_started: int = 0
+    schedule_fires_skipped: int = 0
+    schedule_index_rebuilds: int = 0
 
 
 class Beat:
-    """One beat process's loop; call :meth:`run` (blocking) or :meth:`tick` (tests)."""
+    """One beat process's loop; call :meth:`run` (blocking) or :meth:`tick` (tests).
+
+    Args:
+        durable: The app's ``Durable``.
+        sweep_interval: Seconds between sweeps.
+        max_wait: Longest pause between two ticks.
+        beat_schedule: Celery ``beat_schedule`` entries to import at start (default: the
+            app's ``beat_schedule``).
+    """
 
     def __init__(
-        self, durable: Durable, sweep_interval: float = 1.0, max_wait: float = 0.1
+        self,
+        durable: Durable,
+        sweep_interval: float = 1.0,
+        max_wait: float = 0.1,
+        beat_schedule: Mapping[str, Any] | None = None,
     ) -> None:
         self.durable = durable
         self.sweep_interval = sweep_interval
@@ -53,21 +89,42 @@ class Beat:
         self.stats = BeatStats()
         self._last_sweep = 0.0
         self.stopping = threading.Event()
+        self.settings = schedule_settings(durable)
+        prefix = durable.settings.key_prefix
+        ttl = self.settings.leader_ttl.total_seconds()
+        self.leader = LeaderLock(lambda: durable.timer_index.client, prefix, ttl)
+        self.schedules = ScheduleRunner(durable, self.settings, self.stats)
+        self._beat_schedule = beat_schedule
+        self._imported = False
 
     def run(self) -> None:
         """Loop until :attr:`stopping` is set (SIGTERM/SIGINT in the CLI)."""
         log.info("durable beat started")
-        while not self.stopping.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("durable beat: iteration failed; retrying")
-                self.stopping.wait(1.0)
-                continue
-            self.stopping.wait(self._wait())
+        warn_if_evictable(self.durable.timer_index.client)
+        try:
+            while not self.stopping.is_set():
+                if not self.safe_tick():
+                    self.stopping.wait(1.0)
+                    continue
+                self.stopping.wait(self.wait_time())
+        finally:
+            self.leader.release()
         log.info("durable beat stopped")
 
-    def _wait(self) -> float:
+    def safe_tick(self) -> bool:
+        """:meth:`tick`, logging a failure instead of raising it; False if it failed."""
+        try:
+            self.tick()
+        except DurableError as exc:  # a known condition (store unreachable): one line
+            log.error("durable beat: iteration failed (%s); retrying", exc)
+            return False
+        except Exception:
+            log.exception("durable beat: iteration failed; retrying")
+            return False
+        return True
+
+    def wait_time(self) -> float:
+        """Seconds until the next tick: until the next timer, at most :attr:`max_wait`."""
         try:
             nxt = self.durable.timer_index.next_fire()
         except Exception:
@@ -77,11 +134,35 @@ class Beat:
         return min(max(nxt - time.time(), 0.0), self.max_wait)
 
     def tick(self) -> None:
-        """Fire due timers; sweep when the sweep interval has passed."""
+        """Fire due timers and, leading, due schedules; sweep when the interval has passed."""
+        if not self._imported:
+            self.import_beat_schedule()
+        self.leader.tick()
         self.fire_due()
+        if self.leader.held():
+            self.schedules.fire_due(self.leader.confirm, self.leader.held)
         if time.monotonic() - self._last_sweep >= self.sweep_interval:
             self.sweep()
+            if self.leader.held():
+                self.schedules.sweep(self.leader.held)
             self._last_sweep = time.monotonic()
+
+    def import_beat_schedule(self) -> None:
+        """Import the app's ``beat_schedule`` as schedules (idempotent; done once at start)."""
+        entries = self._beat_schedule
+        if entries is None:
+            entries = self.durable.app.conf.beat_schedule or {}
+        report = Schedules(self.durable).import_beat_schedule(entries)
+        for problem in report.problems:
+            log.warning("durable beat: %s; not imported", problem)
+        if report.added or report.updated or report.removed:
+            log.info(
+                "durable beat: beat_schedule imported: added %s, updated %s, removed %s",
+                report.added,
+                report.updated,
+                report.removed,
+            )
+        self._imported = True
 
     def fire_due(self) -> int:
         """Fire the timers the Redis index says are due."""
@@ -135,3 +216,137 @@ class Beat:
                 len(stale),
                 len(owed),
             )
+
+
+class ScheduleRunner:
+    """The leader's work: fire due schedules and keep their Redis index whole."""
+
+    def __init__(
+        self,
+        durable: Durable,
+        settings: ScheduleSettings | None = None,
+        stats: BeatStats | None = None,
+    ) -> None:
+        self.durable = durable
+        self.settings = settings or schedule_settings(durable)
+        self.stats = stats or BeatStats()
+        self.index = ScheduleIndex(lambda: durable.timer_index.client, durable.settings.key_prefix)
+        self._retry_at: dict[str, float] = {}
+
+    def fire_due(self, confirm: Callable[[], bool], leading: Callable[[], bool]) -> int:
+        """Fire the schedules the index says are due; ``confirm`` is asked once if any are."""
+        names = self.index.due(time.time())
+        if not names or not confirm():
+            return 0
+        return self._fire_each(names, leading)
+
+    def sweep(self, leading: Callable[[], bool]) -> int:
+        """Rebuild the index if Redis lost it; fire what PostgreSQL says is due."""
+        if not self.index.is_built():
+            with self.durable.connect() as conn:
+                pending = schedule_queries.pending_schedules(conn)
+            count = self.index.rebuild(pending)
+            self.stats.schedule_index_rebuilds += 1
+            log.info("durable beat: rebuilt the schedule index from PostgreSQL (%d)", count)
+        with self.durable.connect() as conn:
+            due = schedule_queries.due_schedules(conn)
+        return self._fire_each(due, leading)
+
+    def _fire_each(self, names: list[str], leading: Callable[[], bool]) -> int:
+        started = 0
+        for name in names:
+            if not leading():  # lost the lock: stop before the next fire
+                break
+            if self._retry_at.get(name, 0.0) > time.monotonic():
+                continue
+            try:
+                started += self.fire(name)
+                self._retry_at.pop(name, None)
+            except Exception as exc:
+                log.error(
+                    "durable beat: schedule %s could not fire (%s); retrying in %gs",
+                    name,
+                    exc,
+                    RETRY_AFTER,
+                    exc_info=not isinstance(exc, DurableError),
+                )
+                self._retry_at[name] = time.monotonic() + RETRY_AFTER
+                self._postpone(name)
+        return started
+
+    def _postpone(self, name: str) -> None:
+        # Behind the other due entries, so that one broken schedule does not hold them up.
+        try:
+            self.index.set(name, datetime.now(UTC) + timedelta(seconds=RETRY_AFTER))
+        except redis.RedisError:
+            log.warning("durable beat: could not postpone schedule %s in the index", name)
+
+    def fire(self, name: str) -> int:
+        """Fire schedule ``name`` if it is due; returns the number of runs started.
+
+        One transaction: lock the row, start the runs (each idempotent by id), move the next
+        fire on. A crash before the commit leaves the fire due, and firing it again starts
+        the same ids, which return the runs already started.
+        """
+        with self.durable.transaction() as conn:
+            row = schedule_queries.lock_schedule(conn, name)
+            if row is None or row.paused or row.next_fire_at is None:
+                self.index.remove(name)
+                return 0
+            if row.next_fire_at > row.now:  # a stale index entry
+                self.index.set(name, row.next_fire_at)
+                return 0
+            cadence = Cadence.parse(row.cron, row.every, row.timezone, name)
+            grace, limit = self.settings.schedule_grace, self.settings.schedule_catchup_limit
+            plan = plan_fires(cadence, row.next_fire_at, row.now, row.catchup, grace, limit)
+            fires = self._overlap(row, plan.fires)
+            last_run = self._start(row, fires)
+            last_fire = fires[-1] if fires else None
+            schedule_queries.advance(conn, name, plan.next_fire_at, last_fire, last_run)
+        self.index.set(name, plan.next_fire_at)
+        if plan.missed_since is not None:
+            log.info(
+                "durable beat: schedule %s: fires missed since %s not started (catch-up %s)",
+                name,
+                plan.missed_since.isoformat(),
+                row.catchup,
+            )
+        self.stats.schedule_runs_started += len(fires)
+        return len(fires)
+
+    def _overlap(self, row: Any, fires: list[datetime]) -> list[datetime]:
+        if fires and row.overlap == "skip" and row.last_status == "running":
+            log.info(
+                "durable beat: schedule %s: %d fire(s) skipped, run %s still running",
+                row.name,
+                len(fires),
+                row.last_run_id,
+            )
+            self.stats.schedule_fires_skipped += len(fires)
+            return []
+        return fires
+
+    def _start(self, row: Any, fires: list[datetime]) -> str | None:
+        last = None
+        for at in fires:
+            wid = fire_id(row.name, at)
+            try:
+                self.durable.start(row.workflow, *row.args, workflow_id=wid, **row.kwargs)
+            except WorkflowIdConflict as exc:
+                log.warning("durable beat: schedule %s: %s; fire left as it is", row.name, exc)
+            last = wid
+        return last
+
+
+def warn_if_evictable(client: redis.Redis) -> None:
+    """Warn when Redis may evict keys without a TTL, as durable's indexes are."""
+    try:
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+    except redis.RedisError:  # CONFIG is often disabled on managed Redis
+        return
+    if policy.startswith("allkeys"):
+        log.warning(
+            "durable beat: Redis maxmemory-policy is %s, which can evict the timer and schedule "
+            "indexes; the beat rebuilds them, but fires may be late. Prefer noeviction.",
+            policy,
+        )
