@@ -15,6 +15,10 @@ Every beat process, however many run, loops over:
 Each of these takes its rows with a conditional UPDATE (``SKIP LOCKED`` where it scans) or a
 row lock, so two beats never act on the same row twice. At start every beat imports the
 app's ``beat_schedule`` (:meth:`durable.scheduler.Schedules.import_beat_schedule`).
+
+Users who keep Celery's own beat command run the same loop inside it::
+
+    celery -A yourapp beat -S durable.beat:DurableScheduler
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery import Celery
+from celery.beat import Scheduler
+from celery.schedules import crontab
 
 from durable.errors import DurableError, WorkflowIdConflict
 from durable.leader import LeaderLock
@@ -350,3 +357,51 @@ def warn_if_evictable(client: redis.Redis) -> None:
             "indexes; the beat rebuilds them, but fires may be late. Prefer noeviction.",
             policy,
         )
+
+
+class DurableScheduler(Scheduler):
+    """Celery's beat running durable's loop (``-S durable.beat:DurableScheduler``).
+
+    The app's ``beat_schedule`` entries are imported as schedules of the ``durable.task``
+    workflow, fired exactly once by whichever ``celery beat`` (or ``durable beat``) leads;
+    timers and the recovery sweep run here too, so no separate ``durable beat`` is needed.
+    """
+
+    def __init__(self, app: Celery, *args: Any, **kwargs: Any) -> None:
+        self.beat: Beat | None = None
+        super().__init__(app, *args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        """Import the app's ``beat_schedule`` (and Celery's result clean-up, as its beat does)."""
+        from durable.runtime import Durable
+
+        entries = dict(self.app.conf.beat_schedule or {})
+        conf = self.app.conf
+        expiring = conf.result_backend and conf.result_expires
+        if expiring and not self.app.backend.supports_autoexpire:
+            cleanup = {
+                "task": "celery.backend_cleanup",
+                "schedule": crontab("0", "4", "*"),
+                "options": {"expires": 12 * 3600},
+            }
+            entries.setdefault("celery.backend_cleanup", cleanup)
+        self.beat = Beat(Durable.of(self.app), beat_schedule=entries)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """One iteration of durable's beat loop; returns the seconds to wait."""
+        assert self.beat is not None
+        return self.beat.wait_time() if self.beat.safe_tick() else 1.0
+
+    def sync(self) -> None:
+        """Nothing to write: the schedules live in PostgreSQL."""
+
+    def close(self) -> None:
+        """Give up the leader lock so that another beat takes over at once."""
+        if self.beat is not None:
+            self.beat.leader.release()
+        super().close()
+
+    @property
+    def info(self) -> str:
+        """Shown in ``celery beat``'s banner."""
+        return "durable: schedules in PostgreSQL, fired by the beat holding the leader lock"
