@@ -9,7 +9,8 @@ A failing command prints one line, ``durable: <reason>``, on stderr and exits 1;
 given bad options or arguments exits 2 the same way.
 
 One module per concept: ``_common`` (options, loading the app, reaching the store, output),
-``db``, ``beat``, ``runs``; this module holds the group and registers their commands.
+``db``, ``beat``, ``runs`` (start, list, show; ``_show`` prints a run), ``repair`` (resume,
+retry, fork, purge) and ``timers``; this module holds the group and registers their commands.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from durable.cli._common import (
 )
 from durable.cli.beat import beat
 from durable.cli.db import db
-from durable.cli.runs import describe_run, list_command, render_run, show, start
+from durable.cli.repair import fork, purge, resume, retry
+from durable.cli.runs import list_command, show, start
+from durable.cli.timers import timers
 
-__all__ = ["cli", "describe_run", "load_durable", "main", "render_run"]
+__all__ = ["cli", "load_durable", "main"]
 
 
 @click.group(
@@ -40,7 +43,7 @@ __all__ = ["cli", "describe_run", "load_durable", "main", "render_run"]
 @click.version_option(package_name="celery-durable", prog_name="durable")
 @click.pass_context
 def cli(ctx: click.Context, app: str | None, database_url: str | None) -> None:
-    """Operate durable: migrate the store, run the beat, start and inspect workflow runs.
+    """Operate durable: migrate the store, run the beat, start, inspect and repair workflow runs.
 
     Commands that only read or write the store need --database-url (or DURABLE_DATABASE_URL);
     commands that start work need the app (--app module:attr or DURABLE_APP).
@@ -48,11 +51,10 @@ def cli(ctx: click.Context, app: str | None, database_url: str | None) -> None:
     ctx.obj = Globals(app, database_url, given(ctx, "database_url"))
 
 
-cli.add_command(db)
-cli.add_command(beat)
-cli.add_command(start)
-cli.add_command(list_command)
-cli.add_command(show)
+for command in (db, beat, start, list_command, show):
+    cli.add_command(command)
+for command in (resume, retry, fork, purge, timers):
+    cli.add_command(command)
 # `durable schedule ...` is registered here, by the scheduler's own module:
 #     from durable.cli.schedule import schedule
 #     cli.add_command(schedule)

@@ -43,6 +43,10 @@ STATUS_STYLES = {
     "scheduled": "cyan",
     "started": "yellow",
     "waiting": "blue",
+    "ready": "cyan",
+    "timeout": "red",
+    "failed, retrying": "red",
+    "worker lost": "red",
 }
 NO_WRAP = {"id", "#", "at", "created", "updated", "completed", "status", "attempts"}
 PIPED_WIDTH = 160
@@ -129,7 +133,7 @@ def database_option(fn: F) -> F:
     )(fn)
 
 
-def json_option(command: str) -> Callable[[F], F]:
+def json_option(command: str, instead_of: str = "tables") -> Callable[[F], F]:
     """The ``--json`` flag of ``command``, also read from ``DURABLE_<COMMAND>_JSON``."""
     return click.option(
         "--json",
@@ -137,7 +141,7 @@ def json_option(command: str) -> Callable[[F], F]:
         is_flag=True,
         envvar=f"DURABLE_{command.upper().replace(' ', '_')}_JSON",
         show_envvar=True,
-        help="Print JSON instead of tables.",
+        help=f"Print JSON instead of {instead_of}.",
     )
 
 

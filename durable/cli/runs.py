@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 from rich.text import Text
-from sqlalchemy import Connection
 
+from durable import admin
 from durable.cli._common import (
     STATUSES,
     app_option,
-    compact,
     connect,
     console,
     database_option,
@@ -25,13 +23,8 @@ from durable.cli._common import (
     status_text,
     when,
 )
-from durable.errors import WorkflowNotFound
-from durable.store import history, runs, steps, timers
+from durable.cli._show import render_run
 
-# The fields ``durable show --json`` gives for each step and timer.
-STEP_FIELDS: tuple[str, ...] = ("seq", "kind", "name", "status", "attempts", "result", "error")
-STEP_FIELDS += ("started_at", "completed_at")
-TIMER_FIELDS = ("id", "seq", "purpose", "fire_at", "fired_at")
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
 RESERVED_KWARGS = ("name_or_fn", "workflow_id")
 
@@ -92,15 +85,35 @@ def start(
     click.echo(run.id)
 
 
-def _run_summary(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "status": row.status,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-        "finished_at": row.finished_at,
-    }
+def _since_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime | timedelta | None:
+    if value is None:
+        return None
+    try:
+        return admin.parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (90s, 30m, 12h, 7d) nor an ISO-8601 time",
+            param=param,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _waiting_text(waiting: dict[str, Any] | None) -> Text:
+    if waiting is None:
+        return Text("")
+    on = waiting["on"]
+    parts = [on]
+    if waiting["seq"] is not None:
+        parts.append(f"#{waiting['seq']} {waiting['name']}")
+    if waiting["until"] is not None:
+        parts.append(f"until {when(waiting['until'])}")
+    return Text(" ".join(parts), style="red" if on == "nothing" else "")
 
 
 @click.command("list")
@@ -108,6 +121,19 @@ def _run_summary(row: Any) -> dict[str, Any]:
     "--status", type=click.Choice(STATUSES), show_envvar=True, help="Only runs in this status."
 )
 @click.option("--name", show_envvar=True, help="Only runs of this workflow.")
+@click.option(
+    "--since",
+    callback=_since_callback,
+    metavar="WHEN",
+    show_envvar=True,
+    help="Only runs started since WHEN: a duration ago (90s, 30m, 12h, 7d) or an ISO-8601 time.",
+)
+@click.option(
+    "--waiting",
+    type=click.Choice(admin.WAITING),
+    show_envvar=True,
+    help="Only running runs waiting on a step, a timer or a signal.",
+)
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
@@ -124,107 +150,32 @@ def list_command(
     ctx: click.Context,
     status: str | None,
     name: str | None,
+    since: datetime | timedelta | None,
+    waiting: str | None,
     limit: int,
     as_json: bool,
     app: str | None,
     database_url: str | None,
 ) -> None:
-    """List workflow runs, newest first."""
+    """List workflow runs, newest first, with what each running one waits on."""
     with connect(ctx, app, database_url) as conn:
-        rows = runs.list_runs(conn, status=status, name=name, limit=limit)
+        rows = admin.list_runs(
+            conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+        )
     if as_json:
-        print_json([_run_summary(row) for row in rows])
+        print_json(rows)
         return
-    table = make_table("id", "name", "status", "created", "updated")
+    table = make_table("id", "name", "status", "waiting on", "created", "updated")
     for row in rows:
         table.add_row(
-            Text(row.id),
-            Text(row.name),
-            status_text(row.status),
-            when(row.created_at),
-            when(row.updated_at),
+            Text(row["id"]),
+            Text(row["name"]),
+            status_text(row["status"]),
+            _waiting_text(row["waiting"]),
+            when(row["created_at"]),
+            when(row["updated_at"]),
         )
     console().print(table)
-
-
-def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
-    """Everything ``durable show`` prints about a run, as JSON-ready data.
-
-    Args:
-        conn: A connection to the store.
-        workflow_id: The run's id.
-
-    Returns:
-        The run's fields, its ``steps``, ``events`` (``{}`` until events are stored),
-        ``history`` and ``timers``.
-
-    Raises:
-        WorkflowNotFound: no run has this id.
-    """
-    row = runs.get_run(conn, workflow_id)
-    if row is None:
-        raise WorkflowNotFound(workflow_id)
-    return {
-        **_run_summary(row),
-        "args": row.args,
-        "kwargs": row.kwargs,
-        "result": row.result,
-        "error": row.error,
-        "steps": [{f: getattr(s, f) for f in STEP_FIELDS} for s in steps.list_steps(conn, row.id)],
-        "events": {},
-        "history": [
-            {"at": h.at, "seq": h.seq, "event": h.event, "detail": h.detail}
-            for h in history.list_history(conn, row.id)
-        ],
-        "timers": [
-            {f: getattr(t, f) for f in TIMER_FIELDS} for t in timers.list_timers(conn, row.id)
-        ],
-    }
-
-
-def _detail(detail: Any) -> str:
-    if not isinstance(detail, dict):
-        return compact(detail)
-    parts = [f"{k}={compact(v, 60)}" for k, v in detail.items() if v is not None]
-    return " ".join(parts)
-
-
-def render_run(run: dict[str, Any], out: Console) -> None:
-    """Print a run as a header, a steps table and a timeline."""
-    header = Table.grid(padding=(0, 2))
-    header.add_column(style="bold")
-    header.add_column(overflow="fold")
-    header.add_row("workflow", Text(run["id"]))
-    header.add_row("name", Text(run["name"]))
-    header.add_row("status", status_text(run["status"]))
-    header.add_row("created", when(run["created_at"]))
-    header.add_row("finished", when(run["finished_at"]))
-    header.add_row("args", Text(compact(run["args"])))
-    header.add_row("kwargs", Text(compact(run["kwargs"])))
-    if run["error"]:
-        header.add_row("error", Text(run["error"], style="red"))
-    else:
-        header.add_row("result", Text(compact(run["result"])))
-    out.print(header)
-    columns = ("#", "kind", "name", "status", "attempts", "completed", "result / error")
-    table = make_table(*columns, title="steps")
-    for s in run["steps"]:
-        outcome = Text(s["error"], style="red") if s["error"] else Text(compact(s["result"]))
-        table.add_row(
-            str(s["seq"]),
-            s["kind"],
-            Text(s["name"]),
-            status_text(s["status"]),
-            str(s["attempts"]),
-            when(s["completed_at"]),
-            outcome,
-        )
-    out.print(table)
-    timeline = make_table("at", "#", "event", "detail", title="timeline")
-    for h in run["history"]:
-        seq = "" if h["seq"] is None else str(h["seq"])
-        timeline.add_row(when(h["at"]), seq, Text(h["event"]), Text(_detail(h["detail"])))
-    out.print(timeline)
 
 
 @click.command()
@@ -236,9 +187,12 @@ def render_run(run: dict[str, Any], out: Console) -> None:
 def show(
     ctx: click.Context, workflow_id: str, as_json: bool, app: str | None, database_url: str | None
 ) -> None:
-    """Show run ID: its outcome, its steps and the timeline of its history."""
+    """Show run ID: its outcome, steps, attempts, timers, signals, events and timeline.
+
+    Each step is shown with its attempts, how long it took, its result or its error.
+    """
     with connect(ctx, app, database_url) as conn:
-        run = describe_run(conn, workflow_id)
+        run = admin.describe_run(conn, workflow_id)
     if as_json:
         print_json(run)
     else:

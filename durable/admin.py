@@ -1,0 +1,363 @@
+"""The operator's tools as library functions; the ``durable`` command calls these.
+
+Reading (``list_runs``, ``describe_run``, ``list_timers``) and deleting (``purge``) take a
+connection to the store; repairing (``resume``, ``retry``, ``fork``) takes the ``Durable``,
+because it sends the activation once the store is written. Every write is one statement.
+
+Example::
+
+    with durable.connect() as conn:
+        stuck = admin.list_runs(conn, status="running", waiting="signal")
+    new_id = admin.fork(durable, "order-o-1", from_step=4)   # rerun from step 4 on
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+
+from durable.errors import DurableError, WorkflowNotFound, WorkflowNotRunning
+from durable.store import admin as queries
+from durable.store import history, runs, signals, steps, timers
+
+if TYPE_CHECKING:
+    from durable.runtime import Durable
+
+WAITING = tuple(queries.WAITING_FILTERS)
+"""What ``list_runs(waiting=...)`` accepts: ``step``, ``timer``, ``signal``."""
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+class WorkflowNotFailed(DurableError):
+    """``retry`` was asked of a run that has not failed."""
+
+    def __init__(self, workflow_id: str, status: str) -> None:
+        self.workflow_id = workflow_id
+        self.status = status
+        super().__init__(f"cannot retry workflow {workflow_id!r}: it is {status}, not failed")
+
+
+class WorkflowIdTaken(DurableError):
+    """A new run was asked for under an id that exists already."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"workflow id {workflow_id!r} is taken")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90"`` (seconds), ``"45s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` or ``"1d12h"``.
+
+    Raises:
+        ValueError: ``text`` is none of these.
+    """
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return timedelta(seconds=float(value))
+    parts = _DURATION.findall(value)
+    if not value or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h, 7d or 1d12h")
+    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _waiting(row: Any) -> dict[str, Any] | None:
+    """What a running run waits on; None once it has finished.
+
+    One of ``step``, ``timer``, ``signal``, ``child``, ``activation`` (woken, not replayed
+    yet) or ``nothing`` (stuck: see ``durable reconcile``).
+    """
+    if row.status != "running":
+        return None
+    pending = row.pending
+    if pending is None:
+        on = "activation" if row.owed else ("timer" if row.next_timer else "nothing")
+        return {"on": on, "seq": None, "name": None, "until": row.next_timer}
+    kind, status = pending["kind"], pending["status"]
+    if status != "waiting":
+        on = "step"
+    elif kind in ("sleep", "task", "local"):
+        on = "timer"
+    else:
+        on = kind
+    until = row.next_timer if on in ("timer", "signal") else None
+    return {"on": on, "seq": pending["seq"], "name": pending["name"], "until": until}
+
+
+def list_runs(
+    conn: Connection,
+    *,
+    status: str | None = None,
+    name: str | None = None,
+    since: datetime | timedelta | None = None,
+    waiting: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Runs, newest first, each with what it waits on (``waiting``, None once finished).
+
+    Args:
+        conn: A connection to the store.
+        status: Only runs in this status.
+        name: Only runs of this workflow.
+        since: Only runs created at or after this time, or within this long before now.
+        waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        limit: Most runs returned.
+    """
+    if waiting is not None and waiting not in WAITING:
+        raise ValueError(f"waiting must be one of {', '.join(WAITING)}, not {waiting!r}")
+    if isinstance(since, timedelta):
+        since = datetime.now(UTC) - since
+    rows = queries.list_runs(
+        conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+    )
+    return [{**summary(row), "waiting": _waiting(row)} for row in rows]
+
+
+def summary(row: Any) -> dict[str, Any]:
+    """A run's identity and times, as ``durable list`` shows them."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "status": row.status,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "finished_at": row.finished_at,
+    }
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else round((end - start).total_seconds(), 6)
+
+
+def _attempts(events: list[Any]) -> dict[int, list[dict[str, Any]]]:
+    """Each step's attempts, from its history: when each began and ended, and how."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    ends = {
+        "step completed": "completed",
+        "step failed": "failed",
+        "retry scheduled": "failed, retrying",
+        "step attempt": "failed, retrying",
+        "step lease expired": "worker lost",
+    }
+    for h in events:
+        if h.seq is None or (h.event != "step started" and h.event not in ends):
+            continue
+        detail = h.detail if isinstance(h.detail, dict) else {}
+        tries = out.setdefault(h.seq, [])
+        if h.event == "step started":
+            tries.append({"attempt": detail.get("attempt"), "worker": detail.get("worker")})
+            tries[-1].update(started_at=h.at, ended_at=None, outcome="running", error=None)
+            continue
+        if not tries or tries[-1]["ended_at"] is not None:  # a local step: no start event
+            tries.append({"attempt": detail.get("attempt"), "worker": None, "started_at": None})
+        tries[-1].update(ended_at=h.at, outcome=ends[h.event], error=detail.get("error"))
+        tries[-1]["duration"] = _seconds(tries[-1]["started_at"], h.at)
+    for tries in out.values():
+        for attempt in tries:
+            attempt.setdefault("duration", None)
+    return out
+
+
+def _step(row: Any, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "kind": row.kind,
+        "name": row.name,
+        "status": row.status,
+        "attempts": row.attempts,
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "result": row.result,
+        "error": row.error,
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "completed_at": row.completed_at,
+        "duration": _seconds(row.started_at or row.created_at, row.completed_at),
+        "attempt_history": attempts,
+    }
+
+
+def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
+    """Everything ``durable show`` prints about a run, as JSON-ready data.
+
+    Args:
+        conn: A connection to the store.
+        workflow_id: The run's id.
+
+    Returns:
+        The run's fields; its ``steps`` (each with ``attempts``, ``duration`` in seconds,
+        ``result``, ``error`` and an ``attempt_history``); ``events`` (key to latest value);
+        ``signals``; ``timers`` (with ``lateness`` in seconds once fired); and ``history``.
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+    """
+    row = runs.get_run(conn, workflow_id)
+    if row is None:
+        raise WorkflowNotFound(workflow_id)
+    events = history.list_history(conn, row.id)
+    attempts = _attempts(events)
+    return {
+        **summary(row),
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "result": row.result,
+        "error": row.error,
+        "parent_id": row.parent_id,
+        "cancel_requested": row.cancel_requested,
+        "steps": [_step(s, attempts.get(s.seq, [])) for s in steps.list_steps(conn, row.id)],
+        "events": signals.list_events(conn, row.id),
+        "signals": [
+            {
+                "id": s.id,
+                "name": s.name,
+                "payload": s.payload,
+                "sent_at": s.sent_at,
+                "consumed_seq": s.consumed_seq,
+                "consumed_at": s.consumed_at,
+            }
+            for s in signals.list_signals(conn, row.id)
+        ],
+        "timers": [
+            {
+                "id": t.id,
+                "seq": t.seq,
+                "purpose": t.purpose,
+                "fire_at": t.fire_at,
+                "fired_at": t.fired_at,
+                "lateness": _seconds(t.fire_at, t.fired_at),
+            }
+            for t in timers.list_timers(conn, row.id)
+        ],
+        "history": [
+            {"at": h.at, "seq": h.seq, "event": h.event, "detail": h.detail} for h in events
+        ],
+    }
+
+
+def list_timers(
+    conn: Connection, *, pending: bool = True, workflow_id: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Timers, soonest first: unfired ones unless ``pending`` is False."""
+    rows = queries.list_timers(conn, pending=pending, workflow_id=workflow_id, limit=limit)
+    return [
+        {
+            "id": r.id,
+            "workflow_id": r.workflow_id,
+            "workflow_name": r.workflow_name,
+            "seq": r.seq,
+            "step": r.step_name,
+            "purpose": r.purpose,
+            "fire_at": r.fire_at,
+            "fired_at": r.fired_at,
+        }
+        for r in rows
+    ]
+
+
+# -- repairing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What :func:`resume` sent."""
+
+    workflow_id: str
+    steps: list[int]
+    """The positions whose step message was sent again."""
+    timers: int
+    """How many unfired timers were put back in the Redis index."""
+
+
+def resume(durable: Durable, workflow_id: str) -> Resumed:
+    """Re-dispatch a running run: wake it and send its activation again.
+
+    Its scheduled steps are sent again too (a step whose worker died is first put back to
+    scheduled) and its unfired timers re-indexed in Redis. Duplicates are harmless: a step
+    message for a claimed step and an activation of a leased run do nothing.
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowNotRunning: the run has ended (``retry`` a failed one).
+    """
+    done = durable.store(lambda c: queries.resume_run(c, workflow_id))
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if not done.woken:
+        raise WorkflowNotRunning(workflow_id, done.status, "resume")
+    durable.index_timers(done.timers)
+    for step in done.steps:
+        durable.send_step(workflow_id, step["seq"], step["name"], step["options"] or {})
+    durable.send_activation(workflow_id, done.name)
+    return Resumed(workflow_id, sorted(s["seq"] for s in done.steps), len(done.timers))
+
+
+def retry(durable: Durable, workflow_id: str) -> queries.Retried:
+    """Run a failed run again from its first position that did not complete.
+
+    That position and all after it are deleted and run again; earlier results are kept.
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowNotFailed: the run is running, completed or cancelled.
+    """
+    done = durable.store(lambda c: queries.retry_run(c, workflow_id))
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if not done.retried:
+        raise WorkflowNotFailed(workflow_id, done.status)
+    durable.send_activation(workflow_id, done.name)
+    return done
+
+
+def fork(
+    durable: Durable, workflow_id: str, from_step: int, new_id: str | None = None
+) -> tuple[str, int]:
+    """Start a new run of the same workflow and arguments, reusing results before ``from_step``.
+
+    Completed positions before ``from_step`` are copied with their results; the new run
+    executes everything from ``from_step`` on. Returns the new id (``<id>-fork-<random>``
+    unless given) and how many positions were copied.
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowIdTaken: ``new_id`` exists.
+        ValueError: ``from_step`` is below 1.
+    """
+    if from_step < 1:
+        raise ValueError(f"from_step must be 1 or more, not {from_step}")
+    target = new_id or f"{workflow_id}-fork-{uuid.uuid4().hex[:8]}"
+    done = durable.store(lambda c: queries.fork_run(c, workflow_id, target, from_step))
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if not done.created:
+        raise WorkflowIdTaken(target)
+    durable.send_activation(target, done.name)
+    return target, done.copied
+
+
+def purge(conn: Connection, older_than: timedelta, dry_run: bool = False) -> int:
+    """Delete runs that finished more than ``older_than`` ago, with everything they recorded.
+
+    Steps, timers, history, signals and events go with their run. Running runs are never
+    touched. With ``dry_run`` only count them. Returns how many runs (would) go.
+    """
+    age = older_than.total_seconds()
+    if dry_run:
+        return queries.count_purgeable(conn, age)
+    total = 0
+    batch = 1000
+    while True:
+        deleted = queries.purge_runs(conn, age, batch)
+        total += deleted
+        if deleted < batch:
+            return total

@@ -1,0 +1,155 @@
+"""How ``durable show`` prints a run.
+
+A header, its steps and their attempts, its timers, signals and events, and the timeline of
+its history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from durable.cli._common import compact, make_table, status_text, when
+
+
+def duration(seconds: float | None) -> str:
+    """A duration for people: ``850ms``, ``3.2s``, ``2m05s``, ``1h02m``, ``3d04h``."""
+    if seconds is None:
+        return ""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _detail(detail: Any) -> str:
+    if not isinstance(detail, dict):
+        return compact(detail)
+    parts = [f"{k}={compact(v, 60)}" for k, v in detail.items() if v is not None]
+    return " ".join(parts)
+
+
+def _header(run: dict[str, Any]) -> Table:
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column(overflow="fold")
+    header.add_row("workflow", Text(run["id"]))
+    header.add_row("name", Text(run["name"]))
+    header.add_row("status", status_text(run["status"]))
+    if run.get("cancel_requested") and run["status"] == "running":
+        header.add_row("", Text("cancellation requested", style="magenta"))
+    if run.get("parent_id"):
+        header.add_row("parent", Text(run["parent_id"]))
+    header.add_row("created", when(run["created_at"]))
+    header.add_row("finished", when(run["finished_at"]))
+    header.add_row("args", Text(compact(run["args"])))
+    header.add_row("kwargs", Text(compact(run["kwargs"])))
+    if run["error"]:
+        header.add_row("error", Text(run["error"], style="red"))
+    else:
+        header.add_row("result", Text(compact(run["result"])))
+    return header
+
+
+def _steps(run: dict[str, Any]) -> Table:
+    columns = ("#", "kind", "name", "status", "attempts", "took", "completed", "result / error")
+    table = make_table(*columns, title="steps")
+    for s in run["steps"]:
+        outcome = Text(s["error"], style="red") if s["error"] else Text(compact(s["result"]))
+        table.add_row(
+            str(s["seq"]),
+            s["kind"],
+            Text(s["name"]),
+            status_text(s["status"]),
+            str(s["attempts"]),
+            duration(s.get("duration")),
+            when(s["completed_at"]),
+            outcome,
+        )
+    return table
+
+
+def _attempts(run: dict[str, Any]) -> Table | None:
+    """Every attempt of the steps that needed more than one, or whose attempt failed."""
+    shown = [
+        (s["seq"], a)
+        for s in run["steps"]
+        if len(s.get("attempt_history") or []) > 1 or s["status"] == "failed"
+        for a in s.get("attempt_history") or []
+    ]
+    if not shown:
+        return None
+    table = make_table("#", "attempt", "worker", "started", "took", "outcome", "error")
+    table.title = "attempts"
+    for seq, a in shown:
+        table.add_row(
+            str(seq),
+            "" if a["attempt"] is None else str(a["attempt"]),
+            Text(a["worker"] or ""),
+            when(a["started_at"]),
+            duration(a["duration"]),
+            status_text(a["outcome"]),
+            Text(a["error"] or "", style="red"),
+        )
+    return table
+
+
+def _extras(run: dict[str, Any]) -> list[Table]:
+    tables = []
+    if run["timers"]:
+        table = make_table("id", "#", "purpose", "fire at", "fired at", "late", title="timers")
+        for t in run["timers"]:
+            table.add_row(
+                str(t["id"]),
+                str(t["seq"]),
+                t["purpose"],
+                when(t["fire_at"]),
+                when(t["fired_at"]) or "pending",
+                duration(t["lateness"]),
+            )
+        tables.append(table)
+    if run.get("signals"):
+        table = make_table("id", "name", "payload", "sent", "taken by #", title="signals")
+        for s in run["signals"]:
+            taken = "" if s["consumed_seq"] is None else str(s["consumed_seq"])
+            table.add_row(
+                str(s["id"]),
+                Text(s["name"]),
+                Text(compact(s["payload"])),
+                when(s["sent_at"]),
+                taken,
+            )
+        tables.append(table)
+    if run["events"]:
+        table = make_table("key", "value", title="events")
+        for key, value in run["events"].items():
+            table.add_row(Text(key), Text(compact(value)))
+        tables.append(table)
+    return tables
+
+
+def render_run(run: dict[str, Any], out: Console) -> None:
+    """Print a run as a header, its steps (and attempts), timers, signals, events, timeline."""
+    out.print(_header(run))
+    out.print(_steps(run))
+    attempts = _attempts(run)
+    if attempts is not None:
+        out.print(attempts)
+    for table in _extras(run):
+        out.print(table)
+    timeline = make_table("at", "#", "event", "detail", title="timeline")
+    for h in run["history"]:
+        seq = "" if h["seq"] is None else str(h["seq"])
+        timeline.add_row(when(h["at"]), seq, Text(h["event"]), Text(_detail(h["detail"])))
+    out.print(timeline)

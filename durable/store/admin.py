@@ -1,0 +1,359 @@
+"""Queries of the operator's tools: listing and inspecting runs, resume, retry, fork, purge.
+
+Each write is one statement (data-modifying CTEs write the history row with the change), so
+it is safe to repeat and needs no transaction of the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, text
+
+# What a run waits on: the first position that has not settled, and its next unfired timer.
+# Listing shows this for running runs; the filters of ``durable list --waiting`` test the same
+# facts with EXISTS so that an index on the step or timer table serves them.
+_PENDING_STEP = """
+    (SELECT json_build_object('seq', p.seq, 'kind', p.kind, 'name', p.name, 'status', p.status)
+       FROM durable_steps p
+      WHERE p.workflow_id = w.id AND p.status IN ('scheduled', 'started', 'waiting', 'ready')
+      ORDER BY p.seq LIMIT 1)
+"""
+_NEXT_TIMER = """
+    (SELECT min(t.fire_at) FROM durable_timers t WHERE t.workflow_id = w.id AND t.fired_at IS NULL)
+"""
+WAITING_FILTERS = {
+    "step": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
+                   AND s.kind IN ('task', 'local')
+                   AND s.status IN ('scheduled', 'started', 'ready'))""",
+    "timer": """EXISTS (SELECT 1 FROM durable_timers t WHERE t.workflow_id = w.id
+                    AND t.fired_at IS NULL)""",
+    "signal": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
+                     AND s.kind = 'signal' AND s.status = 'waiting')""",
+}
+
+
+def list_runs(
+    conn: Connection,
+    *,
+    status: str | None = None,
+    name: str | None = None,
+    since: datetime | None = None,
+    waiting: str | None = None,
+    limit: int = 50,
+) -> list[Row[Any]]:
+    """Runs, newest first, with what each running one waits on (``pending``, ``next_timer``).
+
+    Args:
+        conn: A connection to the store.
+        status: Only runs in this status.
+        name: Only runs of this workflow.
+        since: Only runs created at or after this time.
+        waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        limit: Most rows returned.
+    """
+    where = ["true"]
+    if status:
+        where.append("w.status = :status")
+    if name:
+        where.append("w.name = :name")
+    if since:
+        where.append("w.created_at >= :since")
+    if waiting:
+        where.append(f"w.status = 'running' AND {WAITING_FILTERS[waiting]}")
+    query = f"""
+        SELECT w.id, w.name, w.status, w.created_at, w.updated_at, w.finished_at,
+               w.wake_seq > w.run_seq AS owed,
+               CASE WHEN w.status = 'running' THEN {_PENDING_STEP} END AS pending,
+               CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
+          FROM durable_workflows w
+         WHERE {" AND ".join(where)}
+         ORDER BY w.created_at DESC LIMIT :limit
+    """
+    params = {"status": status, "name": name, "since": since, "limit": limit}
+    return list(conn.execute(text(query), params))
+
+
+_TIMERS = """
+    SELECT t.id, t.workflow_id, t.seq, t.purpose, t.fire_at, t.fired_at, t.created_at,
+           w.name AS workflow_name, w.status AS workflow_status, s.name AS step_name
+      FROM durable_timers t
+      JOIN durable_workflows w ON w.id = t.workflow_id
+      LEFT JOIN durable_steps s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
+     WHERE {where}
+     ORDER BY t.fire_at, t.id LIMIT :limit
+"""
+
+
+def list_timers(
+    conn: Connection, *, pending: bool = True, workflow_id: str | None = None, limit: int = 100
+) -> list[Row[Any]]:
+    """Timers, soonest first: only unfired ones unless ``pending`` is False."""
+    where = ["true"]
+    if pending:
+        where.append("t.fired_at IS NULL")
+    if workflow_id:
+        where.append("t.workflow_id = :wid")
+    query = text(_TIMERS.format(where=" AND ".join(where)))
+    return list(conn.execute(query, {"wid": workflow_id, "limit": limit}))
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+# Resuming a running run wakes it (wake_seq + 1, so the activation replays even if the last
+# one released the lease cleanly) and takes back what may have been lost around it: a step
+# whose worker died (lease expired) goes back to scheduled, and every scheduled step is marked
+# re-sent. The caller sends the activation and those steps, and re-indexes the unfired timers
+# returned; duplicates of any of them are harmless.
+_RESUME = text(
+    """
+    WITH r AS (
+        SELECT id, name, status FROM durable_workflows WHERE id = :id
+    ), w AS (
+        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
+         WHERE id = :id AND status = 'running'
+        RETURNING id
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT id, 'resumed', jsonb_build_object('by', 'operator') FROM w
+    ), e AS (
+        UPDATE durable_steps st
+           SET status = 'scheduled', lease_owner = NULL, lease_expires_at = NULL,
+               dispatched_at = now(), dispatch_count = st.dispatch_count + 1
+          FROM w
+         WHERE st.workflow_id = w.id AND st.status = 'started' AND st.lease_expires_at < now()
+        RETURNING st.seq, st.name, st.options
+    ), eh AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT :id, seq, 'step lease expired', jsonb_build_object('by', 'operator') FROM e
+    ), s AS (
+        UPDATE durable_steps st
+           SET dispatched_at = now(), dispatch_count = st.dispatch_count + 1
+          FROM w
+         WHERE st.workflow_id = w.id AND st.status = 'scheduled'
+        RETURNING st.seq, st.name, st.options
+    )
+    SELECT r.name, r.status, (SELECT count(*) FROM w) AS woken,
+           (SELECT coalesce(json_agg(json_build_object('seq', seq, 'name', name,
+                                                       'options', options)), '[]')
+              FROM (SELECT * FROM e UNION ALL SELECT * FROM s) AS sent) AS steps,
+           (SELECT coalesce(json_agg(json_build_array(t.id, extract(epoch FROM t.fire_at))),
+                            '[]')
+              FROM durable_timers t, w
+             WHERE t.workflow_id = w.id AND t.fired_at IS NULL) AS timers
+      FROM r
+    """
+)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The outcome of :func:`resume_run`."""
+
+    name: str
+    status: str
+    """The run's status before the call; only a ``running`` run was resumed."""
+    woken: bool
+    steps: list[dict[str, Any]]
+    """The steps to send again: ``seq``, ``name``, ``options``."""
+    timers: list[tuple[int, float]]
+    """The run's unfired timers as (id, fire time as epoch), to index again."""
+
+
+def resume_run(conn: Connection, wid: str) -> Resumed | None:
+    """Wake a running run and mark its scheduled steps re-sent; None when there is no run."""
+    row = conn.execute(_RESUME, {"id": wid}).first()
+    if row is None:
+        return None
+    steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
+    timers = row.timers if isinstance(row.timers, list) else json.loads(row.timers)
+    return Resumed(
+        row.name,
+        row.status,
+        bool(row.woken),
+        list(steps),
+        [(int(t[0]), float(t[1])) for t in timers],
+    )
+
+
+# -- retry -------------------------------------------------------------------------------------
+
+# A failed run goes back to running from its first position that did not complete (a failed
+# step, a signal wait that timed out, anything cut short): that position and every one after
+# it are deleted with their timers (so they run again), signals they consumed are given back,
+# child runs they started are deleted with their own descendants (so they start afresh), and
+# the run is woken (wake_seq + 1 > run_seq: owed an activation). Earlier positions keep their
+# results. A run that failed with every position complete (the workflow raised, or replay
+# found non-determinism) keeps its whole history and replays from the top.
+_RETRY = text(
+    """
+    WITH RECURSIVE r AS (
+        SELECT id, name, status FROM durable_workflows WHERE id = :id FOR UPDATE
+    ), f AS (
+        SELECT min(seq) AS seq FROM durable_steps
+         WHERE workflow_id = :id AND status <> 'completed'
+    ), w AS (
+        UPDATE durable_workflows
+           SET status = 'running', result = NULL, error = NULL, finished_at = NULL,
+               updated_at = now(), wake_seq = wake_seq + 1, woken_at = now(),
+               lease_owner = NULL, lease_expires_at = NULL,
+               cancel_requested = false, cancelled_at_seq = NULL
+         WHERE id = :id AND status = 'failed'
+        RETURNING id
+    ), children AS (
+        SELECT c.id FROM durable_workflows c, w
+         WHERE c.parent_id = w.id AND c.parent_seq >= (SELECT seq FROM f)
+        UNION
+        SELECT g.id FROM durable_workflows g JOIN children ON g.parent_id = children.id
+    ), dc AS (
+        DELETE FROM durable_workflows WHERE id IN (SELECT id FROM children)
+    ), d AS (
+        DELETE FROM durable_steps
+         WHERE workflow_id IN (SELECT id FROM w) AND seq >= (SELECT seq FROM f)
+        RETURNING seq
+    ), t AS (
+        DELETE FROM durable_timers
+         WHERE workflow_id IN (SELECT id FROM w) AND seq >= (SELECT seq FROM f)
+    ), g AS (
+        UPDATE durable_signals SET consumed_seq = NULL, consumed_at = NULL
+         WHERE workflow_id IN (SELECT id FROM w) AND consumed_seq >= (SELECT seq FROM f)
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, (SELECT seq FROM f), 'retried',
+               jsonb_build_object('by', 'operator', 'from_step', (SELECT seq FROM f))
+          FROM w
+    )
+    SELECT r.name, r.status, (SELECT count(*) FROM w) AS retried,
+           (SELECT seq FROM f) AS from_step, (SELECT count(*) FROM d) AS removed
+      FROM r
+    """
+)
+
+
+@dataclass(frozen=True)
+class Retried:
+    """The outcome of :func:`retry_run`."""
+
+    name: str
+    status: str
+    """The run's status before the call; only a ``failed`` run was retried."""
+    retried: bool
+    from_step: int | None
+    """The first position that did not complete, run again with all after it (None: none)."""
+    removed: int
+    """How many step rows were deleted to run again."""
+
+
+def retry_run(conn: Connection, wid: str) -> Retried | None:
+    """Set a failed run running again from its first unfinished step; None: no such run."""
+    row = conn.execute(_RETRY, {"id": wid}).first()
+    if row is None:
+        return None
+    return Retried(row.name, row.status, bool(row.retried), row.from_step, int(row.removed))
+
+
+# -- fork --------------------------------------------------------------------------------------
+
+# A new run of the same workflow and arguments that reuses the completed positions before
+# ``from_step``: their rows are copied with their results and times (so ``ctx.now()`` replays
+# the same), as are the events those positions published. Everything from ``from_step`` on
+# runs again when the new run is activated.
+_FORK = text(
+    """
+    WITH src AS (
+        SELECT id, name, args, kwargs FROM durable_workflows WHERE id = :src
+    ), w AS (
+        INSERT INTO durable_workflows (id, name, status, args, kwargs)
+        SELECT :new, name, 'running', args, kwargs FROM src
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id, name
+    ), s AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, attempts, args, kwargs,
+                                   options, result, error, created_at, started_at, completed_at)
+        SELECT w.id, st.seq, st.kind, st.name, st.status, st.attempts, st.args, st.kwargs,
+               st.options, st.result, st.error, st.created_at, st.started_at, st.completed_at
+          FROM w, durable_steps st
+         WHERE st.workflow_id = :src AND st.seq < :from_step AND st.status = 'completed'
+        RETURNING seq
+    ), e AS (
+        INSERT INTO durable_events (workflow_id, key, value, updated_at)
+        SELECT DISTINCT ON (st.name) w.id, st.name, st.result, st.completed_at
+          FROM w, durable_steps st
+         WHERE st.workflow_id = :src AND st.seq < :from_step AND st.status = 'completed'
+           AND st.kind = 'event'
+         ORDER BY st.name, st.seq DESC
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT id, 'started',
+               jsonb_build_object('name', name, 'forked_from', CAST(:src AS text),
+                                  'from_step', CAST(:from_step AS int))
+          FROM w
+    ), hs AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT :new, seq, 'step copied', jsonb_build_object('from', CAST(:src AS text)) FROM s
+    )
+    SELECT src.name, (SELECT count(*) FROM w) AS created, (SELECT count(*) FROM s) AS copied
+      FROM src
+    """
+)
+
+
+@dataclass(frozen=True)
+class Forked:
+    """The outcome of :func:`fork_run`."""
+
+    name: str
+    created: bool
+    """False when the new id was taken (nothing was written)."""
+    copied: int
+
+
+def fork_run(conn: Connection, wid: str, new_id: str, from_step: int) -> Forked | None:
+    """Create run ``new_id`` from ``wid``'s completed steps before ``from_step``.
+
+    Returns None when ``wid`` does not exist.
+    """
+    row = conn.execute(_FORK, {"src": wid, "new": new_id, "from_step": from_step}).first()
+    if row is None:
+        return None
+    return Forked(row.name, bool(row.created), int(row.copied))
+
+
+# -- purge -------------------------------------------------------------------------------------
+
+# Finished runs are deleted in batches (the foreign keys cascade to their steps, timers,
+# history, signals and events), oldest first, skipping rows another purge holds.
+_PURGE = text(
+    """
+    WITH c AS (
+        SELECT id FROM durable_workflows
+         WHERE status IN ('completed', 'failed', 'cancelled')
+           AND finished_at < now() - make_interval(secs => :age)
+         ORDER BY finished_at LIMIT :batch
+           FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM durable_workflows w USING c WHERE w.id = c.id
+    RETURNING w.id
+    """
+)
+
+_COUNT_PURGEABLE = text(
+    """
+    SELECT count(*) FROM durable_workflows
+     WHERE status IN ('completed', 'failed', 'cancelled')
+       AND finished_at < now() - make_interval(secs => :age)
+    """
+)
+
+
+def purge_runs(conn: Connection, age: float, batch: int = 1000) -> int:
+    """Delete one batch of runs finished more than ``age`` seconds ago; returns how many."""
+    return len(list(conn.execute(_PURGE, {"age": age, "batch": batch})))
+
+
+def count_purgeable(conn: Connection, age: float) -> int:
+    """How many runs finished more than ``age`` seconds ago."""
+    return int(conn.execute(_COUNT_PURGEABLE, {"age": age}).scalar_one())
