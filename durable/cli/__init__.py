@@ -10,7 +10,8 @@ given bad options or arguments exits 2 the same way.
 
 One module per concept: ``_common`` (options, loading the app, reaching the store, output),
 ``db``, ``beat``, ``runs`` (start, list, show; ``_show`` prints a run), ``repair`` (resume,
-retry, fork, purge) and ``timers``; this module holds the group and registers their commands.
+retry, fork, purge), ``timers`` and ``reconcile``; this module holds the group and registers
+their commands.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from durable.cli._common import (
 )
 from durable.cli.beat import beat
 from durable.cli.db import db
+from durable.cli.reconcile import reconcile
 from durable.cli.repair import fork, purge, resume, retry
 from durable.cli.runs import list_command, show, start
 from durable.cli.timers import timers
@@ -53,12 +55,11 @@ def cli(ctx: click.Context, app: str | None, database_url: str | None) -> None:
 
 for command in (db, beat, start, list_command, show):
     cli.add_command(command)
-for command in (resume, retry, fork, purge, timers):
+for command in (resume, retry, fork, purge, timers, reconcile):
     cli.add_command(command)
 # `durable schedule ...` is registered here, by the scheduler's own module:
-from durable.cli.schedule import schedule  # noqa: E402 - the group's place among the commands
-
-cli.add_command(schedule)
+#     from durable.cli.schedule import schedule
+#     cli.add_command(schedule)
 
 
 def main() -> None:
