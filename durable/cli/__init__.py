@@ -58,8 +58,9 @@ for command in (db, beat, start, list_command, show):
 for command in (resume, retry, fork, purge, timers, reconcile):
     cli.add_command(command)
 # `durable schedule ...` is registered here, by the scheduler's own module:
-#     from durable.cli.schedule import schedule
-#     cli.add_command(schedule)
+from durable.cli.schedule import schedule  # noqa: E402 - the group's place among the commands
+
+cli.add_command(schedule)
 
 
 def main() -> None:
