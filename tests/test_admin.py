@@ -210,16 +210,19 @@ def test_show_is_a_timeline_of_attempts_timers_signals_and_events(
 
 
 def test_resume_resends_a_lost_step_and_the_activation(
-    app: Celery, durable: Durable, shop: redis.Redis, prefix: str, worker: Any, spec: str
+    app: Celery, durable: Durable, shop: redis.Redis, prefix: str, spec: str
 ) -> None:
-    durable.start("adm.held", workflow_id="r-1")
-    wait_until(lambda: shop.llen(f"{prefix}:held") == 1, what="the step message")
+    # One in-process worker at a time: they share Celery's process-wide worker state.
+    with start_worker(app, pool="threads", perform_ping_check=False, loglevel="WARNING"):
+        durable.start("adm.held", workflow_id="r-1")
+        wait_until(lambda: shop.llen(f"{prefix}:held") == 1, what="the step message")
     shop.delete(f"{prefix}:held")  # the broker lost it
     result = durable_cli(spec, "resume", "r-1")
     assert result.exit_code == 0, result.output
     assert "r-1" in result.stdout and "steps re-sent: 1" in result.stdout
     assert shop.llen(f"{prefix}:held") == 1
-    with start_worker(app, pool="solo", queues=["held"], perform_ping_check=False):
+    queues = ["celery", "held"]
+    with start_worker(app, pool="threads", queues=queues, perform_ping_check=False):
         assert durable.run("r-1").result(timeout=20) == "held run 1"
     assert count(shop, prefix, "held") == 1
     events = [r.event for r in query(durable.settings.database_url, HISTORY, id="r-1")]

@@ -38,6 +38,14 @@ def use(durable: Durable) -> str:
     return f"{__name__}:CURRENT"
 
 
+def worker_on(app: Celery, *queues: str) -> Any:
+    """An in-process worker on these queues (one at a time: they share Celery's state)."""
+    return start_worker(
+        app, pool="threads", concurrency=2, queues=list(queues), perform_ping_check=False,
+        loglevel="WARNING",
+    )  # fmt: skip
+
+
 def reconcile(spec: str, *args: str) -> tuple[Result, dict[str, Any]]:
     clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("DURABLE_")}
     argv = ["-A", spec, "reconcile", "--json", "--grace", GRACE, *args]
@@ -85,11 +93,12 @@ def held(app: Celery, durable: Durable) -> None:
 
 
 def test_a_lost_step_message_is_sent_again(
-    app: Celery, durable: Durable, held: None, worker: Any, spec: str, prefix: str, redis_url: str
+    app: Celery, durable: Durable, held: None, spec: str, prefix: str, redis_url: str
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    run = durable.start("rec.held", workflow_id="lost-step")
-    wait_until(lambda: client.llen(f"{prefix}:held") == 1, what="the step message")
+    with worker_on(app, "celery"):
+        run = durable.start("rec.held", workflow_id="lost-step")
+        wait_until(lambda: client.llen(f"{prefix}:held") == 1, what="the step message")
     client.delete(f"{prefix}:held")
     wait_until(lambda: found(spec), what="the finding")
     (finding,) = fix(spec, {("step-message-lost", "lost-step")})
@@ -99,7 +108,7 @@ def test_a_lost_step_message_is_sent_again(
         "re-sent the step",
     )
     assert client.llen(f"{prefix}:held") == 1
-    with start_worker(app, pool="solo", queues=["held"], perform_ping_check=False):
+    with worker_on(app, "celery", "held"):
         assert run.result(timeout=20) == "held done"
     result, report = reconcile(spec)
     assert (result.exit_code, report["findings"]) == (0, [])
@@ -108,11 +117,12 @@ def test_a_lost_step_message_is_sent_again(
 
 
 def test_a_running_run_with_nothing_pending_is_woken(
-    app: Celery, durable: Durable, held: None, worker: Any, spec: str, prefix: str, redis_url: str
+    app: Celery, durable: Durable, held: None, spec: str, prefix: str, redis_url: str
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    run = durable.start("rec.held", workflow_id="idle")
-    wait_until(lambda: client.llen(f"{prefix}:held") == 1, what="the step message")
+    with worker_on(app, "celery"):
+        run = durable.start("rec.held", workflow_id="idle")
+        wait_until(lambda: client.llen(f"{prefix}:held") == 1, what="the step message")
     # An operator's clean-up gone wrong: the step's row and its message are gone, so the run
     # is running with no step, no timer, no signal wait, and no activation owed.
     client.delete(f"{prefix}:held")
@@ -123,8 +133,7 @@ def test_a_running_run_with_nothing_pending_is_woken(
     wait_until(lambda: found(spec), what="the finding")
     (finding,) = fix(spec, {("workflow-idle", "idle")})
     assert finding["action"] == "woke the run and sent an activation"
-    wait_until(lambda: client.llen(f"{prefix}:held") == 1, what="the step scheduled again")
-    with start_worker(app, pool="solo", queues=["held"], perform_ping_check=False):
+    with worker_on(app, "celery", "held"):
         assert run.result(timeout=20) == "held done"
 
 
@@ -194,17 +203,17 @@ def test_a_completed_step_whose_workflow_was_never_resumed(
         return str(ctx.step(first))
 
     try:
-        with start_worker(app, pool="solo", queues=["wf"], perform_ping_check=False):
+        with worker_on(app, "wf"):
             run = durable.start("rec.one", workflow_id="unresumed")
             wait_until(lambda: client.llen(f"{prefix}:celery") == 1, what="the step message")
-        with start_worker(app, pool="solo", queues=["celery"], perform_ping_check=False):
+        with worker_on(app, "celery"):
             wait_until(lambda: STEP_DONE in events(database_url), what="the step")
         client.delete(f"{prefix}:wf")  # whatever activation was sent is lost
         wait_until(lambda: found(spec), what="the finding")
         (finding,) = fix(spec, {("workflow-not-resumed", "unresumed")})
         assert "step 1 completed" in finding["detail"]
         assert client.llen(f"{prefix}:wf") == 1
-        with start_worker(app, pool="threads", queues=["wf", "celery"], perform_ping_check=False):
+        with worker_on(app, "wf", "celery"):
             assert run.result(timeout=30) == "first"
     finally:
         clean_keys(redis_url, prefix)
