@@ -1,5 +1,5 @@
 """The operator's commands against real runs: list filters, show, resume, retry, fork, purge,
-and timers, through the ``durable`` command with real workers."""
+timers, signal and cancel, through the ``durable`` command with real workers."""
 
 from __future__ import annotations
 
@@ -327,3 +327,27 @@ def test_timers_list(durable: Durable, shop: Any, worker: Any, beat: Any, spec: 
     assert [t["workflow_id"] for t in only] == ["t-quick"]
     table = durable_cli(spec, "timers", "list").stdout
     assert "t-long" in table and "in 59m" in table
+
+
+def test_signal_and_cancel(durable: Durable, shop: Any, worker: Any, spec: str) -> None:
+    waiting = durable.start("adm.signal", workflow_id="s-1")
+    result = durable_cli(spec, "signal", "s-1", "go", "--payload", '{"carrier": "ups"}')
+    assert result.exit_code == 0, result.output
+    assert waiting.result(timeout=20) == {"carrier": "ups"}
+
+    ended = durable_cli(spec, "signal", "s-1", "go")
+    assert ended.exit_code == 1 and "already completed" in one_line_error(ended)
+    assert durable_cli(spec, "signal", "nope", "go").exit_code == 1
+    bad = durable_cli(spec, "signal", "s-1", "go", "--payload", "{")
+    assert bad.exit_code == 2 and "--payload" in one_line_error(bad)
+
+    sleeping = durable.start("adm.sleepy", 3600, workflow_id="c-1")
+    wait_until(lambda: query(durable.settings.database_url, TIMERS, id="c-1"), what="the sleep")
+    result = durable_cli(spec, "cancel", "c-1")
+    assert result.exit_code == 0, result.output
+    wait_until(lambda: sleeping.status() == "cancelled", what="the cancellation")
+    again = durable_cli(spec, "cancel", "c-1")
+    assert again.exit_code == 1 and "already cancelled" in one_line_error(again)
+
+
+TIMERS = "SELECT id FROM durable_timers WHERE workflow_id = :id"

@@ -9,9 +9,9 @@ A failing command prints one line, ``durable: <reason>``, on stderr and exits 1;
 given bad options or arguments exits 2 the same way.
 
 One module per concept: ``_common`` (options, loading the app, reaching the store, output),
-``db``, ``beat``, ``runs`` (start, list, show; ``_show`` prints a run), ``repair`` (resume,
-retry, fork, purge), ``timers`` and ``reconcile``; this module holds the group and registers
-their commands.
+``db``, ``beat``, ``runs`` (start, list, show, signal, cancel; ``_show`` prints a run),
+``repair`` (resume, retry, fork, purge), ``timers`` and ``reconcile``; this module holds the
+group and registers their commands.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from durable.cli.beat import beat
 from durable.cli.db import db
 from durable.cli.reconcile import reconcile
 from durable.cli.repair import fork, purge, resume, retry
-from durable.cli.runs import list_command, show, start
+from durable.cli.runs import cancel, list_command, show, signal_command, start
 from durable.cli.timers import timers
 
 __all__ = ["cli", "load_durable", "main"]
@@ -53,7 +53,7 @@ def cli(ctx: click.Context, app: str | None, database_url: str | None) -> None:
     ctx.obj = Globals(app, database_url, given(ctx, "database_url"))
 
 
-for command in (db, beat, start, list_command, show):
+for command in (db, beat, start, list_command, show, signal_command, cancel):
     cli.add_command(command)
 for command in (resume, retry, fork, purge, timers, reconcile):
     cli.add_command(command)

@@ -1,4 +1,7 @@
-"""``durable start``, ``list`` and ``show``: start workflow runs and inspect them."""
+"""``durable start``, ``list``, ``show``, ``signal`` and ``cancel``: the life of a run.
+
+Start runs, inspect them, and talk to running ones.
+"""
 
 from __future__ import annotations
 
@@ -197,3 +200,41 @@ def show(
         print_json(run)
     else:
         render_run(run, console())
+
+
+def _payload_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    return None if value is None else parse_json(value, param, object, "value")
+
+
+@click.command("signal")
+@click.argument("workflow_id", metavar="ID")
+@click.argument("name")
+@click.option(
+    "--payload",
+    callback=_payload_callback,
+    metavar="JSON",
+    show_envvar=True,
+    help="The signal's payload, any JSON value (default: null).",
+)
+@app_option
+@click.pass_context
+def signal_command(
+    ctx: click.Context, workflow_id: str, name: str, payload: Any, app: str | None
+) -> None:
+    """Send signal NAME to running workflow ID; it is stored before this returns."""
+    require_app(ctx, app).signal(workflow_id, name, payload)
+    click.echo(f"sent {name!r} to {workflow_id}")
+
+
+@click.command()
+@click.argument("workflow_id", metavar="ID")
+@app_option
+@click.pass_context
+def cancel(ctx: click.Context, workflow_id: str, app: str | None) -> None:
+    """Cancel running workflow ID and its child workflows.
+
+    The workflow receives WorkflowCancelled at its next step, sleep or signal wait, may
+    compensate, and ends cancelled. Cancelling twice is harmless.
+    """
+    require_app(ctx, app).cancel(workflow_id)
+    click.echo(f"cancellation of {workflow_id} requested")
