@@ -6,11 +6,14 @@ import logging
 import signal
 import sys
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import click
 
+from durable import metrics
 from durable.beat import Beat
-from durable.cli._common import app_option, require_app
+from durable.cli._common import CommandFailed, app_option, require_app
+from durable.runtime import Durable
 from durable.store import engine as store_engine
 
 
@@ -25,6 +28,21 @@ from durable.store import engine as store_engine
     help="Seconds between sweeps of PostgreSQL for overdue timers and lost dispatches.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    metavar="PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics on this port at /metrics (default: no metrics).",
+)
+@click.option(
+    "--metrics-address",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDRESS",
+    show_envvar=True,
+    help="Address the metrics server listens on.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -33,10 +51,18 @@ from durable.store import engine as store_engine
     help="Level of the log lines written to stderr.",
 )
 @click.pass_context
-def beat(ctx: click.Context, app: str | None, sweep_interval: float, log_level: str) -> None:
+def beat(
+    ctx: click.Context,
+    app: str | None,
+    sweep_interval: float,
+    metrics_port: int | None,
+    metrics_address: str,
+    log_level: str,
+) -> None:
     """Run the timer service and the recovery sweep until SIGTERM or SIGINT.
 
-    Run two or more for availability: every beat fires timers exactly once.
+    Run two or more for availability: every beat fires timers exactly once. With
+    --metrics-port it also serves Prometheus metrics (see docs/operations.md).
     """
     durable = require_app(ctx, app)
     _ = durable.settings  # fail now on a missing setting, not later in the loop
@@ -51,10 +77,25 @@ def beat(ctx: click.Context, app: str | None, sweep_interval: float, log_level: 
         logging.getLogger(__name__).info("%s received; stopping", signal.Signals(signum).name)
         service.stopping.set()
 
+    server = None
+    if metrics_port is not None:
+        server = _serve_metrics(durable, metrics_port, metrics_address, service)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         service.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         store_engine.dispose_all()
+
+
+def _serve_metrics(durable: Durable, port: int, address: str, service: Beat) -> WSGIServer:
+    try:
+        server = metrics.serve(durable, port, address, service.stats)
+    except OSError as exc:
+        raise CommandFailed(f"cannot serve metrics on {address}:{port}: {exc.strerror}") from None
+    logging.getLogger(__name__).info("metrics at http://%s:%d/metrics", address, port)
+    return server

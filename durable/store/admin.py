@@ -1,9 +1,10 @@
 """Queries of the operator's tools: listing and inspecting runs, resume, retry, fork, purge.
 
 Each write is one statement (data-modifying CTEs write the history row with the change), so
-it is safe to repeat and needs no transaction of the caller's. The last section holds
-reconciliation's finders (read only) and its repairs, each conditional on the state the finder
-saw, so a repair racing the beat's own sweep changes nothing twice.
+it is safe to repeat and needs no transaction of the caller's. Then come reconciliation's
+finders (read only) and its repairs, each conditional on the state the finder saw, so a
+repair racing the beat's own sweep changes nothing twice; and the aggregates that metrics
+read on every scrape.
 """
 
 from __future__ import annotations
@@ -596,3 +597,76 @@ def wake_idle(conn: Connection, ids: list[str]) -> list[Row[Any]]:
 def restore_timers(conn: Connection, keys: list[tuple[str, int]]) -> list[Row[Any]]:
     """Give these waiting steps a new timer: (workflow_id, seq, id, fire_at as epoch) rows."""
     return list(conn.execute(_RESTORE_TIMERS, _keys(keys)))
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+# Read on every scrape of ``durable beat --metrics-port``; each is one aggregate over a table.
+# ``width_bucket`` gives, per value, how many of the (sorted) bounds are at or below it, which
+# the collector turns into Prometheus's cumulative buckets.
+_RUN_COUNTS = text("SELECT name, status, count(*) AS n FROM durable_workflows GROUP BY 1, 2")
+
+_STEP_DURATIONS = text(
+    """
+    WITH d AS (
+        SELECT name, extract(epoch FROM completed_at - started_at) AS secs
+          FROM durable_steps
+         WHERE kind = 'task' AND status IN ('completed', 'failed')
+           AND started_at IS NOT NULL AND completed_at IS NOT NULL
+    )
+    SELECT name, width_bucket(secs, CAST(:bounds AS float8[])) AS bucket, count(*) AS n,
+           CAST(sum(secs) AS float8) AS total
+      FROM d GROUP BY 1, 2
+    """
+)
+
+_STEP_RETRIES = text(
+    """
+    SELECT name, sum(greatest(attempts - 1, 0)) AS n FROM durable_steps
+     WHERE kind IN ('task', 'local') GROUP BY 1
+    """
+)
+
+_TIMER_LATENESS = text(
+    """
+    WITH d AS (
+        SELECT purpose, extract(epoch FROM fired_at - fire_at) AS secs
+          FROM durable_timers WHERE fired_at IS NOT NULL
+    )
+    SELECT purpose AS name, width_bucket(secs, CAST(:bounds AS float8[])) AS bucket,
+           count(*) AS n, CAST(sum(secs) AS float8) AS total
+      FROM d GROUP BY 1, 2
+    """
+)
+
+_PENDING_TIMERS = text(
+    """
+    SELECT count(*) AS pending, count(*) FILTER (WHERE fire_at < now()) AS due
+      FROM durable_timers WHERE fired_at IS NULL
+    """
+)
+
+
+def run_counts(conn: Connection) -> list[Row[Any]]:
+    """How many runs of each workflow are in each status: (name, status, n) rows."""
+    return list(conn.execute(_RUN_COUNTS))
+
+
+def step_durations(conn: Connection, bounds: list[float]) -> list[Row[Any]]:
+    """Remote steps' last-attempt durations: (name, bucket, n, total) rows (see above)."""
+    return list(conn.execute(_STEP_DURATIONS, {"bounds": bounds}))
+
+
+def step_retries(conn: Connection) -> list[Row[Any]]:
+    """Attempts beyond the first, per step name: (name, n) rows."""
+    return list(conn.execute(_STEP_RETRIES))
+
+
+def timer_lateness(conn: Connection, bounds: list[float]) -> list[Row[Any]]:
+    """Fired timers' lateness per purpose: (name, bucket, n, total) rows (see above)."""
+    return list(conn.execute(_TIMER_LATENESS, {"bounds": bounds}))
+
+
+def pending_timers(conn: Connection) -> Row[Any]:
+    """How many timers have not fired (``pending``), and how many of those are due."""
+    return conn.execute(_PENDING_TIMERS).one()
