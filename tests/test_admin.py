@@ -259,6 +259,25 @@ def test_retry_runs_a_failed_run_again_from_its_failed_step(
     assert "running, not failed" in one_line_error(not_failed)
 
 
+def test_retry_starts_a_failed_child_run_afresh(
+    durable: Durable, shop: redis.Redis, prefix: str, worker: Any, spec: str
+) -> None:
+    @durable.workflow("adm.parent")
+    def parent(ctx: Any) -> list[Any]:
+        return [ctx.step(work_task(durable), "c-0"), ctx.child("adm.fails")]
+
+    run = durable.start("adm.parent", workflow_id="parent")
+    wait_until(lambda: run.status() == "failed", what="the parent to fail with its child")
+    assert durable.run("parent/2").status() == "failed"
+    shop.set(f"{prefix}:ok:f-2", "1")
+    assert as_json(durable_cli(spec, "retry", "parent", "--json"))["from_step"] == 2
+    assert run.result(timeout=20) == ["c-0 run 1", ["f-1 run 2", "f-2 run 2", "f-3 run 1"]]
+
+
+def work_task(durable: Durable) -> Any:
+    return durable.app.tasks["adm.work"]
+
+
 def test_fork_reruns_from_a_step_reusing_earlier_results(
     durable: Durable, shop: redis.Redis, prefix: str, worker: Any, spec: str
 ) -> None:
