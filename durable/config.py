@@ -44,6 +44,13 @@ class Settings:
     """Continue the workflow in the process that finished its step (saves a broker hop)."""
     connect_retries: int = 3
     """Attempts to reach PostgreSQL before giving up with a clear error."""
+    leader_ttl: timedelta = timedelta(seconds=10)
+    """Life of the beat leader's Redis lock, renewed every third of it: a stand-by beat
+    takes over within this (plus a second) of the leader's death."""
+    schedule_grace: timedelta = timedelta(seconds=60)
+    """How late a schedule's fire may be and still count as on time rather than missed."""
+    schedule_catchup_limit: int = 100
+    """Most missed fires one catch-up of policy ``all`` starts (the newest ones)."""
 
     @property
     def heartbeat_interval(self) -> float:
@@ -51,8 +58,16 @@ class Settings:
         return self.lease_ttl.total_seconds() / 3
 
 
-_DURATIONS = {"lease_ttl", "redispatch_after"}
-_INTS = {"max_payload_bytes", "connect_retries"}
+_DURATIONS = {"lease_ttl", "redispatch_after", "leader_ttl", "schedule_grace"}
+_INTS = {"max_payload_bytes", "connect_retries", "schedule_catchup_limit"}
+# Settings that must be positive (durations: longer than zero; counts: at least one).
+_POSITIVE = {
+    "lease_ttl",
+    "leader_ttl",
+    "max_payload_bytes",
+    "connect_retries",
+    "schedule_catchup_limit",
+}
 _BOOLS = {"inline_activation"}
 
 
@@ -68,6 +83,15 @@ def normalise_database_url(url: str) -> str:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    coerced = _convert(name, value)
+    if name in _POSITIVE and coerced <= (timedelta(0) if name in _DURATIONS else 0):
+        raise ConfigurationError(f"setting {name}: {value!r} must be positive")
+    if name in _DURATIONS and coerced < timedelta(0):
+        raise ConfigurationError(f"setting {name}: {value!r} must not be negative")
+    return coerced
+
+
+def _convert(name: str, value: Any) -> Any:
     try:
         if name in _DURATIONS:
             return value if isinstance(value, timedelta) else timedelta(seconds=float(value))

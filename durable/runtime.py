@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery
 from celery.canvas import Signature
@@ -34,6 +34,9 @@ from durable.store import engine as store_engine
 from durable.store import runs
 from durable.store.timers import FiredTimer
 from durable.timers import TimerIndex
+
+if TYPE_CHECKING:
+    from durable.scheduler import Schedules
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +272,16 @@ class Durable:
         if self.store(lambda c: runs.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
         return WorkflowRun(self, workflow_id)
+
+    @property
+    def schedules(self) -> Schedules:
+        """Schedules from Python: ``durable.schedules.add("nightly", workflow=..., cron=...)``.
+
+        See :class:`durable.scheduler.Schedules` and ``docs/scheduling.md``.
+        """
+        from durable.scheduler import Schedules
+
+        return Schedules(self)
 
     def chain(self, *signatures: Signature[Any]) -> DurableChain:
         """A Celery chain made durable: ``durable.chain(a.s(1), b.s()).start(workflow_id=...)``.

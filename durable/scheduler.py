@@ -105,11 +105,7 @@ class ScheduleNotFound(DurableError):
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """The scheduler's tunables, read like every other setting (see :mod:`durable.config`).
-
-    Precedence: ``Durable(app, x=...)``, then ``DURABLE_X``, then ``app.conf.durable_x``,
-    then the default. Durations are seconds in the environment.
-    """
+    """The scheduler's tunables; see :class:`durable.config.Settings` for each."""
 
     leader_ttl: timedelta = timedelta(seconds=10)
     """Life of the beat leader's Redis lock; renewed every third of it. A stand-by takes over
@@ -121,33 +117,13 @@ class ScheduleSettings:
 
 
 def schedule_settings(durable: Durable) -> ScheduleSettings:
-    """Read :class:`ScheduleSettings` for ``durable``'s app."""
-    overrides = getattr(durable, "_overrides", {})
-    values: dict[str, Any] = {}
-    for f in fields(ScheduleSettings):
-        raw = overrides.get(f.name)
-        if raw is None:
-            raw = os.environ.get(f"DURABLE_{f.name.upper()}") or None
-        if raw is None:
-            raw = durable.app.conf.get(f"durable_{f.name}")
-        if raw is not None:
-            values[f.name] = _setting(f.name, raw)
-    return ScheduleSettings(**values)
-
-
-def _setting(name: str, raw: Any) -> Any:
-    try:
-        if name == "schedule_catchup_limit":
-            value: Any = int(raw)
-            ok = value >= 1
-        else:
-            value = raw if isinstance(raw, timedelta) else timedelta(seconds=float(raw))
-            ok = value > timedelta(0) if name == "leader_ttl" else value >= timedelta(0)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"setting {name}: cannot read {raw!r} ({exc})") from None
-    if not ok:
-        raise ConfigurationError(f"setting {name}: {raw!r} is out of range")
-    return value
+    """The scheduler's settings for ``durable`` (kept with the others in its settings)."""
+    settings = durable.settings
+    return ScheduleSettings(
+        leader_ttl=settings.leader_ttl,
+        schedule_grace=settings.schedule_grace,
+        schedule_catchup_limit=settings.schedule_catchup_limit,
+    )
 
 
 # -- when a schedule fires ------------------------------------------------------------------
