@@ -91,26 +91,31 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
     result: str | None = None
     error: str | None = None
     status = "completed"
+    if fn is None:
+        # Not registered in this process (a worker without the workflow's module): let a
+        # worker that has it take the run, instead of failing it here.
+        exc = UnknownWorkflow(activation.name, list(durable.registry))
+        log.error("durable: %s; activation of %s left for another worker", exc, ctx.workflow_id)
+        return "unknown-workflow", ctx.effects
     try:
-        if fn is None:
-            raise UnknownWorkflow(activation.name, list(durable.registry))
         value = fn(ctx, *activation.args, **activation.kwargs)
         ctx.check_end()
         result = encode(value, f"result of workflow {activation.workflow_id}", limit)
     except Suspend:
-        return "suspended", ctx.effects
-    except UnknownWorkflow as exc:
-        # Not registered in this process (a worker without the workflow's module): let a
-        # worker that has it take the run, instead of failing it here.
-        log.error("durable: %s; activation of %s left for another worker", exc, ctx.workflow_id)
-        return "unknown-workflow", ctx.effects
+        if ctx.nondeterminism is None:
+            return "suspended", ctx.effects
+        status, error = "failed", str(ctx.nondeterminism)
     except WorkflowCancelled:
         status, error = "cancelled", "cancelled"
     except (NonDeterminismError, PayloadError) as exc:
         status, error = "failed", str(exc)
     except Exception as exc:
         status, error = "failed", describe_exception(exc)
-    if status == "completed" and ctx.cancel_delivered:
+    if ctx.nondeterminism is not None:
+        # Raised at a position even if the code caught it (``except Exception``): the run's
+        # history no longer matches its code, so it must not go on as if it did.
+        status, error, result = "failed", str(ctx.nondeterminism), None
+    elif status == "completed" and ctx.cancel_delivered:
         status, error = "cancelled", "cancelled"  # compensated, then returned
     wid = activation.workflow_id
     ended = durable.store(lambda c: runs.finish(c, wid, owner, status, result, error))

@@ -127,6 +127,8 @@ class WorkflowContext(PrimitivesMixin):
         self._cancel_requested = activation.cancel_requested
         self._cancelled_at = activation.cancelled_at_seq
         self.cancel_delivered = False
+        self.nondeterminism: NonDeterminismError | None = None
+        """Set when replay met a mismatch, even if the workflow's code caught the error."""
         self._patches = set(activation.patches)
         self._patch_memo: dict[str, bool] = {}
         self.workflow_id = activation.workflow_id
@@ -195,9 +197,10 @@ class WorkflowContext(PrimitivesMixin):
         seq = self._seq
         record = self._records.get(seq)
         if record is not None and (record["kind"] != kind or record["name"] != name):
-            raise NonDeterminismError(
+            self.nondeterminism = NonDeterminismError(
                 self.workflow_id, seq, f"{kind} {name}", f"{record['kind']} {record['name']}"
             )
+            raise self.nondeterminism
         if check_cancel:
             self._check_cancel(seq, record)
         if record is not None and record.get("completed_at"):
@@ -272,6 +275,8 @@ class WorkflowContext(PrimitivesMixin):
         ``retry``, ``local`` and ``timeout`` are durable's: a task cannot receive keyword
         arguments of those names through ``ctx.step``.
         """
+        if local and timeout is not None:
+            raise ValueError("ctx.step: timeout= applies to remote steps, not to local=True")
         kind = "local" if local else "task"
         seq, record = self._take(kind, _step_name(task))
         if record is not None and not (local and record["status"] == "ready"):

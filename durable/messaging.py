@@ -8,6 +8,7 @@ only then sends the activation, so nothing depends on a worker being up at that 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from durable.errors import WorkflowNotFound, WorkflowNotRunning
@@ -31,11 +32,15 @@ def signal(durable: Durable, workflow_id: str, name: str, payload: Any = None) -
     durable.send_activation(workflow_id)
 
 
-def get_event(durable: Durable, workflow_id: str, key: str, timeout: float | None = None) -> Any:
+def get_event(
+    durable: Durable, workflow_id: str, key: str, timeout: timedelta | float | None = None
+) -> Any:
     """The latest value a workflow published under ``key``, or None.
 
-    With ``timeout`` (seconds) wait up to that long for the key to be set.
+    With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
     """
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.01
     while True:

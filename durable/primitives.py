@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.canvas import Signature
 
-from durable._control import Suspend
-from durable.errors import SignalTimeout, StepFailed, WorkflowCancelled
+from durable._control import PENDING, Suspend
+from durable.errors import SignalTimeout, StepFailed, WorkflowCancelled, WorkflowIdConflict
 from durable.retry import NO_RETRY, RetryPolicy
 from durable.serialization import encode
 from durable.store import runs as run_queries
@@ -127,15 +127,20 @@ class PrimitivesMixin:
         policy = retry.to_dict() if retry is not None else NO_RETRY
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         records: list[tuple[int, dict[str, Any] | None]] = []
+        described = []
+        # Every position of the batch is taken before a cancellation can be delivered, so
+        # that compensation after it never lands on a position of the batch.
         for call in calls:
             name, args, kwargs, options = self._describe(call, (), {})
-            seq, record = self._take("task", name)
+            seq, record = self._take("task", name, check_cancel=False)
             records.append((seq, record))
+            described.append((name, args, kwargs, options))
+        for seq, record in records:
+            self.check_cancel(seq, record)
+        for (seq, record), (name, args, kwargs, options) in zip(records, described, strict=True):
             if record is None:
                 self._schedule(seq, name, args, kwargs, options, policy, seconds)
-        if any(
-            r is None or r["status"] not in ("completed", "failed", "cancelled") for _, r in records
-        ):
+        if any(r is None or r["status"] in PENDING for _, r in records):
             raise Suspend()
         return [self._settled(seq, record) for seq, record in records if record is not None]
 
@@ -154,7 +159,7 @@ class PrimitivesMixin:
             summaries = ctx.map(summarise, chunks)
         """
         base = task if isinstance(task, Signature) else task.s()
-        calls = [base.clone(args=(*base.args, item)) for item in items]
+        calls = [base.replace(args=(*base.args, item)) for item in items]
         return self.parallel(calls, retry=retry, timeout=timeout)
 
     # -- child workflows ----------------------------------------------------------------------
@@ -183,11 +188,16 @@ class PrimitivesMixin:
         args_json = encode(list(args), f"arguments of child workflow {name}", limit)
         kwargs_json = encode(kwargs, f"keyword arguments of child workflow {name}", limit)
         wid, owner = self.workflow_id, self._owner
-        self._durable.store(
+        timeout = self._durable.execution_timeouts.get(name)
+        started = self._durable.store(
             lambda c: run_queries.start_child(
-                c, wid, owner, seq, child_id, name, args_json, kwargs_json
+                c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout
             )
         )
+        if not started.ours:
+            raise WorkflowIdConflict(child_id, started.taken_by or "?", name)
+        if started.timer:
+            self.effects.timers.append(started.timer)
         self.effects.activations.append(child_id)
         raise Suspend()
 

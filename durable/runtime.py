@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 ACTIVATE_TASK = "durable.activate"
 STEP_TASK = "durable.step"
 ROUTING_KEYS = ("queue", "routing_key", "exchange", "priority")
+TIME_LIMIT_GRACE = 5.0
+"""Seconds between a step's soft time limit (its ``timeout``) and Celery's hard kill."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -305,10 +307,12 @@ class Durable:
         """
         messaging.signal(self, workflow_id, name, payload)
 
-    def get_event(self, workflow_id: str, key: str, timeout: float | None = None) -> Any:
+    def get_event(
+        self, workflow_id: str, key: str, timeout: timedelta | float | None = None
+    ) -> Any:
         """The latest value a workflow published with ``ctx.set_event(key, ...)``, or None.
 
-        With ``timeout`` (seconds) wait up to that long for the key to be set.
+        With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
         """
         return messaging.get_event(self, workflow_id, key, timeout)
 
@@ -338,6 +342,12 @@ class Durable:
         send["route_name"] = name
         send["shadow"] = options.get("label") or f"{name}[{workflow_id}#{seq}]"
         send["argsrepr"] = repr((workflow_id, seq))
+        timeout = options.get("timeout")
+        if timeout:
+            # Celery's own limits stop the body where the pool can (prefork); the beat's
+            # deadline sweep fails the attempt either way.
+            send["soft_time_limit"] = float(timeout)
+            send["time_limit"] = float(timeout) + TIME_LIMIT_GRACE
         self._send(STEP_TASK, [workflow_id, seq], send)
 
     def _send(self, task: str, args: list[Any], options: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from durable.retry import NO_RETRY, retry_delay
+from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.store import recovery
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
@@ -72,10 +72,13 @@ def _time_out(
 ) -> None:
     error = f"TimeoutError: attempt {step.attempts} ran past its timeout"
     policy: dict[str, Any] = step.options.get("retry") or NO_RETRY
-    delay = retry_delay(policy, step.attempts)
+    retryable = is_retryable(policy, TimeoutError(error))
+    delay = retry_delay(policy, step.attempts) if retryable else None
     if delay is not None:
         timer = step_queries.schedule_retry(conn, step.workflow_id, step.seq, error, delay)
         if timer:
             timers.append(timer)
-    elif step_queries.settle_step(conn, step.workflow_id, step.seq, error=error).settled:
+    elif step_queries.settle_step(
+        conn, step.workflow_id, step.seq, error=error, attempt=step.attempts
+    ).settled:
         woken.append(step.workflow_id)

@@ -139,6 +139,7 @@ def _settle(
             owner=owner,
             ttl=ttl,
             acquire=durable.settings.inline_activation,
+            attempt=claimed.attempt,
         )
     )
     if not settled.settled:

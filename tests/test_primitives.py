@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from sqlalchemy import text
 
 from durable import (
     Durable,
@@ -344,3 +346,141 @@ def test_execution_timeout_fails_the_run(durable: Durable, worker: Any, beat: An
     with pytest.raises(WorkflowFailed) as info:
         run.result(timeout=20)
     assert info.value.error == "execution timeout exceeded"
+
+
+def test_cancel_inside_a_parallel_batch_then_compensate(
+    app: Celery, durable: Durable, worker: Any, redis_url: str, prefix: str, database_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="t.part_slow", shared=False)
+    def part(i: int) -> int:
+        _bump(client, prefix, "part-started")
+        time.sleep(1.0)
+        return i
+
+    @app.task(name="t.undo", shared=False)
+    def undo() -> str:
+        return "undone"
+
+    @durable.workflow("wf.cancel_batch")
+    def wf(ctx: Any) -> Any:
+        try:
+            return ctx.map(part, [1, 2, 3, 4])
+        except WorkflowCancelled:
+            return ctx.step(undo)
+
+    app.conf.worker_prefetch_multiplier = 1
+    run = durable.start("wf.cancel_batch", workflow_id="cb-1")
+    wait_until(lambda: client.get(f"{prefix}:count:part-started"), what="the batch")
+    durable.cancel("cb-1")
+    with pytest.raises(WorkflowCancelled):
+        run.result(timeout=20)
+    rows = query(
+        database_url,
+        "SELECT seq, name, status FROM durable_steps WHERE workflow_id = 'cb-1' ORDER BY seq",
+    )
+    assert rows[-1].name == "t.undo" and rows[-1].status == "completed"
+    assert rows[-1].seq == 5  # compensation comes after every position of the batch
+    assert not [r for r in rows if r.status in ("scheduled", "waiting", "ready")]
+
+
+def test_map_keeps_a_partial_signatures_arguments(
+    app: Celery, durable: Durable, worker: Any
+) -> None:
+    @app.task(name="t.summarise", shared=False)
+    def summarise(model: str, text: str) -> str:
+        return f"{model}:{text}"
+
+    @durable.workflow("wf.map_partial")
+    def wf(ctx: Any) -> list[str]:
+        return list(ctx.map(summarise.s("model-x"), ["a", "b"]))
+
+    run = durable.start("wf.map_partial", workflow_id="mp-1")
+    assert run.result(timeout=20) == ["model-x:a", "model-x:b"]
+
+
+def test_caught_non_determinism_still_fails_the_run(
+    app: Celery, durable: Durable, worker: Any, database_url: str
+) -> None:
+    @app.task(name="t.old_step", shared=False)
+    def old_step() -> str:
+        return "old"
+
+    @app.task(name="t.new_step", shared=False)
+    def new_step() -> str:
+        return "new"
+
+    @durable.workflow("wf.swallow")
+    def v1(ctx: Any) -> None:
+        ctx.step(old_step)
+        ctx.wait_for_signal("go")
+
+    durable.start("wf.swallow", workflow_id="sw-1")
+    wait_until(
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM durable_steps WHERE workflow_id = 'sw-1' AND kind = 'signal'",
+        ),
+        what="the wait",
+    )
+
+    def v2(ctx: Any) -> str:
+        with contextlib.suppress(Exception):  # a broad except must not hide a changed history
+            ctx.step(new_step)
+        return "done"
+
+    durable.registry["wf.swallow"] = v2
+    durable.signal("sw-1", "go")
+    with pytest.raises(WorkflowFailed) as info:
+        durable.run("sw-1").result(timeout=20)
+    assert "non-determinism" in info.value.error and "t.old_step" in info.value.error
+
+
+def test_child_problems_fail_the_parent_clearly(durable: Durable, worker: Any) -> None:
+    @durable.workflow("wf.leaf")
+    def leaf(ctx: Any) -> str:
+        return "leaf"
+
+    @durable.workflow("wf.bad_child_name")
+    def bad_name(ctx: Any) -> None:
+        ctx.child("wf.not_registered")
+
+    @durable.workflow("wf.taken_child_id")
+    def taken(ctx: Any) -> None:
+        ctx.child("wf.leaf", workflow_id="leaf-existing")
+
+    durable.start("wf.leaf", workflow_id="leaf-existing").result(timeout=20)
+    with pytest.raises(WorkflowFailed) as info:
+        durable.start("wf.bad_child_name", workflow_id="bc-1").result(timeout=20)
+    assert "unknown workflow 'wf.not_registered'" in info.value.error
+    with pytest.raises(WorkflowFailed) as info:
+        durable.start("wf.taken_child_id", workflow_id="bc-2").result(timeout=20)
+    assert "leaf-existing" in info.value.error
+
+
+def test_a_late_result_of_a_timed_out_attempt_is_dropped(
+    durable: Durable, database_url: str
+) -> None:
+    from durable.store import steps as step_queries
+
+    @durable.workflow("wf.attempts")
+    def wf(ctx: Any) -> None:
+        return None
+
+    durable.start("wf.attempts", workflow_id="att-1")
+    with durable.connect() as conn:
+        step_queries.schedule_step(conn, "att-1", 1, "t.any", "[]", "{}", "{}")
+        first = step_queries.claim_step(conn, "att-1", 1, "w1#1", 30)
+        assert first is not None and first.attempt == 1
+        assert step_queries.schedule_retry(conn, "att-1", 1, "TimeoutError", 0) is not None
+        conn.execute(
+            text("UPDATE durable_steps SET status = 'scheduled' WHERE workflow_id = 'att-1'")
+        )
+        second = step_queries.claim_step(conn, "att-1", 1, "w2#1", 30)
+        assert second is not None and second.attempt == 2
+        late = step_queries.settle_step(conn, "att-1", 1, result='"late"', attempt=1)
+        assert not late.settled
+        assert step_queries.settle_step(conn, "att-1", 1, result='"on time"', attempt=2).settled
+    (row,) = query(database_url, "SELECT result FROM durable_steps WHERE workflow_id = 'att-1'")
+    assert row.result == "on time"

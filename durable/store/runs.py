@@ -169,7 +169,8 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
 
 
 # A run's end also settles its parent's position waiting for it (child workflows), in the
-# same statement, so a parent can never miss its child's outcome.
+# same statement, so a parent can never miss its child's outcome. Whatever the run left
+# unstarted (steps of a cancelled batch, a pending sleep) is cancelled and its timers retired.
 _FINISH = text(
     """
     WITH w AS (
@@ -196,6 +197,12 @@ _FINISH = text(
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
          WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
         RETURNING id
+    ), leftover AS (
+        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
+         WHERE workflow_id IN (SELECT id FROM w) AND status IN ('scheduled', 'waiting', 'ready')
+    ), unfired AS (
+        UPDATE durable_timers SET fired_at = now()
+         WHERE workflow_id IN (SELECT id FROM w) AND fired_at IS NULL
     )
     SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id
     """
@@ -308,17 +315,26 @@ _CHILD = text(
     """
     WITH c AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
-                                       cancel_requested)
+                                       cancel_requested, deadline_at)
         SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
-               :seq, p.cancel_requested
+               :seq, p.cancel_requested,
+               now() + make_interval(secs => CAST(:timeout AS float8))
           FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
         ON CONFLICT (id) DO NOTHING
-        RETURNING id
+        RETURNING id, deadline_at
+    ), t AS (
+        INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
+        SELECT id, 0, 'deadline', deadline_at FROM c WHERE deadline_at IS NOT NULL
+        RETURNING id, fire_at
+    ), taken AS (
+        SELECT name, parent_id, parent_seq FROM durable_workflows WHERE id = :child
     ), s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, options, started_at)
         SELECT :id, :seq, 'child', :name, 'waiting',
                jsonb_build_object('child', CAST(:child AS text)), now()
           FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
+           AND (EXISTS (SELECT 1 FROM c)
+                OR EXISTS (SELECT 1 FROM taken WHERE parent_id = :id AND parent_seq = :seq))
         ON CONFLICT (workflow_id, seq) DO NOTHING
         RETURNING seq
     ), h AS (
@@ -330,9 +346,26 @@ _CHILD = text(
         SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text),
                                                  'parent', CAST(:id AS text)) FROM c
     )
-    SELECT (SELECT count(*) FROM c) AS created, (SELECT count(*) FROM s) AS recorded
+    SELECT (SELECT count(*) FROM c) AS created, (SELECT count(*) FROM s) AS recorded,
+           (SELECT name FROM taken) AS taken_by, (SELECT parent_id FROM taken) AS parent_id,
+           (SELECT parent_seq FROM taken) AS parent_seq,
+           (SELECT id FROM t) AS timer_id, (SELECT fire_at FROM t) AS fire_at
     """
 )
+
+
+@dataclass(frozen=True)
+class ChildStarted:
+    """The outcome of :func:`start_child`."""
+
+    created: bool
+    """False when a run with the child's id existed already."""
+    ours: bool
+    """Whether the run with that id is this parent's child at this position."""
+    taken_by: str | None
+    """The workflow name of the run that holds the id, when it existed already."""
+    timer: tuple[int, float] | None
+    """The child's execution-timeout timer, to index."""
 
 
 def start_child(
@@ -344,8 +377,9 @@ def start_child(
     name: str,
     args: str,
     kwargs: str,
-) -> bool:
-    """Create a child run waited for at the parent's position ``seq``; True if created."""
+    timeout: float | None = None,
+) -> ChildStarted:
+    """Create a child run waited for at the parent's position ``seq``."""
     params = {
         "id": workflow_id,
         "owner": owner,
@@ -354,8 +388,13 @@ def start_child(
         "name": name,
         "args": args,
         "kwargs": kwargs,
+        "timeout": timeout,
     }
-    return bool(conn.execute(_CHILD, params).one().created)
+    row = conn.execute(_CHILD, params).one()
+    # The 'taken' CTE sees the snapshot before this statement: a new child reads as absent.
+    ours = bool(row.created) or (row.parent_id == workflow_id and row.parent_seq == seq)
+    timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
+    return ChildStarted(bool(row.created), ours, row.taken_by, timer)
 
 
 _WAKE = text(

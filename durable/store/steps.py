@@ -157,6 +157,7 @@ _SETTLE = text(
                completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
                deadline_at = NULL
          WHERE workflow_id = :wid AND seq = :seq AND status = 'started'
+           AND (CAST(:attempt AS int) IS NULL OR attempts = :attempt)
         RETURNING workflow_id, seq, attempts, completed_at
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
@@ -206,11 +207,13 @@ def settle_step(
     owner: str = "",
     ttl: float = 0.0,
     acquire: bool = False,
+    attempt: int | None = None,
 ) -> Settled:
     """Commit a step's result (JSON text) or its final ``error``, and wake its workflow.
 
     With ``acquire`` the workflow's lease is also taken for ``owner`` if it is free, and its
-    history returned, so the caller can replay at once.
+    history returned, so the caller can replay at once. With ``attempt`` only that attempt
+    may settle the step: a late outcome of an earlier, timed-out attempt is dropped.
     """
     status = "completed" if error is None else "failed"
     params = {
@@ -223,6 +226,7 @@ def settle_step(
         "owner": owner,
         "ttl": ttl,
         "acquire": acquire,
+        "attempt": attempt,
     }
     row = conn.execute(_SETTLE, params).first()
     if row is None:
