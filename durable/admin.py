@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
-from durable.errors import DurableError, WorkflowNotFound, WorkflowNotRunning
+from durable.errors import (
+    WorkflowIdTaken,
+    WorkflowNotFailed,
+    WorkflowNotFound,
+    WorkflowNotRunning,
+)
 from durable.store import admin as queries
 from durable.store import history, runs, signals, steps, timers
 
@@ -33,23 +38,6 @@ WAITING = tuple(queries.WAITING_FILTERS)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-
-
-class WorkflowNotFailed(DurableError):
-    """``retry`` was asked of a run that has not failed."""
-
-    def __init__(self, workflow_id: str, status: str) -> None:
-        self.workflow_id = workflow_id
-        self.status = status
-        super().__init__(f"cannot retry workflow {workflow_id!r}: it is {status}, not failed")
-
-
-class WorkflowIdTaken(DurableError):
-    """A new run was asked for under an id that exists already."""
-
-    def __init__(self, workflow_id: str) -> None:
-        self.workflow_id = workflow_id
-        super().__init__(f"workflow id {workflow_id!r} is taken")
 
 
 def parse_duration(text: str) -> timedelta:

@@ -301,6 +301,13 @@ class WorkflowContext(PrimitivesMixin):
     ) -> None:
         """Queue a new remote step: written when the activation ends, then sent."""
         limit = self._durable.settings.max_payload_bytes
+        if "queue" not in options and "exchange" not in options:
+            # Resolve the route now, with this app's task_routes, so that whoever sends the
+            # step later (a beat re-sending it, another service) sends it to the same queue.
+            routed = self.app.amqp.router.route({}, name, tuple(args), kwargs)
+            queue = routed.get("queue")
+            if queue is not None:
+                options["queue"] = getattr(queue, "name", queue)
         options["retry"] = policy
         options["label"] = f"{name}[{self.workflow_id}#{seq}]"
         if timeout is not None:

@@ -10,6 +10,8 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── WorkflowNotFound          no run exists with that id
     ├── WorkflowIdConflict        the id exists for a workflow of another name
     ├── WorkflowNotRunning        a signal or cancel for a run that has already ended
+    ├── WorkflowNotFailed         ``retry`` of a run that has not failed
+    ├── WorkflowIdTaken           a new run (``fork``) asked for under an id that exists
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
     ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
@@ -87,6 +89,23 @@ class WorkflowNotRunning(DurableError):
         self.status = status
         self.action = action
         super().__init__(f"cannot {action} workflow {workflow_id!r}: it is already {status}")
+
+
+class WorkflowNotFailed(DurableError):
+    """``retry`` was asked of a run that has not failed."""
+
+    def __init__(self, workflow_id: str, status: str) -> None:
+        self.workflow_id = workflow_id
+        self.status = status
+        super().__init__(f"cannot retry workflow {workflow_id!r}: it is {status}, not failed")
+
+
+class WorkflowIdTaken(DurableError):
+    """A new run was asked for under an id that exists already."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"workflow id {workflow_id!r} is taken")
 
 
 class NonDeterminismError(DurableError):

@@ -153,12 +153,8 @@ def _not_indexed(durable: Durable, rows: list[Any]) -> list[Any]:
     """The rows whose timer is not in the Redis index."""
     if not rows:
         return []
-    index = durable.timer_index
-    # One ZSCORE per timer, pipelined: ZMSCORE would need Redis 6.2.
-    pipe = index.client.pipeline(transaction=False)
-    for row in rows:
-        pipe.zscore(index.key, str(row.info))
-    return [row for row, score in zip(rows, pipe.execute(), strict=True) if score is None]
+    missing = set(durable.timer_index.missing([int(row.info) for row in rows]))
+    return [row for row in rows if int(row.info) in missing]
 
 
 def find(durable: Durable, grace: float | None = None, limit: int = 500) -> list[Finding]:

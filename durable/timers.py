@@ -84,6 +84,19 @@ class TimerIndex:
         pipe.execute()
         return count
 
+    def missing(self, timer_ids: list[int]) -> list[int]:
+        """The ids among ``timer_ids`` that the index does not hold (one pipelined round trip).
+
+        One ZSCORE per id: ZMSCORE would need Redis 6.2.
+        """
+        if not timer_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for timer_id in timer_ids:
+            pipe.zscore(self.key, str(timer_id))
+        scores = pipe.execute()
+        return [t for t, score in zip(timer_ids, scores, strict=True) if score is None]
+
     def size(self) -> int:
         """Number of indexed timers."""
         return int(self.client.zcard(self.key))

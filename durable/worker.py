@@ -99,6 +99,8 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
         durable.heartbeat.release()
     if leased is not None:
         durable.continue_workflow(workflow_id, owner, leased)
+    elif outcome in ("completed", "failed") and not durable.settings.inline_activation:
+        durable.send_activation(workflow_id)
     return outcome
 
 

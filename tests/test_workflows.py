@@ -304,3 +304,29 @@ def test_durable_chain_passes_results_like_celery(
     )
     assert [(r.seq, r.name) for r in rows] == [(1, "t.validate"), (2, "t.reserve"), (3, "t.notify")]
     assert rows[1].result == {"id": "o-1", "total": 10, "warehouse": "north"}
+
+
+def test_without_inline_activation_each_step_sends_an_activation(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from tests.conftest import clean_keys, clean_tables, make_app
+
+    clean_tables(database_url)
+    app, durable = make_app(database_url, redis_url, prefix, inline_activation=False)
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.no_inline")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(inc, ctx.step(inc, ctx.step(inc, 0))))
+
+    try:
+        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+            # No beat runs: progress can only come from the activation each step sends.
+            assert durable.start("wf.no_inline", workflow_id="noinl-1").result(timeout=20) == 3
+    finally:
+        clean_keys(redis_url, prefix)
