@@ -7,6 +7,7 @@ from durable.context import WorkflowContext
 from durable.errors import (
     ConfigurationError,
     DurableError,
+    LimitExceeded,
     NonDeterminismError,
     PayloadError,
     ResultTimeout,
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigurationError",
     "Durable",
     "DurableError",
+    "LimitExceeded",
     "NonDeterminismError",
     "PayloadError",
     "ResultTimeout",

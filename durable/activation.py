@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from durable.context import Effects, Suspend, WorkflowContext
 from durable.errors import NonDeterminismError, PayloadError, UnknownWorkflow, WorkflowCancelled
-from durable.serialization import describe_exception, encode
+from durable.serialization import describe_exception
 from durable.store import runs
 from durable.store import steps as step_queries
 
@@ -87,7 +87,6 @@ def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> b
 def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
     ctx = WorkflowContext(durable, activation, owner)
     fn = durable.registry.get(activation.name)
-    limit = durable.settings.max_payload_bytes
     result: str | None = None
     error: str | None = None
     status = "completed"
@@ -98,9 +97,10 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
         log.error("durable: %s; activation of %s left for another worker", exc, ctx.workflow_id)
         return "unknown-workflow", ctx.effects
     try:
-        value = fn(ctx, *activation.args, **activation.kwargs)
+        args, kwargs = durable.decode(activation.args), durable.decode(activation.kwargs)
+        value = fn(ctx, *args, **kwargs)
         ctx.check_end()
-        result = encode(value, f"result of workflow {activation.workflow_id}", limit)
+        result = durable.encode(value, f"result of workflow {activation.workflow_id}")
     except Suspend:
         if ctx.nondeterminism is None:
             return "suspended", ctx.effects

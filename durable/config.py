@@ -51,6 +51,17 @@ class Settings:
     """How late a schedule's fire may be and still count as on time rather than missed."""
     schedule_catchup_limit: int = 100
     """Most missed fires one catch-up of policy ``all`` starts (the newest ones)."""
+    max_steps: int = 10_000
+    """Most positions (steps, sleeps, waits, events, children) one run may record."""
+    max_signals: int = 10_000
+    """Most signals one run may receive in all."""
+    max_signals_per_minute: int = 600
+    """Most signals one run may receive in any minute."""
+    encryption_keys: str | None = None
+    """Comma-separated Fernet keys: payloads are encrypted with the first, decrypted with any
+    (used when ``Durable(app, codec=...)`` is not given)."""
+    compress_min_bytes: int = 0
+    """Compress payloads of at least this many bytes (0: never; used without ``codec=``)."""
 
     @property
     def heartbeat_interval(self) -> float:
@@ -59,7 +70,15 @@ class Settings:
 
 
 _DURATIONS = {"lease_ttl", "redispatch_after", "leader_ttl", "schedule_grace"}
-_INTS = {"max_payload_bytes", "connect_retries", "schedule_catchup_limit"}
+_INTS = {
+    "max_payload_bytes",
+    "connect_retries",
+    "schedule_catchup_limit",
+    "compress_min_bytes",
+    "max_steps",
+    "max_signals",
+    "max_signals_per_minute",
+}
 # Settings that must be positive (durations: longer than zero; counts: at least one).
 _POSITIVE = {
     "lease_ttl",
@@ -67,6 +86,9 @@ _POSITIVE = {
     "max_payload_bytes",
     "connect_retries",
     "schedule_catchup_limit",
+    "max_steps",
+    "max_signals",
+    "max_signals_per_minute",
 }
 _BOOLS = {"inline_activation"}
 

@@ -38,10 +38,11 @@ from celery import Task
 from celery.canvas import Signature
 
 from durable._control import PENDING, Suspend
-from durable.errors import NonDeterminismError, StepFailed, WorkflowCancelled
+from durable.codec import seal
+from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
 from durable.primitives import PrimitivesMixin
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
-from durable.serialization import describe_exception, encode
+from durable.serialization import describe_exception, dumps, encode
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.worker import StepInfo, step_context
@@ -196,6 +197,8 @@ class WorkflowContext(PrimitivesMixin):
         self._seq += 1
         seq = self._seq
         record = self._records.get(seq)
+        if record is None and seq > self._durable.settings.max_steps:
+            raise LimitExceeded(self.workflow_id, "max_steps", self._durable.settings.max_steps)
         if record is not None and (record["kind"] != kind or record["name"] != name):
             self.nondeterminism = NonDeterminismError(
                 self.workflow_id, seq, f"{kind} {name}", f"{record['kind']} {record['name']}"
@@ -240,7 +243,7 @@ class WorkflowContext(PrimitivesMixin):
 
     def _settled(self, seq: int, record: dict[str, Any]) -> Any:
         if record["status"] == "completed":
-            return record["result"]
+            return self._durable.decode(record["result"])
         if record["status"] == "failed":
             raise StepFailed(
                 self.workflow_id,
@@ -316,8 +319,8 @@ class WorkflowContext(PrimitivesMixin):
             step_queries.NewStep(
                 seq,
                 name,
-                encode(args, f"arguments of step {seq} ({name})", limit),
-                encode(kwargs, f"keyword arguments of step {seq} ({name})", limit),
+                self._durable.encode(args, f"arguments of step {seq} ({name})"),
+                self._durable.encode(kwargs, f"keyword arguments of step {seq} ({name})"),
                 encode(options, f"options of step {seq} ({name})", limit),
             )
         )
@@ -356,10 +359,10 @@ class WorkflowContext(PrimitivesMixin):
         try:
             with step_context(info):
                 value = body(*args, **kwargs)
-            result = encode(value, f"result of step {seq} ({name})", limit)
+            plain = dumps(value, f"result of step {seq} ({name})", limit)
         except Exception as exc:
             return self._local_failed(seq, name, exc, policy, attempt)
-        wid = self.workflow_id
+        wid, result = self.workflow_id, seal(plain, self._durable.codec)
         done = self._durable.store(
             lambda c: step_queries.record_local(
                 c, wid, seq, name, attempt, result, None, "completed"
@@ -367,7 +370,7 @@ class WorkflowContext(PrimitivesMixin):
         )
         self.advance_now(done)
         # Hand back what replay will hand back: the JSON round trip of the value.
-        return json.loads(result)
+        return json.loads(plain)
 
     def _local_failed(
         self, seq: int, name: str, exc: Exception, policy: dict[str, Any], attempt: int

@@ -10,6 +10,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── WorkflowNotFound          no run exists with that id
     ├── WorkflowIdConflict        the id exists for a workflow of another name
     ├── WorkflowNotRunning        a signal or cancel for a run that has already ended
+    ├── LimitExceeded             a run went over max_steps, max_signals or the signal rate
     ├── WorkflowNotFailed         ``retry`` of a run that has not failed
     ├── WorkflowIdTaken           a new run (``fork``) asked for under an id that exists
     ├── NonDeterminismError       replay found another step than the one recorded
@@ -89,6 +90,16 @@ class WorkflowNotRunning(DurableError):
         self.status = status
         self.action = action
         super().__init__(f"cannot {action} workflow {workflow_id!r}: it is already {status}")
+
+
+class LimitExceeded(DurableError):
+    """A run went over one of its limits (``max_steps``, ``max_signals``, signal rate)."""
+
+    def __init__(self, workflow_id: str, limit: str, value: int) -> None:
+        self.workflow_id = workflow_id
+        self.limit = limit
+        self.value = value
+        super().__init__(f"workflow {workflow_id!r} is over its limit {limit}={value}")
 
 
 class WorkflowNotFailed(DurableError):

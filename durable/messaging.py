@@ -11,8 +11,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from durable.errors import WorkflowNotFound, WorkflowNotRunning
-from durable.serialization import encode
+from durable.errors import LimitExceeded, WorkflowNotFound, WorkflowNotRunning
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 
@@ -22,13 +21,20 @@ if TYPE_CHECKING:
 
 def signal(durable: Durable, workflow_id: str, name: str, payload: Any = None) -> None:
     """Deliver signal ``name`` with ``payload`` to a running workflow."""
-    limit = durable.settings.max_payload_bytes
-    text = encode(payload, f"payload of signal {name!r}", limit)
-    sent = durable.store(lambda c: signal_queries.send_signal(c, workflow_id, name, text))
+    text = durable.encode(payload, f"payload of signal {name!r}")
+    settings = durable.settings
+    total, per_minute = settings.max_signals, settings.max_signals_per_minute
+    sent = durable.store(
+        lambda c: signal_queries.send_signal(c, workflow_id, name, text, total, per_minute)
+    )
     if sent.status is None:
         raise WorkflowNotFound(workflow_id)
-    if sent.signal_id is None:
+    if sent.signal_id is None and sent.status != "running":
         raise WorkflowNotRunning(workflow_id, sent.status, f"signal {name!r} to")
+    if sent.signal_id is None and sent.total >= total:
+        raise LimitExceeded(workflow_id, "max_signals", total)
+    if sent.signal_id is None:
+        raise LimitExceeded(workflow_id, "max_signals_per_minute", per_minute)
     durable.send_activation(workflow_id)
 
 
@@ -46,7 +52,7 @@ def get_event(
     while True:
         row = durable.store(lambda c: signal_queries.get_event(c, workflow_id, key))
         if row is not None:
-            return row.value
+            return durable.decode(row.value)
         if durable.store(lambda c: run_queries.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
         if deadline is None or time.monotonic() >= deadline:

@@ -16,7 +16,6 @@ from celery.canvas import Signature
 from durable._control import PENDING, Suspend
 from durable.errors import SignalTimeout, StepFailed, WorkflowCancelled, WorkflowIdConflict
 from durable.retry import NO_RETRY, RetryPolicy
-from durable.serialization import encode
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 
@@ -89,7 +88,7 @@ class PrimitivesMixin:
         if not got.consumed:
             raise Suspend()
         self.advance_now(got.completed_at)
-        return got.payload
+        return self._durable.decode(got.payload)
 
     def set_event(self, key: str, value: Any) -> None:
         """Publish ``value`` under ``key`` for the outside world (``durable.get_event``).
@@ -101,7 +100,7 @@ class PrimitivesMixin:
         seq, record = self._take("event", key)
         if record is not None:
             return
-        text = encode(value, f"event {key!r}", self._durable.settings.max_payload_bytes)
+        text = self._durable.encode(value, f"event {key!r}")
         wid = self.workflow_id
         done = self._durable.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
         self.advance_now(done)
@@ -184,9 +183,8 @@ class PrimitivesMixin:
         if record is not None:
             return self._settled(seq, record)
         child_id = workflow_id or f"{self.workflow_id}/{seq}"
-        limit = self._durable.settings.max_payload_bytes
-        args_json = encode(list(args), f"arguments of child workflow {name}", limit)
-        kwargs_json = encode(kwargs, f"keyword arguments of child workflow {name}", limit)
+        args_json = self._durable.encode(list(args), f"arguments of child workflow {name}")
+        kwargs_json = self._durable.encode(kwargs, f"keyword arguments of child workflow {name}")
         wid, owner = self.workflow_id, self._owner
         timeout = self._durable.execution_timeouts.get(name)
         started = self._durable.store(

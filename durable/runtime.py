@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 from durable import activation as activation_mod
 from durable import builtins, messaging, timeouts, worker
 from durable.canvas import DurableChain
+from durable.codec import codec_from_settings
 from durable.config import Settings, load_settings
 from durable.context import Effects
 from durable.errors import (
@@ -29,7 +30,7 @@ from durable.errors import (
     WorkflowNotFound,
 )
 from durable.liveness import Heartbeat
-from durable.serialization import encode
+from durable.serialization import decode, encode
 from durable.store import engine as store_engine
 from durable.store import runs
 from durable.store.timers import FiredTimer
@@ -76,9 +77,11 @@ class Durable:
         *,
         database_url: str | None = None,
         redis_url: str | None = None,
+        codec: Any = None,
         **settings: Any,
     ) -> None:
         self.app = app
+        self._codec = codec
         self._overrides = {"database_url": database_url, "redis_url": redis_url, **settings}
         self._settings: Settings | None = None
         self.registry: dict[str, Callable[..., Any]] = {}
@@ -105,6 +108,21 @@ class Durable:
         if self._settings is None:
             self._settings = load_settings(self.app.conf, **self._overrides)
         return self._settings
+
+    @property
+    def codec(self) -> Any:
+        """The payload codec: ``codec=`` if given, else built from the settings, else None."""
+        if self._codec is None:
+            self._codec = codec_from_settings(self.settings) or False
+        return self._codec or None
+
+    def encode(self, value: Any, what: str) -> str:
+        """``value`` as stored or sent: JSON, checked against the size limit, then encoded."""
+        return encode(value, what, self.settings.max_payload_bytes, self.codec)
+
+    def decode(self, value: Any) -> Any:
+        """A stored value as read back, opened if the codec encoded it."""
+        return decode(value, self.codec)
 
     @property
     def heartbeat(self) -> Heartbeat:
@@ -251,9 +269,8 @@ class Durable:
         run still starts, sent again by ``durable beat``'s recovery sweep.
         """
         name = self.workflow_name(name_or_fn)
-        limit = self.settings.max_payload_bytes
-        args_json = encode(list(args), f"arguments of workflow {name}", limit)
-        kwargs_json = encode(kwargs, f"keyword arguments of workflow {name}", limit)
+        args_json = self.encode(list(args), f"arguments of workflow {name}")
+        kwargs_json = self.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = workflow_id or uuid.uuid4().hex
         timeout = self.execution_timeouts.get(name)
         inserted = self.store(
@@ -428,7 +445,7 @@ class WorkflowRun:
         while True:
             row = self._row()
             if row.status == "completed":
-                return row.result
+                return self._durable.decode(row.result)
             if row.status == "failed":
                 raise WorkflowFailed(self.id, row.error or "")
             if row.status == "cancelled":

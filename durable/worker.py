@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from durable.retry import NO_RETRY, is_retryable, retry_delay
-from durable.serialization import describe_exception, encode
+from durable.serialization import describe_exception
 from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
@@ -115,8 +115,8 @@ def _run_claimed(
     info = StepInfo(wid, seq, name, claimed.attempt)
     try:
         with step_context(info):
-            value = task(*claimed.args, **claimed.kwargs)
-        result = encode(value, f"result of step {seq} ({name})", durable.settings.max_payload_bytes)
+            value = task(*durable.decode(claimed.args), **durable.decode(claimed.kwargs))
+        result = durable.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
         return _settle_failure(durable, claimed, exc, owner)
     return _settle(durable, claimed, owner, result=result)

@@ -203,6 +203,7 @@ class Signal(Base):
     consumed_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (
+        Index("ix_durable_signals_workflow_id_sent_at", "workflow_id", "sent_at"),
         Index(
             "ix_durable_signals_unconsumed",
             "workflow_id",

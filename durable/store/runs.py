@@ -83,8 +83,10 @@ class Activation:
 
     workflow_id: str
     name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    args: Any
+    """As stored: a JSON list, or a codec's envelope (see ``Durable.decode``)."""
+    kwargs: Any
+    """As stored: a JSON object, or a codec's envelope."""
     wake_seq: int
     created_at: datetime
     steps: list[dict[str, Any]]
@@ -142,8 +144,8 @@ def activation_from_row(row: Any) -> Activation:
     return Activation(
         workflow_id=row.id,
         name=row.name,
-        args=list(row.args or []),
-        kwargs=dict(row.kwargs or {}),
+        args=row.args if row.args is not None else [],
+        kwargs=row.kwargs if row.kwargs is not None else {},
         wake_seq=row.wake_seq,
         created_at=row.created_at,
         steps=steps,

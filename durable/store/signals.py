@@ -15,9 +15,15 @@ _SEND = text(
     """
     WITH w AS (
         SELECT id, status FROM durable_workflows WHERE id = :wid
+    ), sent AS (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE sent_at > now() - interval '1 minute') AS last_minute
+          FROM durable_signals WHERE workflow_id = :wid
     ), s AS (
         INSERT INTO durable_signals (workflow_id, name, payload)
-        SELECT id, :name, CAST(:payload AS jsonb) FROM w WHERE status = 'running'
+        SELECT id, :name, CAST(:payload AS jsonb) FROM w, sent
+         WHERE status = 'running' AND sent.total < :max_total
+           AND sent.last_minute < :max_per_minute
         RETURNING id
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
@@ -28,7 +34,8 @@ _SEND = text(
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
          WHERE id = :wid AND EXISTS (SELECT 1 FROM s)
     )
-    SELECT (SELECT status FROM w) AS status, (SELECT id FROM s) AS signal_id
+    SELECT (SELECT status FROM w) AS status, (SELECT id FROM s) AS signal_id,
+           (SELECT total FROM sent) AS total, (SELECT last_minute FROM sent) AS last_minute
     """
 )
 
@@ -39,12 +46,34 @@ class Sent:
 
     status: str | None
     signal_id: int | None
+    total: int
+    """Signals the run had received before this one."""
+    last_minute: int
+    """Of which in the last minute."""
 
 
-def send_signal(conn: Connection, wid: str, name: str, payload: str) -> Sent:
-    """Store a signal (payload as JSON text) for a running run and wake it."""
-    row = conn.execute(_SEND, {"wid": wid, "name": name, "payload": payload}).one()
-    return Sent(row.status, row.signal_id)
+def send_signal(
+    conn: Connection,
+    wid: str,
+    name: str,
+    payload: str,
+    max_total: int = 10_000,
+    max_per_minute: int = 600,
+) -> Sent:
+    """Store a signal (payload as JSON text) for a running run and wake it.
+
+    Nothing is stored when the run already has ``max_total`` signals, or ``max_per_minute``
+    in the last minute (see ``Sent.total`` and ``Sent.last_minute``).
+    """
+    params = {
+        "wid": wid,
+        "name": name,
+        "payload": payload,
+        "max_total": max_total,
+        "max_per_minute": max_per_minute,
+    }
+    row = conn.execute(_SEND, params).one()
+    return Sent(row.status, row.signal_id, int(row.total or 0), int(row.last_minute or 0))
 
 
 # The oldest unconsumed signal of that name is taken by position ``seq`` and the position

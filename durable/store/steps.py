@@ -99,8 +99,10 @@ class ClaimedStep:
     workflow_id: str
     seq: int
     name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    args: Any
+    """As stored: a JSON list, or a codec's envelope (see ``Durable.decode``)."""
+    kwargs: Any
+    """As stored: a JSON object, or a codec's envelope."""
     options: dict[str, Any]
     attempt: int
 
@@ -137,8 +139,8 @@ def claim_step(conn: Connection, wid: str, seq: int, owner: str, ttl: float) -> 
         workflow_id=row.workflow_id,
         seq=row.seq,
         name=row.name,
-        args=list(row.args or []),
-        kwargs=dict(row.kwargs or {}),
+        args=row.args if row.args is not None else [],
+        kwargs=row.kwargs if row.kwargs is not None else {},
         options=dict(row.options or {}),
         attempt=row.attempts,
     )
