@@ -57,6 +57,9 @@ class Settings:
     """Most signals one run may receive in all."""
     max_signals_per_minute: int = 600
     """Most signals one run may receive in any minute."""
+    retention: timedelta | None = None
+    """Finished runs older than this are purged by ``durable beat`` (with their steps,
+    history, signals and events); None keeps everything."""
     encryption_keys: str | None = None
     """Comma-separated Fernet keys: payloads are encrypted with the first, decrypted with any
     (used when ``Durable(app, codec=...)`` is not given)."""
@@ -69,7 +72,7 @@ class Settings:
         return self.lease_ttl.total_seconds() / 3
 
 
-_DURATIONS = {"lease_ttl", "redispatch_after", "leader_ttl", "schedule_grace"}
+_DURATIONS = {"lease_ttl", "redispatch_after", "leader_ttl", "schedule_grace", "retention"}
 _INTS = {
     "max_payload_bytes",
     "connect_retries",
@@ -82,6 +85,7 @@ _INTS = {
 # Settings that must be positive (durations: longer than zero; counts: at least one).
 _POSITIVE = {
     "lease_ttl",
+    "retention",
     "leader_ttl",
     "max_payload_bytes",
     "connect_retries",
