@@ -1,11 +1,15 @@
 """How ``durable show`` prints a run.
 
 A header, its steps and their attempts, its timers, signals and events, and the timeline of
-its history.
+its history. Values a payload codec encoded are opened first (:class:`Opener`) when the
+command was given the codec (``--app``) or the keys (``--key``); otherwise they show as
+``<encrypted>`` (or ``<encoded: NAME>``), never as ciphertext.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -13,6 +17,52 @@ from rich.table import Table
 from rich.text import Text
 
 from durable.cli._common import compact, make_table, status_text, when
+from durable.codec import ENVELOPE, Compression, is_sealed, open_
+
+
+class Opener:
+    """Opens encoded values with whichever of the given codecs can; counts the others.
+
+    Compression needs no key, so a value that is only compressed is always opened.
+
+    Args:
+        codecs: The codecs to try, in order (the app's, one built from ``--key``).
+    """
+
+    def __init__(self, codecs: Sequence[Any] = ()) -> None:
+        self.codecs = [*codecs, Compression()]
+        self.hidden = 0
+        """How many values no codec could open."""
+
+    def open(self, value: Any) -> Any:
+        """``value`` decoded, ``<encrypted>`` if no codec opens it, or as it is if not encoded."""
+        if not is_sealed(value):
+            return value
+        for codec in self.codecs:
+            try:
+                data = open_(value, codec)
+                return value if data is None else json.loads(data)
+            except Exception:  # a wrong key, a codec not configured here: try the next one
+                continue
+        self.hidden += 1
+        return placeholder(value)
+
+    def reveal(self, run: dict[str, Any]) -> dict[str, Any]:
+        """``run`` (as ``admin.describe_run`` gives it) with its encoded values opened."""
+        shown = {**run, **{k: self.open(run[k]) for k in ("args", "kwargs", "result")}}
+        shown["steps"] = [
+            {**s, **{k: self.open(s[k]) for k in ("args", "kwargs", "result")}}
+            for s in run["steps"]
+        ]
+        shown["signals"] = [{**s, "payload": self.open(s["payload"])} for s in run["signals"]]
+        shown["events"] = {key: self.open(value) for key, value in run["events"].items()}
+        return shown
+
+
+def placeholder(value: dict[str, Any]) -> str:
+    """``<encrypted>``, or ``<encoded: NAME>``: what an encoded value no codec opens shows as."""
+    names = str(value[ENVELOPE])
+    return "<encrypted>" if "fernet" in names.split("+") else f"<encoded: {names}>"
 
 
 def duration(seconds: float | None) -> str:
@@ -40,7 +90,7 @@ def _detail(detail: Any) -> str:
     return " ".join(parts)
 
 
-def _header(run: dict[str, Any]) -> Table:
+def _header(run: dict[str, Any], hidden: int) -> Table:
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column(overflow="fold")
@@ -59,6 +109,9 @@ def _header(run: dict[str, Any]) -> Table:
         header.add_row("error", Text(run["error"], style="red"))
     else:
         header.add_row("result", Text(compact(run["result"])))
+    if hidden:
+        note = f"{hidden} value(s) could not be decoded: pass --key KEY or the app's --app"
+        header.add_row("encoded", Text(note, style="yellow"))
     return header
 
 
@@ -139,9 +192,12 @@ def _extras(run: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def render_run(run: dict[str, Any], out: Console) -> None:
-    """Print a run as a header, its steps (and attempts), timers, signals, events, timeline."""
-    out.print(_header(run))
+def render_run(run: dict[str, Any], out: Console, hidden: int = 0) -> None:
+    """Print a run as a header, its steps (and attempts), timers, signals, events, timeline.
+
+    ``hidden`` is how many encoded values could not be decoded (a note in the header).
+    """
+    out.print(_header(run, hidden))
     out.print(_steps(run))
     attempts = _attempts(run)
     if attempts is not None:

@@ -14,11 +14,13 @@ from rich.text import Text
 from durable import admin
 from durable.cli._common import (
     STATUSES,
+    Globals,
     app_option,
     connect,
     console,
     database_option,
     json_option,
+    load_durable,
     make_table,
     parse_json,
     print_json,
@@ -26,7 +28,9 @@ from durable.cli._common import (
     status_text,
     when,
 )
-from durable.cli._show import render_run
+from durable.cli._show import Opener, render_run
+from durable.codec import Compression, Fernet
+from durable.errors import ConfigurationError
 
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
 RESERVED_KWARGS = ("name_or_fn", "workflow_id")
@@ -181,25 +185,58 @@ def list_command(
     console().print(table)
 
 
+def _keys_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    """The codec that ``--key`` values (each may list several, comma-separated) make."""
+    keys = [k.strip() for v in value for k in v.split(",") if k.strip()]
+    if not keys:
+        return None
+    try:
+        return Compression() | Fernet(keys)
+    except ConfigurationError as exc:  # the message names the problem, never the key
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @click.command()
 @click.argument("workflow_id", metavar="ID")
 @json_option("show")
+@click.option(
+    "--key",
+    "key_codec",
+    multiple=True,
+    callback=_keys_callback,
+    envvar="DURABLE_ENCRYPTION_KEYS",
+    show_envvar=True,
+    metavar="KEY",
+    help="A Fernet key to decrypt encrypted values with; repeat it, or separate keys with "
+    "commas. Without a key or --app they show as <encrypted>.",
+)
 @app_option
 @database_option
 @click.pass_context
 def show(
-    ctx: click.Context, workflow_id: str, as_json: bool, app: str | None, database_url: str | None
+    ctx: click.Context,
+    workflow_id: str,
+    as_json: bool,
+    key_codec: Any,
+    app: str | None,
+    database_url: str | None,
 ) -> None:
     """Show run ID: its outcome, steps, attempts, timers, signals, events and timeline.
 
     Each step is shown with its attempts, how long it took, its result or its error.
+    Values a payload codec encoded are decoded with the app's codec (--app) or the keys
+    given (--key); those neither opens show as <encrypted>.
     """
     with connect(ctx, app, database_url) as conn:
         run = admin.describe_run(conn, workflow_id)
+    spec = app or (ctx.find_object(Globals) or Globals()).app
+    app_codec = load_durable(spec).codec if spec else None
+    opener = Opener([c for c in (app_codec, key_codec) if c is not None])
+    run = opener.reveal(run)
     if as_json:
         print_json(run)
     else:
-        render_run(run, console())
+        render_run(run, console(), opener.hidden)
 
 
 def _payload_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
