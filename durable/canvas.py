@@ -1,77 +1,293 @@
-"""``durable.chain``: an existing Celery chain made durable by changing its constructor.
+"""Celery's canvas made durable: ``durable.chain``, ``durable.group`` and ``durable.chord``.
 
 Example::
 
     # before: chain(validate_order.s("o-1"), reserve.s(), charge_card.s())()
-    run = durable.chain(validate_order.s("o-1"), reserve.s(), charge_card.s()).start(
-        workflow_id="c-1"
-    )
+    durable.chain(validate_order.s("o-1"), reserve.s(), charge_card.s()).start(workflow_id="c-1")
+    # before: chord([summarise.s(c) for c in chunks], combine.s())()
+    durable.chord([summarise.s(c) for c in chunks], combine.s()).start(workflow_id="d-1")
 
-Each link is a step of the built-in workflow ``durable.chain``: checkpointed, so a crash
-mid-chain never re-runs a committed link. Results pass as Celery passes them: a link's
-result is prepended to the next link's arguments, unless that signature is immutable
-(``.si()``). Routing options on a signature (``queue``, ``routing_key``, ``exchange``,
-``priority``) are honoured.
+Each is a run of the built-in workflow ``durable.chain``. A task link is one step, a group
+link is parallel steps (``ctx.parallel``), each checkpointed, so a crash mid-chain never
+re-runs a committed link. Results pass as Celery passes them:
+
+- a link's result is prepended to the next link's arguments, unless that signature is
+  immutable (``.si()``); every member of a group link gets it the same way;
+- after a group, the next link gets the list of the members' results, in order (a chord);
+- arguments given to ``delay``/``apply_async`` are prepended to the first link's (to every
+  member's, when the first link is a group), keyword arguments merged into them.
+
+Celery's own canvas objects are accepted as links: a chain (its links are spliced in, as
+Celery does), a group, a chord (its header as a group link, then its body). A group's members
+must be task signatures.
+
+Options on signatures:
+
+- ``queue``, ``routing_key``, ``exchange`` and ``priority`` route the step as they would the
+  task; on a group they are the default of every member;
+- ``countdown`` and ``eta`` become a durable sleep before the link (on a group, before the
+  whole group; not on a group's member);
+- ``time_limit`` and ``soft_time_limit`` become the step's ``timeout`` (the smaller one);
+  the members of a group must agree on it;
+- ``link``, ``link_error`` and ``expires`` are refused with ``ValueError``: durable cannot
+  honour them as Celery does; so are the options above on a nested chain or on a chord
+  itself (set them on its parts). Every other option (``task_id``, ``serializer``, ``headers``,
+  ``ignore_result``...) shapes Celery's message, and durable sends its own: it is ignored.
+
+A link is tried once, as in a Celery chain whose tasks do not retry; ``with_retry`` gives
+every link a :class:`~durable.retry.RetryPolicy`.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain, chord, group, maybe_signature
 
 from durable.context import ROUTING_OPTIONS, WorkflowContext
+from durable.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from durable.runtime import Durable, WorkflowRun
 
 CHAIN_WORKFLOW = "durable.chain"
+REFUSED_OPTIONS = {
+    "link": "a callback; run the task as the next link instead",
+    "link_error": "an error callback; write a workflow that catches StepFailed instead",
+    "expires": "durable runs every link of a chain it started",
+}
+TIME_LIMITS = ("time_limit", "soft_time_limit")
+# Celery's built-in tasks behind ``task.map``, ``task.starmap`` and ``task.chunks``.
+CELERY_CANVAS_TASKS = ("celery.map", "celery.starmap", "celery.chunks")
 
-
-def describe_link(signature: Signature[Any]) -> dict[str, Any]:
-    """A signature as plain data, as stored in the chain run's arguments."""
-    if not isinstance(signature, Signature):
-        raise TypeError(f"durable.chain takes Celery signatures (task.s(...)), got {signature!r}")
-    return {
-        "task": str(signature.task),
-        "args": list(signature.args),
-        "kwargs": dict(signature.kwargs),
-        "options": {k: v for k, v in signature.options.items() if k in ROUTING_OPTIONS},
-        "immutable": bool(signature.immutable),
-    }
+Link = dict[str, Any]
 
 
 class DurableChain:
-    """A chain of signatures to start as one durable workflow run."""
+    """A chain of links (task signatures and groups) to start as one durable workflow run.
 
-    def __init__(self, durable: Durable, signatures: tuple[Signature[Any], ...]) -> None:
-        if not signatures:
-            raise ValueError("durable.chain needs at least one signature")
+    Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``.
+    """
+
+    def __init__(self, durable: Durable, signatures: Iterable[Signature[Any]]) -> None:
         self._durable = durable
-        self.links = [describe_link(s) for s in signatures]
+        self.links: list[Link] = []
+        for number, signature in enumerate(signatures, 1):
+            self.links += describe(signature, f"link {number}")
+        if not self.links:
+            raise ValueError("durable.chain needs at least one signature")
+        self.retry: RetryPolicy | None = None
+
+    @classmethod
+    def of_group(cls, durable: Durable, signatures: tuple[Any, ...]) -> DurableChain:
+        """``durable.group(a.s(), b.s())`` or ``durable.group([a.s(), b.s()])``."""
+        if len(signatures) == 1 and not isinstance(signatures[0], Signature):
+            signatures = tuple(signatures[0])
+        return cls(durable, [group(*signatures)])
+
+    @classmethod
+    def of_chord(cls, durable: Durable, header: Any, body: Signature[Any]) -> DurableChain:
+        """``durable.chord([a.s(), b.s()], c.s())``: the body gets the header's results."""
+        return cls(durable, [chord(header if isinstance(header, group) else list(header), body)])
+
+    def with_retry(self, policy: RetryPolicy) -> DurableChain:
+        """Retry every link (every member of a group) under ``policy``; returns the chain."""
+        self.retry = policy
+        return self
 
     def start(self, workflow_id: str | None = None) -> WorkflowRun:
         """Start the chain (idempotent by ``workflow_id``); returns its run."""
-        return self._durable.start(CHAIN_WORKFLOW, self.links, workflow_id=workflow_id)
+        return self.apply_async(workflow_id=workflow_id)
 
-    def apply_async(self, workflow_id: str | None = None) -> WorkflowRun:
-        """Celery's name for :meth:`start`."""
-        return self.start(workflow_id=workflow_id)
+    def apply_async(
+        self,
+        args: Iterable[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        workflow_id: str | None = None,
+    ) -> WorkflowRun:
+        """Celery's name for :meth:`start`, with partial arguments for the first link."""
+        links = list(self.links)
+        if args or kwargs:
+            links[0] = _with_partial(links[0], tuple(args or ()), dict(kwargs or {}))
+        extra = {} if self.retry is None else {"retry": self.retry.to_dict()}
+        return self._durable.start(CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
 
-    def delay(self) -> WorkflowRun:
-        """Celery's name for :meth:`start` with a generated id."""
-        return self.start()
+    def delay(self, *args: Any, **kwargs: Any) -> WorkflowRun:
+        """Celery's ``delay``: start with a generated id, arguments for the first link."""
+        return self.apply_async(args, kwargs)
 
 
-def run_chain(ctx: WorkflowContext, links: list[dict[str, Any]]) -> Any:
-    """The body of ``durable.chain``: each link one step, results passed along."""
+# -- signatures as plain data -----------------------------------------------------------------
+
+
+def describe(signature: Any, where: str) -> list[Link]:
+    """The links a signature stands for, as stored in the chain run's arguments."""
+    signature = _as_signature(signature, where)
+    if isinstance(signature, _chain):
+        _check_no_options(signature, where, "a nested chain")
+        return [link for t in signature.tasks for link in describe(t, where)]
+    if isinstance(signature, chord):
+        if signature.body is None:
+            raise ValueError(f"durable.chain: {where}: a chord needs a body")
+        _check_no_options(signature, where, "a chord")
+        header = signature.tasks
+        head = header if isinstance(header, group) else group(*header)
+        return [describe_group(head.tasks, head, where), *describe(signature.body, where)]
+    if isinstance(signature, group):
+        return [describe_group(signature.tasks, signature, where)]
+    return [describe_task(signature, where)]
+
+
+def describe_task(signature: Signature[Any], where: str) -> Link:
+    """A task signature as a link: its name, arguments, immutability and options."""
+    if signature.get("subtask_type") or str(signature.task) in CELERY_CANVAS_TASKS:
+        kind = signature.get("subtask_type") or str(signature.task)
+        raise ValueError(f"durable.chain: {where}: Celery's {kind} signatures are not supported")
+    link: Link = {
+        "task": str(signature.task),
+        "args": list(signature.args),
+        "kwargs": dict(signature.kwargs),
+        "options": _routing(signature.options),
+        "immutable": bool(signature.immutable),
+    }
+    return {**link, **_timing(signature.options, f"{where} ({signature.task})")}
+
+
+def describe_group(members: Iterable[Any], signature: Signature[Any], where: str) -> Link:
+    """A group (or a chord's header) as one link of parallel members."""
+    defaults = _routing(signature.options)
+    timing = _timing(signature.options, f"{where} (a group)")
+    described = []
+    for number, member in enumerate(members, 1):
+        place = f"{where}, member {number}"
+        member = _as_signature(member, place)
+        if isinstance(member, _chain | chord | group):
+            raise ValueError(f"durable.chain: {place}: a group's members must be task signatures")
+        link = describe_task(member, place)
+        if "countdown" in link or "eta" in link:
+            raise ValueError(f"durable.chain: {place}: set countdown/eta on the group instead")
+        link["options"] = {**defaults, **link["options"]}
+        described.append(link)
+    limits = {m.pop("timeout", None) for m in described}
+    if len(limits) > 1:
+        raise ValueError(f"durable.chain: {where}: a group's members must share one time limit")
+    member_limit = limits.pop() if limits else None
+    if member_limit is not None:
+        timing["timeout"] = min(member_limit, timing.get("timeout", member_limit))
+    return {"group": described, **timing}
+
+
+def _as_signature(value: Any, where: str) -> Signature[Any]:
+    if isinstance(value, dict) and not isinstance(value, Signature) and "task" in value:
+        value = maybe_signature(value)
+    if not isinstance(value, Signature):
+        raise TypeError(f"durable.chain takes Celery signatures (task.s(...)), got {value!r}")
+    for option, reason in REFUSED_OPTIONS.items():
+        if value.options.get(option):
+            raise ValueError(f"durable.chain: {where}: option {option!r} is refused: {reason}")
+    return value
+
+
+def _check_no_options(signature: Signature[Any], where: str, what: str) -> None:
+    honoured = set(ROUTING_OPTIONS) | {"countdown", "eta", *TIME_LIMITS}
+    given = sorted(k for k, v in signature.options.items() if k in honoured and v is not None)
+    if given:
+        raise ValueError(f"durable.chain: {where}: set {', '.join(given)} on {what}'s parts")
+
+
+def _routing(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k in ROUTING_OPTIONS if options.get(k) is not None}
+
+
+def _timing(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """``countdown``, ``eta`` (ISO UTC) and ``timeout`` from Celery's options, where given."""
+    timing: dict[str, Any] = {}
+    if options.get("countdown"):
+        timing["countdown"] = float(options["countdown"])
+    eta = options.get("eta")
+    if eta:
+        moment = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+        if not isinstance(moment, datetime):
+            raise ValueError(f"durable.chain: {where}: eta must be a datetime, got {eta!r}")
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)  # Celery's reading, with enable_utc
+        timing["eta"] = moment.astimezone(UTC).isoformat()
+    limits = [float(options[k]) for k in TIME_LIMITS if options.get(k)]
+    if limits:
+        timing["timeout"] = min(limits)
+    return timing
+
+
+def _with_partial(link: Link, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Link:
+    """``link`` given partial arguments as Celery's ``Signature.clone`` would give them."""
+    if "group" in link:
+        return {**link, "group": [_with_partial(m, args, kwargs) for m in link["group"]]}
+    if link.get("immutable"):
+        return link
+    return {**link, "args": [*args, *link["args"]], "kwargs": {**link["kwargs"], **kwargs}}
+
+
+# -- the workflow ----------------------------------------------------------------------------
+
+
+def run_chain(ctx: WorkflowContext, links: list[Link], retry: dict[str, Any] | None = None) -> Any:
+    """The body of ``durable.chain``: each link a step (a group parallel steps)."""
+    policy = None if retry is None else policy_from_dict(retry)
     result: Any = None
     for index, link in enumerate(links):
-        args = list(link["args"])
-        if index > 0 and not link.get("immutable"):
-            args = [result, *args]
-        signature = ctx.app.signature(
-            link["task"], args=args, kwargs=link.get("kwargs") or {}, **(link.get("options") or {})
-        )
-        result = ctx.step(signature)
+        _wait_before(ctx, link)
+        previous = (result,) if index > 0 else ()
+        timeout = link.get("timeout")
+        if "group" in link:
+            calls = [_signature(ctx, member, previous) for member in link["group"]]
+            result = ctx.parallel(calls, retry=policy, timeout=timeout)
+        else:
+            result = ctx.step(_signature(ctx, link, previous), retry=policy, timeout=timeout)
     return result
+
+
+def _wait_before(ctx: WorkflowContext, link: Link) -> None:
+    """A link's ``countdown`` or ``eta``, as a durable sleep (none when already due)."""
+    if link.get("countdown"):
+        ctx.sleep(float(link["countdown"]))
+    if link.get("eta"):
+        wait = datetime.fromisoformat(link["eta"]) - ctx.now()
+        if wait.total_seconds() > 0:
+            ctx.sleep(wait)
+
+
+def _signature(ctx: WorkflowContext, link: Link, previous: tuple[Any, ...]) -> Signature[Any]:
+    args = list(link["args"])
+    if previous and not link.get("immutable"):
+        args = [*previous, *args]
+    options = link.get("options") or {}
+    return ctx.app.signature(link["task"], args=args, kwargs=link.get("kwargs") or {}, **options)
+
+
+def policy_from_dict(stored: dict[str, Any]) -> RetryPolicy:
+    """The :class:`RetryPolicy` that :meth:`RetryPolicy.to_dict` stored."""
+    return RetryPolicy(
+        max_attempts=int(stored["max_attempts"]),
+        initial_interval=float(stored["initial_interval"]),
+        backoff=float(stored["backoff"]),
+        max_interval=float(stored["max_interval"]),
+        non_retryable=tuple(_import_class(path) for path in stored.get("non_retryable") or ()),
+    )
+
+
+def _import_class(path: str) -> type[BaseException]:
+    """The class at ``module.Qualname``, trying the longest importable module first."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:cut]))
+            for name in parts[cut:]:
+                found = getattr(found, name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+    raise ImportError(f"durable.chain: cannot import the exception class {path!r}")

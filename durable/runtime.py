@@ -309,6 +309,14 @@ class Durable:
         """
         return DurableChain(self, signatures)
 
+    def group(self, *signatures: Any) -> DurableChain:
+        """A Celery group made durable: ``durable.group(a.s(1), a.s(2)).start(...)``."""
+        return DurableChain.of_group(self, signatures)
+
+    def chord(self, header: Any, body: Signature[Any]) -> DurableChain:
+        """A Celery chord made durable: ``durable.chord([a.s(1), a.s(2)], b.s()).start(...)``."""
+        return DurableChain.of_chord(self, header, body)
+
     # -- talking to running workflows ------------------------------------------------------
 
     def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:

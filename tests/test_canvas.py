@@ -1,0 +1,330 @@
+"""durable.chain, durable.group and durable.chord: Celery's canvas, each link checkpointed.
+
+The canvases are run twice, by Celery itself and by durable, and must give the same results;
+options, refusals and retries are checked; and a worker SIGKILLed mid-chain must not run a
+committed link again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import celery
+import pytest
+import redis
+from celery import Celery, group
+from celery.contrib.testing.worker import start_worker
+
+from durable import Durable, RetryPolicy, WorkflowFailed
+from durable.activation import activate
+from durable.beat import Beat
+from durable.testing import TestEnv
+from durable.worker import execute_step
+from tests.apps.canvas_app import build
+from tests.conftest import clean_keys, clean_tables, query, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Fatal(Exception):
+    """Raised by a task; listed as non-retryable."""
+
+
+@pytest.fixture
+def tasks(app: Celery, redis_url: str, prefix: str) -> SimpleNamespace:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def count(name: str) -> int:
+        return int(client.incr(f"{prefix}:count:{name}"))
+
+    @app.task(name="cv.add", shared=False)
+    def add(x: int, y: int) -> int:
+        count("add")
+        return x + y
+
+    @app.task(name="cv.mul", shared=False)
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    @app.task(name="cv.total", shared=False)
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="cv.pair", shared=False)
+    def pair(x: int) -> tuple[int, int]:
+        return x, 2 * x
+
+    @app.task(name="cv.concat", shared=False)
+    def concat(*parts: Any, sep: str = "+") -> str:
+        return sep.join(str(p) for p in parts)
+
+    @app.task(name="cv.flaky", shared=False)
+    def flaky(fail_times: int) -> str:
+        n = count("flaky")
+        if n <= fail_times:
+            raise ConnectionError(f"attempt {n} failed")
+        return f"ok on attempt {n}"
+
+    @app.task(name="cv.fatal", shared=False)
+    def fatal() -> None:
+        count("fatal")
+        raise Fatal("no point retrying")
+
+    return SimpleNamespace(
+        add=add, mul=mul, total=total, pair=pair, concat=concat, flaky=flaky, fatal=fatal
+    )
+
+
+@pytest.fixture
+def results_worker(app: Celery, tasks: SimpleNamespace, redis_url: str, prefix: str) -> Any:
+    """An in-process worker, with a Redis result backend so that Celery's own canvas runs.
+
+    One thread: these tests are about what each link receives, and running a group's members
+    one after the other keeps their steps from settling at the same instant.
+    """
+    app.conf.result_backend = redis_url
+    app.conf.result_backend_transport_options = {"global_keyprefix": f"{prefix}:"}
+    with start_worker(
+        app, pool="threads", concurrency=1, perform_ping_check=False, loglevel="WARNING"
+    ) as worker:
+        yield worker
+
+
+# Each case builds a canvas from a vocabulary (Celery's chain/group/chord, or durable's) and
+# is started with the arguments given; a group inside a chain stays Celery's own in both.
+Case = tuple[Callable[[Any, SimpleNamespace], Any], tuple[Any, ...]]
+CASES: dict[str, Case] = {
+    "a chain, the last link immutable": (
+        lambda c, t: c.chain(t.add.s(1, 2), t.mul.s(10), t.add.si(5, 5)),
+        (),
+    ),
+    "a chain through a group into a body": (
+        lambda c, t: c.chain(
+            t.add.s(1, 2), group(t.mul.s(2), t.mul.s(3), t.add.si(0, 7)), t.total.s()
+        ),
+        (),
+    ),
+    "a chord": (lambda c, t: c.chord([t.add.s(i, i) for i in range(4)], t.total.s()), ()),
+    "a group": (lambda c, t: c.group(t.add.s(1, 1), t.mul.s(2, 3)), ()),
+    "a group given arguments": (lambda c, t: c.group([t.add.s(1), t.mul.s(3)]), (2,)),
+    "a chain given arguments": (lambda c, t: c.chain(t.add.s(4), t.mul.s(8)), (2,)),
+    "keyword arguments and a tuple result": (
+        lambda c, t: c.chain(t.pair.s(4), t.concat.s("b", sep="-")),
+        (),
+    ),
+    "a nested chain": (lambda c, t: c.chain(t.add.s(1, 1) | t.mul.s(5), t.add.s(1)), ()),
+}
+
+
+def test_canvases_give_the_results_celery_gives(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    by_celery = SimpleNamespace(chain=celery.chain, group=celery.group, chord=celery.chord)
+    by_durable = SimpleNamespace(chain=durable.chain, group=durable.group, chord=durable.chord)
+    for number, (name, (build_canvas, args)) in enumerate(CASES.items()):
+        expected = build_canvas(by_celery, tasks).apply_async(args).get(timeout=30)
+        run = build_canvas(by_durable, tasks).apply_async(args, workflow_id=f"case-{number}")
+        assert run.result(timeout=30) == expected, name
+
+
+def test_a_chain_stored_before_groups_existed_still_runs(
+    durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    links = [
+        {"task": "cv.add", "args": [1, 2], "kwargs": {}, "options": {}, "immutable": False},
+        {"task": "cv.mul", "args": [10], "kwargs": {}, "options": {}, "immutable": False},
+    ]
+    assert durable.start("durable.chain", links, workflow_id="old-format").result(20) == 30
+
+
+def test_signature_options_route_and_limit_each_step(
+    durable: Durable, tasks: SimpleNamespace, database_url: str
+) -> None:
+    t = tasks
+    canvas = durable.chain(
+        t.add.s(1, 2).set(queue="payments", priority=3),
+        group(t.mul.s(2), t.mul.s(3).set(queue="fast")).set(queue="slow"),
+        t.total.s().set(time_limit=30, soft_time_limit=20),
+    )
+    canvas.start(workflow_id="opts")  # no worker: each step is run by hand below
+    assert activate(durable, "opts") == "suspended"
+    for seq in (1, 2, 3, 4):
+        assert execute_step(durable, "opts", seq) == "completed"
+    assert durable.run("opts").result(timeout=10) == 15
+    rows = query(
+        database_url,
+        "SELECT seq, name, options FROM durable_steps WHERE workflow_id = 'opts' ORDER BY seq",
+    )
+    routed = [(r.seq, r.name, r.options.get("queue"), r.options.get("timeout")) for r in rows]
+    assert routed == [
+        (1, "cv.add", "payments", None),
+        (2, "cv.mul", "slow", None),
+        (3, "cv.mul", "fast", None),
+        (4, "cv.total", "celery", 20.0),  # the default queue, resolved when scheduled
+    ]
+    assert rows[0].options["priority"] == 3
+
+
+def test_countdown_and_eta_are_durable_sleeps(
+    durable: Durable, tasks: SimpleNamespace, database_url: str
+) -> None:
+    t = tasks
+    at = datetime.now(UTC) + timedelta(days=2)
+    canvas = durable.chain(
+        t.add.s(1, 2), t.mul.s(10).set(countdown=3600), t.add.s(1).set(eta=at.isoformat())
+    )
+    with TestEnv(durable) as env:
+        run = canvas.start(workflow_id="later")
+        assert env.result(run, timeout=30) == 31
+    assert 2 * 86400 - 120 <= env.skipped <= 2 * 86400 + 120
+    rows = query(
+        database_url, "SELECT name FROM durable_steps WHERE workflow_id = 'later' ORDER BY seq"
+    )
+    assert [r.name for r in rows] == ["cv.add", "sleep", "cv.mul", "sleep", "cv.add"]
+
+
+def test_with_retry_retries_each_link_and_honours_non_retryable(
+    durable: Durable, tasks: SimpleNamespace, counter: Callable[[str], int]
+) -> None:
+    t = tasks
+    policy = RetryPolicy(max_attempts=3, initial_interval=60.0, non_retryable=(Fatal,))
+    with TestEnv(durable) as env:
+        run = durable.chain(t.flaky.s(2)).with_retry(policy).start(workflow_id="retried")
+        assert env.result(run, timeout=30) == "ok on attempt 3"
+        assert env.skipped > 55  # the 60 s back-offs were durable timers, skipped
+        failing = durable.chain(t.fatal.si()).with_retry(policy).start(workflow_id="fatal")
+        with pytest.raises(WorkflowFailed, match="Fatal: no point retrying"):
+            env.result(failing, timeout=30)
+    assert counter("fatal") == 1
+
+
+def test_what_durable_cannot_honour_is_refused(durable: Durable, tasks: SimpleNamespace) -> None:
+    t = tasks
+    linked = t.add.s(1, 2)
+    linked.link(t.mul.s(2))
+    refused: list[tuple[Callable[[], Any], str]] = [
+        (lambda: durable.chain(t.add.s(1, 2).set(expires=10)), "option 'expires'"),
+        (lambda: durable.chain(linked), "option 'link'"),
+        (lambda: durable.chain(t.add.s(1, 2).on_error(t.mul.s(0))), "option 'link_error'"),
+        (lambda: durable.group(t.add.s(1, 1) | t.mul.s(2)), "must be task signatures"),
+        (lambda: durable.group(t.add.s(1, 1).set(countdown=5)), "on the group instead"),
+        (
+            lambda: durable.group(t.add.s(1, 1).set(time_limit=5), t.mul.s(1, 1)),
+            "share one time limit",
+        ),
+        (lambda: durable.chain(t.add.map([1, 2])), "celery.map signatures are not supported"),
+        (lambda: durable.chain(), "at least one signature"),
+    ]
+    for build_canvas, message in refused:
+        with pytest.raises(ValueError, match=message):
+            build_canvas()
+    with pytest.raises(TypeError, match="Celery signatures"):
+        durable.chain("cv.add")  # type: ignore[arg-type]
+
+
+# -- a real crash -----------------------------------------------------------------------------
+
+
+class Workers:
+    """``celery worker`` processes of the canvas app, each in its own process group."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env, self.logdir = env, logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "celery", "-A", "tests.apps.canvas_app", "worker"]
+        command += ["--pool=prefork", "--concurrency=2", f"--hostname={name}@%h"]
+        command += ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc)
+
+
+@pytest.fixture
+def crash(
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> Iterator[tuple[Durable, Workers]]:
+    clean_tables(database_url)
+    env = {
+        **os.environ,
+        "DURABLE_DATABASE_URL": database_url,
+        "DURABLE_REDIS_URL": redis_url,
+        "CANVAS_PREFIX": prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    _, durable = build(database_url, redis_url, prefix)
+    workers = Workers(env, tmp_path)
+    beat = Beat(durable, sweep_interval=0.5)
+    thread = threading.Thread(target=beat.run, daemon=True)
+    thread.start()
+    try:
+        yield durable, workers
+    finally:
+        beat.stopping.set()
+        thread.join(5)
+        workers.stop_all()
+        clean_keys(redis_url, prefix)
+
+
+def test_sigkill_mid_chain_never_reruns_a_committed_link(
+    crash: tuple[Durable, Workers], redis_url: str, prefix: str, database_url: str
+) -> None:
+    durable, workers = crash
+    app = durable.app
+    add, mul, slow, total = (app.tasks[f"canvas.{n}"] for n in ("add", "mul", "slow", "total"))
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def count(name: str) -> int:
+        return int(client.get(f"{prefix}:count:{name}") or 0)
+
+    def committed(name: str) -> bool:
+        sql = "SELECT 1 FROM durable_steps WHERE workflow_id = 'mid' AND name = :n AND status = :s"
+        return bool(query(database_url, sql, n=name, s="completed"))
+
+    first = workers.start("first")
+    run = durable.chain(add.s(1, 2), group(mul.s(10), slow.s(30)), total.s()).start(
+        workflow_id="mid"
+    )
+    # Link 1 and one member of the group committed, the other member running: kill.
+    wait_until(lambda: committed("canvas.mul") and count("slow") == 1, timeout=60, what="link 2")
+    workers.kill(first)
+    workers.start("second")
+    assert run.result(timeout=60) == 30 + 4
+    assert (count("add"), count("mul"), count("slow"), count("total")) == (1, 1, 2, 1)
+    rows = query(
+        database_url,
+        "SELECT seq, name, attempts FROM durable_steps WHERE workflow_id = 'mid' ORDER BY seq",
+    )
+    assert [(r.seq, r.name, r.attempts) for r in rows] == [
+        (1, "canvas.add", 1),
+        (2, "canvas.mul", 1),
+        (3, "canvas.slow", 2),
+        (4, "canvas.total", 1),
+    ]
