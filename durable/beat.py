@@ -10,7 +10,9 @@ Every beat process, however many run, loops over:
 3. every ``sweep_interval`` seconds, **the sweep**: rebuild the indexes if Redis lost them,
    fire timers overdue in PostgreSQL (an entry lost from the index), re-dispatch steps whose
    lease expired (their worker died), steps whose message was never claimed, and runs owed
-   an activation; the leader also fires schedules PostgreSQL says are due.
+   an activation; the leader also fires schedules PostgreSQL says are due and, when the
+   ``retention`` setting is set, purges runs that finished longer ago than that
+   (:meth:`Beat.purge_expired`: one bounded batch per pass, every few minutes).
 
 Each of these takes its rows with a conditional UPDATE (``SKIP LOCKED`` where it scans) or a
 row lock, so two beats never act on the same row twice. At start every beat imports the
@@ -48,6 +50,7 @@ from durable.scheduler import (
     plan_fires,
     schedule_settings,
 )
+from durable.store import admin as admin_queries
 from durable.store import recovery
 from durable.store import schedules as schedule_queries
 from durable.store import timers as timer_queries
@@ -56,6 +59,11 @@ if TYPE_CHECKING:
     from durable.runtime import Durable
 
 log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL = 300.0
+"""Seconds between retention passes (sooner while a backlog drains)."""
+RETENTION_BATCH = 1000
+"""Most runs one retention pass deletes, so that a pass never holds up the timers for long."""
 
 
 @dataclass
@@ -70,6 +78,7 @@ class BeatStats:
     schedule_runs_started: int = 0
     schedule_fires_skipped: int = 0
     schedule_index_rebuilds: int = 0
+    runs_purged: int = 0
 
 
 class Beat:
@@ -81,6 +90,8 @@ class Beat:
         max_wait: Longest pause between two ticks.
         beat_schedule: Celery ``beat_schedule`` entries to import at start (default: the
             app's ``beat_schedule``).
+        retention_interval: Seconds between two retention passes that found no backlog.
+        retention_batch: Most runs one retention pass deletes.
     """
 
     def __init__(
@@ -89,6 +100,8 @@ class Beat:
         sweep_interval: float = 1.0,
         max_wait: float = 0.1,
         beat_schedule: Mapping[str, Any] | None = None,
+        retention_interval: float = RETENTION_INTERVAL,
+        retention_batch: int = RETENTION_BATCH,
     ) -> None:
         self.durable = durable
         self.sweep_interval = sweep_interval
@@ -103,10 +116,18 @@ class Beat:
         self.schedules = ScheduleRunner(durable, self.settings, self.stats)
         self._beat_schedule = beat_schedule
         self._imported = False
+        self.retention = durable.settings.retention
+        self.retention_interval = retention_interval
+        self.retention_batch = retention_batch
+        self._next_purge = 0.0  # time.monotonic() of the next retention pass
 
     def run(self) -> None:
         """Loop until :attr:`stopping` is set (SIGTERM/SIGINT in the CLI)."""
         log.info("durable beat started")
+        if self.retention is not None:
+            log.info(
+                "durable beat: runs finished more than %s ago are purged", _span(self.retention)
+            )
         warn_if_evictable(self.durable.timer_index.client)
         try:
             while not self.stopping.is_set():
@@ -152,6 +173,7 @@ class Beat:
             self.sweep()
             if self.leader.held():
                 self.schedules.sweep(self.leader.held)
+                self.purge_expired()
             self._last_sweep = time.monotonic()
 
     def import_beat_schedule(self) -> None:
@@ -223,6 +245,41 @@ class Beat:
                 len(stale),
                 len(owed),
             )
+
+    def purge_expired(self) -> int:
+        """Delete one batch of runs that finished more than ``retention`` ago; leader only.
+
+        Steps, timers, history, signals and events go with their run (``durable purge``
+        does the same by hand). A pass runs at most every ``retention_interval`` seconds,
+        but at the next sweep again after a full batch, so that a backlog drains batch by
+        batch without holding up the timers in between. Returns how many runs went.
+        """
+        if self.retention is None or time.monotonic() < self._next_purge:
+            return 0
+        age, batch = self.retention.total_seconds(), self.retention_batch
+        with self.durable.connect() as conn:
+            purged = admin_queries.purge_runs(conn, age, batch)
+        self.stats.runs_purged += purged
+        backlog = purged >= batch
+        self._next_purge = time.monotonic() + (0.0 if backlog else self.retention_interval)
+        if purged:
+            log.info(
+                "durable beat: purged %d run(s) finished more than %s ago%s",
+                purged,
+                _span(self.retention),
+                "; more to purge at the next sweep" if backlog else "",
+            )
+        return purged
+
+
+def _span(duration: timedelta) -> str:
+    """A duration as ``durable purge --older-than`` takes it: ``30d``, ``1d12h``, ``90s``."""
+    left, parts = int(duration.total_seconds()), []
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, left = divmod(left, seconds)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
 
 
 class ScheduleRunner:

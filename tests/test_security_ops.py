@@ -4,8 +4,12 @@ beat, and the least-privilege deployment that docs/security.md describes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,9 +19,10 @@ from click.testing import CliRunner, Result
 from cryptography.fernet import Fernet as KeyMaker
 
 from durable import Durable
+from durable.beat import Beat
 from durable.cli import cli
 from durable.codec import Compression, Fernet, seal
-from tests.conftest import clean_keys, clean_tables, make_app, query
+from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
 SECRET = "tok_4242424242424242"
 CLI = SimpleNamespace(durable=None)
@@ -149,3 +154,113 @@ def test_show_refuses_a_malformed_key_without_echoing_it(
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("durable: ") and "--key" in lines[0]
     assert "not-a-key-1234" not in result.output
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+TABLES = ("durable_steps", "durable_history", "durable_signals", "durable_events", "durable_timers")
+
+
+def rows_of(database_url: str, workflow_id: str) -> dict[str, int]:
+    """How many rows each table holds for a run (its own row under ``durable_workflows``)."""
+    counts = {
+        table: query(
+            database_url,
+            f"SELECT count(*) AS n FROM {table} WHERE workflow_id = :id",
+            id=workflow_id,
+        )[0].n
+        for table in TABLES
+    }
+    counts["durable_workflows"] = query(
+        database_url, "SELECT count(*) AS n FROM durable_workflows WHERE id = :id", id=workflow_id
+    )[0].n
+    return counts
+
+
+def age(database_url: str, *ids: str, days: int = 31) -> None:
+    """Move runs' times back, as if they had started and finished ``days`` ago."""
+    query(
+        database_url,
+        "UPDATE durable_workflows SET created_at = created_at - make_interval(days => :days), "
+        "finished_at = finished_at - make_interval(days => :days) WHERE id = ANY(:ids) "
+        "RETURNING id",
+        days=days,
+        ids=list(ids),
+    )
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+class Lines(logging.Handler):
+    """Keeps the messages logged to it (the worker's logging set-up replaces the root's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_beat_purges_finished_runs_past_retention(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    clean_tables(database_url)
+    app, durable = make_app(database_url, redis_url, prefix, retention=timedelta(days=30))
+
+    @durable.workflow("wf.kept")
+    def wf(ctx: Any, x: int) -> int:
+        ctx.set_event("seen", x)
+        got = ctx.wait_for_signal("go", timeout=timedelta(hours=1))  # a timer row
+        return int(ctx.step(double, got, local=True))
+
+    old, recent = ["old-1", "old-2", "old-3"], "recent-1"
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        for wid in [*old, recent, "running-1"]:
+            durable.start("wf.kept", 1, workflow_id=wid)
+        for wid in [*old, recent]:
+            wait_until(lambda w=wid: rows_of(database_url, w)["durable_timers"], what="the wait")
+            durable.signal(wid, "go", 21)
+        for wid in [*old, recent]:
+            assert durable.run(wid).result(timeout=20) == 42
+        durable.signal("running-1", "note", "unread")
+    assert all(n > 0 for n in rows_of(database_url, "old-1").values())
+    age(database_url, *old, "running-1")  # a run still running is never purged, however old
+
+    beats = [Beat(durable, sweep_interval=0.1, retention_batch=2) for _ in range(2)]
+    leader, standby = beats
+    logged, logger = Lines(), logging.getLogger("durable.beat")
+    level = logger.level
+    logger.addHandler(logged)
+    logger.setLevel(logging.INFO)
+    thread = threading.Thread(target=leader.run, daemon=True)
+    thread.start()
+    try:
+        # Three runs, two per batch: a full batch is followed by another at the next sweep.
+        wait_until(lambda: leader.stats.runs_purged == 3, timeout=10, what="the old runs purged")
+        for wid in old:
+            assert set(rows_of(database_url, wid).values()) == {0}, wid
+        for wid in (recent, "running-1"):
+            assert all(n > 0 for n in rows_of(database_url, wid).values()), wid
+        purges = [line for line in logged.lines if ": purged" in line]
+        assert purges[0].startswith("durable beat: purged 2 run(s) finished more than 30d ago;")
+        assert purges[1].startswith("durable beat: purged 1 run(s)")
+        # The backlog is gone: the next pass waits for the interval (minutes), and a beat
+        # that does not lead never purges.
+        age(database_url, recent)
+        for _ in range(5):
+            standby.tick()
+            time.sleep(0.1)
+        assert not standby.leader.held() and standby.stats.runs_purged == 0
+        assert leader.stats.runs_purged == 3
+        assert rows_of(database_url, recent)["durable_workflows"] == 1
+    finally:
+        leader.stopping.set()
+        thread.join(timeout=5)
+        logger.removeHandler(logged)
+        logger.setLevel(level)
+        for beat in beats:
+            beat.leader.release()
+        clean_keys(redis_url, prefix)
