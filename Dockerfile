@@ -14,7 +14,7 @@ WORKDIR /app
 # The install is editable: `durable db upgrade` reads the migrations from /app/alembic.
 COPY pyproject.toml ./
 RUN mkdir durable && touch durable/__init__.py \
-    && pip install -e . 'flower>=2.0' \
+    && pip install -e '.[crypto]' 'flower>=2.0' \
     && rm -r durable
 
 COPY durable ./durable

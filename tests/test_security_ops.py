@@ -3,13 +3,16 @@ beat, and the least-privilege deployment that docs/security.md describes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +27,7 @@ from durable.cli import cli
 from durable.codec import Compression, Fernet, seal
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "tok_4242424242424242"
 CLI = SimpleNamespace(durable=None)
 """What ``--app tests.test_security_ops:CLI.durable`` loads: the app of the encrypted run."""
@@ -264,3 +268,33 @@ def test_beat_purges_finished_runs_past_retention(
         for beat in beats:
             beat.leader.release()
         clean_keys(redis_url, prefix)
+
+
+# -- docker-compose ------------------------------------------------------------------------------
+
+
+def test_compose_keeps_flower_behind_a_password_and_the_stores_unpublished() -> None:
+    text_ = (ROOT / "docker-compose.yml").read_text()
+    services = text_[text_.index("\nservices:") : text_.index("\nvolumes:")]
+    blocks: dict[str, str] = {}
+    name = ""
+    for line in services.splitlines():
+        start = re.fullmatch(r"  (\w[\w-]*):", line)
+        if start:
+            name = start.group(1)
+        elif name and line.startswith("    "):
+            blocks[name] = blocks.get(name, "") + line + "\n"
+    assert {"postgres", "redis", "worker", "beat", "flower"} <= set(blocks)
+    flower = blocks["flower"]
+    # Required from the environment, with no default: `:?` stops compose without it.
+    assert "FLOWER_BASIC_AUTH: ${FLOWER_BASIC_AUTH:?" in flower
+    assert "FLOWER_UNAUTHENTICATED_API" not in text_
+    # Only the broker and Flower's own settings: no database URL, no keys, nothing merged in.
+    after = flower[flower.index("    environment:\n") :].splitlines()[1:]
+    environment = itertools.takewhile(lambda x: x.startswith("      "), after)
+    keys = [m.group(1) for m in (re.match(r"      ([^\s#][^:]*):", x) for x in environment) if m]
+    assert keys and all(k.startswith(("CELERY_", "FLOWER_")) for k in keys), keys
+    assert "ports:" not in blocks["postgres"] and "ports:" not in blocks["redis"]
+    published = re.findall(r"ports:\n((?:\s+- .*\n)+)", services)
+    for port in re.findall(r'- "?([^"\n]+)', "".join(published)):
+        assert port.startswith("127.0.0.1:"), port
