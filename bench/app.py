@@ -3,7 +3,10 @@
 One trivial task, ``bench.add``, is both the link of the plain Celery chain and the step of
 the durable workflow, so the two sides run the same code on the same worker. Its optional
 ``notify`` argument names a Redis list to which it pushes the wall-clock time at which it
-ran: the completion signal of the last link or step.
+ran: the completion signal of the last link or step. The other workflows serve the other
+parts: ``bench.local`` (local steps), ``bench.nap`` (one sleep: timer lateness),
+``bench.replay`` (local steps, then a long sleep: the cost of replaying that history) and
+``bench.noop`` (nothing: the cost of a start).
 
 The worker process counts and times the SQL statements durable sends (SQLAlchemy events,
 in-memory counters); the task ``bench.flush`` reports and resets them, and closes the
@@ -33,6 +36,10 @@ from durable.store import recovery, runs, steps, timers
 PREFIX_ENV = "BENCH_PREFIX"
 STEPS_WORKFLOW = "bench.steps"
 LOCAL_WORKFLOW = "bench.local"
+NAP_WORKFLOW = "bench.nap"
+REPLAY_WORKFLOW = "bench.replay"
+NOOP_WORKFLOW = "bench.noop"
+PARKED_SECONDS = 3600.0  # the sleep a replayed run is parked at
 
 statements: Counter[str] = Counter()
 seconds: Counter[str] = Counter()  # time from sending each statement to its result, summed
@@ -52,7 +59,8 @@ def _labels(*modules: ModuleType) -> dict[int, str]:
 _LABELS = _labels(runs, steps, recovery, timers)
 
 
-def _label(context: Any, statement: str) -> str:
+def statement_label(context: Any, statement: str) -> str:
+    """The store's name for a statement (``steps.settle``), else its first words."""
     compiled = getattr(getattr(context, "compiled", None), "statement", None)
     known = _LABELS.get(id(compiled))
     if known:
@@ -71,7 +79,7 @@ def count_statements() -> None:
 
     @event.listens_for(Engine, "after_cursor_execute")
     def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: Any) -> None:
-        label = _label(context, statement)
+        label = statement_label(context, statement)
         statements[label] += 1
         seconds[label] += time.perf_counter() - conn.info.pop("bench_sent", time.perf_counter())
 
@@ -119,6 +127,23 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
         for _ in range(n):
             x = ctx.step(increment, x, local=True)
         return x
+
+    @durable.workflow(NAP_WORKFLOW)
+    def nap(ctx: Any, seconds: float) -> float:
+        ctx.sleep(seconds)
+        return seconds
+
+    @durable.workflow(REPLAY_WORKFLOW)
+    def parked(ctx: Any, n: int) -> int:
+        x = 0
+        for _ in range(n):
+            x = ctx.step(increment, x, local=True)
+        ctx.sleep(PARKED_SECONDS)
+        return x
+
+    @durable.workflow(NOOP_WORKFLOW)
+    def noop(ctx: Any, i: int) -> int:
+        return i
 
     return app, durable, add
 

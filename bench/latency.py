@@ -1,0 +1,195 @@
+"""(a) Latency of an N-step workflow against the same plain Celery chain; (f) its SQL.
+
+For N = 1, 10 and 100, after one warm-up run of each kind, runs are timed interleaved:
+
+- the plain chain ``chain(add.s(0, 1), add.s(1), ...)`` without a result backend: the last
+  link pushes its wall-clock time to a Redis list;
+- the same chain with the Redis result backend: the caller's ``.get()`` returns;
+- the workflow ``for _ in range(N): x = ctx.step(add, x, 1)``: its last step pushes its time
+  like the chain's last link (same signal), and PostgreSQL notifies the caller when the run's
+  result is committed.
+
+Then a workflow of local steps is timed, and (on the solo worker) PostgreSQL's work for one
+100-step run is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from celery import chain
+
+from bench.app import LOCAL_WORKFLOW, STEPS_WORKFLOW
+from bench.common import BenchError, psycopg_url
+from bench.harness import RUN_TIMEOUT, Bench
+from durable.store import engine as store_engine
+
+SIZES = ((1, 5), (10, 5), (100, 3))  # (steps per run, measured runs after the warm-up)
+LOCAL_STEPS, LOCAL_RUNS = 200, 3
+COUNT_STEPS = 100
+
+
+@dataclass
+class Samples:
+    """Total seconds of each run, per variant and N."""
+
+    plain: dict[int, list[float]] = field(default_factory=dict)
+    backend: dict[int, list[float]] = field(default_factory=dict)
+    durable_last: dict[int, list[float]] = field(default_factory=dict)
+    durable_done: dict[int, list[float]] = field(default_factory=dict)
+    local: list[float] = field(default_factory=list)
+
+    def add(self, kind: str, n: int, seconds: float) -> None:
+        getattr(self, kind).setdefault(n, []).append(seconds)
+
+    def total(self, kind: str, n: int) -> float:
+        """Median seconds of the runs of ``n`` steps."""
+        return float(statistics.median(getattr(self, kind)[n]))
+
+    def ms_per_step(self, kind: str, n: int) -> float:
+        return self.total(kind, n) / n * 1000
+
+    def ms_per_added_step(self, kind: str) -> float:
+        """Cost of each step added from N = 10 to N = 100 (medians): fixed costs cancel."""
+        return (self.total(kind, 100) - self.total(kind, 10)) / 90 * 1000
+
+
+@dataclass
+class Counts:
+    """PostgreSQL work of one durable run of ``COUNT_STEPS`` steps."""
+
+    transactions: int
+    """``xact_commit`` of the bench database over the run."""
+    statements: dict[str, int]
+    """Statements the worker sent, by label (``runs.finish``: ``_FINISH`` of the store)."""
+    seconds: dict[str, float]
+    """Their total time in the worker, from sending each one to having its result."""
+
+
+def plain(bench: Bench, n: int) -> float:
+    """The chain without a result backend; done when its last link has pushed."""
+    key = bench.key()
+    links = [bench.add.s(0, 1)] + [bench.add.s(1) for _ in range(n - 1)]
+    links[-1] = links[-1].clone(kwargs={"notify": key})
+    links = [link.set(ignore_result=True) for link in links]
+    started = time.time()
+    chain(*links).apply_async()
+    return float(bench.blpop(key)) - started
+
+
+def backend(bench: Bench, n: int) -> float:
+    """The chain with the Redis result backend; done when ``.get()`` returns."""
+    links = [bench.add.s(0, 1)] + [bench.add.s(1) for _ in range(n - 1)]
+    started = time.time()
+    result = chain(*links).apply_async()
+    value = result.get(timeout=bench.left(RUN_TIMEOUT))
+    elapsed = time.time() - started
+    if value != n:
+        raise BenchError(f"the chain of {n} returned {value!r}")
+    return elapsed
+
+
+def durable_run(bench: Bench, n: int, check: bool = True) -> tuple[float, float]:
+    """The workflow: (its last step has pushed, its result is committed).
+
+    With ``check`` its result is read back and checked (one more query).
+    """
+    key = bench.key()
+    started = time.time()
+    run = bench.durable.start(STEPS_WORKFLOW, n, key)
+    finished = bench.wait_finished([run.id])
+    last_step = float(bench.blpop(key))
+    if check and (value := run.result(timeout=5)) != n:
+        raise BenchError(f"the workflow of {n} steps returned {value!r}")
+    return last_step - started, finished - started
+
+
+def local_run(bench: Bench, n: int) -> float:
+    """A workflow of ``n`` local steps, until its result is committed."""
+    started = time.time()
+    run = bench.durable.start(LOCAL_WORKFLOW, n)
+    finished = bench.wait_finished([run.id])
+    if run.result(timeout=5) != n:
+        raise BenchError(f"the workflow of {n} local steps did not return {n}")
+    return finished - started
+
+
+def measure(bench: Bench, samples: Samples) -> None:
+    """Warm up, then time every variant for every N, interleaved, and the local steps."""
+    plain(bench, 10)
+    backend(bench, 10)
+    durable_run(bench, 10)
+    local_run(bench, 20)
+    for n, runs in SIZES:
+        for i in range(runs):
+            order: list[Callable[[], None]] = [
+                lambda n=n: samples.add("plain", n, plain(bench, n)),
+                lambda n=n: samples.add("backend", n, backend(bench, n)),
+                lambda n=n: _add_durable(bench, samples, n),
+            ]
+            for variant in order[i % 3 :] + order[: i % 3]:  # rotate: no variant always first
+                variant()
+    for _ in range(LOCAL_RUNS):
+        samples.local.append(local_run(bench, LOCAL_STEPS))
+
+
+def _add_durable(bench: Bench, samples: Samples, n: int) -> None:
+    last, done = durable_run(bench, n)
+    samples.add("durable_last", n, last)
+    samples.add("durable_done", n, done)
+
+
+def count(bench: Bench) -> Counts:
+    """PostgreSQL transactions and statements of one run of ``COUNT_STEPS`` steps.
+
+    ``xact_commit`` of ``pg_stat_database`` is published by a backend when it goes idle,
+    at most once a second, or when it exits; so before and after the run every pooled
+    connection to the bench database is closed (the worker's by ``bench.flush``) and the
+    count read once their backends are gone.
+    """
+    assert bench.listener is not None
+    bench.listener.execute("SELECT pg_stat_force_next_flush()")
+    _flush_worker(bench)
+    before = _settled_commits(bench)
+    durable_run(bench, COUNT_STEPS, check=False)
+    statements, seconds = _flush_worker(bench)
+    after = _settled_commits(bench)
+    return Counts(after - before, statements, seconds)
+
+
+def _flush_worker(bench: Bench) -> tuple[dict[str, int], dict[str, float]]:
+    """The worker's statement counts and times since the last flush; closes connections."""
+    key = bench.key()
+    bench.app.send_task("bench.flush", args=[key], ignore_result=True)
+    report = json.loads(bench.blpop(key))
+    store_engine.dispose_all()
+    return report["count"], report["seconds"]
+
+
+def _settled_commits(bench: Bench) -> int:
+    """``xact_commit`` of the bench database once only the listener is connected to it."""
+    assert bench.listener is not None
+    mine = bench.listener.info.backend_pid
+    server = psycopg_url(bench.services.database_url)
+    with psycopg.connect(server, autocommit=True) as conn:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            others = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> %s"
+                " AND backend_type = 'client backend'",
+                (bench.db_name, mine),
+            ).fetchone()
+            if others is not None and others[0] == 0:
+                break
+            time.sleep(0.05)
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (bench.db_name,)
+        ).fetchone()
+    if row is None:
+        raise BenchError(f"no statistics for database {bench.db_name}")
+    return int(row[0])
