@@ -8,23 +8,34 @@ import json
 import logging
 import os
 import re
+import shlex
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner, Result
 from cryptography.fernet import Fernet as KeyMaker
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import ProgrammingError
 
 from durable import Durable
 from durable.beat import Beat
 from durable.cli import cli
 from durable.codec import Compression, Fernet, seal
+from durable.store import engine as store_engine
+from durable.store.models import metadata
+from tests.apps.crash_app import build
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,7 +281,156 @@ def test_beat_purges_finished_runs_past_retention(
         clean_keys(redis_url, prefix)
 
 
-# -- docker-compose ------------------------------------------------------------------------------
+# -- least privilege -----------------------------------------------------------------------------
+
+SECURITY_DOC = ROOT / "docs" / "security.md"
+
+
+def doc_block(language: str, containing: str) -> str:
+    """The code block of docs/security.md in ``language`` that contains ``containing``."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", SECURITY_DOC.read_text(), re.S)
+    return next(b for b in blocks if containing in b)
+
+
+def documented_grants(role: str, password: str, database: str) -> list[str]:
+    """The documented SQL statements, for ``role`` on ``database``."""
+    sql = "\n".join(line.split("--")[0] for line in doc_block("sql", "GRANT").splitlines())
+    sql = sql.replace("durable_worker", role).replace("choose-a-password", password)
+    sql = sql.replace("ON DATABASE durable ", f'ON DATABASE "{database}" ')
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+def documented_acl(user: str, password: str, prefix: str, db: int) -> list[str]:
+    """The documented ``ACL SETUSER`` arguments, for ``user`` and the key prefix ``prefix``."""
+    block = doc_block("sh", "ACL SETUSER")
+    command = block[block.index("redis-cli ACL SETUSER") :].replace("\\\n", " ")
+    tokens = shlex.split(command, comments=True)
+    assert tokens[:4] == ["redis-cli", "ACL", "SETUSER", "shop"]
+    rules = [t.replace("shop:", f"{prefix}:").replace("/0.", f"/{db}.") for t in tokens[4:]]
+    return [user, *[f">{password}" if r.startswith(">") else r for r in rules]]
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{user}:{password}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def query_none(database_url: str, sql: str) -> None:
+    with store_engine.autocommit(database_url).connect() as conn:
+        conn.execute(text(sql))
+
+
+@pytest.fixture
+def least_privilege(
+    database_url: str, redis_url: str, prefix: str
+) -> Iterator[tuple[str, str, str]]:
+    """A PostgreSQL role and a Redis ACL user made from docs/security.md, dropped afterwards.
+
+    Yields the role's database URL, the user's Redis URL and the user's name.
+    """
+    clean_tables(database_url)
+    role, secret = f"durable_worker_{prefix}", uuid.uuid4().hex
+    database = make_url(database_url).database or ""
+    admin_redis = redis.Redis.from_url(redis_url, decode_responses=True)
+    db = int(admin_redis.connection_pool.connection_kwargs.get("db") or 0)
+    user = f"durable-test-{prefix}"
+    # Beyond the documented commands: INCRBY, which the test app's tasks count their runs with.
+    admin_redis.execute_command("ACL", "SETUSER", *documented_acl(user, secret, prefix, db))
+    admin_redis.execute_command("ACL", "SETUSER", user, "+incrby")
+    for statement in documented_grants(role, secret, database):
+        query_none(database_url, statement)
+    role_url = make_url(database_url).set(username=role, password=secret)
+    try:
+        yield (
+            role_url.render_as_string(hide_password=False),
+            with_credentials(redis_url, user, secret),
+            user,
+        )
+    finally:
+        store_engine.dispose_all()
+        query_none(database_url, f'DROP OWNED BY "{role}"')
+        query_none(database_url, f'DROP ROLE "{role}"')
+        admin_redis.execute_command("ACL", "DELUSER", user)
+        clean_keys(redis_url, prefix)
+        admin_redis.close()
+
+
+def test_a_least_privilege_deployment_runs_workflows(
+    least_privilege: tuple[str, str, str],
+    database_url: str,
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    role_url, acl_url, user = least_privilege
+    grants = doc_block("sql", "GRANT")
+    sequences = query(database_url, "SELECT sequencename AS name FROM pg_sequences")
+    assert set(metadata.tables) | {s.name for s in sequences} <= set(re.findall(r"\w+", grants))
+    assert "durable_alembic_version" not in grants
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
+    env.update(DURABLE_DATABASE_URL=role_url, DURABLE_REDIS_URL=acl_url, CRASH_PREFIX=prefix)
+    app = ["-A", "tests.apps.crash_app"]
+    worker = [*app, "worker", "-E", "--pool=prefork", "--concurrency=1", "--loglevel=INFO"]
+    beat = ["-m", "durable.cli", "beat", "--app", "tests.apps.crash_app:app"]
+    procs = [
+        spawn(["-m", "celery", *worker, f"--hostname=lp-{prefix}@%h"], env, tmp_path / "w.log"),
+        spawn([*beat, "--sweep-interval", "0.5"], env, tmp_path / "beat.log"),
+    ]
+    try:
+        client_app, durable = build(role_url, acl_url, prefix)
+        nap = durable.start("crash.nap", 0.3, workflow_id="lp-nap")  # a timer, then a step
+        waiting = durable.start("crash.wait", workflow_id="lp-wait")
+        durable.signal("lp-wait", "go", {"ok": True})
+        assert nap.result(timeout=30) == "after"
+        assert waiting.result(timeout=30) == [{"ok": True}, "after"]
+        assert wait_until(lambda: client_app.control.ping(timeout=0.5), what="a pong")
+    finally:
+        for proc in procs:
+            stop(proc)
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+    assert "NoPermissionError" not in logs and "permission denied" not in logs
+
+    engine = create_engine(role_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT current_user")).scalar_one() == make_url(role_url).username
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            conn.execute(text("CREATE TABLE durable_intruder (id int)"))
+    engine.dispose()
+    restricted = redis.Redis.from_url(acl_url)
+    for command in (lambda: restricted.keys("*"), lambda: restricted.get("elsewhere:key")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            command()
+    restricted.close()
+    age(database_url, "lp-nap")
+    purged = invoke("purge", "--older-than", "1d", "--database-url", role_url)
+    assert purged.exit_code == 0, purged.output
+    assert rows_of(database_url, "lp-nap")["durable_workflows"] == 0
+    assert rows_of(database_url, "lp-wait")["durable_workflows"] == 1
+
+    admin_redis = redis.Redis.from_url(redis_url, decode_responses=True)
+    refused = [e for e in admin_redis.acl_log(count=1000) if e["username"] == user]
+    admin_redis.close()
+    # Only the two probes above, and the beat's look at the eviction policy, which it skips
+    # when refused.
+    assert {e["object"] for e in refused} - {"config|get"} == {"keys", "elsewhere:key"}, refused
 
 
 def test_compose_keeps_flower_behind_a_password_and_the_stores_unpublished() -> None:
