@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format demo bench clean
+.PHONY: help install test lint format demo bench chaos clean
 
 help:
 	@echo "make install  create .venv and install the project with its dev extras"
@@ -15,6 +15,7 @@ help:
 	@echo "make format   ruff format, then ruff check --fix"
 	@echo "make demo     run the example workflows end to end"
 	@echo "make bench    run the benchmarks (BENCH_ARGS='--part timers' runs one part)"
+	@echo "make chaos    chaos soak of workers, beats, Redis and PostgreSQL (CHAOS_SECONDS=300)"
 	@echo "make clean    delete caches and build output (keeps .venv)"
 
 install: $(STAMP)
@@ -49,6 +50,9 @@ bench: install
 	@$(BIN)/python -c 'import dbos' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]' \
 		|| echo "DBOS could not be installed; the bench runs without it"
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+chaos: install
+	$(BIN)/python -m chaos
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache
