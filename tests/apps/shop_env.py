@@ -1,9 +1,9 @@
 """The example shop's app (``config.celery_app``) pointed at the test services.
 
 Its ``durable`` reads its settings once, on first use, so every test module that runs the
-shop gets the same database; the broker's key prefix is this module's own, and the app's
-producer pool is closed on the way in and out so that no connection made under another
-prefix is reused.
+shop gets the same database. The broker's key prefix is each module's own: the app's cached
+broker pools are dropped on the way in and out, as Celery drops them after a fork, so that
+messages are not sent through a connection made under another module's prefix.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from celery import Celery
 
 from durable import Durable
 from tests.conftest import clean_keys
@@ -44,13 +46,19 @@ def shop_app(database_url: str, redis_url: str) -> Iterator[Durable]:
 
     app.conf.broker_url = redis_url
     app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:"}
-    app.close()
+    forget_connections(app)
     try:
         yield durable
     finally:
-        app.close()
+        forget_connections(app)
         for name, value in saved.items():
             os.environ.pop(name, None)
             if value is not None:
                 os.environ[name] = value
         clean_keys(redis_url, prefix)
+
+
+def forget_connections(app: Celery) -> None:
+    """Drop the broker connection and producer pools the app keeps once it has sent."""
+    app._pool = None
+    app.amqp._producer_pool = None
