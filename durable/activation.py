@@ -15,7 +15,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from durable.context import Effects, Suspend, WorkflowContext
-from durable.errors import NonDeterminismError, PayloadError, UnknownWorkflow, WorkflowCancelled
+from durable.errors import (
+    CodecUnavailable,
+    NonDeterminismError,
+    PayloadError,
+    UnknownWorkflow,
+    WorkflowCancelled,
+)
 from durable.serialization import describe_exception
 from durable.store import runs
 from durable.store import steps as step_queries
@@ -54,7 +60,7 @@ def activate(
             outcome, effects = _replay(durable, activation, owner)
         finally:
             durable.heartbeat.release()
-        if outcome == "unknown-workflow":
+        if outcome in ("unknown-workflow", "undecodable"):
             # Keep the lease: it expires, and the recovery sweep sends the activation again,
             # maybe to a worker that has the workflow's module.
             return outcome
@@ -98,9 +104,22 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
         return "unknown-workflow", ctx.effects
     try:
         args, kwargs = durable.decode(activation.args), durable.decode(activation.kwargs)
+    except CodecUnavailable as exc:
+        log.error(
+            "durable: %s; activation of %s left for a worker with the key", exc, ctx.workflow_id
+        )
+        return "undecodable", ctx.effects
+    try:
         value = fn(ctx, *args, **kwargs)
         ctx.check_end()
         result = durable.encode(value, f"result of workflow {activation.workflow_id}")
+    except CodecUnavailable as exc:
+        # A recorded result this worker cannot open (a deploy missing the key): not the
+        # run's fault; leave it for a worker that has the key.
+        log.error(
+            "durable: %s; activation of %s left for a worker with the key", exc, ctx.workflow_id
+        )
+        return "undecodable", ctx.effects
     except Suspend:
         if ctx.nondeterminism is None:
             return "suspended", ctx.effects

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from durable.errors import ConfigurationError, PayloadError
+from durable.errors import CodecUnavailable, ConfigurationError
 
 ENVELOPE = "$durable"
 
@@ -118,7 +118,7 @@ class Fernet(_Base):
         try:
             return self._fernet.decrypt(data)
         except InvalidToken:
-            raise PayloadError("encrypted value", "no configured key decrypts it") from None
+            raise CodecUnavailable("it is encrypted and no configured key decrypts it") from None
 
 
 def codec_from_settings(settings: Any) -> Pipeline | None:
@@ -163,13 +163,13 @@ def open_(value: Any, codec: Any) -> bytes | None:
         return None
     names = str(value[ENVELOPE]).split("+")
     if codec is None:
-        raise PayloadError("stored value", f"it is encoded ({'+'.join(names)}); no codec is set")
+        raise CodecUnavailable(f"it is encoded ({'+'.join(names)}) and no codec is set")
     by_name = {m.name: m for m in _members(codec)}
     data = base64.b64decode(value["data"])
     for name in reversed(names):
         member = by_name.get(name)
         if member is None:
-            raise PayloadError("stored value", f"it is encoded with {name!r}, not configured")
+            raise CodecUnavailable(f"it is encoded with {name!r}, which is not configured")
         data = member.decode(data)
     return data
 

@@ -6,6 +6,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── ConfigurationError        settings missing or malformed
     ├── StoreUnavailable          PostgreSQL could not be reached (after retries)
     ├── PayloadError              a value is not JSON-serialisable or is over the size limit
+    │   └── CodecUnavailable      a stored value is encoded and no configured key opens it
     ├── UnknownWorkflow           no workflow is registered under that name
     ├── WorkflowNotFound          no run exists with that id
     ├── WorkflowIdConflict        the id exists for a workflow of another name
@@ -50,6 +51,13 @@ class PayloadError(DurableError):
         self.what = what
         self.reason = reason
         super().__init__(f"{what}: {reason}")
+
+
+class CodecUnavailable(PayloadError):
+    """A stored value is encoded, and this process has no codec or key that opens it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("stored value", reason)
 
 
 class UnknownWorkflow(DurableError):

@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from durable.errors import CodecUnavailable
 from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.serialization import describe_exception
 from durable.store import steps as step_queries
@@ -114,8 +115,15 @@ def _run_claimed(
         return _settle_failure(durable, claimed, missing, owner)
     info = StepInfo(wid, seq, name, claimed.attempt)
     try:
+        args, kwargs = durable.decode(claimed.args), durable.decode(claimed.kwargs)
+    except CodecUnavailable as exc:
+        # Not the step's fault (a worker deployed without the key): leave the step to its
+        # lease, which expires, and to a worker that has the key.
+        log.error("durable: step %s#%s left for a worker with the key: %s", wid, seq, exc)
+        return "undecodable", None
+    try:
         with step_context(info):
-            value = task(*durable.decode(claimed.args), **durable.decode(claimed.kwargs))
+            value = task(*args, **kwargs)
         result = durable.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
         return _settle_failure(durable, claimed, exc, owner)

@@ -209,3 +209,27 @@ def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(
     assert durable.start("wf.after_bombs", workflow_id="after-1").result(timeout=20) == "still up"
     assert query(database_url, "SELECT count(*) AS n FROM durable_workflows")[0].n == 1
     assert not marker.exists()
+
+
+def test_a_worker_without_the_key_leaves_the_run_to_one_with_it(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    import time
+
+    from durable.activation import activate
+
+    key = KeyMaker.generate_key()
+    _, keyed = make_app(database_url, redis_url, prefix, codec=Fernet(keys=[key]))
+    _, keyless = make_app(database_url, redis_url, prefix, lease_ttl=1)
+    for durable in (keyed, keyless):
+
+        @durable.workflow("wf.keyed")
+        def wf(ctx: Any, secret: str) -> str:
+            return secret[::-1]
+
+    keyed.start("wf.keyed", "abc", workflow_id="keyed-1")
+    assert activate(keyless, "keyed-1") == "undecodable"
+    assert keyed.run("keyed-1").status() == "running"  # not failed: not the run's fault
+    time.sleep(1.2)  # the keyless worker's lease runs out
+    assert activate(keyed, "keyed-1") == "completed"
+    assert keyed.run("keyed-1").result(timeout=1) == "cba"
