@@ -17,8 +17,15 @@ def reserve(order: dict[str, Any]) -> str:
 
 
 @app.task
-def release(order: dict[str, Any]) -> str:
-    """Release the order's reservation (compensation when the charge failed)."""
+def release(order: dict[str, Any]) -> str | None:
+    """Release the stock the order holds (a compensation); ``None`` if it holds none."""
     store.record_call("release", order["id"])
-    released = store.record_effect("release", order["id"])
-    return f"rel_{released:06d}"
+    done = store.find_effect("release")
+    if done is None:
+        held = store.effect_count(order["id"], "reserve") - store.effect_count(
+            order["id"], "release"
+        )
+        if held <= 0:
+            return None
+        done = (store.record_effect("release", order["id"]), None)
+    return f"rel_{done[0]:06d}"

@@ -1,4 +1,9 @@
-"""Shipping: handing the order to a carrier."""
+"""Shipping: asking the warehouse to pick, pack and hand the order to a carrier.
+
+The warehouse answers later, on its own: its app signals the order ``fulfilled`` when the
+parcel is packed, the clerk's app signals ``shipped`` when a carrier took it, and the
+driver's app signals ``delivered`` (see :mod:`workflows.orders`).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from tasks import store
 
 
 @app.task
-def ship(order: dict[str, Any]) -> str:
-    """Book the shipment; returns the tracking number."""
-    store.record_call("ship", order["id"])
-    shipment = store.record_effect("ship", order["id"])
-    return f"TRK{shipment:08d}"
+def request_fulfilment(order: dict[str, Any]) -> str:
+    """Put the order on the warehouse's pick list; returns the request's id."""
+    store.record_call("fulfilment", order["id"])
+    request = store.record_effect("fulfilment", order["id"])
+    return f"WH-{request:06d}"

@@ -3,10 +3,12 @@
 Three tables, created when first used:
 
 - ``shop_orders``: the orders customers placed (what ``validate_order`` reads);
-- ``shop_effects``: one row per committed side effect (a validation, a reservation, a charge,
-  a shipment, an email, a release). Like a payment API with idempotency keys, a call with a
-  key that was seen already for that kind of effect commits nothing new: the row is unique on
-  ``(kind, idempotency_key)``. Counting rows per order shows whether anything was done twice;
+- ``shop_effects``: one row per committed side effect (a validation, a fraud check, a
+  reservation and its release, a charge and its refund with their amounts, a request to the
+  warehouse, an email). Like a payment API with idempotency keys, a call with a key that was
+  seen already for that kind of effect commits nothing new: the row is unique on
+  ``(kind, idempotency_key)``. Counting rows per order shows whether anything was done twice,
+  and summing amounts whether a card was charged or refunded twice;
 - ``shop_calls``: one row per call of a task body, committed or not, so a call that was
   repeated after a crash is visible too.
 
@@ -57,6 +59,8 @@ effects = Table(
     Column("kind", Text, nullable=False),
     Column("idempotency_key", Text),
     Column("order_id", Text, nullable=False),
+    Column("amount_cents", Integer),
+    Column("detail", JSONB),
     Column("at", DateTime(timezone=True), server_default=func.now()),
     UniqueConstraint("kind", "idempotency_key", name="uq_shop_effects_kind_key"),
 )
@@ -105,6 +109,9 @@ def create_tables(target: Engine) -> None:
     with target.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK_KEY})
         metadata.create_all(conn)
+        # Columns added since the first version of the example, for stores created by it.
+        conn.execute(text("ALTER TABLE shop_effects ADD COLUMN IF NOT EXISTS amount_cents integer"))
+        conn.execute(text("ALTER TABLE shop_effects ADD COLUMN IF NOT EXISTS detail jsonb"))
 
 
 def add_order(order_id: str, email: str, items: list[dict[str, Any]], card: str) -> None:
@@ -135,7 +142,12 @@ def record_call(kind: str, order_id: str) -> None:
         conn.execute(calls.insert().values(row))
 
 
-def record_effect(kind: str, order_id: str) -> int:
+def record_effect(
+    kind: str,
+    order_id: str,
+    amount_cents: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> int:
     """Commit a side effect under the current step's idempotency key; returns its id.
 
     A second call with the same key for the same kind commits nothing and returns the id of
@@ -145,7 +157,13 @@ def record_effect(kind: str, order_id: str) -> int:
     key = current_step().idempotency_key
     stmt = (
         insert(effects)
-        .values(kind=kind, idempotency_key=key, order_id=order_id)
+        .values(
+            kind=kind,
+            idempotency_key=key,
+            order_id=order_id,
+            amount_cents=amount_cents,
+            detail=detail,
+        )
         .on_conflict_do_nothing(index_elements=["kind", "idempotency_key"])
         .returning(effects.c.id)
     )
@@ -157,6 +175,50 @@ def record_effect(kind: str, order_id: str) -> int:
             effects.c.kind == kind, effects.c.idempotency_key == key
         )
         return int(conn.execute(existing).scalar_one())
+
+
+def find_effect(kind: str) -> tuple[int, int | None] | None:
+    """The effect of ``kind`` committed under the current step's key, as (id, amount).
+
+    A task whose effect depends on earlier ones (a refund of what is left) looks here first,
+    so that its re-run answers as the first run did instead of deciding afresh.
+    """
+    key = current_step().idempotency_key
+    if key is None:
+        return None
+    query = select(effects.c.id, effects.c.amount_cents).where(
+        effects.c.kind == kind, effects.c.idempotency_key == key
+    )
+    with engine().connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else (int(row.id), row.amount_cents)
+
+
+def effect_total(order_id: str, kind: str) -> int:
+    """The sum of the amounts of the order's effects of ``kind`` (say, what was charged)."""
+    query = select(func.coalesce(func.sum(effects.c.amount_cents), 0)).where(
+        effects.c.order_id == order_id, effects.c.kind == kind
+    )
+    with engine().connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def effect_count(order_id: str, kind: str) -> int:
+    """How many effects of ``kind`` were committed for the order."""
+    query = select(func.count()).where(effects.c.order_id == order_id, effects.c.kind == kind)
+    with engine().connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def effect_details(order_id: str, kind: str) -> list[dict[str, Any]]:
+    """The details of the order's effects of ``kind``, oldest first."""
+    query = (
+        select(effects.c.detail)
+        .where(effects.c.order_id == order_id, effects.c.kind == kind)
+        .order_by(effects.c.id)
+    )
+    with engine().connect() as conn:
+        return [dict(row.detail or {}) for row in conn.execute(query)]
 
 
 def effect_counts() -> dict[str, dict[str, int]]:
