@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -31,6 +32,7 @@ ORDER = "chaos.order"
 TICK = "chaos.tick"
 SCHEDULE = "chaos-tick"
 TICK_EVERY = 2  # seconds
+PART_SECONDS = 0.2  # a parallel part sleeps this long before and after its effect
 VISIBILITY_TIMEOUT = 30.0  # seconds: a killed worker's messages come back late, as duplicates
 
 # Survives a PostgreSQL restart of a few seconds inside a step (the effect table is there too).
@@ -119,7 +121,13 @@ def build(database_url: str, redis_url: str) -> tuple[Celery, Durable]:
 
     @app.task(name="chaos.effect", shared=False)
     def effect(what: str, value: int) -> str:
-        return effects.apply(effects.attempt(what), what, f"{what}:{value}")
+        key = effects.attempt(what)
+        if what == "part":  # long enough for a kill to land before or after the effect
+            time.sleep(PART_SECONDS)
+        token = effects.apply(key, what, f"{what}:{value}")
+        if what == "part":
+            time.sleep(PART_SECONDS)
+        return token
 
     @app.task(name="chaos.flaky", shared=False)
     def flaky(what: str, value: int) -> str:
