@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 from durable.context import Effects, Suspend, WorkflowContext
 from durable.errors import (
     CodecUnavailable,
+    ConfigurationError,
     NonDeterminismError,
     PayloadError,
+    StoreUnavailable,
     UnknownWorkflow,
     WorkflowCancelled,
 )
@@ -126,6 +128,8 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
         status, error = "failed", str(ctx.nondeterminism)
     except WorkflowCancelled:
         status, error = "cancelled", "cancelled"
+    except (StoreUnavailable, ConfigurationError):
+        raise  # a passing outage is not the run's fault: its lease expires and it runs again
     except (NonDeterminismError, PayloadError) as exc:
         status, error = "failed", str(exc)
     except Exception as exc:

@@ -240,3 +240,46 @@ def test_replay_loads_history_in_one_query(durable: Durable, database_url: str) 
         assert len(reading_steps) == 1, reading_steps
         counts[n] = len(statements)
     assert counts[5] == counts[60] == 2  # acquire-and-load, release
+
+
+def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """A settle that waited for another settle's row lock must not release on its read."""
+    from durable.store import runs as run_queries
+    from durable.store import steps as step_queries
+
+    @durable.workflow("wf.pair")
+    def wf(ctx: Any) -> None:
+        ctx.sleep(3600)
+
+    durable.start("wf.pair", workflow_id="pair-1")
+    engine = store_engine.get_engine(database_url)
+    with durable.connect() as conn:
+        for seq in (1, 2):
+            step_queries.schedule_step(conn, "pair-1", seq, "t.part", "[]", "{}", "{}")
+            assert step_queries.claim_step(conn, "pair-1", seq, f"w{seq}#1", 30) is not None
+    holder = engine.connect()
+    holder_tx = holder.begin()
+    step_queries.settle_step(holder, "pair-1", 1, result='"one"')  # locks the run's row
+    outcome: dict[str, Any] = {}
+
+    def settle_two() -> None:
+        with durable.connect() as conn:
+            outcome["settled"] = step_queries.settle_step(
+                conn, "pair-1", 2, result='"two"', owner="B#1", ttl=30, acquire=True
+            )
+
+    waiter = threading.Thread(target=settle_two)
+    waiter.start()
+    time.sleep(0.5)  # the second settle now waits for the row lock
+    holder_tx.commit()
+    holder.close()
+    waiter.join(10)
+    leased = outcome["settled"].activation
+    assert leased is not None
+    seen = {s["seq"]: s["status"] for s in leased.steps}
+    assert seen[1] == "started"  # its snapshot predates the first settle's commit ...
+    with durable.connect() as conn:
+        # ... so releasing on it must fail, and the activation must read again.
+        assert not run_queries.release(conn, "pair-1", "B#1", leased.wake_seq)

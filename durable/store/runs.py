@@ -95,6 +95,14 @@ class Activation:
     patches: tuple[str, ...] = ()
 
 
+# The run's wake counter as the statement's snapshot sees it, for a run aliased ``w``.
+# Under READ COMMITTED an UPDATE that waited for the row's lock works on (and RETURNs) the
+# newest row version, while every subquery of the statement reads the snapshot taken when it
+# began. A history read that way may miss a step another transaction settled meanwhile, so
+# the activation must release against the wake counter of that same snapshot: if the row
+# moved on, the release fails and replay runs again on a fresh read.
+SNAPSHOT_WAKE = "(SELECT d.wake_seq FROM durable_workflows d WHERE d.id = w.id)"
+
 # The history of a run as one JSON array (replay's whole read), for a run aliased ``w``.
 HISTORY_JSON = """
     (SELECT coalesce(json_agg(json_build_object(
@@ -125,6 +133,8 @@ _ACQUIRE = text(
     + """
     )
     SELECT w.*, """
+    + SNAPSHOT_WAKE
+    + """ AS snapshot_wake_seq, """
     + HISTORY_JSON
     + """ AS steps
       FROM w
@@ -138,15 +148,19 @@ def acquire(conn: Connection, workflow_id: str, owner: str, ttl: float) -> Activ
     return None if row is None else activation_from_row(row)
 
 
-def activation_from_row(row: Any) -> Activation:
-    """Build an :class:`Activation` from a row with the run's columns and ``steps`` JSON."""
+def activation_from_row(row: Any, own_wakes: int = 0) -> Activation:
+    """Build an :class:`Activation` from a row with the run's columns and ``steps`` JSON.
+
+    Its ``wake_seq`` is the snapshot's (``snapshot_wake_seq``) plus ``own_wakes``, the
+    increments the statement itself made: see ``SNAPSHOT_WAKE``.
+    """
     steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
     return Activation(
         workflow_id=row.id,
         name=row.name,
         args=row.args if row.args is not None else [],
         kwargs=row.kwargs if row.kwargs is not None else {},
-        wake_seq=row.wake_seq,
+        wake_seq=row.snapshot_wake_seq + own_wakes,
         created_at=row.created_at,
         steps=steps,
         cancel_requested=bool(row.cancel_requested),

@@ -13,7 +13,13 @@ from typing import Any
 from sqlalchemy import Connection, Row, select, text
 
 from durable.store.models import steps
-from durable.store.runs import HISTORY_JSON, RUN_COLUMNS, Activation, activation_from_row
+from durable.store.runs import (
+    HISTORY_JSON,
+    RUN_COLUMNS,
+    SNAPSHOT_WAKE,
+    Activation,
+    activation_from_row,
+)
 
 # New remote steps (one, or a parallel batch) are written in the statement that releases the
 # run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}.
@@ -181,6 +187,9 @@ _SETTLE = text(
     + """
     )
     SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*,
+           """
+    + SNAPSHOT_WAKE
+    + """ AS snapshot_wake_seq,
            CASE WHEN w.lease_owner = :owner THEN """
     + HISTORY_JSON
     + """ END AS steps
@@ -235,7 +244,7 @@ def settle_step(
         return Settled(False, None)
     if row.steps is None:
         return Settled(True, None)
-    activation = activation_from_row(row)
+    activation = activation_from_row(row, own_wakes=1)
     for record in activation.steps:
         if record["seq"] == seq:
             record.update(
