@@ -573,30 +573,44 @@ def final_outcomes(tour: Tour) -> dict[str, str]:
 
 def print_next_steps(env: dict[str, str], services: Services, tour: Tour, keep: bool) -> None:
     """How to look at the same runs with the durable CLI and Flower."""
-    example = tour.cut_off[0].workflow_id if tour.cut_off else workflow_id(next(iter(tour.orders)))
+    charges = [s.workflow_id for s in tour.cut_off if s.name.endswith("charge_card")]
+    example = charges[0] if charges else workflow_id(next(iter(tour.orders)))
     console.print("\nEvery step of every order is in PostgreSQL. With the durable CLI:")
     console.print(f"  export DURABLE_DATABASE_URL={env['DURABLE_DATABASE_URL']}", soft_wrap=True)
     console.print("  durable list --name orders.fulfill")
     console.print(f"  durable show {example}    # the order whose charge was cut off")
-    console.print("And as Celery tasks in Flower, while the workers run (add --keep):")
+    when = "now, in another shell" if keep else "while the workers run (add --keep)"
+    console.print(f"And as Celery tasks in Flower, {when}:")
     console.print(f"  export CELERY_BROKER_URL={env['CELERY_BROKER_URL']}", soft_wrap=True)
     console.print("  celery -A config.celery_app flower")
     if services.started_any:
         console.print(
-            "(PostgreSQL was a throwaway server, deleted when the demo ends; run "
+            "(PostgreSQL is a throwaway server, deleted when the demo ends; run "
             "`python -m durable.devservices` in another shell and export what it prints to "
             "keep one.)",
             soft_wrap=True,
         )
 
 
+@contextlib.contextmanager
+def _servers() -> Iterator[tuple[PrivateRedis, Services]]:
+    """A Redis of the demo's own, to restart it, and PostgreSQL, found or throwaway."""
+    redis_server = PrivateRedis().start()
+    try:
+        os.environ["DURABLE_REDIS_URL"] = redis_server.url  # ensure_services: only PostgreSQL
+        services = ensure_services()
+        try:
+            yield redis_server, services
+        finally:
+            services.stop()
+    finally:
+        redis_server.stop()
+
+
 def run_demo(database_name: str, logdir: Path, keep: bool) -> bool:
     """The demo proper; True when every side effect was committed exactly as expected."""
     started = time.monotonic()
-    redis_server = PrivateRedis().start()
-    os.environ["DURABLE_REDIS_URL"] = redis_server.url  # ensure_services: only PostgreSQL
-    services = ensure_services()
-    try:
+    with _servers() as (redis_server, services):
         console.print(f"Database [bold]{database_name}[/]: creating it and applying migrations")
         env = demo_environ(prepare_database(services, database_name), redis_server.url)
         os.environ.update(env)
@@ -616,9 +630,6 @@ def run_demo(database_name: str, logdir: Path, keep: bool) -> bool:
             _conclude(good, time.monotonic() - started)
             print_next_steps(env, services, tour, keep)
             return good
-    finally:
-        services.stop()
-        redis_server.stop()
 
 
 def _conclude(good: bool, elapsed: float) -> None:
