@@ -35,9 +35,7 @@ def shop(database_url: str, redis_url: str) -> Iterator[Durable]:
 
 @pytest.fixture
 def env(shop: Durable) -> Iterator[TestEnv]:
-    # One worker thread: parallel steps that settle at the same instant can lose the run's
-    # wake-up with inline activation (a library bug); one at a time they cannot.
-    with TestEnv(shop, concurrency=1) as test_env:
+    with TestEnv(shop) as test_env:
         yield test_env
 
 

@@ -86,15 +86,11 @@ def tasks(app: Celery, redis_url: str, prefix: str) -> SimpleNamespace:
 
 @pytest.fixture
 def results_worker(app: Celery, tasks: SimpleNamespace, redis_url: str, prefix: str) -> Any:
-    """An in-process worker, with a Redis result backend so that Celery's own canvas runs.
-
-    One thread: these tests are about what each link receives, and running a group's members
-    one after the other keeps their steps from settling at the same instant.
-    """
+    """An in-process worker, with a Redis result backend so that Celery's own canvas runs."""
     app.conf.result_backend = redis_url
     app.conf.result_backend_transport_options = {"global_keyprefix": f"{prefix}:"}
     with start_worker(
-        app, pool="threads", concurrency=1, perform_ping_check=False, loglevel="WARNING"
+        app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"
     ) as worker:
         yield worker
 
