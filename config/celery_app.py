@@ -31,7 +31,11 @@ TASK_MODULES = [
     "tasks.inventory",
     "tasks.shipping",
     "tasks.email",
+    "tasks.ai",
+    "tasks.reports",
     "workflows.orders",
+    "workflows.ai_pipeline",
+    "workflows.nightly",
 ]
 
 
