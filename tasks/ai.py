@@ -17,7 +17,6 @@ installed, else a labelled hashing fallback).
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from sqlalchemy import (
     Text,
     func,
     select,
-    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
@@ -84,21 +82,11 @@ answers = Table(
 )
 
 _CREATE_LOCK_KEY = 5_817_202_612  # held while creating the tables (tasks.store uses ...611)
-_ready: set[tuple[int, str]] = set()
-_ready_lock = threading.Lock()
 
 
 def engine() -> Engine:
     """The shop's engine for this process, with the pipeline's tables created."""
-    target = store.engine()
-    key = (os.getpid(), str(target.url))
-    with _ready_lock:
-        if key not in _ready:
-            with target.begin() as conn:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK_KEY})
-                metadata.create_all(conn)
-            _ready.add(key)
-    return target
+    return store.engine_with(metadata, _CREATE_LOCK_KEY)
 
 
 # -- the steps -------------------------------------------------------------------------------

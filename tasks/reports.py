@@ -9,7 +9,6 @@ crash, or a day reported again (a backfill), never makes a second row or a secon
 from __future__ import annotations
 
 import os
-import threading
 from collections import Counter
 from datetime import date, datetime
 from typing import Any
@@ -24,7 +23,6 @@ from sqlalchemy import (
     Text,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, insert
@@ -55,21 +53,11 @@ reports = Table(
 )
 
 _CREATE_LOCK_KEY = 5_817_202_613  # held while creating the table
-_ready: set[tuple[int, str]] = set()
-_ready_lock = threading.Lock()
 
 
 def engine() -> Engine:
     """The shop's engine for this process, with the report table created."""
-    target = store.engine()
-    key = (os.getpid(), str(target.url))
-    with _ready_lock:
-        if key not in _ready:
-            with target.begin() as conn:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK_KEY})
-                metadata.create_all(conn)
-            _ready.add(key)
-    return target
+    return store.engine_with(metadata, _CREATE_LOCK_KEY)
 
 
 @app.task

@@ -104,6 +104,26 @@ def engine() -> Engine:
     return found
 
 
+_extra_ready: set[tuple[int, str, int]] = set()
+
+
+def engine_with(extra: MetaData, lock_key: int) -> Engine:
+    """The shop's engine, with ``extra``'s tables (another example's) created once.
+
+    ``lock_key`` is held while creating them, so worker processes starting together do not
+    race; each example passes its own.
+    """
+    target = engine()
+    key = (os.getpid(), str(target.url), lock_key)
+    with _lock:
+        if key not in _extra_ready:
+            with target.begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+                extra.create_all(conn)
+            _extra_ready.add(key)
+    return target
+
+
 def create_tables(target: Engine) -> None:
     """Create the shop's tables where they are missing."""
     with target.begin() as conn:

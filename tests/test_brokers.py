@@ -98,7 +98,7 @@ def broker(
             )
             if os.environ.get("DURABLE_TEST_REQUIRE_RABBITMQ") == "1":
                 pytest.fail(reason)
-            pytest.skip(reason)
+            pytest.skip(reason)  # an optional service, not installed or not running
     clean_tables(database_url)
     app, durable = build(url, database_url, redis_url, prefix)
     counts = redis.Redis.from_url(redis_url, decode_responses=True)
