@@ -7,10 +7,14 @@ A missing service fails the run; nothing here skips.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +28,43 @@ from durable.beat import Beat
 from durable.devservices import Services, create_database, drop_database, ensure_services
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Workers:
+    """Real ``celery worker`` processes of a test app, each in its own process group."""
+
+    def __init__(self, env: dict[str, str], logdir: Path, app: str) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.app = app
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "celery", "-A", self.app, "worker", "--pool=prefork"]
+        command += [f"--concurrency={concurrency}", f"--hostname={name}@%h"]
+        command += ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc)
 
 
 @pytest.fixture(scope="session")

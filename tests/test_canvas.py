@@ -8,9 +8,6 @@ committed link again.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,9 +27,7 @@ from durable.beat import Beat
 from durable.testing import TestEnv
 from durable.worker import execute_step
 from tests.apps.canvas_app import build
-from tests.conftest import clean_keys, clean_tables, query, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, Workers, clean_keys, clean_tables, query, wait_until
 
 
 class Fatal(Exception):
@@ -230,39 +225,6 @@ def test_what_durable_cannot_honour_is_refused(durable: Durable, tasks: SimpleNa
 # -- a real crash -----------------------------------------------------------------------------
 
 
-class Workers:
-    """``celery worker`` processes of the canvas app, each in its own process group."""
-
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir = env, logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "celery", "-A", "tests.apps.canvas_app", "worker"]
-        command += ["--pool=prefork", "--concurrency=2", f"--hostname={name}@%h"]
-        command += ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
-        with open(self.logdir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                self.kill(proc)
-
-
 @pytest.fixture
 def crash(
     database_url: str, redis_url: str, prefix: str, tmp_path: Path
@@ -276,7 +238,7 @@ def crash(
         "PYTHONPATH": str(ROOT),
     }
     _, durable = build(database_url, redis_url, prefix)
-    workers = Workers(env, tmp_path)
+    workers = Workers(env, tmp_path, "tests.apps.canvas_app")
     beat = Beat(durable, sweep_interval=0.5)
     thread = threading.Thread(target=beat.run, daemon=True)
     thread.start()
@@ -304,14 +266,14 @@ def test_sigkill_mid_chain_never_reruns_a_committed_link(
         sql = "SELECT 1 FROM durable_steps WHERE workflow_id = 'mid' AND name = :n AND status = :s"
         return bool(query(database_url, sql, n=name, s="completed"))
 
-    first = workers.start("first")
+    first = workers.start("first", concurrency=2)
     run = durable.chain(add.s(1, 2), group(mul.s(10), slow.s(30)), total.s()).start(
         workflow_id="mid"
     )
     # Link 1 and one member of the group committed, the other member running: kill.
     wait_until(lambda: committed("canvas.mul") and count("slow") == 1, timeout=60, what="link 2")
     workers.kill(first)
-    workers.start("second")
+    workers.start("second", concurrency=2)
     assert run.result(timeout=60) == 30 + 4
     assert (count("add"), count("mul"), count("slow"), count("total")) == (1, 1, 2, 1)
     rows = query(

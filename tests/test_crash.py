@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,54 +16,7 @@ import redis
 from durable import Durable
 from durable.beat import Beat
 from tests.apps.crash_app import build
-from tests.conftest import clean_keys, clean_tables, query, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Workers:
-    """Real ``celery worker`` processes of the crash app, each in its own process group."""
-
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env = env
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.apps.crash_app",
-                "worker",
-                "--pool=prefork",
-                f"--concurrency={concurrency}",
-                f"--hostname={name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel=INFO",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+from tests.conftest import ROOT, Workers, clean_keys, clean_tables, query, wait_until
 
 
 @pytest.fixture
@@ -82,7 +33,7 @@ def crash(
         "PYTHONPATH": str(ROOT),
     }
     _, durable = build(database_url, redis_url, prefix)
-    workers = Workers(env, tmp_path)
+    workers = Workers(env, tmp_path, "tests.apps.crash_app")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     beat = Beat(durable, sweep_interval=0.5)
     thread = threading.Thread(target=beat.run, daemon=True)
