@@ -11,3 +11,17 @@ class Suspend(BaseException):
 
     A ``BaseException`` so that a workflow's ``except Exception`` cannot swallow it.
     """
+
+
+class NeedsActivation(BaseException):
+    """Ends an in-memory replay at the first thing only a leased activation may do.
+
+    A worker that settles a step replays the run in memory to schedule its next steps in
+    the settling statement (see ``durable.activation.speculate``). Writing anything else (a
+    local step, a sleep, an event, a signal taken, a child started), reading a time not yet
+    committed or ending the run needs the real activation, which then runs as before.
+    """
+
+
+SETTLING_NOW = "settling"
+"""The ``completed_at`` of the step being settled in an in-memory replay: not known yet."""

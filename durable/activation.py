@@ -11,9 +11,12 @@ committed; if sending fails, the recovery sweep of ``durable beat`` sends them a
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+from durable._control import SETTLING_NOW, NeedsActivation
 from durable.context import Effects, Suspend, WorkflowContext
 from durable.errors import (
     CodecUnavailable,
@@ -90,6 +93,47 @@ def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> b
         flush=False,
     )
     return released
+
+
+def replay_in_memory(
+    durable: Durable,
+    run: runs.Activation,
+    seq: int,
+    result: str | None,
+    error: str | None,
+    attempts: int,
+) -> tuple[Effects, list[dict[str, Any]]] | None:
+    """Work out, without writing anything, what the run does once step ``seq`` settles.
+
+    ``run`` is the run at rest as the step's claim saw it; the step's outcome (``result``
+    as stored JSON text, or the final ``error``) is added to its history and the workflow
+    replayed in memory. Returns the effects and the history replayed when the run then only
+    waits for remote steps (the new ones in ``Effects.schedules``), which the settling
+    statement can write itself; None when anything else happens (a local step, a sleep, an
+    event, a signal or a child, a cancellation delivered, the run ending, an error): the real
+    activation does that. ``run`` itself is not changed.
+    """
+    fn = durable.registry.get(run.name)
+    if fn is None:
+        return None
+    outcome = {
+        "status": "completed" if error is None else "failed",
+        "result": None if result is None else json.loads(result),
+        "error": error,
+        "attempts": attempts,
+        "completed_at": SETTLING_NOW,
+    }
+    steps = [{**record, **outcome} if record["seq"] == seq else record for record in run.steps]
+    ctx = WorkflowContext(durable, replace(run, steps=steps), in_memory=True)
+    try:
+        args, kwargs = durable.decode(run.args), durable.decode(run.kwargs)
+        fn(ctx, *args, **kwargs)
+    except Suspend:
+        clean = ctx.nondeterminism is None and not ctx.needs_activation
+        return (ctx.effects, steps) if clean and not ctx.effects.timers else None
+    except (NeedsActivation, Exception):
+        return None
+    return None  # the run ended: finishing it is the activation's work
 
 
 def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:

@@ -42,6 +42,9 @@ class Settings:
     """Queue of workflow activations (``None``: Celery's default queue)."""
     inline_activation: bool = True
     """Continue the workflow in the process that finished its step (saves a broker hop)."""
+    history_cache_size: int = 256
+    """Runs whose history a worker process keeps between two of their steps, so that the
+    next step's claim need not read it again (0: keep none; see ``durable.histories``)."""
     connect_retries: int = 3
     """Attempts to reach PostgreSQL before giving up with a clear error."""
     leader_ttl: timedelta = timedelta(seconds=10)
@@ -78,6 +81,7 @@ _INTS = {
     "connect_retries",
     "schedule_catchup_limit",
     "compress_min_bytes",
+    "history_cache_size",
     "max_steps",
     "max_signals",
     "max_signals_per_minute",
@@ -113,6 +117,8 @@ def _coerce(name: str, value: Any) -> Any:
     if name in _POSITIVE and coerced <= (timedelta(0) if name in _DURATIONS else 0):
         raise ConfigurationError(f"setting {name}: {value!r} must be positive")
     if name in _DURATIONS and coerced < timedelta(0):
+        raise ConfigurationError(f"setting {name}: {value!r} must not be negative")
+    if name in _INTS and coerced < 0:
         raise ConfigurationError(f"setting {name}: {value!r} must not be negative")
     return coerced
 

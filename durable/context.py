@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.canvas import Signature
 
-from durable._control import PENDING, Suspend
+from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
 from durable.codec import seal
 from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
 from durable.primitives import PrimitivesMixin
@@ -115,8 +115,18 @@ class WorkflowContext(PrimitivesMixin):
             return ctx.step(charge_card, order, retry=RetryPolicy(max_attempts=5))
     """
 
-    def __init__(self, durable: Durable, activation: Activation, owner: str = "") -> None:
+    def __init__(
+        self,
+        durable: Durable,
+        activation: Activation,
+        owner: str = "",
+        in_memory: bool = False,
+    ) -> None:
         self._durable = durable
+        self._in_memory = in_memory
+        self.needs_activation = False
+        """Set when an in-memory replay met something only an activation may do."""
+        self._now_unknown = False
         self._owner = owner
         self._records: dict[int, dict[str, Any]] = {int(s["seq"]): s for s in activation.steps}
         self._last_recorded = max(self._records, default=0)
@@ -146,7 +156,15 @@ class WorkflowContext(PrimitivesMixin):
         It is the commit time of the last position reached (or the start of the run), so it
         does not move between two durable operations.
         """
+        if self._now_unknown:
+            self.require_activation()
         return self._now
+
+    def require_activation(self) -> None:
+        """In an in-memory replay, stop: what comes next needs a leased activation."""
+        if self._in_memory:
+            self.needs_activation = True
+            raise NeedsActivation()
 
     def advance_now(self, moment: datetime | None) -> None:
         """Move :meth:`now` to ``moment`` if later: workflow time never runs backwards."""
@@ -182,6 +200,7 @@ class WorkflowContext(PrimitivesMixin):
         elif self._seq < self._last_recorded:
             decision = False  # history goes on past here: it was written by the old code
         else:
+            self.require_activation()
             wid, owner = self.workflow_id, self._owner
             self._durable.store(lambda c: run_queries.record_patch(c, wid, owner, change_id))
             self._patches.add(change_id)
@@ -207,7 +226,10 @@ class WorkflowContext(PrimitivesMixin):
         if check_cancel:
             self._check_cancel(seq, record)
         if record is not None and record.get("completed_at"):
-            self.advance_now(_parse_time(record["completed_at"]))
+            if record["completed_at"] == SETTLING_NOW:
+                self._now_unknown = True  # the step being settled: its commit time is ahead
+            else:
+                self.advance_now(_parse_time(record["completed_at"]))
         return seq, record
 
     def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
@@ -224,6 +246,7 @@ class WorkflowContext(PrimitivesMixin):
         if self._cancel_requested and self._cancelled_at is None:
             if record is not None and record["status"] not in PENDING:
                 return  # settled before the cancel: replays as it happened
+            self.require_activation()
             wid, owner = self.workflow_id, self._owner
             self._durable.store(lambda c: run_queries.deliver_cancel(c, wid, owner, seq))
             self._cancelled_at = seq
@@ -351,6 +374,7 @@ class WorkflowContext(PrimitivesMixin):
         policy: dict[str, Any],
         attempt: int,
     ) -> Any:
+        self.require_activation()
         limit = self._durable.settings.max_payload_bytes
         body = fn.run if isinstance(fn, Task) else fn
         if isinstance(fn, Signature):
@@ -403,6 +427,7 @@ class WorkflowContext(PrimitivesMixin):
         if record is not None:
             self._settled(seq, record)
             return
+        self.require_activation()
         wid = self.workflow_id
         base = self._now
         timer = self._durable.store(lambda c: step_queries.record_sleep(c, wid, seq, seconds, base))

@@ -42,6 +42,9 @@ class PrimitivesMixin:
         def advance_now(self, moment: datetime | None) -> None:
             """See :meth:`durable.context.WorkflowContext.advance_now`."""
 
+        def require_activation(self) -> None:
+            """See :meth:`durable.context.WorkflowContext.require_activation`."""
+
         def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
             """See :meth:`durable.context.WorkflowContext.check_cancel`."""
 
@@ -78,6 +81,7 @@ class PrimitivesMixin:
                 raise SignalTimeout(self.workflow_id, name)
             if record["status"] != "waiting":
                 return self._settled(seq, record)
+        self.require_activation()
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         wid, first, base = self.workflow_id, record is None, self.now()
         got = self._durable.store(
@@ -100,6 +104,7 @@ class PrimitivesMixin:
         seq, record = self._take("event", key)
         if record is not None:
             return
+        self.require_activation()
         text = self._durable.encode(value, f"event {key!r}")
         wid = self.workflow_id
         done = self._durable.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
@@ -182,6 +187,7 @@ class PrimitivesMixin:
         seq, record = self._take("child", name)
         if record is not None:
             return self._settled(seq, record)
+        self.require_activation()
         child_id = workflow_id or f"{self.workflow_id}/{seq}"
         args_json = self._durable.encode(list(args), f"arguments of child workflow {name}")
         kwargs_json = self._durable.encode(kwargs, f"keyword arguments of child workflow {name}")

@@ -29,6 +29,7 @@ from durable.errors import (
     WorkflowIdConflict,
     WorkflowNotFound,
 )
+from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
 from durable.serialization import decode, encode
 from durable.store import engine as store_engine
@@ -88,6 +89,7 @@ class Durable:
         self.execution_timeouts: dict[str, float | None] = {}
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
+        self._histories: HistoryCache | None = None
         self._register_tasks()
         builtins.register(self)
         app._durable = self  # type: ignore[attr-defined]
@@ -123,6 +125,13 @@ class Durable:
     def decode(self, value: Any) -> Any:
         """A stored value as read back, opened if the codec encoded it."""
         return decode(value, self.codec)
+
+    @property
+    def histories(self) -> HistoryCache:
+        """Histories of the runs this process advanced (see :mod:`durable.histories`)."""
+        if self._histories is None:
+            self._histories = HistoryCache(self.settings.history_cache_size)
+        return self._histories
 
     @property
     def heartbeat(self) -> Heartbeat:
@@ -408,6 +417,19 @@ class Durable:
                 self.timer_index.add(timer_id, fire_at)
         except Exception:
             log.warning("durable: could not index timers %r; the sweep will fire them", timers)
+
+    def replay_in_memory(
+        self, run: runs.Activation, seq: int, result: str | None, error: str | None, attempts: int
+    ) -> tuple[Effects, list[dict[str, Any]]] | None:
+        """The run's next steps once step ``seq`` settles, worked out without writing.
+
+        See :func:`durable.activation.replay_in_memory`; None when an activation is needed.
+        """
+        try:
+            return activation_mod.replay_in_memory(self, run, seq, result, error, attempts)
+        except Exception:
+            log.exception("durable: in-memory replay of %s failed; activating it", run.workflow_id)
+            return None
 
     def continue_workflow(
         self, workflow_id: str, owner: str | None = None, leased: Any = None

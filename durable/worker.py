@@ -87,8 +87,13 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
     # Not flushed: a claim lost in a PostgreSQL crash leaves the step scheduled, and the sweep
     # sends it again (the body may run twice, under the same idempotency key, as after any
     # crash). The result below is always flushed before anything moves on.
+    # With inline activation the claim also reads the run (at rest) and its history, so that
+    # the settle can schedule what comes next in the same statement (see ``_settle``).
+    history = durable.settings.inline_activation
+    cached = durable.histories.wake_of(workflow_id) if history else None
     claimed = durable.store(
-        lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl), flush=False
+        lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl, history, cached),
+        flush=False,
     )
     if claimed is None:
         log.info("durable: step %s#%s is not scheduled; message ignored", workflow_id, seq)
@@ -137,23 +142,45 @@ def _settle(
     result: str | None = None,
     error: str | None = None,
 ) -> tuple[str, Activation | None]:
-    """Commit the outcome; with inline activation also take the workflow's lease."""
+    """Commit the outcome and, where it can, the run's next move, in one statement.
+
+    When the claim read the run at rest, the run is first replayed in memory with this
+    outcome; if it then only waits for remote steps, the settling statement also schedules
+    them (unless something woke the run meanwhile) and they are sent at once: one statement
+    for the step, no lease, no second replay. Otherwise, with inline activation, the same
+    statement takes the run's lease and returns its history for the activation that follows.
+    """
     ttl = durable.settings.lease_ttl.total_seconds()
+    wid, seq = claimed.workflow_id, claimed.seq
+    run = claimed.run
+    if run is None and claimed.rest_wake is not None:
+        run = durable.histories.get(wid, claimed.rest_wake)
+    replayed = None
+    if run is not None:
+        replayed = durable.replay_in_memory(run, seq, result, error, claimed.attempt)
+    effects = replayed[0] if replayed is not None else None
     settled = durable.store(
         lambda c: step_queries.settle_step(
             c,
-            claimed.workflow_id,
-            claimed.seq,
+            wid,
+            seq,
             result=result,
             error=error,
             owner=owner,
             ttl=ttl,
             acquire=durable.settings.inline_activation,
             attempt=claimed.attempt,
+            expect_wake=None if effects is None or run is None else run.wake_seq,
+            new=effects.schedules if effects is not None else (),
         )
     )
     if not settled.settled:
         return "superseded", None
+    if settled.advanced and replayed is not None and run is not None:
+        durable.histories.keep_advanced(run, replayed[1], replayed[0].schedules, settled.settled_at)
+        durable.apply_effects(replayed[0])
+    else:
+        durable.histories.drop(wid)
     return ("completed" if error is None else "failed"), settled.activation
 
 

@@ -7,7 +7,10 @@ statement), so on an autocommit connection every state change costs one round tr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, Row, select, text
@@ -111,8 +114,19 @@ class ClaimedStep:
     """As stored: a JSON object, or a codec's envelope."""
     options: dict[str, Any]
     attempt: int
+    rest_wake: int | None = None
+    """With ``with_history``: the run's wake counter if the claim found it at rest (no
+    activation owed or under way), the one ``settle_step``'s ``expect_wake`` compares with."""
+    run: Activation | None = None
+    """The run and its history as the claim read them (at rest, and not already held by
+    the caller at ``rest_wake``)."""
 
 
+# With :with_history the claim also reads the run if it is at rest (run_seq = wake_seq, lease
+# free), and its whole history unless the caller already holds it at that wake counter
+# (:cached_wake): what the worker needs to work out the run's next move in memory once the
+# step is done (see ``settle_step``'s ``expect_wake``). The run is read through a plain
+# subquery, like the history, so both come from the statement's one snapshot.
 _CLAIM = text(
     """
     WITH s AS (
@@ -130,17 +144,67 @@ _CLAIM = text(
         SELECT workflow_id, seq, 'step started',
                jsonb_build_object('attempt', attempts, 'worker', CAST(:owner AS text))
           FROM s
+    ), w AS (
+        SELECT """
+    + RUN_COLUMNS
+    + """
+          FROM durable_workflows
+         WHERE :with_history AND id = :wid AND status = 'running' AND run_seq = wake_seq
+           AND (lease_owner IS NULL OR lease_expires_at < now())
     )
-    SELECT * FROM s
+    SELECT s.*, w.id, w.name AS run_name, w.args AS run_args, w.kwargs AS run_kwargs,
+           w.wake_seq AS snapshot_wake_seq, w.created_at, w.cancel_requested,
+           w.cancelled_at_seq, w.patches,
+           CASE WHEN w.wake_seq IS DISTINCT FROM CAST(:cached_wake AS bigint) THEN """
+    + HISTORY_JSON
+    + """ END AS steps
+      FROM s LEFT JOIN w ON true
     """
 )
 
 
-def claim_step(conn: Connection, wid: str, seq: int, owner: str, ttl: float) -> ClaimedStep | None:
-    """Take a scheduled step for ``owner``; None when it is not (or no longer) scheduled."""
-    row = conn.execute(_CLAIM, {"wid": wid, "seq": seq, "owner": owner, "ttl": ttl}).first()
+def claim_step(
+    conn: Connection,
+    wid: str,
+    seq: int,
+    owner: str,
+    ttl: float,
+    with_history: bool = False,
+    cached_wake: int | None = None,
+) -> ClaimedStep | None:
+    """Take a scheduled step for ``owner``; None when it is not (or no longer) scheduled.
+
+    With ``with_history`` the claimed step also carries its run's wake counter if the run is
+    at rest, and the run with its history (``ClaimedStep.run``) unless the counter is
+    ``cached_wake``, read in the same statement.
+    """
+    params = {
+        "wid": wid,
+        "seq": seq,
+        "owner": owner,
+        "ttl": ttl,
+        "with_history": with_history,
+        "cached_wake": cached_wake,
+    }
+    row = conn.execute(_CLAIM, params).first()
     if row is None:
         return None
+    run = None
+    if row.id is not None and row.steps is not None:
+        run = activation_from_row(
+            SimpleNamespace(
+                id=row.id,
+                name=row.run_name,
+                args=row.run_args,
+                kwargs=row.run_kwargs,
+                snapshot_wake_seq=row.snapshot_wake_seq,
+                created_at=row.created_at,
+                steps=row.steps,
+                cancel_requested=row.cancel_requested,
+                cancelled_at_seq=row.cancelled_at_seq,
+                patches=row.patches,
+            )
+        )
     return ClaimedStep(
         workflow_id=row.workflow_id,
         seq=row.seq,
@@ -149,6 +213,8 @@ def claim_step(conn: Connection, wid: str, seq: int, owner: str, ttl: float) -> 
         kwargs=row.kwargs if row.kwargs is not None else {},
         options=dict(row.options or {}),
         attempt=row.attempts,
+        rest_wake=row.snapshot_wake_seq,
+        run=run,
     )
 
 
@@ -157,6 +223,18 @@ def claim_step(conn: Connection, wid: str, seq: int, owner: str, ttl: float) -> 
 # that the workflow has something new to replay, and the worker that finished the step can
 # continue the workflow without another round trip. The history read sees the statement's
 # snapshot, where the settled step is still 'started'; ``settle_step`` patches it in.
+#
+# With :expect_wake the worker has already replayed the run in memory, on the history its
+# claim read (run at rest at wake_seq = :expect_wake) plus this outcome, and found that the
+# run only waits for steps, the new ones in :rows. If the run is still at rest at that wake
+# counter (nothing woke it since: no step settled, no signal, timer or cancel, no activation
+# under way) that replay is exactly what an activation would do now, so the statement
+# "advances" the run: it schedules the new steps and marks the wake-up as handled
+# (run_seq := wake_seq) without ever holding the lease, under the run's row lock. Otherwise
+# it falls back to the plain settle above (and, with :acquire, to taking the lease).
+_ADVANCE = """(CAST(:expect_wake AS bigint) IS NOT NULL AND wake_seq = :expect_wake
+               AND run_seq = :expect_wake AND (lease_owner IS NULL OR lease_expires_at < now()))"""
+_TAKE = """(:acquire AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 _SETTLE = text(
     """
     WITH s AS (
@@ -167,30 +245,51 @@ _SETTLE = text(
          WHERE workflow_id = :wid AND seq = :seq AND status = 'started'
            AND (CAST(:attempt AS int) IS NULL OR attempts = :attempt)
         RETURNING workflow_id, seq, attempts, completed_at
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT workflow_id, seq, :event,
-               jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
     ), w AS (
         UPDATE durable_workflows
            SET wake_seq = wake_seq + 1, woken_at = now(),
-               lease_owner = CASE WHEN :acquire AND (lease_owner IS NULL
-                                       OR lease_expires_at < now())
-                                  THEN :owner ELSE lease_owner END,
-               lease_expires_at = CASE WHEN :acquire AND (lease_owner IS NULL
-                                            OR lease_expires_at < now())
-                                       THEN now() + make_interval(secs => :ttl)
-                                       ELSE lease_expires_at END
+               run_seq = CASE WHEN """
+    + _ADVANCE
+    + """ THEN wake_seq + 1 ELSE run_seq END,
+               updated_at = CASE WHEN """
+    + _ADVANCE
+    + """ THEN now() ELSE updated_at END,
+               lease_owner = CASE WHEN """
+    + _ADVANCE
+    + """ THEN NULL WHEN """
+    + _TAKE
+    + """ THEN :owner ELSE lease_owner END,
+               lease_expires_at = CASE WHEN """
+    + _ADVANCE
+    + """ THEN NULL WHEN """
+    + _TAKE
+    + """ THEN now() + make_interval(secs => :ttl) ELSE lease_expires_at END
          WHERE id = :wid AND status = 'running' AND EXISTS (SELECT 1 FROM s)
-        RETURNING lease_owner, """
+        RETURNING lease_owner, run_seq = wake_seq AS advanced, """
     + RUN_COLUMNS
     + """
+    ), n AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
+                                   dispatched_at, dispatch_count)
+        SELECT :wid, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options, now(), 1
+          FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
+         WHERE EXISTS (SELECT 1 FROM w WHERE w.advanced)
+        ON CONFLICT (workflow_id, seq) DO NOTHING
+        RETURNING workflow_id, seq, name
+    ), h AS (
+        -- One INSERT, so the history reads in order: the step's end, then what it led to.
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT workflow_id, seq, :event,
+               jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
+        UNION ALL
+        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
     )
     SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*,
            """
     + SNAPSHOT_WAKE
     + """ AS snapshot_wake_seq,
-           CASE WHEN w.lease_owner = :owner THEN """
+           CASE WHEN NOT w.advanced AND w.lease_owner = :owner THEN """
     + HISTORY_JSON
     + """ END AS steps
       FROM s LEFT JOIN w ON true
@@ -206,6 +305,10 @@ class Settled:
     """False when the step was not ``started`` (already settled by another run of it)."""
     activation: Activation | None
     """The workflow, leased to the caller, when ``acquire`` was asked and the lease was free."""
+    advanced: bool = False
+    """True when ``expect_wake`` held: the new steps are scheduled and the wake-up handled."""
+    settled_at: datetime | None = None
+    """The step's commit time, when the run advanced."""
 
 
 def settle_step(
@@ -219,12 +322,17 @@ def settle_step(
     ttl: float = 0.0,
     acquire: bool = False,
     attempt: int | None = None,
+    expect_wake: int | None = None,
+    new: Sequence[NewStep] = (),
 ) -> Settled:
     """Commit a step's result (JSON text) or its final ``error``, and wake its workflow.
 
     With ``acquire`` the workflow's lease is also taken for ``owner`` if it is free, and its
     history returned, so the caller can replay at once. With ``attempt`` only that attempt
-    may settle the step: a late outcome of an earlier, timed-out attempt is dropped.
+    may settle the step: a late outcome of an earlier, timed-out attempt is dropped. With
+    ``expect_wake`` (the wake counter of a run at rest, as the claim read it) and ``new``
+    (the steps an in-memory replay scheduled), the run advances in the same statement if it
+    is still at rest there (``Settled.advanced``); if not, this is a plain settle.
     """
     status = "completed" if error is None else "failed"
     params = {
@@ -238,10 +346,14 @@ def settle_step(
         "ttl": ttl,
         "acquire": acquire,
         "attempt": attempt,
+        "expect_wake": expect_wake,
+        "rows": "[" + ",".join(step.as_json() for step in new) + "]",
     }
     row = conn.execute(_SETTLE, params).first()
     if row is None:
         return Settled(False, None)
+    if row.advanced:
+        return Settled(True, None, advanced=True, settled_at=row.settled_at)
     if row.steps is None:
         return Settled(True, None)
     activation = activation_from_row(row, own_wakes=1)

@@ -1,0 +1,98 @@
+"""Histories of runs this process advanced, kept in memory for the run's next step.
+
+A worker that settles a step and schedules the run's next steps in the same statement (see
+``durable.worker``) knows the run's whole history at that moment: what its claim read, this
+step's outcome and the steps it just scheduled. When the next step's message reaches the same
+process, its claim need not read that history again: it reads the run's wake counter, and if
+the run is still at rest at the counter the history was kept for, nothing that replay looks
+at has changed (every change a replay can see, a step settled, a signal, a timer, a cancel,
+an admin command, increments the counter), so the kept history is the run's.
+
+Bounded by ``Settings.history_cache_size`` runs, least recently used first out; a prefork
+worker keeps one cache per child process. A kept history is never trusted on its own: the
+claim's wake counter decides, and the settle checks the run again under its row lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from durable._control import SETTLING_NOW
+from durable.store.runs import Activation
+from durable.store.steps import NewStep
+
+
+class HistoryCache:
+    """The runs (with their histories) this process advanced, by workflow id."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._runs: OrderedDict[str, Activation] = OrderedDict()
+        self._lock = threading.Lock()  # a threads pool settles steps concurrently
+
+    def wake_of(self, workflow_id: str) -> int | None:
+        """The wake counter the kept history of ``workflow_id`` is valid at, if any."""
+        with self._lock:
+            run = self._runs.get(workflow_id)
+            return None if run is None else run.wake_seq
+
+    def get(self, workflow_id: str, wake_seq: int) -> Activation | None:
+        """The kept run if it was kept at ``wake_seq``; else None (and it is dropped)."""
+        with self._lock:
+            run = self._runs.get(workflow_id)
+            if run is None:
+                return None
+            if run.wake_seq != wake_seq:
+                del self._runs[workflow_id]
+                return None
+            self._runs.move_to_end(workflow_id)
+            return run
+
+    def keep_advanced(
+        self,
+        run: Activation,
+        steps: list[dict[str, Any]],
+        new: list[NewStep],
+        settled_at: datetime | None,
+    ) -> None:
+        """Keep ``run`` as it is after a settle advanced it: one wake later, with ``new``.
+
+        ``steps`` is the history the in-memory replay used (the settled step's commit time
+        still unknown there: ``settled_at`` fills it in).
+        """
+        if self.size <= 0:
+            return
+        history = [
+            {**record, "completed_at": settled_at}
+            if record.get("completed_at") == SETTLING_NOW
+            else record
+            for record in steps
+        ]
+        history.extend(
+            {
+                "seq": step.seq,
+                "kind": "task",
+                "name": step.name,
+                "status": "scheduled",
+                "attempts": 0,
+                "result": None,
+                "error": None,
+                "completed_at": None,
+            }
+            for step in new
+        )
+        kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
+        with self._lock:
+            self._runs[run.workflow_id] = kept
+            self._runs.move_to_end(run.workflow_id)
+            while len(self._runs) > self.size:
+                self._runs.popitem(last=False)
+
+    def drop(self, workflow_id: str) -> None:
+        """Forget ``workflow_id`` (it moved on some other way)."""
+        with self._lock:
+            self._runs.pop(workflow_id, None)

@@ -1,0 +1,327 @@
+"""A settle that also schedules the run's next steps (replay in memory, one statement).
+
+The worker that finished a step replays the run in memory on the history its claim read
+and, when the run then only waits for remote steps, schedules them in the settling
+statement. These tests pin when that is allowed (the run still at rest at the wake counter
+the claim saw) and when it must fall back to a real activation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import event, text
+
+from durable import Durable
+from durable.activation import activate, replay_in_memory
+from durable.store import engine as store_engine
+from durable.store import runs as run_queries
+from durable.store import steps as step_queries
+from durable.worker import execute_step
+from tests.conftest import query
+
+
+def _sleeper(durable: Durable, name: str = "wf.adv.sleeper") -> None:
+    @durable.workflow(name)
+    def wf(ctx: Any) -> None:
+        ctx.sleep(3600)
+
+
+def _run_with_claimed_steps(durable: Durable, wid: str, seqs: tuple[int, ...]) -> list[Any]:
+    """A run at rest with remote steps ``seqs`` scheduled and claimed (with its history)."""
+    _sleeper(durable)
+    durable.start("wf.adv.sleeper", workflow_id=wid)
+    with durable.connect() as conn:
+        conn.execute(
+            text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = :id"),
+            {"id": wid},
+        )
+        for seq in seqs:
+            step_queries.schedule_step(conn, wid, seq, "t.part", "[]", "{}", "{}")
+        return [
+            step_queries.claim_step(conn, wid, seq, f"w{seq}#1", 30, with_history=True)
+            for seq in seqs
+        ]
+
+
+def _next(seq: int) -> step_queries.NewStep:
+    return step_queries.NewStep(seq, "t.next", "[]", "{}", "{}")
+
+
+def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) -> None:
+    (claimed,) = _run_with_claimed_steps(durable, "adv-1", (1,))
+    assert claimed.rest_wake is not None and claimed.run is not None
+    assert [s["seq"] for s in claimed.run.steps] == [1]
+    with durable.connect() as conn:
+        settled = step_queries.settle_step(
+            conn, "adv-1", 1, result='"one"', owner="w1#1", ttl=30, acquire=True,
+            attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
+        )  # fmt: skip
+    assert settled.settled and settled.advanced and settled.activation is None
+    run = query(database_url, "SELECT wake_seq, run_seq, lease_owner FROM durable_workflows")[0]
+    assert run.wake_seq == run.run_seq == claimed.rest_wake + 1 and run.lease_owner is None
+    steps = query(database_url, "SELECT seq, status FROM durable_steps ORDER BY seq")
+    assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "scheduled")]
+    events = query(
+        database_url,
+        "SELECT seq, event FROM durable_history WHERE seq IS NOT NULL ORDER BY id",
+    )
+    assert [(e.seq, e.event) for e in events][-2:] == [(1, "step completed"), (2, "step scheduled")]
+
+
+def test_a_run_woken_since_the_claim_is_not_advanced(durable: Durable, database_url: str) -> None:
+    (claimed,) = _run_with_claimed_steps(durable, "adv-2", (1,))
+    durable.signal("adv-2", "poke", {"n": 1})  # wakes the run after the claim read it
+    with durable.connect() as conn:
+        settled = step_queries.settle_step(
+            conn, "adv-2", 1, result='"one"', owner="w1#1", ttl=30, acquire=True,
+            attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
+        )  # fmt: skip
+    assert settled.settled and not settled.advanced
+    # The plain settle instead: the run is leased to the settling worker with a fresh read.
+    assert settled.activation is not None
+    assert [s["seq"] for s in settled.activation.steps] == [1]
+    assert query(database_url, "SELECT count(*) AS n FROM durable_steps WHERE seq = 2")[0].n == 0
+
+
+def test_a_run_held_by_an_activation_is_not_advanced(durable: Durable, database_url: str) -> None:
+    (claimed,) = _run_with_claimed_steps(durable, "adv-3", (1,))
+    with durable.connect() as conn:
+        assert run_queries.acquire(conn, "adv-3", "other#1", 30) is not None
+        settled = step_queries.settle_step(
+            conn, "adv-3", 1, result='"one"', owner="w1#1", ttl=30, acquire=True,
+            attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
+        )  # fmt: skip
+    assert settled.settled and not settled.advanced and settled.activation is None
+    run = query(database_url, "SELECT wake_seq, run_seq, lease_owner FROM durable_workflows")[0]
+    assert run.lease_owner == "other#1" and run.wake_seq > run.run_seq  # its release will fail
+
+
+def test_of_two_settles_at_once_only_the_first_advances(
+    durable: Durable, database_url: str
+) -> None:
+    """Siblings settling together: the second waited for the row lock and must fall back."""
+    one, two = _run_with_claimed_steps(durable, "adv-4", (1, 2))
+    assert one.rest_wake == two.rest_wake
+    engine = store_engine.get_engine(database_url)
+    holder = engine.connect()
+    holder_tx = holder.begin()
+    first = step_queries.settle_step(
+        holder, "adv-4", 1, result='"one"', owner="w1#1", ttl=30, acquire=True,
+        attempt=one.attempt, expect_wake=one.rest_wake, new=[],
+    )  # fmt: skip
+    assert first.advanced
+    outcome: dict[str, Any] = {}
+
+    def settle_two() -> None:
+        with durable.connect() as conn:
+            outcome["settled"] = step_queries.settle_step(
+                conn, "adv-4", 2, result='"two"', owner="w2#1", ttl=30, acquire=True,
+                attempt=two.attempt, expect_wake=two.rest_wake, new=[_next(3)],
+            )  # fmt: skip
+
+    waiter = threading.Thread(target=settle_two)
+    waiter.start()
+    time.sleep(0.5)  # the second settle now waits for the run's row lock
+    holder_tx.commit()
+    holder.close()
+    waiter.join(10)
+    second = outcome["settled"]
+    assert second.settled and not second.advanced
+    assert query(database_url, "SELECT count(*) AS n FROM durable_steps WHERE seq = 3")[0].n == 0
+    run = query(database_url, "SELECT wake_seq, run_seq FROM durable_workflows")[0]
+    assert run.wake_seq == run.run_seq + 1  # the second wake-up is owed to an activation
+
+
+def _replay(durable: Durable, database_url: str, wid: str, body: Any) -> Any:
+    """Replay ``body`` in memory once its first step is done; checks that nothing is written."""
+    durable.workflow(f"wf.{wid}")(body)
+    durable.start(f"wf.{wid}", workflow_id=wid)
+    with durable.connect() as conn:
+        step_queries.schedule_step(conn, wid, 1, "t.first", "[]", "{}", "{}")
+        conn.execute(
+            text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = :id"),
+            {"id": wid},
+        )
+        claimed = step_queries.claim_step(conn, wid, 1, "w#1", 30, with_history=True)
+    assert claimed is not None and claimed.run is not None
+    counts = """SELECT (SELECT count(*) FROM durable_history) + (SELECT count(*) FROM durable_steps)
+                     + (SELECT count(*) FROM durable_timers) + (SELECT count(*) FROM durable_events)
+                     + (SELECT count(*) FROM durable_workflows) AS n"""
+    before = query(database_url, counts)[0].n
+    replayed = replay_in_memory(durable, claimed.run, 1, '"done"', None, claimed.attempt)
+    assert query(database_url, counts)[0].n == before, "an in-memory replay wrote"
+    return replayed
+
+
+def test_replay_in_memory_schedules_remote_steps_and_writes_nothing(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    @app.task(name="t.first", shared=False)
+    def first() -> str:
+        return "done"
+
+    @app.task(name="t.then", shared=False)
+    def then(value: str) -> str:
+        return value
+
+    def body(ctx: Any) -> Any:
+        value = ctx.step(first)
+        return ctx.parallel([then.s(value), then.s(value + "!")])
+
+    replayed = _replay(durable, database_url, "mem-1", body)
+    assert replayed is not None
+    effects, steps = replayed
+    assert [(s.seq, s.name) for s in effects.schedules] == [(2, "t.then"), (3, "t.then")]
+    assert [s["status"] for s in steps] == ["completed"]
+
+
+def test_replay_in_memory_leaves_everything_else_to_an_activation(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """A local step, a sleep, an event, a child, a new patch, the time or the end: refused."""
+
+    @app.task(name="t.first", shared=False)
+    def first() -> str:
+        return "done"
+
+    ran: list[str] = []
+
+    def local() -> str:
+        ran.append("local")
+        return "x"
+
+    tails = {
+        "local": lambda ctx: ctx.step(local, local=True),
+        "sleep": lambda ctx: ctx.sleep(5),
+        "event": lambda ctx: ctx.set_event("k", 1),
+        "signal": lambda ctx: ctx.wait_for_signal("go"),
+        "child": lambda ctx: ctx.child("wf.adv.sleeper"),
+        "patch": lambda ctx: ctx.patched("new-path"),
+        "now": lambda ctx: ctx.now(),
+        "end": lambda ctx: "finished",
+        "error": lambda ctx: 1 / 0,
+    }
+    _sleeper(durable)
+    for name, tail in tails.items():
+
+        def body(ctx: Any, tail: Any = tail) -> Any:
+            ctx.step(first)
+            return tail(ctx)
+
+        assert _replay(durable, database_url, f"mem-{name}", body) is None, name
+    assert ran == []  # a local step's body never runs in memory
+
+
+def test_now_after_a_step_is_its_commit_time_on_every_path(
+    durable: Durable, app: Celery, database_url: str, worker: Any
+) -> None:
+    """``ctx.now()`` right after a step, and again on later replays that use kept histories."""
+
+    @app.task(name="t.tick", shared=False)
+    def tick(i: int) -> int:
+        return i
+
+    @durable.workflow("wf.clock")
+    def wf(ctx: Any) -> list[str]:
+        seen = []
+        for i in range(4):
+            ctx.step(tick, i)
+            ctx.step(tick, i)
+            seen.append(ctx.now().isoformat())
+        return seen
+
+    run = durable.start("wf.clock", workflow_id="clock-1")
+    seen = [datetime.fromisoformat(s) for s in run.result(timeout=30)]
+    completed = query(
+        database_url,
+        "SELECT completed_at FROM durable_steps WHERE workflow_id = 'clock-1' ORDER BY seq",
+    )
+    assert seen == [completed[i].completed_at for i in (1, 3, 5, 7)]
+
+
+def test_a_sequential_run_costs_two_statements_per_step(
+    durable: Durable, app: Celery, database_url: str, worker: Any
+) -> None:
+    """Claim and settle: the settle schedules the next step, no lease and no second read."""
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.seq")
+    def wf(ctx: Any, n: int) -> int:
+        x = 0
+        for _ in range(n):
+            x = ctx.step(inc, x)
+        return x
+
+    seen: list[str] = []
+    engines = [store_engine.get_engine(database_url, flush) for flush in (True, False)]
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "durable_steps" in statement:
+            seen.append(statement)
+
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert durable.start("wf.seq", 20, workflow_id="seq-1").result(timeout=30) == 20
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
+    claims = [s for s in seen if "'step started'" in s]
+    settles = [s for s in seen if "AS settled_attempts" in s]
+    assert len(claims) == len(settles) == 20
+    # The first step is scheduled by the activation that started the run; the last settle
+    # leads to the activation that ends it. Every other step is scheduled by a settle.
+    others = len(seen) - len(claims) - len(settles)
+    assert others <= 3, seen
+
+
+def test_a_kept_history_is_not_used_once_the_run_moved_on(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """A signal between two steps: the next claim reads the history again."""
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.kept")
+    def wf(ctx: Any) -> int:
+        x = ctx.step(inc, 0)
+        x = ctx.step(inc, x)
+        return int(ctx.step(inc, x))
+
+    durable.start("wf.kept", workflow_id="kept-1")
+    assert activate(durable, "kept-1") == "suspended"  # schedules step 1
+    assert execute_step(durable, "kept-1", 1) == "completed"  # advances: step 2 scheduled
+    kept = durable.histories.wake_of("kept-1")
+    assert kept is not None
+    durable.signal("kept-1", "noise", 1)  # wakes the run: the kept history is stale now
+    assert activate(durable, "kept-1") == "suspended"  # at rest again, at a later wake
+    claimed: list[Any] = []
+    original = step_queries.claim_step
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        claimed.append(original(*args, **kwargs))
+        return claimed[-1]
+
+    step_queries.claim_step = spy  # type: ignore[assignment]
+    try:
+        assert execute_step(durable, "kept-1", 2) == "completed"
+    finally:
+        step_queries.claim_step = original  # type: ignore[assignment]
+    assert claimed[0].rest_wake > kept and claimed[0].run is not None  # read again
+    steps = query(database_url, "SELECT seq, status FROM durable_steps ORDER BY seq")
+    assert [(s.seq, s.status) for s in steps] == [
+        (1, "completed"),
+        (2, "completed"),
+        (3, "scheduled"),
+    ]
+    assert durable.histories.wake_of("kept-1") == claimed[0].rest_wake + 1
