@@ -13,16 +13,18 @@ import time
 from datetime import datetime
 from typing import Any
 
+import pytest
 from celery import Celery
 from sqlalchemy import event, text
 
 from durable import Durable
 from durable.activation import activate, replay_in_memory
+from durable.errors import ConfigurationError
 from durable.store import engine as store_engine
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.worker import execute_step
-from tests.conftest import query
+from tests.conftest import clean_keys, clean_tables, make_app, query
 
 
 def _sleeper(durable: Durable, name: str = "wf.adv.sleeper") -> None:
@@ -325,3 +327,34 @@ def test_a_kept_history_is_not_used_once_the_run_moved_on(
         (3, "scheduled"),
     ]
     assert durable.histories.wake_of("kept-1") == claimed[0].rest_wake + 1
+
+
+def test_without_kept_histories_every_claim_reads_the_history(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    app, durable = make_app(database_url, redis_url, prefix, history_cache_size=0)
+    clean_tables(database_url)
+    try:
+        _run_without_cache(app, durable)
+    finally:
+        clean_keys(redis_url, prefix)
+    with pytest.raises(ConfigurationError, match="history_cache_size"):
+        _ = make_app(database_url, redis_url, prefix, history_cache_size=-1)[1].settings
+
+
+def _run_without_cache(app: Celery, durable: Durable) -> None:
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.nocache")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(inc, ctx.step(inc, 0)))
+
+    durable.start("wf.nocache", workflow_id="nocache-1")
+    assert activate(durable, "nocache-1") == "suspended"
+    assert execute_step(durable, "nocache-1", 1) == "completed"  # advanced: step 2 scheduled
+    assert durable.histories.wake_of("nocache-1") is None
+    assert execute_step(durable, "nocache-1", 2) == "completed"  # read again, then the end
+    assert durable.run("nocache-1").result(timeout=5) == 2
