@@ -2,6 +2,12 @@
 
 Arguments, results and payloads are JSON so that nothing read back can run code. Tuples come
 back as lists, as they do through Celery's JSON serializer.
+
+Object keys are written in the order PostgreSQL's ``jsonb`` keeps them (shorter keys first,
+then by their UTF-8 bytes), so a value reads back with its keys in the same order whichever
+way it comes: from a ``jsonb`` column, from a codec's envelope, or straight from the text
+just written (a local step's result, a step's outcome replayed in memory). A workflow that
+iterates over a dict result therefore takes the same path on every replay.
 """
 
 from __future__ import annotations
@@ -13,10 +19,37 @@ from durable.codec import open_, seal
 from durable.errors import PayloadError
 
 
+def _jsonb_key(key: str) -> tuple[int, bytes]:
+    raw = key.encode("utf-8", errors="surrogatepass")
+    return len(raw), raw
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as ``json.dumps`` writes it."""
+    if isinstance(key, str):
+        return key
+    if key is True or key is False or key is None:
+        return json.dumps(key)
+    if isinstance(key, int | float):
+        return json.dumps(key, allow_nan=False)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def in_jsonb_order(value: Any) -> Any:
+    """``value`` with every dict's keys (as JSON writes them) in ``jsonb``'s order."""
+    if isinstance(value, dict):
+        items = {_key_text(k): in_jsonb_order(v) for k, v in value.items()}
+        return {k: items[k] for k in sorted(items, key=_jsonb_key)}
+    if isinstance(value, list | tuple):
+        return [in_jsonb_order(v) for v in value]
+    return value
+
+
 def dumps(value: Any, what: str, limit: int) -> str:
     """``value`` as plain JSON text, or :class:`PayloadError` naming ``what``."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        ordered = in_jsonb_order(value)
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise PayloadError(what, f"not JSON-serialisable ({exc})") from None
     except RecursionError:

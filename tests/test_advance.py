@@ -358,3 +358,36 @@ def _run_without_cache(app: Celery, durable: Durable) -> None:
     assert durable.histories.wake_of("nocache-1") is None
     assert execute_step(durable, "nocache-1", 2) == "completed"  # read again, then the end
     assert durable.run("nocache-1").result(timeout=5) == 2
+
+
+def test_a_dict_result_replays_with_its_keys_in_one_order(
+    durable: Durable, app: Celery, worker: Any
+) -> None:
+    """The value a workflow sees first and the one replay reads back iterate alike."""
+
+    @app.task(name="t.unordered", shared=False)
+    def unordered() -> dict[str, int]:
+        return {"zz": 1, "a": 2, "é": 3, "mm": 4}  # not the order jsonb keeps
+
+    def local_unordered() -> dict[str, int]:
+        return {"yy": 1, "b": 2}
+
+    def echo_task(k: str) -> Any:
+        def echo(value: str) -> str:
+            return value
+
+        return app.task(name=f"t.key.{k}", shared=False)(echo)
+
+    by_key = {k: echo_task(k) for k in ("zz", "a", "é", "mm", "yy", "b")}
+
+    @durable.workflow("wf.keys")
+    def wf(ctx: Any) -> list[str]:
+        seen = []
+        for k in ctx.step(unordered):  # each key names the next step's task
+            seen.append(ctx.step(by_key[k], k))
+        for k in ctx.step(local_unordered, local=True):
+            seen.append(ctx.step(by_key[k], k))
+        return seen
+
+    run = durable.start("wf.keys", workflow_id="keys-1")
+    assert run.result(timeout=30) == ["a", "mm", "zz", "é", "b", "yy"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -65,3 +67,23 @@ def test_public_names_are_pinned() -> None:
     )
     for name in durable.__all__:
         assert getattr(durable, name) is not None
+
+
+def test_values_are_written_with_keys_in_jsonb_order(database_url: str) -> None:
+    """What durable writes reads back from a jsonb column unchanged, keys included."""
+    from sqlalchemy import text
+
+    from durable.serialization import dumps
+
+    value = {
+        "zz": 1,
+        "a": {"ccc": [{"y": 1, "x": 2}], "bb": None},
+        7: "int key",
+        "é": "two bytes",
+        "mm": [{"b": True, "a": 1.5}],
+        "": "empty",
+    }
+    written = dumps(value, "a test value", 1 << 20)
+    with store_engine.autocommit(database_url).connect() as conn:
+        read = conn.execute(text("SELECT CAST(:v AS jsonb)"), {"v": written}).scalar()
+    assert json.dumps(read, ensure_ascii=False, separators=(",", ":")) == written
