@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -87,3 +92,43 @@ def test_values_are_written_with_keys_in_jsonb_order(database_url: str) -> None:
     with store_engine.autocommit(database_url).connect() as conn:
         read = conn.execute(text("SELECT CAST(:v AS jsonb)"), {"v": written}).scalar()
     assert json.dumps(read, ensure_ascii=False, separators=(",", ":")) == written
+
+
+def test_the_package_list_ships_every_package_and_the_migrations() -> None:
+    """pyproject lists packages by hand (for the alembic/ mapping): none may be missing."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    on_disk = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in root.glob("durable/**/__init__.py")
+    }
+    assert on_disk <= listed, on_disk - listed
+    mapped = root / config["package-dir"]["durable.store.alembic"]
+    assert (mapped / "env.py").is_file()
+    shipped = config["package-data"]["durable.store.alembic.versions"]
+    assert all(
+        any(script.match(pattern) for pattern in shipped)
+        for script in (mapped / "versions").glob("*.py")
+    )
+
+
+def test_an_installed_package_finds_its_own_migrations(tmp_path: Path) -> None:
+    """Laid out as a wheel installs it, the package uses durable/store/alembic."""
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(
+        root / "durable", tmp_path / "durable", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(root / "alembic", tmp_path / "durable" / "store" / "alembic")
+    code = "from durable.store.migrate import script_location; print(script_location())"
+    found = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(found) == tmp_path / "durable" / "store" / "alembic"

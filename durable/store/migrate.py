@@ -14,10 +14,14 @@ VERSION_TABLE = "durable_alembic_version"
 
 
 def script_location() -> Path:
-    """The folder holding the migration scripts."""
+    """The folder holding the migration scripts.
+
+    In an installed wheel they are the package ``durable.store.alembic``; in a checkout (or
+    an editable install) the repository's ``alembic/`` folder.
+    """
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "alembic", here / "alembic"):
-        if (candidate / "env.py").is_file():
+    for candidate in (here / "alembic", here.parent.parent / "alembic"):
+        if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():
             return candidate
     raise ConfigurationError("the durable migration scripts (alembic/) are not installed")
 
