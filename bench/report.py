@@ -229,7 +229,8 @@ def report_dbos(durable_seconds: list[float], dbos: Dbos | None) -> None:
     ours = median(durable_seconds) / LOCAL_STEPS * 1000 if durable_seconds else math.nan
     if dbos is None or dbos.missing:
         why = dbos.missing if dbos is not None else "not measured"
-        console.print(f"(g) durable local step in-process: {ours:.3f} ms/step; DBOS: {why}")
+        line = f"(g) durable local step in-process: {ours:.3f} ms/step; DBOS: {why}"
+        console.print(line, markup=False)  # "[bench]" in the hint is not rich markup
         return
     theirs = median(dbos.seconds) / dbos.steps * 1000
     table = _table(

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.canvas import Signature
+from celery.local import Proxy
 
 from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
 from durable.codec import seal
@@ -88,9 +89,13 @@ def _function_name(fn: Callable[..., Any]) -> str:
 
 def _step_name(task: Any) -> str:
     """The name a step is recorded under, without reading anything else of the task."""
-    if isinstance(task, Signature):
+    cls = type(task)  # not ``isinstance``: a task proxy would resolve itself at every check
+    if issubclass(cls, Proxy):
+        task = task._get_current_object()
+        cls = type(task)
+    if issubclass(cls, Signature):
         return str(task.task)
-    if isinstance(task, Task):
+    if issubclass(cls, Task):
         return str(task.name)
     if callable(task):
         return _function_name(task)

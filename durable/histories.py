@@ -66,12 +66,7 @@ class HistoryCache:
         """
         if self.size <= 0:
             return
-        history = [
-            {**record, "completed_at": settled_at}
-            if record.get("completed_at") == SETTLING_NOW
-            else record
-            for record in steps
-        ]
+        history = [_with_time(record, settled_at) for record in steps]
         history.extend(
             {
                 "seq": step.seq,
@@ -96,3 +91,13 @@ class HistoryCache:
         """Forget ``workflow_id`` (it moved on some other way)."""
         with self._lock:
             self._runs.pop(workflow_id, None)
+
+
+def _with_time(record: dict[str, Any], settled_at: datetime | None) -> dict[str, Any]:
+    """``record`` with its commit time as a ``datetime``, parsed once for every later replay."""
+    done = record.get("completed_at")
+    if done == SETTLING_NOW:
+        return {**record, "completed_at": settled_at}
+    if isinstance(done, str):
+        return {**record, "completed_at": datetime.fromisoformat(done)}
+    return record
