@@ -40,13 +40,16 @@ class HistoryCache:
             run = self._runs.get(workflow_id)
             return None if run is None else run.wake_seq
 
-    def get(self, workflow_id: str, wake_seq: int) -> Activation | None:
-        """The kept run if it was kept at ``wake_seq``; else None (and it is dropped)."""
+    def get(self, workflow_id: str, wake_seq: int, created_at: datetime) -> Activation | None:
+        """The kept run if it is that run (``created_at``) at ``wake_seq``; else None.
+
+        A run that does not match is dropped.
+        """
         with self._lock:
             run = self._runs.get(workflow_id)
             if run is None:
                 return None
-            if run.wake_seq != wake_seq:
+            if run.wake_seq != wake_seq or run.created_at != created_at:
                 del self._runs[workflow_id]
                 return None
             self._runs.move_to_end(workflow_id)

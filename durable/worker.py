@@ -153,8 +153,8 @@ def _settle(
     ttl = durable.settings.lease_ttl.total_seconds()
     wid, seq = claimed.workflow_id, claimed.seq
     run = claimed.run
-    if run is None and claimed.rest_wake is not None:
-        run = durable.histories.get(wid, claimed.rest_wake)
+    if run is None and claimed.rest_wake is not None and claimed.rest_created_at is not None:
+        run = durable.histories.get(wid, claimed.rest_wake, claimed.rest_created_at)
     replayed = None
     if run is not None:
         replayed = durable.replay_in_memory(run, seq, result, error, claimed.attempt)

@@ -391,3 +391,39 @@ def test_a_dict_result_replays_with_its_keys_in_one_order(
 
     run = durable.start("wf.keys", workflow_id="keys-1")
     assert run.result(timeout=30) == ["a", "mm", "zz", "é", "b", "yy"]
+
+
+def test_a_kept_history_is_not_used_for_a_new_run_under_the_same_id(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """A run purged and started again under its id counts its wake-ups from the start."""
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.again")
+    def wf(ctx: Any, start: int) -> int:
+        return int(ctx.step(inc, ctx.step(inc, ctx.step(inc, start))))
+
+    def scheduled() -> list[int]:
+        rows = query(database_url, "SELECT seq FROM durable_steps WHERE status = 'scheduled'")
+        return sorted(r.seq for r in rows)
+
+    durable.start("wf.again", 0, workflow_id="again-1")
+    assert activate(durable, "again-1") == "suspended"
+    assert execute_step(durable, "again-1", 1) == "completed"  # advanced, history kept
+    kept = durable.histories.wake_of("again-1")
+    query(database_url, "DELETE FROM durable_workflows WHERE id = 'again-1' RETURNING id")
+    # The same id again, brought to rest at the kept wake counter with its step 1 pending.
+    durable.start("wf.again", 10, workflow_id="again-1")
+    assert activate(durable, "again-1") == "suspended"
+    durable.signal("again-1", "noise", 1)
+    assert activate(durable, "again-1") == "suspended"
+    rest = query(database_url, "SELECT wake_seq, run_seq FROM durable_workflows")[0]
+    assert rest.wake_seq == rest.run_seq == kept
+    assert execute_step(durable, "again-1", 1) == "completed"
+    assert scheduled() == [2]  # worked out on the new run's history, not the kept one
+    assert execute_step(durable, "again-1", 2) == "completed"
+    assert execute_step(durable, "again-1", 3) == "completed"
+    assert durable.run("again-1").result(timeout=5) == 13

@@ -117,6 +117,9 @@ class ClaimedStep:
     rest_wake: int | None = None
     """With ``with_history``: the run's wake counter if the claim found it at rest (no
     activation owed or under way), the one ``settle_step``'s ``expect_wake`` compares with."""
+    rest_created_at: datetime | None = None
+    """The run's creation time with ``rest_wake``: which run of this id it is (a run purged
+    and started again under the same id counts its wake-ups from the start again)."""
     run: Activation | None = None
     """The run and its history as the claim read them (at rest, and not already held by
     the caller at ``rest_wake``)."""
@@ -214,6 +217,7 @@ def claim_step(
         options=dict(row.options or {}),
         attempt=row.attempts,
         rest_wake=row.snapshot_wake_seq,
+        rest_created_at=row.created_at,
         run=run,
     )
 
