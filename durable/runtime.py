@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,6 +47,20 @@ ACTIVATE_TASK = "durable.activate"
 STEP_TASK = "durable.step"
 ROUTING_KEYS = ("queue", "routing_key", "exchange", "priority")
 TIME_LIMIT_GRACE = 5.0
+# Characters a Celery task id may not carry legibly into Flower's links and search.
+_NOT_IN_TASK_ID = re.compile(r"[^\w.:@/-]")
+
+
+def task_id(workflow_id: str, what: str) -> str:
+    """A legible, unique Celery task id: ``<workflow id>:<what>:<8 hex>``.
+
+    ``what`` is the step number or ``activation``; the suffix tells two messages for the
+    same step (a re-send, a retry) apart. Characters that would break Flower's links become
+    ``_``. Example: ``order-o-1:3:5f2a9c1e``.
+    """
+    return f"{_NOT_IN_TASK_ID.sub('_', workflow_id)}:{what}:{uuid.uuid4().hex[:8]}"
+
+
 """Seconds between a step's soft time limit (its ``timeout``) and Celery's hard kill."""
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -365,6 +380,7 @@ class Durable:
         options: dict[str, Any] = {"shadow": f"workflow {name or ''}[{workflow_id}]".strip()}
         if self.settings.workflow_queue:
             options["queue"] = self.settings.workflow_queue
+        options["task_id"] = task_id(workflow_id, "activation")
         self._send(ACTIVATE_TASK, [workflow_id], options)
 
     def send_step(
@@ -376,6 +392,7 @@ class Durable:
         send["route_name"] = name
         send["shadow"] = options.get("label") or f"{name}[{workflow_id}#{seq}]"
         send["argsrepr"] = repr((workflow_id, seq))
+        send["task_id"] = task_id(workflow_id, str(seq))
         timeout = options.get("timeout")
         if timeout:
             # Celery's own limits stop the body where the pool can (prefork); the beat's

@@ -97,6 +97,8 @@ def test_flower_shows_steps_as_the_users_tasks(
     by_name = wait_until(shown, timeout=20, what=f"Flower to show {wanted}")
     step = by_name["crash.slow[order-7#1]"]
     assert step["args"] == "('order-7', 1)"
+    assert step["uuid"].startswith("order-7:1:")  # a legible task id, unique per message
+    assert by_name["workflow crash.step[order-7]"]["uuid"].startswith("order-7:activation:")
     assert step["worker"]
     assert by_name["crash.after[order-7#2]"]["args"] == "('order-7', 2)"
     assert by_name["workflow crash.step[order-7]"]["args"] == "['order-7']"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import redis
@@ -42,6 +43,7 @@ def test_steps_follow_the_tasks_routing(
     assert payment["headers"]["task"] == "durable.step"
     assert payment["headers"]["shadow"] == "t.routed_by_attribute[routed-1#1]"
     assert payment["headers"]["argsrepr"] == "('routed-1', 1)"
+    assert re.fullmatch(r"routed-1:1:[0-9a-f]{8}", payment["headers"]["id"])
 
     # Settle step 1 by hand (no worker runs here) and let the workflow move on.
     from durable.worker import execute_step
@@ -52,3 +54,11 @@ def test_steps_follow_the_tasks_routing(
     assert execute_step(durable, "routed-1", 2) == "completed"
     (priority,) = _messages(redis_url, f"{prefix}:priority")
     assert priority["headers"]["shadow"] == "t.routed_by_config[routed-1#3]"
+
+
+def test_task_ids_are_legible_and_safe_in_links() -> None:
+    from durable.runtime import task_id
+
+    first, second = task_id("order-o-1", "3"), task_id("order-o-1", "3")
+    assert first.startswith("order-o-1:3:") and first != second  # one id per message
+    assert task_id("a b#c?d%e/7", "activation").startswith("a_b_c_d_e/7:activation:")
