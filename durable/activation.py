@@ -188,6 +188,8 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
     ended = durable.store(lambda c: runs.finish(c, wid, owner, status, result, error))
     if ended.parent_id:
         ctx.effects.activations.append(ended.parent_id)
+        if ended.parent_name:
+            ctx.effects.names[ended.parent_id] = ended.parent_name
     if status == "failed":
         log.warning("durable: workflow %s failed: %s", wid, error)
     return status, ctx.effects

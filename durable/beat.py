@@ -233,8 +233,8 @@ class Beat:
         durable.enforce_step_deadlines()
         for d in [*expired, *stale]:
             durable.send_step(d.workflow_id, d.seq, d.name, d.options)
-        for wid in owed:
-            durable.send_activation(wid)
+        for wid, name in owed:
+            durable.send_activation(wid, name)
         self.stats.steps_redispatched += len(expired) + len(stale)
         self.stats.activations_resent += len(owed)
         if expired or stale or owed:

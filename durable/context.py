@@ -75,6 +75,8 @@ class Effects:
     dispatches: list[PendingDispatch] = field(default_factory=list)
     timers: list[tuple[int, float]] = field(default_factory=list)
     activations: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
+    """Workflow names of runs in ``activations``, where known (to label the messages)."""
 
 
 def _parse_time(value: Any) -> datetime | None:

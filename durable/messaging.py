@@ -35,7 +35,7 @@ def signal(durable: Durable, workflow_id: str, name: str, payload: Any = None) -
         raise LimitExceeded(workflow_id, "max_signals", total)
     if sent.signal_id is None:
         raise LimitExceeded(workflow_id, "max_signals_per_minute", per_minute)
-    durable.send_activation(workflow_id)
+    durable.send_activation(workflow_id, sent.workflow)
 
 
 def get_event(
@@ -75,6 +75,6 @@ def cancel(durable: Durable, workflow_id: str) -> list[str]:
             raise WorkflowNotFound(workflow_id)
         if row.status != "running":
             raise WorkflowNotRunning(workflow_id, row.status, "cancel")
-    for wid in flagged:
-        durable.send_activation(wid)
-    return flagged
+    for wid, name in flagged:
+        durable.send_activation(wid, name)
+    return [wid for wid, _ in flagged]

@@ -203,6 +203,7 @@ class PrimitivesMixin:
         if started.timer:
             self.effects.timers.append(started.timer)
         self.effects.activations.append(child_id)
+        self.effects.names[child_id] = name
         raise Suspend()
 
 

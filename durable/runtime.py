@@ -415,7 +415,7 @@ class Durable:
         for pending in effects.dispatches:
             self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options)
         for workflow_id in effects.activations:
-            self.send_activation(workflow_id)
+            self.send_activation(workflow_id, effects.names.get(workflow_id))
 
     def after_timer(self, timer: FiredTimer) -> None:
         """Send what a timer fired by ``durable beat`` made due."""
@@ -456,7 +456,7 @@ class Durable:
             activation_mod.activate(self, workflow_id, owner, leased)
         except Exception:
             log.exception("durable: inline activation of %s failed; sending it", workflow_id)
-            self.send_activation(workflow_id)
+            self.send_activation(workflow_id, getattr(leased, "name", None))
 
 
 class WorkflowRun:

@@ -28,7 +28,7 @@ def after_timer(durable: Durable, timer: FiredTimer) -> None:
     elif timer.kind == "deadline":
         expire_run(durable, timer.workflow_id)
     else:
-        durable.send_activation(timer.workflow_id)
+        durable.send_activation(timer.workflow_id, timer.workflow_name or None)
 
 
 def expire_run(durable: Durable, workflow_id: str) -> None:
@@ -40,11 +40,11 @@ def expire_run(durable: Durable, workflow_id: str) -> None:
         )
     )
     log.warning("durable: workflow %s exceeded its execution timeout", workflow_id)
-    for wid in flagged:
+    for wid, name in flagged:
         if wid != workflow_id:
-            durable.send_activation(wid)
+            durable.send_activation(wid, name)
     if ended.parent_id:
-        durable.send_activation(ended.parent_id)
+        durable.send_activation(ended.parent_id, ended.parent_name)
 
 
 def enforce_step_deadlines(durable: Durable) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from sqlalchemy import text
 
 from durable import Durable
 from durable.activation import activate
@@ -62,3 +63,37 @@ def test_task_ids_are_legible_and_safe_in_links() -> None:
     first, second = task_id("order-o-1", "3"), task_id("order-o-1", "3")
     assert first.startswith("order-o-1:3:") and first != second  # one id per message
     assert task_id("a b#c?d%e/7", "activation").startswith("a_b_c_d_e/7:activation:")
+
+
+def test_activations_are_labelled_with_the_workflow_name(
+    app: Celery, durable: Durable, redis_url: str, prefix: str, database_url: str
+) -> None:
+    """Whatever sends an activation (a signal, a timer, a cancel, the sweep) names the run."""
+    from durable.store import recovery
+    from durable.store import timers as timer_queries
+    from tests.conftest import query
+
+    @durable.workflow("wf.labelled")
+    def wf(ctx: Any) -> None:
+        ctx.sleep(0.01)
+        ctx.wait_for_signal("go")
+
+    def labels() -> list[str]:
+        messages = _messages(redis_url, f"{prefix}:celery")
+        return [m["headers"]["shadow"] for m in messages if m["headers"]["task"] != "durable.step"]
+
+    durable.start("wf.labelled", workflow_id="label-1")  # no worker: messages stay queued
+    assert activate(durable, "label-1") == "suspended"  # at the sleep
+    (timer_id,) = [r.id for r in query(database_url, "SELECT id FROM durable_timers")]
+    with durable.connect() as conn:
+        (fired,) = timer_queries.fire_timers(conn, [timer_id])
+    assert fired.workflow_name == "wf.labelled"
+    durable.after_timer(fired)
+    assert activate(durable, "label-1") == "suspended"  # at the signal wait
+    durable.signal("label-1", "noise", 1)
+    durable.cancel("label-1")
+    with durable.connect() as conn:
+        conn.execute(text("UPDATE durable_workflows SET woken_at = now() - interval '1 hour'"))
+        owed = recovery.owed_activations(conn, after=60)
+    assert owed == [("label-1", "wf.labelled")]
+    assert labels() == ["workflow wf.labelled[label-1]"] * 4  # start, timer, signal, cancel

@@ -70,7 +70,7 @@ _OWED_RUNS = text(
     )
     UPDATE durable_workflows w SET woken_at = now()
       FROM c WHERE w.id = c.id
-    RETURNING w.id
+    RETURNING w.id, w.name
     """
 )
 
@@ -99,9 +99,12 @@ def stale_scheduled_steps(conn: Connection, after: float, limit: int = 200) -> l
     return _dispatches(conn.execute(_STALE_STEPS, {"after": after, "limit": limit}))
 
 
-def owed_activations(conn: Connection, after: float, limit: int = 200) -> list[str]:
-    """Runs owed an activation for ``after`` seconds with no live lease, marked re-sent."""
-    return [r.id for r in conn.execute(_OWED_RUNS, {"after": after, "limit": limit})]
+def owed_activations(conn: Connection, after: float, limit: int = 200) -> list[tuple[str, str]]:
+    """Runs owed an activation for ``after`` seconds with no live lease, marked re-sent.
+
+    As (id, workflow name).
+    """
+    return [(r.id, r.name) for r in conn.execute(_OWED_RUNS, {"after": after, "limit": limit})]
 
 
 # A started step past its start-to-close deadline (``ctx.step(..., timeout=...)``): its

@@ -212,7 +212,7 @@ _FINISH = text(
     ), pw AS (
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
          WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
-        RETURNING id
+        RETURNING id, name
     ), leftover AS (
         UPDATE durable_steps SET status = 'cancelled', completed_at = now()
          WHERE workflow_id IN (SELECT id FROM w) AND status IN ('scheduled', 'waiting', 'ready')
@@ -220,7 +220,8 @@ _FINISH = text(
         UPDATE durable_timers SET fired_at = now()
          WHERE workflow_id IN (SELECT id FROM w) AND fired_at IS NULL
     )
-    SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id
+    SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id,
+           (SELECT name FROM pw) AS parent_name
     """
 )
 
@@ -232,6 +233,8 @@ class Finished:
     finished: bool
     parent_id: str | None
     """A parent woken by this child's end: send it an activation."""
+    parent_name: str | None = None
+    """That parent's workflow name."""
 
 
 def finish(
@@ -248,7 +251,7 @@ def finish(
     """
     params = {"id": workflow_id, "owner": owner, "status": status, "result": result, "error": error}
     row = conn.execute(_FINISH, params).one()
-    return Finished(bool(row.finished), row.parent_id)
+    return Finished(bool(row.finished), row.parent_id, row.parent_name)
 
 
 # Cancelling a run cancels its descendants too (child workflows): each gets the flag and a
@@ -264,19 +267,22 @@ _CANCEL = text(
         UPDATE durable_workflows
            SET cancel_requested = true, wake_seq = wake_seq + 1, woken_at = now()
          WHERE id IN (SELECT id FROM tree) AND NOT cancel_requested
-        RETURNING id
+        RETURNING id, name
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, 'cancel requested', jsonb_build_object('by', CAST(:id AS text)) FROM w
     )
-    SELECT id FROM w
+    SELECT id, name FROM w
     """
 )
 
 
-def request_cancel(conn: Connection, workflow_id: str) -> list[str]:
-    """Flag the run and its running descendants as cancelled; returns the runs to activate."""
-    return [r.id for r in conn.execute(_CANCEL, {"id": workflow_id})]
+def request_cancel(conn: Connection, workflow_id: str) -> list[tuple[str, str]]:
+    """Flag the run and its running descendants as cancelled.
+
+    Returns the runs to activate, as (id, workflow name).
+    """
+    return [(r.id, r.name) for r in conn.execute(_CANCEL, {"id": workflow_id})]
 
 
 _DELIVER_CANCEL = text(

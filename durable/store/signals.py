@@ -14,7 +14,7 @@ from durable.store.models import events, signals
 _SEND = text(
     """
     WITH w AS (
-        SELECT id, status FROM durable_workflows WHERE id = :wid
+        SELECT id, status, name FROM durable_workflows WHERE id = :wid
     ), sent AS (
         SELECT count(*) AS total,
                count(*) FILTER (WHERE sent_at > now() - interval '1 minute') AS last_minute
@@ -34,7 +34,8 @@ _SEND = text(
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
          WHERE id = :wid AND EXISTS (SELECT 1 FROM s)
     )
-    SELECT (SELECT status FROM w) AS status, (SELECT id FROM s) AS signal_id,
+    SELECT (SELECT status FROM w) AS status, (SELECT name FROM w) AS workflow,
+           (SELECT id FROM s) AS signal_id,
            (SELECT total FROM sent) AS total, (SELECT last_minute FROM sent) AS last_minute
     """
 )
@@ -50,6 +51,8 @@ class Sent:
     """Signals the run had received before this one."""
     last_minute: int
     """Of which in the last minute."""
+    workflow: str | None = None
+    """The run's workflow name."""
 
 
 def send_signal(
@@ -73,7 +76,8 @@ def send_signal(
         "max_per_minute": max_per_minute,
     }
     row = conn.execute(_SEND, params).one()
-    return Sent(row.status, row.signal_id, int(row.total or 0), int(row.last_minute or 0))
+    total, last_minute = int(row.total or 0), int(row.last_minute or 0)
+    return Sent(row.status, row.signal_id, total, last_minute, row.workflow)
 
 
 # The oldest unconsumed signal of that name is taken by position ``seq`` and the position

@@ -22,6 +22,8 @@ class FiredTimer:
     name: str
     options: dict[str, Any]
     lateness: float
+    workflow_name: str = ""
+    """The run's workflow (to label the activation message)."""
 
 
 # Setting fired_at WHERE fired_at IS NULL is the exactly-once gate: however many beats claim
@@ -64,7 +66,7 @@ _FIRE = text(
     )
     SELECT t.id, t.workflow_id, t.seq, t.purpose,
            coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, '') AS name, s.options,
-           extract(epoch FROM now() - t.fire_at) AS lateness
+           extract(epoch FROM now() - t.fire_at) AS lateness, wf.name AS workflow_name
       FROM t LEFT JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
       JOIN durable_workflows wf ON wf.id = t.workflow_id AND wf.status = 'running'
      WHERE s.seq IS NOT NULL OR t.purpose = 'deadline'
@@ -86,6 +88,7 @@ def fire_timers(conn: Connection, ids: list[int]) -> list[FiredTimer]:
             r.name,
             dict(r.options or {}),
             float(r.lateness or 0.0),
+            r.workflow_name,
         )
         for r in rows
     ]
