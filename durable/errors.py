@@ -14,6 +14,8 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── LimitExceeded             a run went over max_steps, max_signals or the signal rate
     ├── WorkflowNotFailed         ``retry`` of a run that has not failed
     ├── WorkflowIdTaken           a new run (``fork``) asked for under an id that exists
+    ├── InvalidSchedule           a schedule's definition is malformed (cron, zone, interval)
+    ├── ScheduleNotFound          no schedule exists with that name
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
     ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
@@ -192,3 +194,20 @@ class ResultTimeout(DurableError, TimeoutError):
         super().__init__(
             f"workflow {workflow_id!r} still {status} after waiting {timeout:g}s for its result"
         )
+
+
+class InvalidSchedule(DurableError):
+    """A schedule's definition is malformed: cron expression, time zone, interval or policy."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"schedule {name!r}: {reason}" if name else reason)
+
+
+class ScheduleNotFound(DurableError):
+    """No schedule exists with the name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no schedule named {name!r}")

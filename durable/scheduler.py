@@ -35,24 +35,20 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import math
-import os
-import re
-import shlex
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import redis
-from celery.schedules import crontab, schedule
-from cronsim import CronSim, CronSimError
 from sqlalchemy import Connection
 
+from durable import schedule_import
+from durable.builtins import TASK_WORKFLOW
+from durable.cadence import NICKNAMES, Cadence, FirePlan, fire_id, plan_fires
 from durable.config import normalise_database_url
-from durable.errors import ConfigurationError, DurableError
+from durable.errors import ConfigurationError, InvalidSchedule, ScheduleNotFound
+from durable.schedule_import import ImportReport
 from durable.store import engine as store_engine
 from durable.store import schedules as store
 from durable.store.schedules import Definition
@@ -60,44 +56,35 @@ from durable.store.schedules import Definition
 if TYPE_CHECKING:
     from durable.runtime import Durable, WorkflowRun
 
+# Names other modules have imported from here; they live in their own modules now.
+__all__ = [
+    "CATCHUP",
+    "NICKNAMES",
+    "OVERLAP",
+    "RETRY_AFTER",
+    "TASK_WORKFLOW",
+    "Cadence",
+    "FirePlan",
+    "ImportReport",
+    "InvalidSchedule",
+    "ScheduleIndex",
+    "ScheduleInfo",
+    "ScheduleNotFound",
+    "ScheduleSettings",
+    "Schedules",
+    "fire_id",
+    "plan_fires",
+    "schedule_settings",
+]
+
 log = logging.getLogger(__name__)
 
 CATCHUP = ("skip", "once", "all")
 OVERLAP = ("skip", "allow")
-TASK_WORKFLOW = "durable.task"
 # ``Durable.start`` takes these as its own keywords.
 RESERVED_KWARGS = ("name_or_fn", "workflow_id")
-NICKNAMES = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-# The most on-time fires one pass starts (a long grace on a schedule of every second).
-ON_TIME_LIMIT = 1000
 # A schedule whose fire failed (unknown workflow, database error) is tried again after this.
 RETRY_AFTER = 10.0
-SECOND = timedelta(seconds=1)
-
-
-class InvalidSchedule(DurableError):
-    """A schedule's definition is malformed: cron expression, time zone, interval or policy."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self.reason = reason
-        super().__init__(f"schedule {name!r}: {reason}" if name else reason)
-
-
-class ScheduleNotFound(DurableError):
-    """No schedule exists with the name."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"no schedule named {name!r}")
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -124,141 +111,6 @@ def schedule_settings(durable: Durable) -> ScheduleSettings:
         schedule_grace=settings.schedule_grace,
         schedule_catchup_limit=settings.schedule_catchup_limit,
     )
-
-
-# -- when a schedule fires ------------------------------------------------------------------
-
-
-def fire_id(name: str, at: datetime) -> str:
-    """The workflow id of schedule ``name``'s fire at ``at``: ``name@2026-01-01T03:00:00Z``."""
-    return f"{name}@{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
-
-
-def _epoch(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-@dataclass(frozen=True)
-class Cadence:
-    """When a schedule fires: a cron expression in a time zone, or every N whole seconds.
-
-    Build it with :meth:`parse`, which validates; fire times are whole seconds in UTC.
-    """
-
-    cron: str | None
-    every: int | None
-    timezone: str
-
-    @classmethod
-    def parse(
-        cls,
-        cron: str | None,
-        every: timedelta | float | None,
-        timezone: str = "UTC",
-        name: str = "",
-    ) -> Cadence:
-        """Validate a definition; raises :class:`InvalidSchedule` with a one-line reason."""
-        if (cron is None) == (every is None):
-            raise InvalidSchedule(name, "give either a cron expression or an interval (every)")
-        zone = _zone(timezone, name)
-        if every is not None:
-            return cls(None, _whole_seconds(every, name), zone.key)
-        expr = " ".join(str(cron).split())
-        expr = NICKNAMES.get(expr.lower(), expr)
-        try:
-            CronSim(expr, datetime.now(zone))
-        except CronSimError as exc:
-            reason = str(exc).rstrip(".").lower()
-            raise InvalidSchedule(name, f"invalid cron expression {cron!r}: {reason}") from None
-        cadence = cls(expr, None, zone.key)
-        if cadence.next_after(datetime.now(UTC)) is None:
-            raise InvalidSchedule(name, f"cron expression {cron!r} never fires")
-        return cadence
-
-    @property
-    def zone(self) -> ZoneInfo:
-        """The time zone cron fields are read in."""
-        return ZoneInfo(self.timezone)
-
-    def next_after(self, t: datetime) -> datetime | None:
-        """The first fire strictly after ``t``, or None if the expression never fires again."""
-        if self.every is not None:
-            return _epoch((math.floor(t.timestamp()) // self.every + 1) * self.every)
-        assert self.cron is not None
-        found = CronSim(self.cron, t.astimezone(self.zone))
-        # On the day clocks go back, a local time given for the hour's second pass is read as
-        # its first; the few extra steps move past ``t``.
-        for _ in range(4):
-            try:
-                fire = next(found).astimezone(UTC)
-            except StopIteration:
-                return None
-            if fire > t:
-                return fire
-        return None
-
-    def newest(self, lo: datetime, hi: datetime, limit: int) -> list[datetime]:
-        """The newest ``limit`` fires in ``[lo, hi]``, oldest first."""
-        if limit <= 0 or hi < lo:
-            return []
-        if self.every is not None:
-            top = math.floor(hi.timestamp()) // self.every
-            bottom = max(math.ceil(lo.timestamp() / self.every), top - limit + 1)
-            return [_epoch(k * self.every) for k in range(bottom, top + 1)]
-        assert self.cron is not None
-        start = hi.replace(microsecond=0) + SECOND  # going back yields fires before start
-        found = CronSim(self.cron, start.astimezone(self.zone), reverse=True)
-        fires: list[datetime] = []
-        for fire in found:
-            at = fire.astimezone(UTC)
-            if at < lo or len(fires) >= limit:
-                break
-            if at <= hi:
-                fires.append(at)
-        return sorted(set(fires))
-
-
-def _zone(timezone: str, name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(str(timezone))
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidSchedule(name, f"unknown time zone {timezone!r}") from None
-
-
-def _whole_seconds(every: timedelta | float, name: str) -> int:
-    seconds = every.total_seconds() if isinstance(every, timedelta) else float(every)
-    if seconds < 1 or seconds != int(seconds):
-        raise InvalidSchedule(
-            name, f"the interval must be a whole number of seconds, at least 1, not {seconds:g}"
-        )
-    return int(seconds)
-
-
-@dataclass(frozen=True)
-class FirePlan:
-    """What one pass over a due schedule starts, and when it fires next."""
-
-    fires: list[datetime]
-    """Fire times to start, oldest first."""
-    missed_since: datetime | None
-    """The first missed fire (older than the grace) when some were not started."""
-    next_fire_at: datetime | None
-
-
-def plan_fires(
-    cadence: Cadence, first: datetime, now: datetime, catchup: str, grace: timedelta, limit: int
-) -> FirePlan:
-    """Decide the fires due by ``now`` of a schedule whose next fire was ``first``."""
-    if first > now:
-        return FirePlan([], None, first)
-    cut = now - grace
-    on_time = cadence.newest(max(first, cut), now, ON_TIME_LIMIT)
-    missed: list[datetime] = []
-    if first < cut and catchup != "skip":
-        count = 1 if catchup == "once" else limit
-        missed = cadence.newest(first, cut - timedelta(microseconds=1), count)
-    left_out = first < cut and (not missed or missed[0] > first)
-    return FirePlan(missed + on_time, first if left_out else None, cadence.next_after(now))
 
 
 # -- the Redis index ------------------------------------------------------------------------
@@ -349,18 +201,6 @@ class ScheduleInfo:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["every"] = None if self.every is None else self.every.total_seconds()
         return data
-
-
-@dataclass
-class ImportReport:
-    """What an import did: names added, updated, unchanged and removed, and its problems."""
-
-    added: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    """One line for each entry or crontab line that could not be imported."""
 
 
 class Schedules:
@@ -544,22 +384,9 @@ class Schedules:
         before whose entries are gone are removed. An entry that cannot be imported (a
         ``solar`` schedule, a crontab restricting both days) is reported in ``problems``.
         """
-        if timezone is None:
-            conf = self.durable.app.conf if self.durable is not None else {}
-            timezone = str(conf.get("timezone") or "UTC")
-        report = ImportReport()
-        for name, entry in beat_schedule.items():
-            try:
-                definition = beat_entry(self, name, entry, timezone)
-                getattr(report, self.save(definition)).append(name)
-            except DurableError as exc:
-                report.problems.append(f"beat_schedule entry {name!r}: {_reason(exc)}")
-        if prune:
-            keep = builtins.list(beat_schedule)
-            report.removed = self._store(lambda c: store.prune(c, "beat_schedule", keep))
-            for gone in report.removed:
-                self._index(gone, None)
-        return report
+        return schedule_import.import_beat_schedule(
+            self, beat_schedule, timezone=timezone, prune=prune
+        )
 
     def import_crontab(
         self, text: str, *, timezone: str = "UTC", catchup: str = "skip", overlap: str = "skip"
@@ -572,182 +399,22 @@ class Schedules:
         ``-3`` for repeats). ``CRON_TZ=`` lines set the time zone of the lines after them.
         Every other line is reported in ``problems``; nothing is written for it.
         """
-        report, seen = ImportReport(), Counter[str]()
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                mapped = crontab_line(self, line, timezone)
-                if isinstance(mapped, str):
-                    timezone = mapped
-                if not isinstance(mapped, tuple):
-                    continue
-                expr, workflow, args, kwargs = mapped
-                base = str(args[0]) if workflow == TASK_WORKFLOW else workflow
-                seen[base] += 1
-                name = base if seen[base] == 1 else f"{base}-{seen[base]}"
-                definition = self.define(
-                    name, workflow, expr, None, args, kwargs, timezone, catchup, overlap, "crontab"
-                )
-                self._check_not_taken(name)
-                getattr(report, self.save(definition)).append(name)
-            except DurableError as exc:
-                report.problems.append(f"line {number}: {_reason(exc)}: {line.strip()}")
-        return report
+        return schedule_import.import_crontab(
+            self, text, timezone=timezone, catchup=catchup, overlap=overlap
+        )
 
-    def _check_not_taken(self, name: str) -> None:
+    def prune(self, origin: str, keep: builtins.list[str]) -> builtins.list[str]:
+        """Remove the schedules of ``origin`` whose names are not in ``keep``; their names."""
+        removed: builtins.list[str] = self._store(lambda c: store.prune(c, origin, keep))
+        for gone in removed:
+            self._index(gone, None)
+        return removed
+
+    def check_not_taken(self, name: str) -> None:
+        """Raise :class:`InvalidSchedule` if ``name`` exists and did not come from a crontab."""
         try:
             existing = self.get(name)
         except ScheduleNotFound:
             return
         if existing.origin != "crontab":
             raise InvalidSchedule(name, "a schedule of that name exists and is not from a crontab")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, InvalidSchedule):
-        return exc.reason
-    return str(exc).strip("'\"") or type(exc).__name__
-
-
-# -- importing Celery beat_schedule entries and crontab lines --------------------------------
-
-
-def beat_entry(schedules: Schedules, name: str, entry: Mapping[str, Any], tz: str) -> Definition:
-    """A ``beat_schedule`` entry as a definition of the ``durable.task`` workflow."""
-    if not isinstance(entry, Mapping) or "task" not in entry or "schedule" not in entry:
-        raise InvalidSchedule(name, "an entry needs a 'task' and a 'schedule'")
-    spec, cron, every = entry["schedule"], None, None
-    if isinstance(spec, crontab):
-        cron = celery_crontab_expression(spec, name)
-    elif isinstance(spec, schedule):
-        every = getattr(spec, "run_every", None)
-    elif isinstance(spec, timedelta | int | float):
-        every = spec
-    else:
-        raise InvalidSchedule(name, f"a {type(spec).__name__} schedule cannot be imported")
-    call = [entry["task"], list(entry.get("args") or ()), dict(entry.get("kwargs") or {})]
-    if entry.get("options"):
-        call.append(dict(entry["options"]))
-    return schedules.define(
-        name, TASK_WORKFLOW, cron, every, call, None, tz, "skip", "skip", "beat_schedule"
-    )
-
-
-def celery_crontab_expression(spec: Any, name: str = "") -> str:
-    """The cron expression of a Celery ``crontab`` (minute hour day month weekday)."""
-    parts = []
-    for attr in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week"):
-        value = getattr(spec, f"_orig_{attr}")
-        if not isinstance(value, str | int):
-            value = ",".join(str(v) for v in sorted(value))
-        parts.append(str(value).replace(" ", ""))
-    if parts[2] != "*" and parts[4] != "*":
-        # Celery runs on days matching both; cron on days matching either.
-        raise InvalidSchedule(
-            name, "a crontab restricting both day_of_month and day_of_week has no cron equivalent"
-        )
-    return " ".join(parts)
-
-
-_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
-_REDIRECT = re.compile(r"^(\d?>>?|&>|\d?>&\d|<)")
-
-
-def crontab_line(
-    schedules: Schedules, line: str, timezone: str
-) -> str | tuple[str, str, list[Any], dict[str, Any]] | None:
-    """Read one crontab line: None (nothing to do), a time zone (``CRON_TZ=``) or a schedule.
-
-    A schedule is (cron expression, workflow, args, kwargs). Raises :class:`InvalidSchedule`
-    with the reason the line cannot be mapped.
-    """
-    text = line.strip()
-    if not text or text.startswith("#"):
-        return None
-    assignment = _ASSIGNMENT.match(text)
-    if assignment:
-        if assignment.group(1) not in ("CRON_TZ", "TZ"):
-            return None
-        return _zone(assignment.group(2).strip().strip("'\""), "").key
-    if text.startswith("@"):
-        nickname, _, command = text.partition(" ")
-        if nickname.lower() not in NICKNAMES:
-            raise InvalidSchedule("", f"{nickname} has no time to schedule")
-        expr = NICKNAMES[nickname.lower()]
-    else:
-        parts = text.split(None, 5)
-        if len(parts) < 6:
-            raise InvalidSchedule("", "not a crontab line (five time fields, then a command)")
-        expr, command = " ".join(parts[:5]), parts[5]
-    Cadence.parse(expr, None, timezone)
-    return (expr, *crontab_command(schedules, command.strip()))
-
-
-def crontab_command(schedules: Schedules, command: str) -> tuple[str, list[Any], dict[str, Any]]:
-    """The (workflow, args, kwargs) a crontab command runs; raises :class:`InvalidSchedule`."""
-    try:
-        words = shlex.split(command)
-    except ValueError as exc:
-        raise InvalidSchedule("", f"cannot read the command ({exc})") from None
-    words = _drop_redirects(words)
-    if any(w in ("|", "||", "&&", ";", "&") for w in words) or "%" in command:
-        raise InvalidSchedule("", "a shell pipeline cannot be mapped")
-    program = os.path.basename(words[0]) if words else ""
-    if program == "durable" and "start" in words:
-        # A fixed --id would give every fire one run: the fire's own id replaces it.
-        ignored = {"--id", "--app", "-A", "--database-url"}
-        name, args, kwargs, _ = _call(words[words.index("start") + 1 :], ignored)
-        return name, args, kwargs
-    if program == "celery" and "call" in words:
-        ignored = {"--eta", "--countdown", "--expires", "--serializer", "--app", "-A"}
-        task, args, kwargs, queue = _call(words[words.index("call") + 1 :], ignored)
-        return TASK_WORKFLOW, [task, args, kwargs, *([{"queue": queue}] if queue else [])], {}
-    durable = schedules.durable
-    if durable is not None and len(words) == 1:
-        if words[0] in durable.registry:
-            return words[0], [], {}
-        if words[0] in durable.app.tasks:
-            return TASK_WORKFLOW, [words[0], [], {}], {}
-    raise InvalidSchedule(
-        "", "the command names no workflow or task (use durable start NAME or celery call TASK)"
-    )
-
-
-def _drop_redirects(words: list[str]) -> list[str]:
-    kept: list[str] = []
-    skip_next = False
-    for word in words:
-        if skip_next:
-            skip_next = False
-        elif _REDIRECT.match(word):
-            skip_next = word in (">", ">>", "<", "&>", "1>", "2>", "1>>", "2>>")
-        else:
-            kept.append(word)
-    return kept
-
-
-def _call(words: list[str], ignored: set[str]) -> tuple[str, list[Any], dict[str, Any], str]:
-    """Read ``NAME [--args JSON] [--kwargs JSON] [--queue Q]``, skipping ``ignored`` options."""
-    found: dict[str, str] = {"--args": "[]", "--kwargs": "{}", "--queue": ""}
-    short = {"-a": "--args", "-k": "--kwargs", "-Q": "--queue"}
-    name = None
-    pairs = iter(words)
-    for word in pairs:
-        key, eq, value = word.partition("=")
-        key = short.get(key, key)
-        if key in found or key in ignored:
-            found[key] = value if eq else next(pairs, "")
-        elif word.startswith("-"):
-            raise InvalidSchedule("", f"option {key} cannot be mapped")
-        elif name is None:
-            name = word
-        else:
-            raise InvalidSchedule("", f"unexpected argument {word!r}")
-    if not name:
-        raise InvalidSchedule("", "no workflow or task name")
-    try:
-        args, kwargs = json.loads(found["--args"]), json.loads(found["--kwargs"])
-    except ValueError as exc:
-        raise InvalidSchedule("", f"arguments are not valid JSON ({exc})") from None
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise InvalidSchedule("", "--args must be a JSON array and --kwargs a JSON object")
-    return name, args, kwargs, found["--queue"]
