@@ -44,7 +44,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from durable import reconcile
-from durable.store import admin as queries
+from durable.store import metrics as queries
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

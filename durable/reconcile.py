@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
-from durable.store import admin as queries
+from durable.store import reconcile as queries
 from durable.store import timers as timer_queries
 
 if TYPE_CHECKING:
