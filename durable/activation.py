@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from durable._control import SETTLING_NOW, NeedsActivation
@@ -95,6 +95,18 @@ def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> b
     return released
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What an in-memory replay found the run does once the step settles."""
+
+    effects: Effects
+    """The remote steps it schedules (``effects.schedules``) and their messages."""
+    steps: list[dict[str, Any]]
+    """The history it replayed, the settled step's outcome included."""
+    result: str | None = None
+    """The workflow's result (JSON text) when it returned: the run ends, completed."""
+
+
 def replay_in_memory(
     durable: Durable,
     run: runs.Activation,
@@ -102,16 +114,16 @@ def replay_in_memory(
     result: str | None,
     error: str | None,
     attempts: int,
-) -> tuple[Effects, list[dict[str, Any]]] | None:
+) -> Replayed | None:
     """Work out, without writing anything, what the run does once step ``seq`` settles.
 
     ``run`` is the run at rest as the step's claim saw it; the step's outcome (``result``
     as stored JSON text, or the final ``error``) is added to its history and the workflow
-    replayed in memory. Returns the effects and the history replayed when the run then only
-    waits for remote steps (the new ones in ``Effects.schedules``), which the settling
-    statement can write itself; None when anything else happens (a local step, a sleep, an
-    event, a signal or a child, a cancellation delivered, the run ending, an error): the real
-    activation does that. ``run`` itself is not changed.
+    replayed in memory. Returns what it found when the run then only waits for remote steps
+    (the new ones in ``effects.schedules``) or returns a value (``Replayed.result``): the
+    settling statement can write either itself. None when anything else happens (a local
+    step, a sleep, an event, a signal or a child, a cancellation delivered, an error, a
+    result that cannot be stored): the real activation does that. ``run`` is not changed.
     """
     fn = durable.registry.get(run.name)
     if fn is None:
@@ -127,13 +139,20 @@ def replay_in_memory(
     ctx = WorkflowContext(durable, replace(run, steps=steps), in_memory=True)
     try:
         args, kwargs = durable.decode(run.args), durable.decode(run.kwargs)
-        fn(ctx, *args, **kwargs)
+        value = fn(ctx, *args, **kwargs)
+        ctx.check_end()
+        ended = durable.encode(value, f"result of workflow {run.workflow_id}")
     except Suspend:
         clean = ctx.nondeterminism is None and not ctx.needs_activation
-        return (ctx.effects, steps) if clean and not ctx.effects.timers else None
+        return Replayed(ctx.effects, steps) if clean and not ctx.effects.timers else None
     except (NeedsActivation, Exception):
         return None
-    return None  # the run ended: finishing it is the activation's work
+    effects = ctx.effects
+    if ctx.nondeterminism is not None or ctx.needs_activation or ctx.cancel_delivered:
+        return None  # failed or cancelled after all: the activation records why
+    if effects.schedules or effects.timers or effects.activations:
+        return None
+    return Replayed(effects, steps, result=ended)
 
 
 def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:

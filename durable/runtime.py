@@ -437,7 +437,7 @@ class Durable:
 
     def replay_in_memory(
         self, run: runs.Activation, seq: int, result: str | None, error: str | None, attempts: int
-    ) -> tuple[Effects, list[dict[str, Any]]] | None:
+    ) -> activation_mod.Replayed | None:
         """The run's next steps once step ``seq`` settles, worked out without writing.
 
         See :func:`durable.activation.replay_in_memory`; None when an activation is needed.

@@ -147,7 +147,8 @@ def _settle(
     When the claim read the run at rest, the run is first replayed in memory with this
     outcome; if it then only waits for remote steps, the settling statement also schedules
     them (unless something woke the run meanwhile) and they are sent at once: one statement
-    for the step, no lease, no second replay. Otherwise, with inline activation, the same
+    for the step, no lease, no second replay. If the workflow returned, the same statement
+    ends the run with its result. Otherwise, with inline activation, the same
     statement takes the run's lease and returns its history for the activation that follows.
     """
     ttl = durable.settings.lease_ttl.total_seconds()
@@ -158,7 +159,6 @@ def _settle(
     replayed = None
     if run is not None:
         replayed = durable.replay_in_memory(run, seq, result, error, claimed.attempt)
-    effects = replayed[0] if replayed is not None else None
     settled = durable.store(
         lambda c: step_queries.settle_step(
             c,
@@ -170,17 +170,22 @@ def _settle(
             ttl=ttl,
             acquire=durable.settings.inline_activation,
             attempt=claimed.attempt,
-            expect_wake=None if effects is None or run is None else run.wake_seq,
-            new=effects.schedules if effects is not None else (),
+            expect_wake=None if replayed is None or run is None else run.wake_seq,
+            new=replayed.effects.schedules if replayed is not None else (),
+            finish=replayed.result if replayed is not None else None,
         )
     )
     if not settled.settled:
         return "superseded", None
-    if settled.advanced and replayed is not None and run is not None:
-        durable.histories.keep_advanced(run, replayed[1], replayed[0].schedules, settled.settled_at)
-        durable.apply_effects(replayed[0])
+    if settled.advanced and replayed is not None and run is not None and not settled.ended:
+        durable.histories.keep_advanced(
+            run, replayed.steps, replayed.effects.schedules, settled.settled_at
+        )
+        durable.apply_effects(replayed.effects)
     else:
         durable.histories.drop(wid)
+    if settled.parent is not None:
+        durable.send_activation(*settled.parent)
     return ("completed" if error is None else "failed"), settled.activation
 
 

@@ -236,9 +236,15 @@ def claim_step(
 # "advances" the run: it schedules the new steps and marks the wake-up as handled
 # (run_seq := wake_seq) without ever holding the lease, under the run's row lock. Otherwise
 # it falls back to the plain settle above (and, with :acquire, to taking the lease).
+#
+# With :finish as well, the in-memory replay found that the workflow returned: advancing then
+# ends the run, completed with :finish_result, as ``runs.finish`` would under the lease (its
+# parent's position settled and the parent woken, whatever it left unstarted cancelled, its
+# timers retired).
 _ADVANCE = """(CAST(:expect_wake AS bigint) IS NOT NULL AND wake_seq = :expect_wake
                AND run_seq = :expect_wake AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 _TAKE = """(:acquire AND (lease_owner IS NULL OR lease_expires_at < now()))"""
+_END = "(" + _ADVANCE + " AND :finish)"
 _SETTLE = text(
     """
     WITH s AS (
@@ -258,6 +264,15 @@ _SETTLE = text(
                updated_at = CASE WHEN """
     + _ADVANCE
     + """ THEN now() ELSE updated_at END,
+               status = CASE WHEN """
+    + _END
+    + """ THEN 'completed' ELSE status END,
+               result = CASE WHEN """
+    + _END
+    + """ THEN CAST(:finish_result AS jsonb) ELSE result END,
+               finished_at = CASE WHEN """
+    + _END
+    + """ THEN now() ELSE finished_at END,
                lease_owner = CASE WHEN """
     + _ADVANCE
     + """ THEN NULL WHEN """
@@ -269,7 +284,8 @@ _SETTLE = text(
     + _TAKE
     + """ THEN now() + make_interval(secs => :ttl) ELSE lease_expires_at END
          WHERE id = :wid AND status = 'running' AND EXISTS (SELECT 1 FROM s)
-        RETURNING lease_owner, run_seq = wake_seq AS advanced, """
+        RETURNING lease_owner, run_seq = wake_seq AS advanced, status = 'completed' AS ended,
+                  parent_id, parent_seq, """
     + RUN_COLUMNS
     + """
     ), n AS (
@@ -288,8 +304,30 @@ _SETTLE = text(
                jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
         UNION ALL
         SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
+        UNION ALL
+        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended
+    ), p AS (
+        UPDATE durable_steps st
+           SET status = 'completed', result = CAST(:finish_result AS jsonb), error = NULL,
+               completed_at = now()
+          FROM w
+         WHERE w.ended AND st.workflow_id = w.parent_id AND st.seq = w.parent_seq
+           AND st.status = 'waiting'
+        RETURNING st.workflow_id
+    ), pw AS (
+        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
+         WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
+        RETURNING id, name
+    ), leftover AS (
+        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
+         WHERE workflow_id IN (SELECT id FROM w WHERE w.ended)
+           AND status IN ('scheduled', 'waiting', 'ready')
+    ), unfired AS (
+        UPDATE durable_timers SET fired_at = now()
+         WHERE workflow_id IN (SELECT id FROM w WHERE w.ended) AND fired_at IS NULL
     )
     SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*,
+           (SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name,
            """
     + SNAPSHOT_WAKE
     + """ AS snapshot_wake_seq,
@@ -313,6 +351,10 @@ class Settled:
     """True when ``expect_wake`` held: the new steps are scheduled and the wake-up handled."""
     settled_at: datetime | None = None
     """The step's commit time, when the run advanced."""
+    ended: bool = False
+    """True when ``finish`` was asked and the run advanced: it is now completed."""
+    parent: tuple[str, str] | None = None
+    """The parent (id, workflow name) the run's end woke: send it an activation."""
 
 
 def settle_step(
@@ -328,6 +370,7 @@ def settle_step(
     attempt: int | None = None,
     expect_wake: int | None = None,
     new: Sequence[NewStep] = (),
+    finish: str | None = None,
 ) -> Settled:
     """Commit a step's result (JSON text) or its final ``error``, and wake its workflow.
 
@@ -336,7 +379,9 @@ def settle_step(
     may settle the step: a late outcome of an earlier, timed-out attempt is dropped. With
     ``expect_wake`` (the wake counter of a run at rest, as the claim read it) and ``new``
     (the steps an in-memory replay scheduled), the run advances in the same statement if it
-    is still at rest there (``Settled.advanced``); if not, this is a plain settle.
+    is still at rest there (``Settled.advanced``); if not, this is a plain settle. With
+    ``finish`` (the workflow's result as JSON text) instead of new steps, advancing ends the
+    run, completed (``Settled.ended``).
     """
     status = "completed" if error is None else "failed"
     params = {
@@ -352,12 +397,18 @@ def settle_step(
         "attempt": attempt,
         "expect_wake": expect_wake,
         "rows": "[" + ",".join(step.as_json() for step in new) + "]",
+        "finish": finish is not None,
+        "finish_result": finish,
     }
     row = conn.execute(_SETTLE, params).first()
     if row is None:
         return Settled(False, None)
     if row.advanced:
-        return Settled(True, None, advanced=True, settled_at=row.settled_at)
+        parent = None
+        if row.woken_parent_id is not None:
+            parent = (row.woken_parent_id, row.woken_parent_name)
+        ended = bool(row.ended)
+        return Settled(True, None, True, row.settled_at, ended, parent)
     if row.steps is None:
         return Settled(True, None)
     activation = activation_from_row(row, own_wakes=1)
