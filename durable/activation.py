@@ -136,6 +136,8 @@ def replay_in_memory(
         "completed_at": SETTLING_NOW,
     }
     steps = [{**record, **outcome} if record["seq"] == seq else record for record in run.steps]
+    if not any(record["seq"] == seq for record in run.steps):
+        return None  # the history does not hold this step: only a fresh read can be trusted
     ctx = WorkflowContext(durable, replace(run, steps=steps), in_memory=True)
     try:
         args, kwargs = durable.decode(run.args), durable.decode(run.kwargs)
