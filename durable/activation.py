@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from durable._control import SETTLING_NOW, NeedsActivation
@@ -138,7 +140,36 @@ def replay_in_memory(
     steps = [{**record, **outcome} if record["seq"] == seq else record for record in run.steps]
     if not any(record["seq"] == seq for record in run.steps):
         return None  # the history does not hold this step: only a fresh read can be trusted
-    ctx = WorkflowContext(durable, replace(run, steps=steps), in_memory=True)
+    return _run_in_memory(durable, fn, replace(run, steps=steps), now_known=True)
+
+
+def replay_new_run(
+    durable: Durable, workflow_id: str, name: str, args: str, kwargs: str
+) -> Replayed | None:
+    """Run a workflow not started yet in memory, up to its first remote steps (eager start).
+
+    ``args`` and ``kwargs`` are as they will be stored. Returns what it found when the
+    workflow's first durable operations are remote steps (``effects.schedules``); None for
+    anything else, ``ctx.now()`` included (the run's start time is not known yet): the run's
+    first activation does that, as without an eager start.
+    """
+    fn = durable.registry.get(name)
+    if fn is None:
+        return None
+    run = runs.Activation(
+        workflow_id, name, json.loads(args), json.loads(kwargs), 1, datetime.now(UTC), []
+    )
+    found = _run_in_memory(durable, fn, run, now_known=False)
+    if found is None or found.result is not None or not found.effects.schedules:
+        return None
+    return found
+
+
+def _run_in_memory(
+    durable: Durable, fn: Callable[..., Any], run: runs.Activation, now_known: bool
+) -> Replayed | None:
+    steps = run.steps
+    ctx = WorkflowContext(durable, run, in_memory=True, now_known=now_known)
     try:
         args, kwargs = durable.decode(run.args), durable.decode(run.kwargs)
         value = fn(ctx, *args, **kwargs)

@@ -42,6 +42,10 @@ class Settings:
     """Queue of workflow activations (``None``: Celery's default queue)."""
     inline_activation: bool = True
     """Continue the workflow in the process that finished its step (saves a broker hop)."""
+    eager_start: bool = False
+    """``start()`` runs the workflow's code in the caller, in memory, up to its first
+    durable operation, and schedules its first remote steps with the run: one broker hop
+    fewer (see ``Durable.start``)."""
     history_cache_size: int = 256
     """Runs whose history a worker process keeps between two of their steps, so that the
     next step's claim need not read it again (0: keep none; see ``durable.histories``)."""
@@ -98,7 +102,7 @@ _POSITIVE = {
     "max_signals",
     "max_signals_per_minute",
 }
-_BOOLS = {"inline_activation"}
+_BOOLS = {"inline_activation", "eager_start"}
 
 
 def normalise_database_url(url: str) -> str:

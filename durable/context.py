@@ -128,12 +128,13 @@ class WorkflowContext(PrimitivesMixin):
         activation: Activation,
         owner: str = "",
         in_memory: bool = False,
+        now_known: bool = True,
     ) -> None:
         self._durable = durable
         self._in_memory = in_memory
         self.needs_activation = False
         """Set when an in-memory replay met something only an activation may do."""
-        self._now_unknown = False
+        self._now_unknown = not now_known  # a run not started yet: its start time is ahead
         self._owner = owner
         self._records: dict[int, dict[str, Any]] = {int(s["seq"]): s for s in activation.steps}
         self._last_recorded = max(self._records, default=0)

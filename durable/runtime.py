@@ -291,14 +291,25 @@ class Durable:
         :class:`~durable.errors.PayloadError` is raised and nothing is written. The run is
         committed before its first message is sent; if the broker cannot be reached the
         run still starts, sent again by ``durable beat``'s recovery sweep.
+
+        With the setting ``eager_start`` the workflow's code runs here, in memory, up to its
+        first durable operation; if that is one or more remote steps they are scheduled in
+        the statement that creates the run and sent at once, saving the first activation's
+        broker hop (anything else starts the run as usual).
         """
         name = self.workflow_name(name_or_fn)
         args_json = self.encode(list(args), f"arguments of workflow {name}")
         kwargs_json = self.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = workflow_id or uuid.uuid4().hex
         timeout = self.execution_timeouts.get(name)
+        eager = None
+        if self.settings.eager_start:
+            eager = self._replay_new_run(wid, name, args_json, kwargs_json)
+        steps = None
+        if eager is not None:
+            steps = "[" + ",".join(step.as_json() for step in eager.effects.schedules) + "]"
         inserted = self.store(
-            lambda c: runs.insert_run(c, wid, name, args_json, kwargs_json, timeout)
+            lambda c: runs.insert_run(c, wid, name, args_json, kwargs_json, timeout, steps)
         )
         created = inserted.created
         if inserted.timer:
@@ -306,9 +317,20 @@ class Durable:
         existing = None if created else self.store(lambda c: runs.get_run(c, wid))
         if existing is not None and existing.name != name:
             raise WorkflowIdConflict(wid, existing.name, name)
-        if created:
+        if created and eager is not None:
+            self.apply_effects(eager.effects)  # the first steps' messages, no activation
+        elif created:
             self.send_activation(wid, name)
         return WorkflowRun(self, wid)
+
+    def _replay_new_run(
+        self, workflow_id: str, name: str, args: str, kwargs: str
+    ) -> activation_mod.Replayed | None:
+        try:
+            return activation_mod.replay_new_run(self, workflow_id, name, args, kwargs)
+        except Exception:
+            log.exception("durable: eager start of %s failed; activating it", workflow_id)
+            return None
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""

@@ -282,8 +282,9 @@ def test_a_sequential_run_costs_two_statements_per_step(
     # The first step is scheduled by the activation that started the run (its lease and
     # history read, its release); every other step is scheduled by a settle, and the last
     # settle ends the run: no activation, no finish statement.
-    others = [s for s in seen if s not in claims and s not in settles]
-    assert len(others) == 2, others
+    start = [s for s in seen if "INSERT INTO durable_workflows" in s]
+    others = [s for s in seen if s not in claims and s not in settles and s not in start]
+    assert len(start) == 1 and len(others) == 2, others
     run = query(database_url, "SELECT status, result, lease_owner FROM durable_workflows")[0]
     assert (run.status, run.result, run.lease_owner) == ("completed", 20, None)
     events = query(
@@ -473,3 +474,66 @@ def test_the_last_settle_ends_the_run_and_wakes_its_parent(
     assert sent == [("parent-1", "wf.parent")]
     assert activate(durable, "parent-1") == "completed"
     assert durable.run("parent-1").result(timeout=5) == 43
+
+
+def test_an_eager_start_schedules_the_first_steps_with_the_run(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    app, durable = make_app(database_url, redis_url, prefix, eager_start=True)
+    clean_tables(database_url)
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    def local_first() -> int:
+        return 1
+
+    @durable.workflow("wf.eager")
+    def eager(ctx: Any, x: int) -> int:
+        a, b = ctx.parallel([inc.s(x), inc.s(x + 10)])
+        return int(ctx.step(inc, a + b))
+
+    @durable.workflow("wf.not_eager")
+    def not_eager(ctx: Any, local: bool) -> str:
+        ctx.step(local_first, local=True) if local else ctx.now()
+        ctx.step(inc, 1)
+        return "done"
+
+    def messages() -> list[str]:
+        raw = _queued(redis_url, f"{prefix}:celery")
+        return [m["headers"]["task"] for m in raw]
+
+    try:
+        durable.start("wf.eager", 1, workflow_id="eager-1")
+        steps = query(database_url, "SELECT seq, status FROM durable_steps ORDER BY seq")
+        assert [(s.seq, s.status) for s in steps] == [(1, "scheduled"), (2, "scheduled")]
+        run = query(database_url, "SELECT wake_seq, run_seq FROM durable_workflows")[0]
+        assert run.wake_seq == run.run_seq  # at rest: no activation owed
+        assert messages() == ["durable.step", "durable.step"]
+        # Started again under its id: the existing run, nothing scheduled twice.
+        durable.start("wf.eager", 1, workflow_id="eager-1")
+        assert len(query(database_url, "SELECT seq FROM durable_steps")) == 2
+        assert execute_step(durable, "eager-1", 1) == "completed"
+        assert execute_step(durable, "eager-1", 2) == "completed"
+        assert execute_step(durable, "eager-1", 3) == "completed"
+        assert durable.run("eager-1").result(timeout=5) == 15  # (1 + 1) + (11 + 1) + 1
+        # A local step or ctx.now() first: started as usual, by an activation.
+        for wid, local in (("plain-1", True), ("plain-2", False)):
+            durable.start("wf.not_eager", local, workflow_id=wid)
+            rows = query(
+                database_url, "SELECT seq FROM durable_steps WHERE workflow_id = :w", w=wid
+            )
+            assert rows == []
+        assert messages().count("durable.activate") == 2
+    finally:
+        clean_keys(redis_url, prefix)
+
+
+def _queued(redis_url: str, key: str) -> list[dict[str, Any]]:
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    return [json.loads(raw) for raw in client.lrange(key, 0, -1)]

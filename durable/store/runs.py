@@ -14,17 +14,31 @@ from durable.store.models import workflows
 TERMINAL = ("completed", "failed", "cancelled")
 
 # With an execution timeout the run gets a 'deadline' timer (position 0) in the same statement.
+# With :rows (an eager start: the caller replayed the workflow in memory up to its first
+# remote steps) the steps are scheduled in it too and the run starts at rest (run_seq =
+# wake_seq): no activation is owed, the step messages are what the caller sends.
 _INSERT = text(
     """
     WITH w AS (
-        INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at)
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq)
         VALUES (:id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb),
-                now() + make_interval(secs => CAST(:timeout AS float8)))
+                now() + make_interval(secs => CAST(:timeout AS float8)),
+                CASE WHEN :eager THEN 1 ELSE 0 END)
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
+    ), n AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
+                                   dispatched_at, dispatch_count)
+        SELECT w.id, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options, now(), 1
+          FROM w, jsonb_to_recordset(CAST(:rows AS jsonb))
+               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
+        RETURNING workflow_id, seq, name
     ), h AS (
-        INSERT INTO durable_history (workflow_id, event, detail)
-        SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
+        -- One INSERT, so the history reads in order: the start, then the steps it scheduled.
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
+        UNION ALL
+        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
         SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
@@ -52,9 +66,22 @@ def insert_run(
     args: str,
     kwargs: str,
     timeout: float | None = None,
+    steps: str | None = None,
 ) -> Inserted:
-    """Create a run (arguments as JSON text); ``created`` is False when the id exists."""
-    params = {"id": workflow_id, "name": name, "args": args, "kwargs": kwargs, "timeout": timeout}
+    """Create a run (arguments as JSON text); ``created`` is False when the id exists.
+
+    ``steps`` (a JSON array of ``{seq, name, args, kwargs, options}``) schedules the run's
+    first steps in the same statement and starts the run at rest (an eager start).
+    """
+    params = {
+        "id": workflow_id,
+        "name": name,
+        "args": args,
+        "kwargs": kwargs,
+        "timeout": timeout,
+        "eager": steps is not None,
+        "rows": steps or "[]",
+    }
     row = conn.execute(_INSERT, params).one()
     timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
     return Inserted(bool(row.created), timer)
