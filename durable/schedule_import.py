@@ -50,13 +50,7 @@ def import_beat_schedule(
     timezone: str | None = None,
     prune: bool = True,
 ) -> ImportReport:
-    """Import Celery ``beat_schedule`` entries as schedules of the ``durable.task`` workflow.
-
-    Each entry's task runs as one durable step; its crontab is read in ``timezone``
-    (default: the app's ``timezone``, else UTC). With ``prune``, schedules imported
-    before whose entries are gone are removed. An entry that cannot be imported (a
-    ``solar`` schedule, a crontab restricting both days) is reported in ``problems``.
-    """
+    """See :meth:`durable.scheduler.Schedules.import_beat_schedule`."""
     if timezone is None:
         conf = schedules.durable.app.conf if schedules.durable is not None else {}
         timezone = str(conf.get("timezone") or "UTC")
@@ -80,14 +74,7 @@ def import_crontab(
     catchup: str = "skip",
     overlap: str = "skip",
 ) -> ImportReport:
-    """Turn crontab lines that name a workflow or a task into schedules.
-
-    Mapped commands: ``durable start NAME [--args JSON] [--kwargs JSON]``,
-    ``celery call TASK [--args JSON] [--kwargs JSON] [--queue Q]``, and a bare workflow or
-    task name the app knows. Each schedule is named after its workflow or task (``-2``,
-    ``-3`` for repeats). ``CRON_TZ=`` lines set the time zone of the lines after them.
-    Every other line is reported in ``problems``; nothing is written for it.
-    """
+    """See :meth:`durable.scheduler.Schedules.import_crontab`."""
     report, seen = ImportReport(), Counter[str]()
     for number, line in enumerate(text.splitlines(), 1):
         try:

@@ -211,6 +211,36 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
     return conn.execute(_RELEASE, params).rowcount == 1
 
 
+# What a run's end does besides marking the run, as CTEs for the statement that ends it
+# (``finish`` below, and a settle that ends the run, ``steps._SETTLE``): settle its parent's
+# position waiting for it and wake the parent (``pw`` returns the parent's id and name),
+# cancel what the run left unstarted, retire its timers. ``{ended}`` names a CTE of the
+# ended run's (id, parent_id, parent_seq); :end_status, :end_result and :end_error say how it
+# ended.
+RUN_END = """
+    p AS (
+        UPDATE durable_steps st
+           SET status = CASE WHEN :end_status = 'completed' THEN 'completed' ELSE 'failed' END,
+               result = CAST(:end_result AS jsonb),
+               error = CASE WHEN :end_status = 'completed' THEN NULL
+                            ELSE :end_status || ': ' || coalesce(:end_error, '') END,
+               completed_at = now()
+          FROM {ended} e
+         WHERE st.workflow_id = e.parent_id AND st.seq = e.parent_seq AND st.status = 'waiting'
+        RETURNING st.workflow_id
+    ), pw AS (
+        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
+         WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
+        RETURNING id, name
+    ), leftover AS (
+        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
+         WHERE workflow_id IN (SELECT id FROM {ended})
+           AND status IN ('scheduled', 'waiting', 'ready')
+    ), unfired AS (
+        UPDATE durable_timers SET fired_at = now()
+         WHERE workflow_id IN (SELECT id FROM {ended}) AND fired_at IS NULL
+    )"""
+
 # A run's end also settles its parent's position waiting for it (child workflows), in the
 # same statement, so a parent can never miss its child's outcome. Whatever the run left
 # unstarted (steps of a cancelled batch, a pending sleep) is cancelled and its timers retired.
@@ -226,27 +256,9 @@ _FINISH = text(
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, :status, jsonb_build_object('error', CAST(:error AS text)) FROM w
-    ), p AS (
-        UPDATE durable_steps st
-           SET status = CASE WHEN :status = 'completed' THEN 'completed' ELSE 'failed' END,
-               result = CAST(:result AS jsonb),
-               error = CASE WHEN :status = 'completed' THEN NULL
-                            ELSE :status || ': ' || coalesce(:error, '') END,
-               completed_at = now()
-          FROM w
-         WHERE st.workflow_id = w.parent_id AND st.seq = w.parent_seq AND st.status = 'waiting'
-        RETURNING st.workflow_id
-    ), pw AS (
-        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
-        RETURNING id, name
-    ), leftover AS (
-        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
-         WHERE workflow_id IN (SELECT id FROM w) AND status IN ('scheduled', 'waiting', 'ready')
-    ), unfired AS (
-        UPDATE durable_timers SET fired_at = now()
-         WHERE workflow_id IN (SELECT id FROM w) AND fired_at IS NULL
-    )
+    ), """
+    + RUN_END.format(ended="w")
+    + """
     SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id,
            (SELECT name FROM pw) AS parent_name
     """
@@ -276,7 +288,16 @@ def finish(
 
     ``owner=""`` ends it whoever holds the lease (an execution timeout does that).
     """
-    params = {"id": workflow_id, "owner": owner, "status": status, "result": result, "error": error}
+    params = {
+        "id": workflow_id,
+        "owner": owner,
+        "status": status,
+        "result": result,
+        "error": error,
+        "end_status": status,
+        "end_result": result,
+        "end_error": error,
+    }
     row = conn.execute(_FINISH, params).one()
     return Finished(bool(row.finished), row.parent_id, row.parent_name)
 

@@ -19,6 +19,7 @@ from durable.store.models import steps
 from durable.store.runs import (
     HISTORY_JSON,
     RUN_COLUMNS,
+    RUN_END,
     SNAPSHOT_WAKE,
     Activation,
     activation_from_row,
@@ -306,26 +307,11 @@ _SETTLE = text(
         SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
         UNION ALL
         SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended
-    ), p AS (
-        UPDATE durable_steps st
-           SET status = 'completed', result = CAST(:finish_result AS jsonb), error = NULL,
-               completed_at = now()
-          FROM w
-         WHERE w.ended AND st.workflow_id = w.parent_id AND st.seq = w.parent_seq
-           AND st.status = 'waiting'
-        RETURNING st.workflow_id
-    ), pw AS (
-        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
-        RETURNING id, name
-    ), leftover AS (
-        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
-         WHERE workflow_id IN (SELECT id FROM w WHERE w.ended)
-           AND status IN ('scheduled', 'waiting', 'ready')
-    ), unfired AS (
-        UPDATE durable_timers SET fired_at = now()
-         WHERE workflow_id IN (SELECT id FROM w WHERE w.ended) AND fired_at IS NULL
-    )
+    ), ended AS (
+        SELECT id, parent_id, parent_seq FROM w WHERE w.ended
+    ), """
+    + RUN_END.format(ended="ended")
+    + """
     SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*,
            (SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name,
            """
@@ -399,6 +385,9 @@ def settle_step(
         "rows": "[" + ",".join(step.as_json() for step in new) + "]",
         "finish": finish is not None,
         "finish_result": finish,
+        "end_status": "completed",
+        "end_result": finish,
+        "end_error": None,
     }
     row = conn.execute(_SETTLE, params).first()
     if row is None:
