@@ -89,8 +89,14 @@ def increment(x: int) -> int:
     return x + 1
 
 
-def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durable, Task]:
-    """The app, its tasks and workflows, every Redis key under ``prefix``; returns ``add``."""
+def build(
+    database_url: str, redis_url: str, prefix: str, **settings: Any
+) -> tuple[Celery, Durable, Task]:
+    """The app, its tasks and workflows, every Redis key under ``prefix``; returns ``add``.
+
+    ``settings`` go to ``Durable`` (the bench's caller starts eager runs with a second app
+    built with ``eager_start=True``).
+    """
     app = Celery(f"bench-{prefix}", broker=redis_url, backend=redis_url, set_as_current=False)
     app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:"}
     app.conf.result_backend_transport_options = {"global_keyprefix": f"{prefix}:"}
@@ -98,7 +104,9 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     app.conf.task_acks_late = True
     app.conf.worker_prefetch_multiplier = 1
     app.conf.broker_connection_retry_on_startup = True
-    durable = Durable(app, database_url=database_url, redis_url=redis_url, key_prefix=prefix)
+    durable = Durable(
+        app, database_url=database_url, redis_url=redis_url, key_prefix=prefix, **settings
+    )
     client = redis.Redis.from_url(redis_url)
 
     @app.task(name="bench.add", shared=False)

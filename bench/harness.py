@@ -65,6 +65,7 @@ class Bench:
         self.worker: common.Child | None = None
         self._app: Celery | None = None
         self._durable: Durable | None = None
+        self._eager: Durable | None = None
         self._add: Task | None = None
 
     @property
@@ -76,6 +77,12 @@ class Bench:
     def durable(self) -> Durable:
         assert self._durable is not None, "set_up() first"
         return self._durable
+
+    @property
+    def eager(self) -> Durable:
+        """The same workflows on the caller's side with ``eager_start`` on."""
+        assert self._eager is not None, "set_up() first"
+        return self._eager
 
     @property
     def add(self) -> Task:
@@ -91,6 +98,9 @@ class Bench:
             conn.execute(TRIGGER)
         self._app, self._durable, self._add = build(
             self.database_url, self.services.redis_url, self.prefix
+        )
+        _, self._eager, _ = build(
+            self.database_url, self.services.redis_url, self.prefix, eager_start=True
         )
         self.listener = psycopg.connect(psycopg_url(self.database_url), autocommit=True)
         self.listener.execute(f"LISTEN {CHANNEL}")

@@ -7,7 +7,9 @@ For N = 1, 10 and 100, after one warm-up run of each kind, runs are timed interl
 - the same chain with the Redis result backend: the caller's ``.get()`` returns;
 - the workflow ``for _ in range(N): x = ctx.step(add, x, 1)``: its last step pushes its time
   like the chain's last link (same signal), and PostgreSQL notifies the caller when the run's
-  result is committed.
+  result is committed;
+- the same workflow started with ``eager_start`` (its first step scheduled by ``start()``
+  itself, no first activation): until its result is committed.
 
 Then a workflow of local steps is timed, and (on the solo worker) PostgreSQL's work for one
 100-step run is counted.
@@ -42,6 +44,7 @@ class Samples:
     backend: dict[int, list[float]] = field(default_factory=dict)
     durable_last: dict[int, list[float]] = field(default_factory=dict)
     durable_done: dict[int, list[float]] = field(default_factory=dict)
+    eager_done: dict[int, list[float]] = field(default_factory=dict)
     local: list[float] = field(default_factory=list)
 
     def add(self, kind: str, n: int, seconds: float) -> None:
@@ -94,14 +97,17 @@ def backend(bench: Bench, n: int) -> float:
     return elapsed
 
 
-def durable_run(bench: Bench, n: int, check: bool = True) -> tuple[float, float]:
+def durable_run(
+    bench: Bench, n: int, check: bool = True, eager: bool = False
+) -> tuple[float, float]:
     """The workflow: (its last step has pushed, its result is committed).
 
-    With ``check`` its result is read back and checked (one more query).
+    With ``check`` its result is read back and checked (one more query); with ``eager`` it
+    is started with ``eager_start``.
     """
     key = bench.key()
     started = time.time()
-    run = bench.durable.start(STEPS_WORKFLOW, n, key)
+    run = (bench.eager if eager else bench.durable).start(STEPS_WORKFLOW, n, key)
     finished = bench.wait_finished([run.id])
     last_step = float(bench.blpop(key))
     if check and (value := run.result(timeout=5)) != n:
@@ -124,6 +130,7 @@ def measure(bench: Bench, samples: Samples) -> None:
     plain(bench, 10)
     backend(bench, 10)
     durable_run(bench, 10)
+    durable_run(bench, 10, eager=True)
     local_run(bench, 20)
     for n, runs in SIZES:
         for i in range(runs):
@@ -131,8 +138,9 @@ def measure(bench: Bench, samples: Samples) -> None:
                 lambda n=n: samples.add("plain", n, plain(bench, n)),
                 lambda n=n: samples.add("backend", n, backend(bench, n)),
                 lambda n=n: _add_durable(bench, samples, n),
+                lambda n=n: samples.add("eager_done", n, durable_run(bench, n, eager=True)[1]),
             ]
-            for variant in order[i % 3 :] + order[: i % 3]:  # rotate: no variant always first
+            for variant in order[i % 4 :] + order[: i % 4]:  # rotate: no variant always first
                 variant()
     for _ in range(LOCAL_RUNS):
         samples.local.append(local_run(bench, LOCAL_STEPS))
