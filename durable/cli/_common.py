@@ -133,6 +133,18 @@ def database_option(fn: F) -> F:
     )(fn)
 
 
+def limit_option(default: int, help: str) -> Callable[[F], F]:
+    """A ``--limit`` option: a whole number, at least 1, with ``default``."""
+    return click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=True,
+        show_envvar=True,
+        help=help,
+    )
+
+
 def json_option(command: str, instead_of: str = "tables") -> Callable[[F], F]:
     """The ``--json`` flag of ``command``, also read from ``DURABLE_<COMMAND>_JSON``."""
     return click.option(

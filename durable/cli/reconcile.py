@@ -11,6 +11,7 @@ from durable.cli._common import (
     app_option,
     console,
     json_option,
+    limit_option,
     make_table,
     print_json,
     require_app,
@@ -27,14 +28,7 @@ from durable.cli._common import (
     help="How late a dispatch, wake-up or timer may be before it counts as stuck "
     "(default: the redispatch_after setting, 10 s).",
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    default=500,
-    show_default=True,
-    show_envvar=True,
-    help="Most findings of each kind per run of the command.",
-)
+@limit_option(500, "Most findings of each kind per run of the command.")
 @json_option("reconcile")
 @app_option
 @click.pass_context

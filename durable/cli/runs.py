@@ -20,6 +20,7 @@ from durable.cli._common import (
     console,
     database_option,
     json_option,
+    limit_option,
     load_durable,
     make_table,
     parse_json,
@@ -141,14 +142,7 @@ def _waiting_text(waiting: dict[str, Any] | None) -> Text:
     show_envvar=True,
     help="Only running runs waiting on a step, a timer or a signal.",
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-    show_envvar=True,
-    help="Most runs to show, newest first.",
-)
+@limit_option(50, "Most runs to show, newest first.")
 @json_option("list")
 @app_option
 @database_option

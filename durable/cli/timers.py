@@ -15,6 +15,7 @@ from durable.cli._common import (
     console,
     database_option,
     json_option,
+    limit_option,
     make_table,
     print_json,
     when,
@@ -37,14 +38,7 @@ def _due(fire_at: datetime, fired_at: datetime | None) -> str:
 @timers.command("list")
 @click.option("--all", "show_all", is_flag=True, show_envvar=True, help="Include fired timers.")
 @click.option("--workflow", "workflow_id", metavar="ID", show_envvar=True, help="Only run ID's.")
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    show_envvar=True,
-    help="Most timers to show, soonest first.",
-)
+@limit_option(100, "Most timers to show, soonest first.")
 @json_option("timers list")
 @app_option
 @database_option
