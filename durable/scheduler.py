@@ -172,20 +172,10 @@ class ScheduleIndex:
 
 
 @dataclass(frozen=True)
-class ScheduleInfo:
-    """A schedule as stored, with the status of the run its last fire started."""
+class ScheduleInfo(Definition):
+    """A schedule as stored: its definition, then its state and its last fire's run."""
 
-    name: str
-    workflow: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    cron: str | None
-    every: timedelta | None
-    timezone: str
-    catchup: str
-    overlap: str
     paused: bool
-    origin: str
     next_fire_at: datetime | None
     last_fire_at: datetime | None
     last_run_id: str | None
