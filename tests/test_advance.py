@@ -263,7 +263,7 @@ def test_a_sequential_run_costs_two_statements_per_step(
         return x
 
     seen: list[str] = []
-    engines = [store_engine.get_engine(database_url, flush) for flush in (True, False)]
+    engines = store_engine.engines(database_url)
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if "durable_steps" in statement:

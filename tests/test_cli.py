@@ -68,7 +68,8 @@ def database_url() -> Iterator[str]:
         assert result.exit_code == 0, result.output
         yield url
     finally:
-        store_engine.get_engine(normalise_database_url(url)).dispose()
+        for engine in store_engine.engines(normalise_database_url(url)):
+            engine.dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

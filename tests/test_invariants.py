@@ -205,7 +205,7 @@ def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
 
 def _statements_during(database_url: str, fn: Any) -> list[str]:
     seen: list[str] = []
-    engines = [store_engine.get_engine(database_url, flush) for flush in (True, False)]
+    engines = store_engine.engines(database_url)
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)

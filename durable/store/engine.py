@@ -16,19 +16,11 @@ from durable.errors import ConfigurationError, StoreUnavailable
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_engines: dict[tuple[int, str, bool], Engine] = {}
+_engines: dict[tuple[int, str, bool, bool], Engine] = {}
 
 
-def get_engine(url: str, flush: bool = True) -> Engine:
-    """The engine for ``url`` in this process (a forked child gets its own pool).
-
-    With ``flush=False`` its sessions run with ``synchronous_commit = off``: a commit returns
-    before its WAL reaches the disk. It is visible to every other session at once, and a
-    PostgreSQL crash can lose only the latest such commits, never half of one, in order.
-    Durable uses it only for writes whose loss the recovery sweep repairs (see
-    ``docs/design.md``), never for a step's result.
-    """
-    key = (os.getpid(), url, flush)
+def _engine(url: str, flush: bool, autocommit: bool) -> Engine:
+    key = (os.getpid(), url, flush, autocommit)
     engine = _engines.get(key)
     if engine is None:
         with _lock:
@@ -43,32 +35,48 @@ def get_engine(url: str, flush: bool = True) -> Engine:
                     max_overflow=10,
                     pool_recycle=1800,
                     connect_args=connect_args,
+                    # Set once per connection, not at every checkout: an engine derived with
+                    # execution_options(isolation_level=...) switches the level on each
+                    # checkout and back on each return, which costs more CPU than a
+                    # one-row statement.
+                    isolation_level="AUTOCOMMIT" if autocommit else None,
                 )
                 _engines[key] = engine
     return engine
 
 
-_autocommit: dict[tuple[int, str, bool], Engine] = {}
+def get_engine(url: str, flush: bool = True) -> Engine:
+    """The engine for ``url`` in this process (a forked child gets its own pool).
+
+    With ``flush=False`` its sessions run with ``synchronous_commit = off``: a commit returns
+    before its WAL reaches the disk. It is visible to every other session at once, and a
+    PostgreSQL crash can lose only the latest such commits, never half of one, in order.
+    Durable uses it only for writes whose loss the recovery sweep repairs (see
+    ``docs/design.md``), never for a step's result.
+    """
+    return _engine(url, flush, autocommit=False)
 
 
 def autocommit(url: str, flush: bool = True) -> Engine:
-    """An engine whose connections commit each statement on its own (no BEGIN round trip)."""
-    key = (os.getpid(), url, flush)
-    engine = _autocommit.get(key)
-    if engine is None:
-        engine = get_engine(url, flush).execution_options(isolation_level="AUTOCOMMIT")
-        _autocommit[key] = engine
-    return engine
+    """An engine whose connections commit each statement on its own (no BEGIN round trip).
+
+    Its pool is its own: its connections are put in autocommit once, when they are opened.
+    """
+    return _engine(url, flush, autocommit=True)
+
+
+def engines(url: str) -> list[Engine]:
+    """Every engine of this process for ``url`` (each flush mode, autocommit or not)."""
+    return [_engine(url, flush, auto) for flush in (True, False) for auto in (True, False)]
 
 
 def dispose_all() -> None:
     """Close every pooled connection of this process (tests, shutdown)."""
     with _lock:
-        for (pid, _, _), engine in list(_engines.items()):
+        for (pid, _, _, _), engine in list(_engines.items()):
             if pid == os.getpid():
                 engine.dispose()
         _engines.clear()
-        _autocommit.clear()
 
 
 def redact(url: str) -> str:
