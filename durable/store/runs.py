@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, text
+from sqlalchemy import Connection, Row, select
 
 from durable.store.models import workflows
+from durable.store.statement import statement
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -17,7 +18,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 # With :rows (an eager start: the caller replayed the workflow in memory up to its first
 # remote steps) the steps are scheduled in it too and the run starts at rest (run_seq =
 # wake_seq): no activation is owed, the step messages are what the caller sends.
-_INSERT = text(
+_INSERT = statement(
     """
     WITH w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq)
@@ -147,7 +148,7 @@ RUN_COLUMNS = (
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
 # statement: replay costs one round trip whatever the number of steps. Step rows are
 # aggregated into a single JSON value so the run's arguments are not repeated per row.
-_ACQUIRE = text(
+_ACQUIRE = statement(
     """
     WITH w AS (
         UPDATE durable_workflows
@@ -196,7 +197,7 @@ def activation_from_row(row: Any, own_wakes: int = 0) -> Activation:
     )
 
 
-_RELEASE = text(
+_RELEASE = statement(
     """
     UPDATE durable_workflows
        SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq, updated_at = now()
@@ -215,8 +216,9 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
 # (``finish`` below, and a settle that ends the run, ``steps._SETTLE``): settle its parent's
 # position waiting for it and wake the parent (``pw`` returns the parent's id and name),
 # cancel what the run left unstarted, retire its timers. ``{ended}`` names a CTE of the
-# ended run's (id, parent_id, parent_seq); :end_status, :end_result and :end_error say how it
-# ended.
+# ended run's (id, parent_id, parent_seq), one row at most; :end_status, :end_result and
+# :end_error say how it ended. Each CTE finds its rows through a scalar subquery, so by key:
+# a semi-join could be planned as a scan of every running workflow or pending timer.
 RUN_END = """
     p AS (
         UPDATE durable_steps st
@@ -230,21 +232,21 @@ RUN_END = """
         RETURNING st.workflow_id
     ), pw AS (
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id IN (SELECT workflow_id FROM p) AND status = 'running'
+         WHERE id = (SELECT workflow_id FROM p) AND status = 'running'
         RETURNING id, name
     ), leftover AS (
         UPDATE durable_steps SET status = 'cancelled', completed_at = now()
-         WHERE workflow_id IN (SELECT id FROM {ended})
+         WHERE workflow_id = (SELECT id FROM {ended})
            AND status IN ('scheduled', 'waiting', 'ready')
     ), unfired AS (
         UPDATE durable_timers SET fired_at = now()
-         WHERE workflow_id IN (SELECT id FROM {ended}) AND fired_at IS NULL
+         WHERE workflow_id = (SELECT id FROM {ended}) AND fired_at IS NULL
     )"""
 
 # A run's end also settles its parent's position waiting for it (child workflows), in the
 # same statement, so a parent can never miss its child's outcome. Whatever the run left
 # unstarted (steps of a cancelled batch, a pending sleep) is cancelled and its timers retired.
-_FINISH = text(
+_FINISH = statement(
     """
     WITH w AS (
         UPDATE durable_workflows
@@ -304,7 +306,7 @@ def finish(
 
 # Cancelling a run cancels its descendants too (child workflows): each gets the flag and a
 # wake-up; replay delivers WorkflowCancelled at the first position that has not settled.
-_CANCEL = text(
+_CANCEL = statement(
     """
     WITH RECURSIVE tree AS (
         SELECT id FROM durable_workflows WHERE id = :id AND status = 'running'
@@ -333,7 +335,7 @@ def request_cancel(conn: Connection, workflow_id: str) -> list[tuple[str, str]]:
     return [(r.id, r.name) for r in conn.execute(_CANCEL, {"id": workflow_id})]
 
 
-_DELIVER_CANCEL = text(
+_DELIVER_CANCEL = statement(
     """
     WITH w AS (
         UPDATE durable_workflows SET cancelled_at_seq = :seq
@@ -367,7 +369,7 @@ def deliver_cancel(conn: Connection, workflow_id: str, owner: str, seq: int) -> 
     return bool(conn.execute(_DELIVER_CANCEL, params).scalar_one())
 
 
-_PATCH = text(
+_PATCH = statement(
     """
     UPDATE durable_workflows
        SET patches = coalesce(patches, '[]'::jsonb) || jsonb_build_array(CAST(:change AS text))
@@ -381,7 +383,7 @@ def record_patch(conn: Connection, workflow_id: str, owner: str, change_id: str)
     conn.execute(_PATCH, {"id": workflow_id, "owner": owner, "change": change_id})
 
 
-_CHILD = text(
+_CHILD = statement(
     """
     WITH c AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
@@ -467,7 +469,7 @@ def start_child(
     return ChildStarted(bool(row.created), ours, row.taken_by, timer)
 
 
-_WAKE = text(
+_WAKE = statement(
     """
     UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
      WHERE id = :id AND status = 'running'
@@ -480,7 +482,7 @@ def wake(conn: Connection, workflow_id: str) -> bool:
     return conn.execute(_WAKE, {"id": workflow_id}).rowcount == 1
 
 
-_RENEW = text(
+_RENEW = statement(
     """
     WITH s AS (
         UPDATE durable_steps SET lease_expires_at = now() + make_interval(secs => :ttl)
@@ -509,7 +511,7 @@ _TREE = """
     )
 """
 
-_IN_FLIGHT = text(
+_IN_FLIGHT = statement(
     _TREE
     + """
     SELECT EXISTS (
@@ -529,7 +531,7 @@ def has_work_in_flight(conn: Connection, workflow_id: str) -> bool:
     return bool(conn.execute(_IN_FLIGHT, {"id": workflow_id}).scalar())
 
 
-_NEXT_TIMER = text(
+_NEXT_TIMER = statement(
     _TREE
     + """
     SELECT min(fire_at) FROM durable_timers

@@ -13,7 +13,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, text
+from sqlalchemy import Connection, Row, TextClause, select
 
 from durable.store.models import steps
 from durable.store.runs import (
@@ -24,10 +24,11 @@ from durable.store.runs import (
     Activation,
     activation_from_row,
 )
+from durable.store.statement import statement
 
 # New remote steps (one, or a parallel batch) are written in the statement that releases the
 # run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}.
-_SCHEDULE = text(
+_SCHEDULE = statement(
     """
     WITH s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
@@ -131,7 +132,7 @@ class ClaimedStep:
 # (:cached_wake): what the worker needs to work out the run's next move in memory once the
 # step is done (see ``settle_step``'s ``expect_wake``). The run is read through a plain
 # subquery, like the history, so both come from the statement's one snapshot.
-_CLAIM = text(
+_CLAIM = statement(
     """
     WITH s AS (
         UPDATE durable_steps st
@@ -223,31 +224,40 @@ def claim_step(
     )
 
 
-# A step's end, the workflow's wake-up and (when asked) taking the workflow's lease and
-# reading its history are one statement: nothing can commit a result without also recording
-# that the workflow has something new to replay, and the worker that finished the step can
-# continue the workflow without another round trip. The history read sees the statement's
-# snapshot, where the settled step is still 'started'; ``settle_step`` patches it in.
-#
-# With :expect_wake the worker has already replayed the run in memory, on the history its
-# claim read (run at rest at wake_seq = :expect_wake) plus this outcome, and found that the
-# run only waits for steps, the new ones in :rows. If the run is still at rest at that wake
-# counter (nothing woke it since: no step settled, no signal, timer or cancel, no activation
-# under way) that replay is exactly what an activation would do now, so the statement
-# "advances" the run: it schedules the new steps and marks the wake-up as handled
-# (run_seq := wake_seq) without ever holding the lease, under the run's row lock. Otherwise
-# it falls back to the plain settle above (and, with :acquire, to taking the lease).
-#
-# With :finish as well, the in-memory replay found that the workflow returned: advancing then
-# ends the run, completed with :finish_result, as ``runs.finish`` would under the lease (its
-# parent's position settled and the parent woken, whatever it left unstarted cancelled, its
-# timers retired).
-_ADVANCE = """(CAST(:expect_wake AS bigint) IS NOT NULL AND wake_seq = :expect_wake
-               AND run_seq = :expect_wake AND (lease_owner IS NULL OR lease_expires_at < now()))"""
+_ADVANCE = """(wake_seq = :expect_wake AND run_seq = :expect_wake
+               AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 _TAKE = """(:acquire AND (lease_owner IS NULL OR lease_expires_at < now()))"""
-_END = "(" + _ADVANCE + " AND :finish)"
-_SETTLE = text(
+
+
+def _settle_statement(ending: bool) -> TextClause:
+    """The settling statement; ``ending``: the variant whose advance ends the run.
+
+    Two statements rather than one with a flag: the run-end CTEs are needed once per run,
+    and without them the statement every step sends stays under the size psycopg caches the
+    conversion of (4 kB), and PostgreSQL plans less.
     """
+    end_columns = ""
+    end_history = ""
+    end_ctes = ""
+    woken_parent = "NULL AS woken_parent_id, NULL AS woken_parent_name"
+    if ending:
+        end_columns = (
+            f"status = CASE WHEN {_ADVANCE} THEN 'completed' ELSE status END,"
+            f" result = CASE WHEN {_ADVANCE} THEN CAST(:end_result AS jsonb) ELSE result END,"
+            f" finished_at = CASE WHEN {_ADVANCE} THEN now() ELSE finished_at END,"
+        )
+        end_history = """
+        UNION ALL
+        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended"""
+        end_ctes = (
+            ", ended AS (SELECT id, parent_id, parent_seq FROM w WHERE w.ended), "
+            + RUN_END.format(ended="ended")
+        )
+        woken_parent = (
+            "(SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name"
+        )
+    return statement(
+        """
     WITH s AS (
         UPDATE durable_steps
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
@@ -260,35 +270,28 @@ _SETTLE = text(
         UPDATE durable_workflows
            SET wake_seq = wake_seq + 1, woken_at = now(),
                run_seq = CASE WHEN """
-    + _ADVANCE
-    + """ THEN wake_seq + 1 ELSE run_seq END,
+        + _ADVANCE
+        + """ THEN wake_seq + 1 ELSE run_seq END,
                updated_at = CASE WHEN """
-    + _ADVANCE
-    + """ THEN now() ELSE updated_at END,
-               status = CASE WHEN """
-    + _END
-    + """ THEN 'completed' ELSE status END,
-               result = CASE WHEN """
-    + _END
-    + """ THEN CAST(:finish_result AS jsonb) ELSE result END,
-               finished_at = CASE WHEN """
-    + _END
-    + """ THEN now() ELSE finished_at END,
+        + _ADVANCE
+        + """ THEN now() ELSE updated_at END, """
+        + end_columns
+        + """
                lease_owner = CASE WHEN """
-    + _ADVANCE
-    + """ THEN NULL WHEN """
-    + _TAKE
-    + """ THEN :owner ELSE lease_owner END,
+        + _ADVANCE
+        + """ THEN NULL WHEN """
+        + _TAKE
+        + """ THEN :owner ELSE lease_owner END,
                lease_expires_at = CASE WHEN """
-    + _ADVANCE
-    + """ THEN NULL WHEN """
-    + _TAKE
-    + """ THEN now() + make_interval(secs => :ttl) ELSE lease_expires_at END
+        + _ADVANCE
+        + """ THEN NULL WHEN """
+        + _TAKE
+        + """ THEN now() + make_interval(secs => :ttl) ELSE lease_expires_at END
          WHERE id = :wid AND status = 'running' AND EXISTS (SELECT 1 FROM s)
         RETURNING lease_owner, run_seq = wake_seq AS advanced, status = 'completed' AS ended,
                   parent_id, parent_seq, """
-    + RUN_COLUMNS
-    + """
+        + RUN_COLUMNS
+        + """
     ), n AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
                                    dispatched_at, dispatch_count)
@@ -304,25 +307,46 @@ _SETTLE = text(
         SELECT workflow_id, seq, :event,
                jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
         UNION ALL
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
-        UNION ALL
-        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended
-    ), ended AS (
-        SELECT id, parent_id, parent_seq FROM w WHERE w.ended
-    ), """
-    + RUN_END.format(ended="ended")
-    + """
-    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*,
-           (SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name,
-           """
-    + SNAPSHOT_WAKE
-    + """ AS snapshot_wake_seq,
+        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n"""
+        + end_history
+        + """
+    )"""
+        + end_ctes
+        + """
+    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*, """
+        + woken_parent
+        + ", "
+        + SNAPSHOT_WAKE
+        + """ AS snapshot_wake_seq,
            CASE WHEN NOT w.advanced AND w.lease_owner = :owner THEN """
-    + HISTORY_JSON
-    + """ END AS steps
+        + HISTORY_JSON
+        + """ END AS steps
       FROM s LEFT JOIN w ON true
     """
-)
+    )
+
+
+# A step's end, the workflow's wake-up and (when asked) taking the workflow's lease and
+# reading its history are one statement: nothing can commit a result without also recording
+# that the workflow has something new to replay, and the worker that finished the step can
+# continue the workflow without another round trip. The history read sees the statement's
+# snapshot, where the settled step is still 'started'; ``settle_step`` patches it in.
+#
+# With :expect_wake the worker has already replayed the run in memory, on the history its
+# claim read (run at rest at wake_seq = :expect_wake) plus this outcome, and found that the
+# run only waits for steps, the new ones in :rows. If the run is still at rest at that wake
+# counter (nothing woke it since: no step settled, no signal, timer or cancel, no activation
+# under way) that replay is exactly what an activation would do now, so the statement
+# "advances" the run: it schedules the new steps and marks the wake-up as handled
+# (run_seq := wake_seq) without ever holding the lease, under the run's row lock. Otherwise
+# it falls back to the plain settle above (and, with :acquire, to taking the lease).
+#
+# _SETTLE_END is the same statement for an in-memory replay that found the workflow returned:
+# advancing then ends the run, completed with :end_result, as ``runs.finish`` would under the
+# lease (its parent's position settled and the parent woken, whatever it left unstarted
+# cancelled, its timers retired).
+_SETTLE = _settle_statement(ending=False)
+_SETTLE_END = _settle_statement(ending=True)
 
 
 @dataclass(frozen=True)
@@ -383,13 +407,10 @@ def settle_step(
         "attempt": attempt,
         "expect_wake": expect_wake,
         "rows": "[" + ",".join(step.as_json() for step in new) + "]",
-        "finish": finish is not None,
-        "finish_result": finish,
-        "end_status": "completed",
-        "end_result": finish,
-        "end_error": None,
     }
-    row = conn.execute(_SETTLE, params).first()
+    if finish is not None:
+        params.update(end_status="completed", end_result=finish, end_error=None)
+    row = conn.execute(_SETTLE if finish is None else _SETTLE_END, params).first()
     if row is None:
         return Settled(False, None)
     if row.advanced:
@@ -423,7 +444,7 @@ def fail_step(conn: Connection, wid: str, seq: int, error: str) -> bool:
     return settle_step(conn, wid, seq, error=error).settled
 
 
-_RETRY = text(
+_RETRY = statement(
     """
     WITH s AS (
         UPDATE durable_steps
@@ -456,7 +477,7 @@ def schedule_retry(
     return (int(row.id), row.fire_at.timestamp()) if row else None
 
 
-_LOCAL = text(
+_LOCAL = statement(
     """
     WITH s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, attempts, result, error,
@@ -505,7 +526,7 @@ def record_local(
     return conn.execute(_LOCAL, params).scalar()
 
 
-_SLEEP = text(
+_SLEEP = statement(
     """
     WITH s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, options)
