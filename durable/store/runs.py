@@ -213,7 +213,7 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
 
 
 # What a run's end does besides marking the run, as CTEs for the statement that ends it
-# (``finish`` below, and a settle that ends the run, ``steps._SETTLE``): settle its parent's
+# (``finish`` below, and a settle that ends the run, ``steps._SETTLE_END``): settle its parent's
 # position waiting for it and wake the parent (``pw`` returns the parent's id and name),
 # cancel what the run left unstarted, retire its timers. ``{ended}`` names a CTE of the
 # ended run's (id, parent_id, parent_seq), one row at most; :end_status, :end_result and
