@@ -11,6 +11,10 @@ an admin command, increments the counter), so the kept history is the run's.
 Bounded by ``Settings.history_cache_size`` runs, least recently used first out; a prefork
 worker keeps one cache per child process. A kept history is never trusted on its own: the
 claim's wake counter decides, and the settle checks the run again under its row lock.
+
+When the settle scheduled exactly one step and left nothing else open, the cache also keeps
+that step as it was written (name, arguments, options): if its first delivery reaches this
+process, the step can run without a claim at all (see ``durable.worker``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from durable._control import SETTLING_NOW
 from durable.store.runs import Activation
 from durable.store.steps import NewStep
 
+# Positions that are over: a run whose history holds nothing else waits on its new steps only.
+_SETTLED = frozenset({"completed", "failed"})
+
 
 class HistoryCache:
     """The runs (with their histories) this process advanced, by workflow id."""
@@ -32,6 +39,7 @@ class HistoryCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._runs: OrderedDict[str, Activation] = OrderedDict()
+        self._fresh: dict[str, NewStep] = {}
         self._lock = threading.Lock()  # a threads pool settles steps concurrently
 
     def wake_of(self, workflow_id: str) -> int | None:
@@ -51,6 +59,7 @@ class HistoryCache:
                 return None
             if run.wake_seq != wake_seq or run.created_at != created_at:
                 del self._runs[workflow_id]
+                self._fresh.pop(workflow_id, None)
                 return None
             self._runs.move_to_end(workflow_id)
             return run
@@ -84,16 +93,37 @@ class HistoryCache:
             for step in new
         )
         kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
+        sole = len(new) == 1 and all(record["status"] in _SETTLED for record in steps)
         with self._lock:
             self._runs[run.workflow_id] = kept
             self._runs.move_to_end(run.workflow_id)
+            if sole:
+                self._fresh[run.workflow_id] = new[0]
+            else:
+                self._fresh.pop(run.workflow_id, None)
             while len(self._runs) > self.size:
-                self._runs.popitem(last=False)
+                gone, _ = self._runs.popitem(last=False)
+                self._fresh.pop(gone, None)
+
+    def take_fresh(self, workflow_id: str, seq: int) -> tuple[Activation, NewStep] | None:
+        """The kept run and its step ``seq`` if this process scheduled it alone; else None.
+
+        Alone: as the run's only open position. Once: the step is forgotten here whatever
+        happens next.
+        """
+        with self._lock:
+            step = self._fresh.pop(workflow_id, None)
+            run = self._runs.get(workflow_id)
+            if step is None or run is None or step.seq != seq:
+                return None
+            self._runs.move_to_end(workflow_id)
+            return run, step
 
     def drop(self, workflow_id: str) -> None:
         """Forget ``workflow_id`` (it moved on some other way)."""
         with self._lock:
             self._runs.pop(workflow_id, None)
+            self._fresh.pop(workflow_id, None)
 
 
 def _with_time(record: dict[str, Any], settled_at: datetime | None) -> dict[str, Any]:

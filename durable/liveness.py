@@ -11,12 +11,16 @@ and the message does nothing.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +30,45 @@ def make_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class Deferred:
+    """A call the heartbeat thread makes at a set time unless it is cancelled first.
+
+    Either the heartbeat thread runs it or the owner cancels it, never both, and never
+    while the other is half-way: :meth:`settle` waits for a call under way to end.
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self.state = "pending"
+        """``pending``, then ``done`` (ran; see :attr:`value`), ``error`` or ``cancelled``."""
+        self.value: Any = None
+
+    def run(self) -> None:
+        """Make the call now if it is still pending."""
+        with self._lock:
+            if self.state != "pending":
+                return
+            try:
+                self.value = self._fn()
+                self.state = "done"
+            except Exception:
+                log.warning("durable: a deferred call failed", exc_info=True)
+                self.state = "error"
+
+    def settle(self) -> str:
+        """Cancel the call unless it ran; returns the final state (never ``pending``)."""
+        with self._lock:
+            if self.state == "pending":
+                self.state = "cancelled"
+            return self.state
+
+
 class Heartbeat:
-    """Renews this process's leases while it holds at least one."""
+    """Renews this process's leases while it holds at least one.
+
+    The same thread also makes the calls of :meth:`defer` when they fall due.
+    """
 
     def __init__(self, renew: Callable[[str], int], interval: float) -> None:
         self._renew = renew
@@ -38,6 +79,10 @@ class Heartbeat:
         self._owner = ""
         self._tokens = 0
         self._wake = threading.Event()
+        self._kick = threading.Event()
+        self._due: list[tuple[float, int, Deferred]] = []
+        self._order = itertools.count()
+        self._sleeps_until = 0.0
         self._thread: threading.Thread | None = None
 
     @property
@@ -50,6 +95,8 @@ class Heartbeat:
                     self._held = 0
                     self._thread = None
                     self._wake = threading.Event()
+                    self._kick = threading.Event()
+                    self._due = []
                     self._pid = os.getpid()
         return self._owner
 
@@ -80,8 +127,35 @@ class Heartbeat:
         with self._lock:
             self._held = max(0, self._held - 1)
 
+    def defer(self, at: float, fn: Callable[[], Any]) -> Deferred:
+        """Have the heartbeat thread call ``fn`` at ``at`` (``time.monotonic()``).
+
+        Unless the returned :class:`Deferred` is settled first. Call it while holding a
+        lease (:meth:`hold`), which keeps the thread running.
+        """
+        _ = self.owner  # a forked child starts with none of its parent's calls
+        deferred = Deferred(fn)
+        with self._lock:
+            heapq.heappush(self._due, (at, next(self._order), deferred))
+            kick = at < self._sleeps_until
+        if kick:
+            self._kick.set()
+        return deferred
+
     def _run(self, owner: str) -> None:
-        while not self._wake.wait(self._interval):
+        renew_at = time.monotonic() + self._interval
+        while not self._wake.is_set():
+            with self._lock:
+                until = min(renew_at, self._due[0][0]) if self._due else renew_at
+                self._sleeps_until = until
+            if self._kick.wait(max(until - time.monotonic(), 0.0)):
+                self._kick.clear()
+            now = time.monotonic()
+            for deferred in self._take_due(now):
+                deferred.run()
+            if now < renew_at:
+                continue
+            renew_at = now + self._interval
             with self._lock:
                 held = self._held
             if not held:
@@ -90,3 +164,10 @@ class Heartbeat:
                 self._renew(owner)
             except Exception:  # a failed renewal must not kill the thread; the next may work
                 log.warning("durable: could not renew leases", exc_info=True)
+
+    def _take_due(self, now: float) -> list[Deferred]:
+        with self._lock:
+            due = []
+            while self._due and self._due[0][0] <= now:
+                due.append(heapq.heappop(self._due)[2])
+            return due

@@ -257,10 +257,21 @@ class Durable:
             return activation_mod.activate(durable, workflow_id)
 
         @self.app.task(
-            name=STEP_TASK, acks_late=True, ignore_result=True, shared=False, typing=False
+            name=STEP_TASK,
+            bind=True,
+            acks_late=True,
+            ignore_result=True,
+            shared=False,
+            typing=False,
         )
-        def step(workflow_id: str, seq: int) -> str:
-            return worker.execute_step(durable, workflow_id, seq)
+        def step(self: Any, workflow_id: str, seq: int) -> str:
+            request = self.request
+            fresh = worker.first_delivery(
+                durable,
+                getattr(request, worker.SENT_AT_HEADER, None),
+                bool((request.delivery_info or {}).get("redelivered")),
+            )
+            return worker.execute_step(durable, workflow_id, seq, fresh=fresh)
 
     # -- starting and reading runs --------------------------------------------------------
 
@@ -406,9 +417,18 @@ class Durable:
         self._send(ACTIVATE_TASK, [workflow_id], options)
 
     def send_step(
-        self, workflow_id: str, seq: int, name: str, options: dict[str, Any] | None = None
+        self,
+        workflow_id: str,
+        seq: int,
+        name: str,
+        options: dict[str, Any] | None = None,
+        first: bool = False,
     ) -> None:
-        """Send a step message, routed like the user's task ``name`` would be."""
+        """Send a step message, routed like the user's task ``name`` would be.
+
+        ``first``: this is the step's first dispatch, just committed by a flushed statement;
+        the message then carries its send time (see ``durable.worker.first_delivery``).
+        """
         options = options or {}
         send: dict[str, Any] = {k: options[k] for k in ROUTING_KEYS if options.get(k) is not None}
         send["route_name"] = name
@@ -421,6 +441,8 @@ class Durable:
             # deadline sweep fails the attempt either way.
             send["soft_time_limit"] = float(timeout)
             send["time_limit"] = float(timeout) + TIME_LIMIT_GRACE
+        if first:
+            send["headers"] = {worker.SENT_AT_HEADER: time.time()}
         self._send(STEP_TASK, [workflow_id, seq], send)
 
     def _send(self, task: str, args: list[Any], options: dict[str, Any]) -> None:
@@ -430,12 +452,15 @@ class Durable:
         except Exception:  # the commit stands; recovery sends it again
             log.exception("durable: could not send %s%r; recovery will resend it", task, args)
 
-    def apply_effects(self, effects: Effects) -> None:
-        """After an activation's commits: index its timers, send its messages."""
+    def apply_effects(self, effects: Effects, first: bool = False) -> None:
+        """After an activation's commits: index its timers, send its messages.
+
+        ``first``: the steps were scheduled by a flushed statement (see ``send_step``).
+        """
         if effects.timers:
             self.index_timers(effects.timers)
         for pending in effects.dispatches:
-            self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options)
+            self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options, first)
         for workflow_id in effects.activations:
             self.send_activation(workflow_id, effects.names.get(workflow_id))
 

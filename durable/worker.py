@@ -5,15 +5,30 @@ step number. The claim, one statement, moves the step from ``scheduled`` to ``st
 under this process's lease and returns the task name and arguments; a message for a step
 that is not ``scheduled`` (a duplicate delivery, a late redelivery after recovery) finds
 nothing to claim and ends there, so a finished step's body never runs again.
+
+**Unclaimed first deliveries.** A step is only ever sent again by recovery (the sweep, after
+``redispatch_after`` without a claim; a lease that expired; a retry timer; an admin command)
+or redelivered by the broker (flagged ``redelivered``). So the first delivery of a step's
+first message, while that message is younger than a fraction of ``redispatch_after``, cannot
+be a copy of a step that already ran: no other copy exists yet. When that message reaches
+the process that scheduled the step (which kept the run's history and the step as written,
+see ``durable.histories``), the step runs without a claim: its settle, which must find it
+still ``scheduled`` and never claimed, records its start and its end together, one statement
+per step. A body still running half-way to ``redispatch_after`` is claimed then, from the
+heartbeat thread, so the sweep never sends a running step again; a body that fails is
+claimed before its failure is handled, which then goes the usual way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from durable.errors import CodecUnavailable
@@ -22,10 +37,24 @@ from durable.serialization import describe_exception
 from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
+    from durable.liveness import Deferred
     from durable.runtime import Durable
     from durable.store.runs import Activation
+    from durable.store.steps import NewStep
 
 log = logging.getLogger(__name__)
+
+SENT_AT_HEADER = "durable_sent_at"
+"""Message header of a step's first dispatch: its send time (epoch seconds)."""
+
+UNCLAIMED_WINDOW = 0.3
+"""A first delivery runs unclaimed while its message is younger than this fraction of
+``redispatch_after`` (sent and received by the same process, on one clock)."""
+
+CLAIM_AT = 0.5
+"""An unclaimed body still running at this fraction of ``redispatch_after`` after its message
+was sent is claimed, well before the sweep would send it again; the rest of the delay is the
+margin between this host's clock and PostgreSQL's, by which the sweep measures it."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +109,30 @@ def step_context(info: StepInfo) -> Iterator[None]:
         _current.reset(token)
 
 
-def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
-    """Run one step message; returns what happened (for logs and tests)."""
+def first_delivery(durable: Durable, sent_at: Any, redelivered: bool) -> float | None:
+    """The send time of a step's first dispatch on its first delivery, if young; else None.
+
+    Young: sent less than ``UNCLAIMED_WINDOW`` of ``redispatch_after`` ago, so that it may
+    run unclaimed.
+    """
+    if sent_at is None or redelivered or not isinstance(sent_at, int | float):
+        return None
+    window = durable.settings.redispatch_after.total_seconds() * UNCLAIMED_WINDOW
+    age = time.time() - float(sent_at)
+    return float(sent_at) if -window < age < window else None
+
+
+def execute_step(durable: Durable, workflow_id: str, seq: int, fresh: float | None = None) -> str:
+    """Run one step message; returns what happened (for logs and tests).
+
+    ``fresh``: the send time of a first delivery (:func:`first_delivery`); the step runs
+    unclaimed if this process scheduled it.
+    """
     owner = durable.heartbeat.token()
+    if fresh is not None and durable.settings.inline_activation:
+        kept = durable.histories.take_fresh(workflow_id, seq)
+        if kept is not None:
+            return _execute_unclaimed(durable, kept[0], kept[1], owner, fresh)
     ttl = durable.settings.lease_ttl.total_seconds()
     # Not flushed: a claim lost in a PostgreSQL crash leaves the step scheduled, and the sweep
     # sends it again (the body may run twice, under the same idempotency key, as after any
@@ -103,6 +153,12 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
         outcome, leased = _run_claimed(durable, claimed, owner)
     finally:
         durable.heartbeat.release()
+    return _after(durable, workflow_id, owner, outcome, leased)
+
+
+def _after(
+    durable: Durable, workflow_id: str, owner: str, outcome: str, leased: Activation | None
+) -> str:
     if leased is not None:
         durable.continue_workflow(workflow_id, owner, leased)
     elif outcome in ("completed", "failed") and not durable.settings.inline_activation:
@@ -110,14 +166,81 @@ def execute_step(durable: Durable, workflow_id: str, seq: int) -> str:
     return outcome
 
 
+class _Unclaimed:
+    """A step running without a claim, and the claim deferred to the heartbeat thread."""
+
+    def __init__(
+        self, durable: Durable, workflow_id: str, seq: int, owner: str, sent_at: float
+    ) -> None:
+        self.started_at = datetime.now(UTC)
+        ttl = durable.settings.lease_ttl.total_seconds()
+
+        def claim() -> int | None:
+            claimed = durable.store(
+                lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl), flush=False
+            )
+            return None if claimed is None else claimed.attempt
+
+        after = durable.settings.redispatch_after.total_seconds() * CLAIM_AT
+        at = time.monotonic() + (sent_at + after - time.time())
+        self.deferred: Deferred = durable.heartbeat.defer(at, claim)
+
+    def claim_now(self) -> int | None:
+        """Claim the step now unless the heartbeat did; its attempt, None if not ours."""
+        self.deferred.run()
+        return self.deferred.value if self.deferred.state == "done" else None
+
+    def finish(self) -> tuple[bool, int | None]:
+        """Stop the deferred claim before settling: (never claimed, attempt claimed).
+
+        (False, None): the claim found the step taken, another delivery runs it.
+        """
+        if self.deferred.settle() == "done":
+            return False, self.deferred.value
+        return True, None  # cancelled, or failed without an answer: the settle decides
+
+
+def _execute_unclaimed(
+    durable: Durable, run: Activation, step: NewStep, owner: str, sent_at: float
+) -> str:
+    options = json.loads(step.options)
+    if options.get("timeout"):  # a deadline is set by the claim
+        return execute_step(durable, run.workflow_id, step.seq)
+    claimed = step_queries.ClaimedStep(
+        workflow_id=run.workflow_id,
+        seq=step.seq,
+        name=step.name,
+        args=json.loads(step.args),
+        kwargs=json.loads(step.kwargs),
+        options=options,
+        attempt=1,
+        rest_wake=run.wake_seq,
+        rest_created_at=run.created_at,
+        run=run,
+    )
+    durable.heartbeat.hold()
+    try:
+        unclaimed = _Unclaimed(durable, run.workflow_id, step.seq, owner, sent_at)
+        try:
+            outcome, leased = _run_claimed(durable, claimed, owner, unclaimed)
+        finally:
+            unclaimed.deferred.settle()
+    finally:
+        durable.heartbeat.release()
+    return _after(durable, run.workflow_id, owner, outcome, leased)
+
+
 def _run_claimed(
-    durable: Durable, claimed: step_queries.ClaimedStep, owner: str
+    durable: Durable,
+    claimed: step_queries.ClaimedStep,
+    owner: str,
+    unclaimed: _Unclaimed | None = None,
 ) -> tuple[str, Activation | None]:
     wid, seq, name = claimed.workflow_id, claimed.seq, claimed.name
     task = durable.app.tasks.get(name)
     if task is None:
         missing = TaskNotRegistered(f"task {name!r} is not registered on this worker")
-        return _settle_failure(durable, claimed, missing, owner)
+        return _settle_failure(durable, claimed, missing, owner, unclaimed)
     info = StepInfo(wid, seq, name, claimed.attempt)
     try:
         args, kwargs = durable.decode(claimed.args), durable.decode(claimed.kwargs)
@@ -131,8 +254,8 @@ def _run_claimed(
             value = task(*args, **kwargs)
         result = durable.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
-        return _settle_failure(durable, claimed, exc, owner)
-    return _settle(durable, claimed, owner, result=result)
+        return _settle_failure(durable, claimed, exc, owner, unclaimed)
+    return _settle(durable, claimed, owner, result=result, unclaimed=unclaimed)
 
 
 def _settle(
@@ -141,6 +264,7 @@ def _settle(
     owner: str,
     result: str | None = None,
     error: str | None = None,
+    unclaimed: _Unclaimed | None = None,
 ) -> tuple[str, Activation | None]:
     """Commit the outcome and, where it can, the run's next move, in one statement.
 
@@ -153,6 +277,13 @@ def _settle(
     """
     ttl = durable.settings.lease_ttl.total_seconds()
     wid, seq = claimed.workflow_id, claimed.seq
+    never_claimed = False
+    if unclaimed is not None:
+        never_claimed, attempt = unclaimed.finish()
+        if not never_claimed and attempt is None:
+            return "superseded", None
+        if attempt is not None:
+            claimed = replace(claimed, attempt=attempt)
     run = claimed.run
     if run is None and claimed.rest_wake is not None and claimed.rest_created_at is not None:
         run = durable.histories.get(wid, claimed.rest_wake, claimed.rest_created_at)
@@ -173,6 +304,9 @@ def _settle(
             expect_wake=None if replayed is None or run is None else run.wake_seq,
             new=replayed.effects.schedules if replayed is not None else (),
             finish=replayed.result if replayed is not None else None,
+            unclaimed=never_claimed,
+            started_at=unclaimed.started_at if unclaimed is not None else None,
+            run_created=claimed.rest_created_at,
         )
     )
     if not settled.settled:
@@ -181,7 +315,7 @@ def _settle(
         durable.histories.keep_advanced(
             run, replayed.steps, replayed.effects.schedules, settled.settled_at
         )
-        durable.apply_effects(replayed.effects)
+        durable.apply_effects(replayed.effects, first=True)
     else:
         durable.histories.drop(wid)
     if settled.parent is not None:
@@ -190,9 +324,20 @@ def _settle(
 
 
 def _settle_failure(
-    durable: Durable, claimed: step_queries.ClaimedStep, exc: Exception, owner: str
+    durable: Durable,
+    claimed: step_queries.ClaimedStep,
+    exc: Exception,
+    owner: str,
+    unclaimed: _Unclaimed | None = None,
 ) -> tuple[str, Activation | None]:
     wid, seq = claimed.workflow_id, claimed.seq
+    if unclaimed is not None:
+        # Failures take the claimed path (attempts, retry timers): claim first. Not ours:
+        # another delivery runs the step and settles it.
+        attempt = unclaimed.claim_now()
+        if attempt is None:
+            return "superseded", None
+        claimed = replace(claimed, attempt=attempt)
     error = describe_exception(exc)
     policy: dict[str, Any] = claimed.options.get("retry") or NO_RETRY
     retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered)

@@ -246,10 +246,11 @@ def test_now_after_a_step_is_its_commit_time_on_every_path(
     assert seen == [completed[i].completed_at for i in (1, 3, 5, 7)]
 
 
-def test_a_sequential_run_costs_two_statements_per_step(
+def test_a_sequential_run_costs_one_statement_per_step(
     durable: Durable, app: Celery, database_url: str, worker: Any
 ) -> None:
-    """Claim and settle: the settle schedules the next step, no lease and no second read."""
+    """The settle schedules the next step, no lease and no second read; and the process
+    that scheduled a step runs its first delivery without a claim."""
 
     @app.task(name="t.inc", shared=False)
     def inc(x: int) -> int:
@@ -276,12 +277,13 @@ def test_a_sequential_run_costs_two_statements_per_step(
     finally:
         for engine in engines:
             event.remove(engine, "before_cursor_execute", record)
-    claims = [s for s in seen if "'step started'" in s]
+    claims = [s for s in seen if "SET status = 'started'" in s]
     settles = [s for s in seen if "AS settled_attempts" in s]
-    assert len(claims) == len(settles) == 20
     # The first step is scheduled by the activation that started the run (its lease and
-    # history read, its release); every other step is scheduled by a settle, and the last
-    # settle ends the run: no activation, no finish statement.
+    # history read, its release) and claimed; every other step is scheduled by a settle, and
+    # run unclaimed by this process, which kept the run; the last settle ends the run: no
+    # activation, no finish statement.
+    assert len(claims) == 1 and len(settles) == 20
     start = [s for s in seen if "INSERT INTO durable_workflows" in s]
     others = [s for s in seen if s not in claims and s not in settles and s not in start]
     assert len(start) == 1 and len(others) == 2, others
@@ -292,6 +294,18 @@ def test_a_sequential_run_costs_two_statements_per_step(
         "SELECT event FROM durable_history WHERE workflow_id = 'seq-1' ORDER BY id DESC LIMIT 2",
     )
     assert [e.event for e in events] == ["completed", "step completed"]
+    steps = query(
+        database_url,
+        "SELECT attempts, started_at <= completed_at AS ordered FROM durable_steps "
+        "WHERE workflow_id = 'seq-1'",
+    )
+    assert [(s.attempts, s.ordered) for s in steps] == [(1, True)] * 20
+    started = query(
+        database_url,
+        "SELECT seq, detail FROM durable_history "
+        "WHERE workflow_id = 'seq-1' AND event = 'step started' ORDER BY seq",
+    )
+    assert [(e.seq, e.detail["attempt"]) for e in started] == [(i, 1) for i in range(1, 21)]
 
 
 def test_a_kept_history_is_not_used_once_the_run_moved_on(

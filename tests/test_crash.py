@@ -90,6 +90,48 @@ def test_sigkilled_step_runs_again_within_15s_with_the_same_key(
     assert count(client, prefix, "after") == 1
 
 
+def test_sigkilled_unclaimed_step_runs_again_within_15s_with_the_same_key(
+    crash: Any, prefix: str, database_url: str
+) -> None:
+    """A step killed while it ran unclaimed (its first delivery, in the process that
+    scheduled it) is sent again by the sweep and claimed by another worker."""
+    durable, workers, client = crash
+    first = workers.start("first")
+    run = durable.start("crash.second", 30, workflow_id="kill-unclaimed")
+    wait_until(lambda: count(client, prefix, "slow") == 1, timeout=30, what="the step to start")
+    (step,) = query(
+        database_url,
+        "SELECT status FROM durable_steps WHERE workflow_id = 'kill-unclaimed' AND seq = 2",
+    )
+    assert step.status == "scheduled"  # running, and not claimed
+    workers.kill(first)
+    killed_at = time.monotonic()
+    workers.start("second")
+    wait_until(lambda: count(client, prefix, "slow") == 2, timeout=30, what="the re-run")
+    assert time.monotonic() - killed_at <= 15
+    assert run.result(timeout=30) == ["after", "done on run 2"]
+    assert client.lrange(f"{prefix}:keys:slow", 0, -1) == ["kill-unclaimed:2"] * 2
+    (step,) = query(
+        database_url,
+        "SELECT status, attempts, result FROM durable_steps "
+        "WHERE workflow_id = 'kill-unclaimed' AND seq = 2",
+    )
+    # The killed attempt was never claimed, so it is not counted.
+    assert (step.status, step.attempts, step.result) == ("completed", 1, "done on run 2")
+    events = query(
+        database_url,
+        "SELECT event FROM durable_history WHERE workflow_id = 'kill-unclaimed' AND seq = 2 "
+        "ORDER BY id",
+    )
+    assert [e.event for e in events] == ["step scheduled", "step started", "step completed"]
+    # The killed worker's message, redelivered once its visibility timeout passes, is
+    # flagged as a redelivery: it is claimed, finds the step finished, and does nothing.
+    unacked = f"{prefix}:unacked"
+    wait_until(lambda: client.hlen(unacked) == 0, timeout=40, what="the late redelivery")
+    time.sleep(2)
+    assert count(client, prefix, "slow") == 2
+
+
 def test_sigkilled_activation_runs_again_within_15s(
     crash: Any, prefix: str, database_url: str
 ) -> None:

@@ -262,9 +262,16 @@ def _settle_statement(ending: bool) -> TextClause:
         UPDATE durable_steps
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
                completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-               deadline_at = NULL
-         WHERE workflow_id = :wid AND seq = :seq AND status = 'started'
-           AND (CAST(:attempt AS int) IS NULL OR attempts = :attempt)
+               deadline_at = NULL,
+               attempts = CASE WHEN :unclaimed THEN 1 ELSE attempts END,
+               started_at = CASE WHEN :unclaimed THEN CAST(:started_at AS timestamptz)
+                            ELSE started_at END
+         WHERE workflow_id = :wid AND seq = :seq
+           AND CASE WHEN :unclaimed THEN status = 'scheduled' AND attempts = 0
+                         AND EXISTS (SELECT 1 FROM durable_workflows r WHERE r.id = :wid
+                                        AND r.created_at = CAST(:run_created AS timestamptz))
+                    ELSE status = 'started'
+                         AND (CAST(:attempt AS int) IS NULL OR attempts = :attempt) END
         RETURNING workflow_id, seq, attempts, completed_at
     ), w AS (
         UPDATE durable_workflows
@@ -302,8 +309,13 @@ def _settle_statement(ending: bool) -> TextClause:
         ON CONFLICT (workflow_id, seq) DO NOTHING
         RETURNING workflow_id, seq, name
     ), h AS (
-        -- One INSERT, so the history reads in order: the step's end, then what it led to.
+        -- One INSERT, so the history reads in order: the step's start if it was not
+        -- claimed, its end, then what it led to.
         INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT workflow_id, seq, 'step started',
+               jsonb_build_object('attempt', 1, 'worker', CAST(:owner AS text))
+          FROM s WHERE :unclaimed
+        UNION ALL
         SELECT workflow_id, seq, :event,
                jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
         UNION ALL
@@ -381,6 +393,9 @@ def settle_step(
     expect_wake: int | None = None,
     new: Sequence[NewStep] = (),
     finish: str | None = None,
+    unclaimed: bool = False,
+    started_at: datetime | None = None,
+    run_created: datetime | None = None,
 ) -> Settled:
     """Commit a step's result (JSON text) or its final ``error``, and wake its workflow.
 
@@ -392,6 +407,11 @@ def settle_step(
     is still at rest there (``Settled.advanced``); if not, this is a plain settle. With
     ``finish`` (the workflow's result as JSON text) instead of new steps, advancing ends the
     run, completed (``Settled.ended``).
+
+    With ``unclaimed`` the step was run without a claim (its first delivery, see
+    ``durable.worker``): it settles only if it is still ``scheduled`` and was never claimed,
+    in the run created at ``run_created``, as attempt 1 started at ``started_at``, and its
+    ``step started`` event is written too.
     """
     status = "completed" if error is None else "failed"
     params = {
@@ -407,6 +427,9 @@ def settle_step(
         "attempt": attempt,
         "expect_wake": expect_wake,
         "rows": "[" + ",".join(step.as_json() for step in new) + "]",
+        "unclaimed": unclaimed,
+        "started_at": started_at,
+        "run_created": run_created,
     }
     if finish is not None:
         params.update(end_status="completed", end_result=finish, end_error=None)

@@ -54,6 +54,11 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     def step_workflow(ctx: Any, seconds: float) -> list[str]:
         return [ctx.step(slow, seconds), ctx.step(after)]
 
+    @durable.workflow("crash.second")
+    def second_workflow(ctx: Any, seconds: float) -> list[str]:
+        """The slow step second: scheduled by the first step's settle, in the worker."""
+        return [ctx.step(after), ctx.step(slow, seconds)]
+
     def slow_local(seconds: float) -> str:
         n = record("local")
         time.sleep(seconds if n == 1 else 0.0)

@@ -1,0 +1,233 @@
+"""Steps run without a claim on their first delivery to the process that scheduled them.
+
+See ``durable.worker``: such a step is settled from ``scheduled`` in one statement, claimed
+by the heartbeat thread if its body is still running half-way to ``redispatch_after``, and
+claimed before a failure is handled. Every other delivery claims first, as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from durable import Durable, RetryPolicy
+from durable.activation import activate
+from durable.beat import Beat
+from durable.histories import HistoryCache
+from durable.liveness import Heartbeat
+from durable.store import steps as step_queries
+from durable.store.runs import Activation
+from durable.worker import execute_step, first_delivery
+from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+
+
+def _events(database_url: str, wid: str, seq: int) -> list[str]:
+    rows = query(
+        database_url,
+        f"SELECT event FROM durable_history WHERE workflow_id = '{wid}' AND seq = {seq} "
+        "ORDER BY id",
+    )
+    return [r.event for r in rows]
+
+
+def test_only_a_young_first_delivery_counts_as_one(durable: Durable) -> None:
+    now = time.time()
+    window = durable.settings.redispatch_after.total_seconds() * 0.3
+    assert first_delivery(durable, now, redelivered=False) == now
+    assert first_delivery(durable, now, redelivered=True) is None  # the broker's redelivery
+    assert first_delivery(durable, None, redelivered=False) is None  # recovery or a retry
+    assert first_delivery(durable, now - window - 1, redelivered=False) is None  # too old
+    assert first_delivery(durable, "soon", redelivered=False) is None  # not ours
+
+
+def test_the_kept_step_is_offered_once_and_only_alone() -> None:
+    cache = HistoryCache(8)
+    run = Activation(
+        workflow_id="w", name="wf", args=[], kwargs={}, wake_seq=3,
+        created_at=datetime.now(UTC), steps=[],
+    )  # fmt: skip
+    done = [{"seq": 1, "status": "completed", "completed_at": None}]
+    nxt = step_queries.NewStep(2, "t.next", "[1]", "{}", "{}")
+    cache.keep_advanced(run, done, [nxt], None)
+    assert cache.take_fresh("w", 3) is None  # another step: nothing, and forgotten
+    assert cache.take_fresh("w", 2) is None
+    cache.keep_advanced(run, done, [nxt], None)
+    kept = cache.take_fresh("w", 2)
+    assert kept is not None and kept[1] == nxt and kept[0].wake_seq == 4
+    assert cache.take_fresh("w", 2) is None  # once
+    other = step_queries.NewStep(3, "t.other", "[]", "{}", "{}")
+    cache.keep_advanced(run, done, [nxt, other], None)  # a parallel batch
+    assert cache.take_fresh("w", 2) is None
+    still_open = [*done, {"seq": 2, "status": "started", "completed_at": None}]
+    cache.keep_advanced(run, still_open, [other], None)  # another step still running
+    assert cache.take_fresh("w", 3) is None
+
+
+def test_a_deferred_call_runs_once_unless_settled_first() -> None:
+    beat = Heartbeat(lambda owner: 0, interval=0.05)
+    beat.hold()
+    calls: list[str] = []
+    try:
+        soon = beat.defer(time.monotonic() + 0.1, lambda: calls.append("soon") or "ran")
+        never = beat.defer(time.monotonic() + 0.2, lambda: calls.append("never"))
+        assert never.settle() == "cancelled"
+        wait_until(lambda: soon.state == "done", timeout=5, what="the deferred call")
+        assert soon.value == "ran" and soon.settle() == "done"
+        time.sleep(0.3)
+        assert calls == ["soon"]
+    finally:
+        beat.release()
+
+
+def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    runs: list[int] = []
+
+    @app.task(name="t.count", shared=False)
+    def count(x: int) -> int:
+        runs.append(x)
+        return x + 1
+
+    @durable.workflow("wf.unclaimed")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(count, ctx.step(count, 0)))
+
+    durable.start("wf.unclaimed", workflow_id="unc-1")
+    assert activate(durable, "unc-1") == "suspended"
+    assert execute_step(durable, "unc-1", 1) == "completed"  # claimed; schedules step 2
+    (step,) = query(database_url, "SELECT status, attempts FROM durable_steps WHERE seq = 2")
+    assert (step.status, step.attempts) == ("scheduled", 0)
+    assert execute_step(durable, "unc-1", 2, fresh=time.time()) == "completed"
+    assert runs == [0, 1]
+    (step,) = query(
+        database_url, "SELECT status, attempts, started_at FROM durable_steps WHERE seq = 2"
+    )
+    assert (step.status, step.attempts) == ("completed", 1) and step.started_at is not None
+    assert _events(database_url, "unc-1", 2) == [
+        "step scheduled",
+        "step started",
+        "step completed",
+    ]
+    assert durable.run("unc-1").result(timeout=5) == 2
+    # The same message again, as if it were a first delivery: not kept any more, so it is
+    # claimed, finds the step finished and does nothing.
+    assert execute_step(durable, "unc-1", 2, fresh=time.time()) == "ignored"
+    assert runs == [0, 1]
+
+
+def test_an_unclaimed_step_is_not_settled_over_a_claim(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """Another delivery claimed the step meanwhile: the unclaimed body's outcome is dropped."""
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        if x == 1:  # step 2's body: another worker claims the step while it runs
+            with durable.connect() as conn:
+                assert step_queries.claim_step(conn, "unc-2", 2, "other#1", 30) is not None
+        return x + 1
+
+    @durable.workflow("wf.unclaimed.raced")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(inc, ctx.step(inc, 0)))
+
+    durable.start("wf.unclaimed.raced", workflow_id="unc-2")
+    assert activate(durable, "unc-2") == "suspended"
+    assert execute_step(durable, "unc-2", 1) == "completed"
+    assert execute_step(durable, "unc-2", 2, fresh=time.time()) == "superseded"
+    (step,) = query(database_url, "SELECT status, lease_owner FROM durable_steps WHERE seq = 2")
+    assert (step.status, step.lease_owner) == ("started", "other#1")
+
+
+def test_a_failing_unclaimed_step_is_claimed_then_retried(
+    durable: Durable, app: Celery, database_url: str, worker: Any, beat: Any
+) -> None:
+    tries: list[int] = []
+
+    @app.task(name="t.flaky", shared=False)
+    def flaky(x: int) -> int:
+        tries.append(x)
+        if len(tries) == 1:
+            raise ConnectionError("flaky")
+        return x * 10
+
+    @app.task(name="t.one", shared=False)
+    def one() -> int:
+        return 1
+
+    @durable.workflow("wf.unclaimed.flaky")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(flaky, ctx.step(one), retry=RetryPolicy(initial_interval=0.2)))
+
+    assert durable.start("wf.unclaimed.flaky", workflow_id="unc-3").result(timeout=30) == 10
+    assert tries == [1, 1]
+    (step,) = query(
+        database_url,
+        "SELECT status, attempts FROM durable_steps WHERE workflow_id = 'unc-3' AND seq = 2",
+    )
+    assert (step.status, step.attempts) == ("completed", 2)
+    assert _events(database_url, "unc-3", 2) == [
+        "step scheduled",
+        "step started",
+        "retry scheduled",
+        "timer fired",
+        "step started",
+        "step completed",
+    ]
+
+
+def test_a_long_unclaimed_step_is_claimed_before_it_would_be_sent_again(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    clean_tables(database_url)
+    # Sent again after 1 s unclaimed: the body (2 s) must be claimed at 0.5 s, and only once.
+    app, durable = make_app(database_url, redis_url, prefix, lease_ttl=1.5, redispatch_after=1)
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="t.quick", shared=False)
+    def quick() -> int:
+        return 1
+
+    @app.task(name="t.slow", shared=False)
+    def slow(x: int) -> int:
+        client.incr(f"{prefix}:count:slow")
+        time.sleep(2)
+        return x + 1
+
+    @durable.workflow("wf.unclaimed.long")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(slow, ctx.step(quick)))
+
+    beat = Beat(durable, sweep_interval=0.2)
+    thread = threading.Thread(target=beat.run, daemon=True)
+    thread.start()
+    try:
+        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+            run = durable.start("wf.unclaimed.long", workflow_id="unc-4")
+            assert run.result(timeout=30) == 2
+        assert int(client.get(f"{prefix}:count:slow") or 0) == 1
+    finally:
+        beat.stopping.set()
+        thread.join(5)
+        clean_keys(redis_url, prefix)
+    assert beat.stats.steps_redispatched == 0
+    one, two = query(
+        database_url,
+        "SELECT seq, attempts, started_at, completed_at FROM durable_steps "
+        "WHERE workflow_id = 'unc-4' ORDER BY seq",
+    )
+    assert two.attempts == 1
+    # Claimed by the heartbeat half-way to the redispatch, not when the body began.
+    assert (two.started_at - one.completed_at).total_seconds() >= 0.4
+    assert _events(database_url, "unc-4", 2) == [
+        "step scheduled",
+        "step started",
+        "step completed",
+    ]
