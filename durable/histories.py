@@ -70,11 +70,13 @@ class HistoryCache:
         steps: list[dict[str, Any]],
         new: list[NewStep],
         settled_at: datetime | None,
+        first: bool = True,
     ) -> None:
         """Keep ``run`` as it is after a settle advanced it: one wake later, with ``new``.
 
         ``steps`` is the history the in-memory replay used (the settled step's commit time
-        still unknown there: ``settled_at`` fills it in).
+        still unknown there: ``settled_at`` fills it in). ``first``: the settle wrote the
+        new steps (they were not there already), so their messages are first dispatches.
         """
         if self.size <= 0:
             return
@@ -93,7 +95,7 @@ class HistoryCache:
             for step in new
         )
         kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
-        sole = len(new) == 1 and all(record["status"] in _SETTLED for record in steps)
+        sole = first and len(new) == 1 and all(r["status"] in _SETTLED for r in steps)
         with self._lock:
             self._runs[run.workflow_id] = kept
             self._runs.move_to_end(run.workflow_id)

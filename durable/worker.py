@@ -312,10 +312,13 @@ def _settle(
     if not settled.settled:
         return "superseded", None
     if settled.advanced and replayed is not None and run is not None and not settled.ended:
+        # Only steps this statement wrote are first dispatches (one already there may have
+        # been sent, and run, already).
+        first = settled.inserted == len(replayed.effects.schedules)
         durable.histories.keep_advanced(
-            run, replayed.steps, replayed.effects.schedules, settled.settled_at
+            run, replayed.steps, replayed.effects.schedules, settled.settled_at, first
         )
-        durable.apply_effects(replayed.effects, first=True)
+        durable.apply_effects(replayed.effects, first=first)
     else:
         durable.histories.drop(wid)
     if settled.parent is not None:

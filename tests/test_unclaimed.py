@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from sqlalchemy import text
 
 from durable import Durable, RetryPolicy
 from durable.activation import activate
@@ -67,6 +68,31 @@ def test_the_kept_step_is_offered_once_and_only_alone() -> None:
     still_open = [*done, {"seq": 2, "status": "started", "completed_at": None}]
     cache.keep_advanced(run, still_open, [other], None)  # another step still running
     assert cache.take_fresh("w", 3) is None
+    cache.keep_advanced(run, done, [nxt], None, first=False)  # the row was there already
+    assert cache.take_fresh("w", 2) is None
+
+
+def test_a_settle_says_which_new_steps_it_wrote(durable: Durable) -> None:
+    """A step row already there is not a first dispatch: its message may have run it."""
+
+    @durable.workflow("wf.unclaimed.sleeper")
+    def wf(ctx: Any) -> None:
+        ctx.sleep(3600)
+
+    durable.start("wf.unclaimed.sleeper", workflow_id="unc-5")
+    with durable.connect() as conn:
+        conn.execute(text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = 'unc-5'"))
+        step_queries.schedule_step(conn, "unc-5", 1, "t.part", "[]", "{}", "{}")
+        step_queries.schedule_step(conn, "unc-5", 2, "t.part", "[]", "{}", "{}")
+        claimed = step_queries.claim_step(conn, "unc-5", 1, "w#1", 30, with_history=True)
+        assert claimed is not None and claimed.rest_wake is not None
+        settled = step_queries.settle_step(
+            conn, "unc-5", 1, result="1", owner="w#1", ttl=30, attempt=claimed.attempt,
+            expect_wake=claimed.rest_wake,
+            new=[step_queries.NewStep(2, "t.part", "[]", "{}", "{}"),
+                 step_queries.NewStep(3, "t.part", "[]", "{}", "{}")],
+        )  # fmt: skip
+    assert settled.advanced and settled.inserted == 1  # step 3 only
 
 
 def test_a_deferred_call_runs_once_unless_settled_first() -> None:

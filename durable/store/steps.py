@@ -325,7 +325,8 @@ def _settle_statement(ending: bool) -> TextClause:
     )"""
         + end_ctes
         + """
-    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at, w.*, """
+    SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at,
+           (SELECT count(*) FROM n) AS inserted, w.*, """
         + woken_parent
         + ", "
         + SNAPSHOT_WAKE
@@ -377,6 +378,8 @@ class Settled:
     """True when ``finish`` was asked and the run advanced: it is now completed."""
     parent: tuple[str, str] | None = None
     """The parent (id, workflow name) the run's end woke: send it an activation."""
+    inserted: int = 0
+    """How many of the new steps were written by this statement (not there already)."""
 
 
 def settle_step(
@@ -441,7 +444,7 @@ def settle_step(
         if row.woken_parent_id is not None:
             parent = (row.woken_parent_id, row.woken_parent_name)
         ended = bool(row.ended)
-        return Settled(True, None, True, row.settled_at, ended, parent)
+        return Settled(True, None, True, row.settled_at, ended, parent, int(row.inserted))
     if row.steps is None:
         return Settled(True, None)
     activation = activation_from_row(row, own_wakes=1)
