@@ -146,6 +146,10 @@ class Heartbeat:
         renew_at = time.monotonic() + self._interval
         while not self._wake.is_set():
             with self._lock:
+                # Most calls are settled long before they fall due: drop those first, so that
+                # the thread does not wake for them.
+                while self._due and self._due[0][2].state != "pending":
+                    heapq.heappop(self._due)
                 until = min(renew_at, self._due[0][0]) if self._due else renew_at
                 self._sleeps_until = until
             if self._kick.wait(max(until - time.monotonic(), 0.0)):
