@@ -141,6 +141,12 @@ def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
         "step started",
         "step completed",
     ]
+    start, end = query(
+        database_url,
+        "SELECT detail, at FROM durable_history WHERE workflow_id = 'unc-1' AND seq = 2 "
+        "AND event IN ('step started', 'step completed') ORDER BY id",
+    )
+    assert start.detail["unclaimed"] is True and start.at == step.started_at <= end.at
     assert durable.run("unc-1").result(timeout=5) == 2
     # The same message again, as if it were a first delivery: not kept any more, so it is
     # claimed, finds the step finished and does nothing.

@@ -248,7 +248,8 @@ def _settle_statement(ending: bool) -> TextClause:
         )
         end_history = """
         UNION ALL
-        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended"""
+        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL), now()
+          FROM w WHERE w.ended"""
         end_ctes = (
             ", ended AS (SELECT id, parent_id, parent_seq FROM w WHERE w.ended), "
             + RUN_END.format(ended="ended")
@@ -264,7 +265,8 @@ def _settle_statement(ending: bool) -> TextClause:
                completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
                deadline_at = NULL,
                attempts = CASE WHEN :unclaimed THEN 1 ELSE attempts END,
-               started_at = CASE WHEN :unclaimed THEN CAST(:started_at AS timestamptz)
+               started_at = CASE WHEN :unclaimed
+                                 THEN least(CAST(:started_at AS timestamptz), now())
                             ELSE started_at END
          WHERE workflow_id = :wid AND seq = :seq
            AND CASE WHEN :unclaimed THEN status = 'scheduled' AND attempts = 0
@@ -311,15 +313,19 @@ def _settle_statement(ending: bool) -> TextClause:
     ), h AS (
         -- One INSERT, so the history reads in order: the step's start if it was not
         -- claimed, its end, then what it led to.
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        INSERT INTO durable_history (workflow_id, seq, event, detail, at)
         SELECT workflow_id, seq, 'step started',
-               jsonb_build_object('attempt', 1, 'worker', CAST(:owner AS text))
+               jsonb_build_object('attempt', 1, 'worker', CAST(:owner AS text),
+                                  'unclaimed', true),
+               least(CAST(:started_at AS timestamptz), now())
           FROM s WHERE :unclaimed
         UNION ALL
         SELECT workflow_id, seq, :event,
-               jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)) FROM s
+               jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)), now()
+          FROM s
         UNION ALL
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n"""
+        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name), now()
+          FROM n"""
         + end_history
         + """
     )"""
