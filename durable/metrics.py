@@ -114,7 +114,7 @@ class StoreCollector(Collector):
         yield from self._runs(counts)
         yield _histogram(
             "durable_step_duration_seconds",
-            "Run time of remote steps' last attempt, from claim to commit",
+            "Run time of remote steps' last attempt, from its start (its claim) to commit",
             "step",
             durations,
             STEP_BUCKETS,
