@@ -17,7 +17,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import text
 
-from durable import Durable, RetryPolicy
+from durable import Durable, RetryPolicy, current_step
 from durable.activation import activate
 from durable.beat import Beat
 from durable.histories import HistoryCache
@@ -152,6 +152,41 @@ def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
     # claimed, finds the step finished and does nothing.
     assert execute_step(durable, "unc-1", 2, fresh=time.time()) == "ignored"
     assert runs == [0, 1]
+
+
+def test_a_step_with_a_timeout_is_claimed_even_on_its_first_delivery(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """The claim sets the attempt's deadline, so such a step never runs unclaimed."""
+    seen: list[Any] = []
+
+    @app.task(name="t.deadline", shared=False)
+    def deadline(x: int) -> int:
+        seen.append(
+            query(
+                database_url,
+                "SELECT status, deadline_at IS NOT NULL AS deadline FROM durable_steps "
+                f"WHERE workflow_id = 'unc-6' AND seq = {current_step().step}",
+            )[0]
+        )
+        return x + 1
+
+    @durable.workflow("wf.unclaimed.timeout")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(deadline, ctx.step(deadline, 0, timeout=30), timeout=30))
+
+    durable.start("wf.unclaimed.timeout", workflow_id="unc-6")
+    assert activate(durable, "unc-6") == "suspended"
+    assert execute_step(durable, "unc-6", 1) == "completed"
+    assert execute_step(durable, "unc-6", 2, fresh=time.time()) == "completed"
+    (start,) = query(
+        database_url,
+        "SELECT detail FROM durable_history WHERE workflow_id = 'unc-6' AND seq = 2 "
+        "AND event = 'step started'",
+    )
+    assert "unclaimed" not in start.detail
+    assert [(r.status, r.deadline) for r in seen] == [("started", True)] * 2
+    assert durable.run("unc-6").result(timeout=5) == 2
 
 
 def test_an_unclaimed_step_is_not_settled_over_a_claim(
