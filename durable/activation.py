@@ -74,27 +74,31 @@ def activate(
         if outcome != "suspended":
             durable.apply_effects(effects)
             return outcome
-        released = _release(durable, effects, owner, activation.wake_seq)
-        durable.apply_effects(effects)
+        released, wrote_all = _release(durable, effects, owner, activation.wake_seq)
+        first = released and wrote_all and durable.histories.keep_at_rest(activation, effects)
+        durable.apply_effects(effects, first=first)
         if released:
             return "suspended"
     # Woken again and again while replaying: leave it to the next message or the sweep.
     return "yielded"
 
 
-def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> bool:
-    """Give the lease back, writing the new steps (if any) in the same statement."""
+def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> tuple[bool, bool]:
+    """Give the lease back, writing the new steps (if any) in the same statement.
+
+    Returns (released, every new step written by this statement).
+    """
     # Not flushed: if a PostgreSQL crash loses this commit, the run is left owed an activation
     # (wake_seq > run_seq, lease expiring) and the sweep replays it, scheduling the step again;
     # a message already sent for a lost step row finds nothing to claim.
     wid, new = effects.workflow_id, effects.schedules
     if not new:
-        return durable.store(lambda c: runs.release(c, wid, owner, wake_seq), flush=False)
-    _, released = durable.store(
+        return durable.store(lambda c: runs.release(c, wid, owner, wake_seq), flush=False), True
+    scheduled, released = durable.store(
         lambda c: step_queries.schedule_steps(c, wid, new, release_owner=owner, wake_seq=wake_seq),
         flush=False,
     )
-    return released
+    return released, scheduled == len(new)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ Bounded by ``Settings.history_cache_size`` runs, least recently used first out; 
 worker keeps one cache per child process. A kept history is never trusted on its own: the
 claim's wake counter decides, and the settle checks the run again under its row lock.
 
-When the settle scheduled exactly one step and left nothing else open, the cache also keeps
-that step as it was written (name, arguments, options): if its first delivery reaches this
-process, the step can run without a claim at all (see ``durable.worker``).
+When a settle (or an activation that did nothing else) scheduled exactly one step and left
+nothing else open, the cache also keeps that step as it was written (name, arguments,
+options): if its first delivery reaches this process, the step can run without a claim at
+all (see ``durable.worker``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from durable._control import SETTLING_NOW
+from durable.context import Effects
 from durable.store.runs import Activation
 from durable.store.steps import NewStep
 
@@ -81,19 +83,7 @@ class HistoryCache:
         if self.size <= 0:
             return
         history = [_with_time(record, settled_at) for record in steps]
-        history.extend(
-            {
-                "seq": step.seq,
-                "kind": "task",
-                "name": step.name,
-                "status": "scheduled",
-                "attempts": 0,
-                "result": None,
-                "error": None,
-                "completed_at": None,
-            }
-            for step in new
-        )
+        history.extend(_scheduled(step) for step in new)
         kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
         sole = first and len(new) == 1 and all(r["status"] in _SETTLED for r in steps)
         with self._lock:
@@ -106,6 +96,36 @@ class HistoryCache:
             while len(self._runs) > self.size:
                 gone, _ = self._runs.popitem(last=False)
                 self._fresh.pop(gone, None)
+
+    def keep_at_rest(self, run: Activation, effects: Effects) -> bool:
+        """Keep ``run`` as an activation just released it, if it then waits on one new step.
+
+        Only when every position of the history it read was already over and the one new
+        step is the next position: then nothing else moved during the activation (no local
+        step, sleep, signal, event or child recorded), and ``run``'s history plus that step
+        is the run's at the wake counter the release left it at rest. Returns whether the
+        step was kept (its message is then a first dispatch, see :meth:`take_fresh`).
+        """
+        new = effects.schedules
+        if self.size <= 0 or len(new) != 1 or len(effects.dispatches) != 1:
+            return False
+        if effects.timers or effects.activations or run.cancel_requested:
+            return False
+        if not all(record["status"] in _SETTLED for record in run.steps):
+            return False
+        if new[0].seq != max((record["seq"] for record in run.steps), default=0) + 1:
+            return False
+        history = [_with_time(record, None) for record in run.steps]
+        history.append(_scheduled(new[0]))
+        kept = replace(run, steps=history)
+        with self._lock:
+            self._runs[run.workflow_id] = kept
+            self._runs.move_to_end(run.workflow_id)
+            self._fresh[run.workflow_id] = new[0]
+            while len(self._runs) > self.size:
+                gone, _ = self._runs.popitem(last=False)
+                self._fresh.pop(gone, None)
+        return True
 
     def take_fresh(self, workflow_id: str, seq: int) -> tuple[Activation, NewStep] | None:
         """The kept run and its step ``seq`` if this process scheduled it alone; else None.
@@ -126,6 +146,20 @@ class HistoryCache:
         with self._lock:
             self._runs.pop(workflow_id, None)
             self._fresh.pop(workflow_id, None)
+
+
+def _scheduled(step: NewStep) -> dict[str, Any]:
+    """The history record of a remote step just scheduled."""
+    return {
+        "seq": step.seq,
+        "kind": "task",
+        "name": step.name,
+        "status": "scheduled",
+        "attempts": 0,
+        "result": None,
+        "error": None,
+        "completed_at": None,
+    }
 
 
 def _with_time(record: dict[str, Any], settled_at: datetime | None) -> dict[str, Any]:

@@ -426,8 +426,8 @@ class Durable:
     ) -> None:
         """Send a step message, routed like the user's task ``name`` would be.
 
-        ``first``: this is the step's first dispatch, just committed by a flushed statement;
-        the message then carries its send time (see ``durable.worker.first_delivery``).
+        ``first``: this is the step's first dispatch, right after the statement that wrote
+        the step; the message then carries its send time (``durable.worker.first_delivery``).
         """
         options = options or {}
         send: dict[str, Any] = {k: options[k] for k in ROUTING_KEYS if options.get(k) is not None}
@@ -455,7 +455,7 @@ class Durable:
     def apply_effects(self, effects: Effects, first: bool = False) -> None:
         """After an activation's commits: index its timers, send its messages.
 
-        ``first``: the steps were scheduled by a flushed statement (see ``send_step``).
+        ``first``: the steps were just written by this process (see ``send_step``).
         """
         if effects.timers:
             self.index_timers(effects.timers)

@@ -13,10 +13,11 @@ first message, while that message is younger than a fraction of ``redispatch_aft
 be a copy of a step that already ran: no other copy exists yet. When that message reaches
 the process that scheduled the step (which kept the run's history and the step as written,
 see ``durable.histories``), the step runs without a claim: its settle, which must find it
-still ``scheduled`` and never claimed, records its start and its end together, one statement
-per step. A body still running half-way to ``redispatch_after`` is claimed then, from the
-heartbeat thread, so the sweep never sends a running step again; a body that fails is
-claimed before its failure is handled, which then goes the usual way.
+never claimed (``scheduled``, or ``cancelled`` by a cancellation that came meanwhile),
+records its start and its end together, one statement per step. A body still running
+half-way to ``redispatch_after`` is claimed then, from the heartbeat thread, so the sweep
+never sends a running step again; a body that fails is claimed before its failure is
+handled, which then goes the usual way.
 """
 
 from __future__ import annotations

@@ -51,6 +51,14 @@ def count(client: redis.Redis, prefix: str, kind: str) -> int:
     return int(client.get(f"{prefix}:count:{kind}") or 0)
 
 
+def step_status(database_url: str, wid: str, seq: int) -> str | None:
+    rows = query(
+        database_url,
+        f"SELECT status FROM durable_steps WHERE workflow_id = '{wid}' AND seq = {seq}",
+    )
+    return rows[0].status if rows else None
+
+
 def test_sigkilled_step_runs_again_within_15s_with_the_same_key(
     crash: Any, prefix: str, database_url: str
 ) -> None:
@@ -58,6 +66,13 @@ def test_sigkilled_step_runs_again_within_15s_with_the_same_key(
     first = workers.start("first")
     run = durable.start("crash.step", 30, workflow_id="kill-step")
     wait_until(lambda: count(client, prefix, "slow") == 1, timeout=30, what="the step to start")
+    # The step began unclaimed (its first delivery, in the process that scheduled it); the
+    # heartbeat claims it half-way to redispatch_after. Kill it once it holds a lease.
+    wait_until(
+        lambda: step_status(database_url, "kill-step", 1) == "started",
+        timeout=30,
+        what="the step's claim",
+    )
     workers.kill(first)
     killed_at = time.monotonic()
     workers.start("second")

@@ -264,6 +264,14 @@ def test_a_step_whose_worker_was_killed_is_rescheduled(
         first = worker("first")
         run = durable.start("crash.step", 60, workflow_id="killed")
         wait_until(lambda: client.get(f"{prefix}:count:slow") == "1", timeout=30, what="the step")
+        # Begun unclaimed on its first delivery, the step is claimed by the heartbeat
+        # half-way to redispatch_after: kill the worker once it holds the step's lease.
+        claimed = "SELECT status FROM durable_steps WHERE workflow_id = 'killed' AND seq = 1"
+        wait_until(
+            lambda: query(database_url, claimed)[0].status == "started",
+            timeout=30,
+            what="the claim",
+        )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
         wait_until(lambda: found(spec), what="the finding")

@@ -154,6 +154,71 @@ def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
     assert runs == [0, 1]
 
 
+def test_a_first_step_runs_unclaimed_unless_the_activation_did_more(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    @app.task(name="t.plain", shared=False)
+    def plain(x: int) -> int:
+        return x + 1
+
+    def local_one() -> int:
+        return 1
+
+    @durable.workflow("wf.unclaimed.first")
+    def first(ctx: Any) -> int:
+        return int(ctx.step(plain, 0))
+
+    @durable.workflow("wf.unclaimed.local_first")
+    def local_first(ctx: Any) -> int:
+        return int(ctx.step(plain, ctx.step(local_one, local=True)))
+
+    def started(wid: str, seq: int) -> dict[str, Any]:
+        (row,) = query(
+            database_url,
+            f"SELECT detail FROM durable_history WHERE workflow_id = '{wid}' AND seq = {seq} "
+            "AND event = 'step started'",
+        )
+        return dict(row.detail)
+
+    durable.start("wf.unclaimed.first", workflow_id="unc-7")
+    assert activate(durable, "unc-7") == "suspended"  # kept: the run waits on step 1 only
+    assert execute_step(durable, "unc-7", 1, fresh=time.time()) == "completed"
+    assert started("unc-7", 1)["unclaimed"] is True
+    assert durable.run("unc-7").result(timeout=5) == 1
+    # A local step recorded in the same activation: its history is not the one it read.
+    durable.start("wf.unclaimed.local_first", workflow_id="unc-8")
+    assert activate(durable, "unc-8") == "suspended"
+    assert execute_step(durable, "unc-8", 2, fresh=time.time()) == "completed"
+    assert "unclaimed" not in started("unc-8", 2)
+    assert durable.run("unc-8").result(timeout=5) == 2
+
+
+def test_a_step_cancelled_while_it_runs_unclaimed_keeps_its_outcome(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """Cancellation marks a step it finds unclaimed ``cancelled``; this one was running."""
+
+    @app.task(name="t.charge", shared=False)
+    def charge() -> str:
+        durable.cancel("unc-9")
+        assert activate(durable, "unc-9") == "cancelled"  # lands on this step, ends the run
+        return "charged"
+
+    @durable.workflow("wf.unclaimed.cancel")
+    def wf(ctx: Any) -> str:
+        return str(ctx.step(charge))
+
+    durable.start("wf.unclaimed.cancel", workflow_id="unc-9")
+    assert activate(durable, "unc-9") == "suspended"
+    assert execute_step(durable, "unc-9", 1, fresh=time.time()) == "completed"
+    (step,) = query(
+        database_url,
+        "SELECT status, result, attempts FROM durable_steps WHERE workflow_id = 'unc-9'",
+    )
+    assert (step.status, step.result, step.attempts) == ("completed", "charged", 1)
+    assert durable.run("unc-9").status() == "cancelled"
+
+
 def test_a_step_with_a_timeout_is_claimed_even_on_its_first_delivery(
     durable: Durable, app: Celery, database_url: str
 ) -> None:

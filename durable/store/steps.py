@@ -269,7 +269,7 @@ def _settle_statement(ending: bool) -> TextClause:
                                  THEN least(CAST(:started_at AS timestamptz), now())
                             ELSE started_at END
          WHERE workflow_id = :wid AND seq = :seq
-           AND CASE WHEN :unclaimed THEN status = 'scheduled' AND attempts = 0
+           AND CASE WHEN :unclaimed THEN status IN ('scheduled', 'cancelled') AND attempts = 0
                          AND EXISTS (SELECT 1 FROM durable_workflows r WHERE r.id = :wid
                                         AND r.created_at = CAST(:run_created AS timestamptz))
                     ELSE status = 'started'
@@ -418,9 +418,11 @@ def settle_step(
     run, completed (``Settled.ended``).
 
     With ``unclaimed`` the step was run without a claim (its first delivery, see
-    ``durable.worker``): it settles only if it is still ``scheduled`` and was never claimed,
-    in the run created at ``run_created``, as attempt 1 started at ``started_at``, and its
-    ``step started`` event is written too.
+    ``durable.worker``): it settles only if it was never claimed, in the run created at
+    ``run_created``, as attempt 1 started at ``started_at``, and its ``step started`` event
+    is written too. A step cancellation marked ``cancelled`` meanwhile (it had not been
+    claimed) is settled all the same: its body did run, and its outcome is kept, as that of
+    any step that was running when the cancellation came.
     """
     status = "completed" if error is None else "failed"
     params = {
