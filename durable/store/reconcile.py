@@ -7,10 +7,11 @@ own sweep changes nothing twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Row, text
+
+from durable.store.recovery import Dispatch, dispatches_from
 
 # Each finder returns rows of (workflow_id, seq, name, since, info): the stuck item, since when,
 # and one more fact for the report. ``:grace`` is how late a dispatch, wake-up or timer may be
@@ -204,32 +205,18 @@ _RESTORE_TIMERS = text(
 )
 
 
-@dataclass(frozen=True)
-class Resend:
-    """A step message to send again."""
-
-    workflow_id: str
-    seq: int
-    name: str
-    options: dict[str, Any]
-
-
 def _keys(keys: list[tuple[str, int]]) -> dict[str, list[Any]]:
     return {"wids": [k[0] for k in keys], "seqs": [k[1] for k in keys]}
 
 
-def _resends(rows: Any) -> list[Resend]:
-    return [Resend(r.workflow_id, r.seq, r.name, dict(r.options or {})) for r in rows]
-
-
-def resend_scheduled(conn: Connection, keys: list[tuple[str, int]], grace: float) -> list[Resend]:
+def resend_scheduled(conn: Connection, keys: list[tuple[str, int]], grace: float) -> list[Dispatch]:
     """Mark these scheduled steps, still unclaimed after ``grace``, as re-sent."""
-    return _resends(conn.execute(_RESEND_SCHEDULED, {**_keys(keys), "grace": grace}))
+    return dispatches_from(conn.execute(_RESEND_SCHEDULED, {**_keys(keys), "grace": grace}))
 
 
-def reschedule_expired(conn: Connection, keys: list[tuple[str, int]]) -> list[Resend]:
+def reschedule_expired(conn: Connection, keys: list[tuple[str, int]]) -> list[Dispatch]:
     """Put these started steps whose lease expired back to scheduled, marked re-sent."""
-    return _resends(conn.execute(_RESCHEDULE_EXPIRED, _keys(keys)))
+    return dispatches_from(conn.execute(_RESCHEDULE_EXPIRED, _keys(keys)))
 
 
 def touch_owed(conn: Connection, ids: list[str], grace: float) -> list[Row[Any]]:

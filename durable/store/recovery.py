@@ -85,18 +85,19 @@ class Dispatch:
     options: dict[str, Any]
 
 
-def _dispatches(rows: Any) -> list[Dispatch]:
+def dispatches_from(rows: Any) -> list[Dispatch]:
+    """The rows (workflow_id, seq, name, options) of steps to send again, as dispatches."""
     return [Dispatch(r.workflow_id, r.seq, r.name, dict(r.options or {})) for r in rows]
 
 
 def expire_step_leases(conn: Connection, limit: int = 200) -> list[Dispatch]:
     """Reschedule started steps whose lease ran out; returns the messages to send."""
-    return _dispatches(conn.execute(_EXPIRED_STEPS, {"limit": limit}))
+    return dispatches_from(conn.execute(_EXPIRED_STEPS, {"limit": limit}))
 
 
 def stale_scheduled_steps(conn: Connection, after: float, limit: int = 200) -> list[Dispatch]:
     """Scheduled steps unclaimed for ``after`` seconds, marked re-sent; returns them."""
-    return _dispatches(conn.execute(_STALE_STEPS, {"after": after, "limit": limit}))
+    return dispatches_from(conn.execute(_STALE_STEPS, {"after": after, "limit": limit}))
 
 
 def owed_activations(conn: Connection, after: float, limit: int = 200) -> list[tuple[str, str]]:
