@@ -86,16 +86,7 @@ class HistoryCache:
         history.extend(_scheduled(step) for step in new)
         kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
         sole = first and len(new) == 1 and all(r["status"] in _SETTLED for r in steps)
-        with self._lock:
-            self._runs[run.workflow_id] = kept
-            self._runs.move_to_end(run.workflow_id)
-            if sole:
-                self._fresh[run.workflow_id] = new[0]
-            else:
-                self._fresh.pop(run.workflow_id, None)
-            while len(self._runs) > self.size:
-                gone, _ = self._runs.popitem(last=False)
-                self._fresh.pop(gone, None)
+        self._keep(kept, new[0] if sole else None)
 
     def keep_at_rest(self, run: Activation, effects: Effects) -> bool:
         """Keep ``run`` as an activation just released it, if it then waits on one new step.
@@ -117,15 +108,21 @@ class HistoryCache:
             return False
         history = [_with_time(record, None) for record in run.steps]
         history.append(_scheduled(new[0]))
-        kept = replace(run, steps=history)
+        self._keep(replace(run, steps=history), new[0])
+        return True
+
+    def _keep(self, run: Activation, fresh: NewStep | None) -> None:
+        """Keep ``run`` (and ``fresh``, its one new step, for :meth:`take_fresh`)."""
         with self._lock:
-            self._runs[run.workflow_id] = kept
+            self._runs[run.workflow_id] = run
             self._runs.move_to_end(run.workflow_id)
-            self._fresh[run.workflow_id] = new[0]
+            if fresh is not None:
+                self._fresh[run.workflow_id] = fresh
+            else:
+                self._fresh.pop(run.workflow_id, None)
             while len(self._runs) > self.size:
                 gone, _ = self._runs.popitem(last=False)
                 self._fresh.pop(gone, None)
-        return True
 
     def take_fresh(self, workflow_id: str, seq: int) -> tuple[Activation, NewStep] | None:
         """The kept run and its step ``seq`` if this process scheduled it alone; else None.
