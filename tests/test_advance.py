@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
 import pytest
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 from sqlalchemy import event, text
 
 from durable import Durable
 from durable.activation import activate, replay_in_memory
+from durable.devservices import Services, create_database, drop_database
 from durable.errors import ConfigurationError
 from durable.store import engine as store_engine
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
+from durable.store.migrate import upgrade
 from durable.worker import execute_step
-from tests.conftest import clean_keys, clean_tables, make_app, query
+from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
 
 def _sleeper(durable: Durable, name: str = "wf.adv.sleeper") -> None:
@@ -551,3 +555,51 @@ def _queued(redis_url: str, key: str) -> list[dict[str, Any]]:
 
     client = redis.Redis.from_url(redis_url)
     return [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+
+
+def test_steps_find_their_run_by_key_on_a_database_without_statistics(
+    services: Services, redis_url: str, prefix: str
+) -> None:
+    """On a new database (no ANALYZE yet), stepping many runs never scans the status index.
+
+    Each settle and wake-up takes its run by primary key. Were the status test indexable,
+    the planner could cost ``ix_durable_workflows_status_created_at`` the same as the key
+    while the table has no statistics, and every step would scan all running runs.
+    """
+    name = f"durable_test_plan_{uuid.uuid4().hex[:8]}"
+    url = create_database(services.database_url, name)
+    try:
+        upgrade(url)
+        app, durable = make_app(url, redis_url, prefix)
+
+        @app.task(name="t.plan.add")
+        def add(x: int) -> int:
+            return x + 1
+
+        @durable.workflow("wf.plan.steps")
+        def steps(ctx: Any, n: int) -> int:
+            x = 0
+            for _ in range(n):
+                x = ctx.step(add, x)
+            return int(x)
+
+        with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+            runs = [durable.start("wf.plan.steps", 8) for _ in range(30)]
+            assert [run.result(timeout=60) for run in runs] == [8] * 30
+        store_engine.dispose_all()  # the worker's sessions end and publish their statistics
+
+        def scans() -> dict[str, int]:
+            rows = query(
+                url,
+                "SELECT indexrelname, idx_scan FROM pg_stat_user_indexes"
+                " WHERE relname = 'durable_workflows'",
+            )
+            return {row.indexrelname: row.idx_scan for row in rows}
+
+        # 240 settles, each of which reads its run by key.
+        wait_until(lambda: scans()["pk_durable_workflows"] >= 240, what="statistics")
+        assert scans()["ix_durable_workflows_status_created_at"] == 0
+    finally:
+        clean_keys(redis_url, prefix)
+        store_engine.dispose_all()
+        drop_database(services.database_url, name)

@@ -116,7 +116,7 @@ _RESUME = text(
         SELECT id, name, status FROM durable_workflows WHERE id = :id
     ), w AS (
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id = :id AND status = 'running'
+         WHERE id = :id AND (status = 'running') IS TRUE
         RETURNING id
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)

@@ -154,7 +154,7 @@ _ACQUIRE = statement(
         UPDATE durable_workflows
            SET lease_owner = :owner,
                lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE id = :id AND status = 'running'
+         WHERE id = :id AND (status = 'running') IS TRUE
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING """
     + RUN_COLUMNS
@@ -232,7 +232,7 @@ RUN_END = """
         RETURNING st.workflow_id
     ), pw AS (
         UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id = (SELECT workflow_id FROM p) AND status = 'running'
+         WHERE id = (SELECT workflow_id FROM p) AND (status = 'running') IS TRUE
         RETURNING id, name
     ), leftover AS (
         UPDATE durable_steps SET status = 'cancelled', completed_at = now()
@@ -253,7 +253,8 @@ _FINISH = statement(
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
                finished_at = now(), updated_at = now(), run_seq = wake_seq,
                lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = :id AND (lease_owner = :owner OR :owner = '') AND status = 'running'
+         WHERE id = :id AND (lease_owner = :owner OR :owner = '')
+           AND (status = 'running') IS TRUE
         RETURNING id, parent_id, parent_seq
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
@@ -472,7 +473,7 @@ def start_child(
 _WAKE = statement(
     """
     UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-     WHERE id = :id AND status = 'running'
+     WHERE id = :id AND (status = 'running') IS TRUE
     """
 )
 

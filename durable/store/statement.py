@@ -1,4 +1,12 @@
-"""SQL texts as the store sends them."""
+"""SQL texts as the store sends them.
+
+Statements that find one run by its key and also test that it is running write the test as
+``(status = 'running') IS TRUE``: the same condition (the column is NOT NULL), but no index
+can serve it, so the primary key stays the only way to the row. Written ``status =
+'running'``, it ties with the key in the planner's costs while the table has no statistics
+(a new database, before autovacuum's first ANALYZE), and a plan cached on a pooled
+connection could then scan every running run at each step.
+"""
 
 from __future__ import annotations
 

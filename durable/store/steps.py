@@ -142,7 +142,7 @@ _CLAIM = statement(
                    secs => CAST(st.options ->> 'timeout' AS float8))
           FROM durable_workflows w
          WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
-           AND w.id = st.workflow_id AND w.status = 'running'
+           AND w.id = st.workflow_id AND (w.status = 'running') IS TRUE
         RETURNING st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options, st.attempts
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
@@ -154,7 +154,8 @@ _CLAIM = statement(
     + RUN_COLUMNS
     + """
           FROM durable_workflows
-         WHERE :with_history AND id = :wid AND status = 'running' AND run_seq = wake_seq
+         WHERE :with_history AND id = :wid AND (status = 'running') IS TRUE
+           AND run_seq = wake_seq
            AND (lease_owner IS NULL OR lease_expires_at < now())
     )
     SELECT s.*, w.id, w.name AS run_name, w.args AS run_args, w.kwargs AS run_kwargs,
@@ -296,7 +297,7 @@ def _settle_statement(ending: bool) -> TextClause:
         + """ THEN NULL WHEN """
         + _TAKE
         + """ THEN now() + make_interval(secs => :ttl) ELSE lease_expires_at END
-         WHERE id = :wid AND status = 'running' AND EXISTS (SELECT 1 FROM s)
+         WHERE id = :wid AND (status = 'running') IS TRUE AND EXISTS (SELECT 1 FROM s)
         RETURNING lease_owner, run_seq = wake_seq AS advanced, status = 'completed' AS ended,
                   parent_id, parent_seq, """
         + RUN_COLUMNS
