@@ -131,4 +131,8 @@ def measure_starts(bench: Bench, result: Starts) -> None:
                 result.durable.setdefault(threads, []).append(rate)
     finally:
         bench.purge_queue()
-        bench.sql("DELETE FROM durable_workflows WHERE name = %s", (NOOP_WORKFLOW,))
+        bench.sql(
+            "WITH w AS (DELETE FROM durable_workflows WHERE name = %s RETURNING id)"
+            " DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)",
+            (NOOP_WORKFLOW,),
+        )

@@ -272,6 +272,9 @@ def test_retry_starts_a_failed_child_run_afresh(
     shop.set(f"{prefix}:ok:f-2", "1")
     assert as_json(durable_cli(spec, "retry", "parent", "--json"))["from_step"] == 2
     assert run.result(timeout=20) == ["c-0 run 1", ["f-1 run 2", "f-2 run 2", "f-3 run 1"]]
+    # The failed child was deleted with its history: the new one's starts with one 'started'.
+    events = [r.event for r in query(durable.settings.database_url, HISTORY, id="parent/2")]
+    assert events.count("started") == 1 and "failed" not in events, events
 
 
 def work_task(durable: Durable) -> Any:

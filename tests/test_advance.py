@@ -442,6 +442,7 @@ def test_a_kept_history_is_not_used_for_a_new_run_under_the_same_id(
     assert execute_step(durable, "again-1", 1) == "completed"  # advanced, history kept
     kept = durable.histories.wake_of("again-1")
     query(database_url, "DELETE FROM durable_workflows WHERE id = 'again-1' RETURNING id")
+    query(database_url, "DELETE FROM durable_history WHERE workflow_id = 'again-1' RETURNING id")
     # The same id again, brought to rest at the kept wake counter with its step 1 pending.
     durable.start("wf.again", 10, workflow_id="again-1")
     assert activate(durable, "again-1") == "suspended"

@@ -212,6 +212,8 @@ _RETRY = text(
         SELECT g.id FROM durable_workflows g JOIN children ON g.parent_id = children.id
     ), dc AS (
         DELETE FROM durable_workflows WHERE id IN (SELECT id FROM children)
+    ), dh AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM children)
     ), d AS (
         DELETE FROM durable_steps
          WHERE workflow_id IN (SELECT id FROM w) AND seq >= (SELECT seq FROM f)
@@ -326,8 +328,9 @@ def fork_run(conn: Connection, wid: str, new_id: str, from_step: int) -> Forked 
 
 # -- purge -------------------------------------------------------------------------------------
 
-# Finished runs are deleted in batches (the foreign keys cascade to their steps, timers,
-# history, signals and events), oldest first, skipping rows another purge holds.
+# Finished runs are deleted in batches, oldest first, skipping rows another purge holds: the
+# foreign keys cascade to their steps, timers, signals and events; their history (which has
+# no foreign key) is deleted by the same statement.
 _PURGE = text(
     """
     WITH c AS (
@@ -336,6 +339,8 @@ _PURGE = text(
            AND finished_at < now() - make_interval(secs => :age)
          ORDER BY finished_at LIMIT :batch
            FOR UPDATE SKIP LOCKED
+    ), h AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM c)
     )
     DELETE FROM durable_workflows w USING c WHERE w.id = c.id
     RETURNING w.id

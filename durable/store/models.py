@@ -171,14 +171,17 @@ class Timer(Base):
 
 
 class HistoryEvent(Base):
-    """An append-only record of what happened to a run."""
+    """An append-only record of what happened to a run.
+
+    No foreign key to the run: each row is written with a change to the run, a step, a timer
+    or a signal (whose keys hold), and a key would add a check query per row, three per step.
+    The statements that delete runs delete their history too.
+    """
 
     __tablename__ = "durable_history"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    workflow_id: Mapped[str] = mapped_column(
-        Text, ForeignKey("durable_workflows.id", ondelete="CASCADE")
-    )
+    workflow_id: Mapped[str] = mapped_column(Text)
     seq: Mapped[int | None] = mapped_column(Integer)
     event: Mapped[str] = mapped_column(Text)
     detail: Mapped[Any | None] = mapped_column(JSONB)
