@@ -32,6 +32,7 @@ from sqlalchemy import Engine, TextClause, event
 from durable import Durable
 from durable.store import engine as store_engine
 from durable.store import recovery, runs, steps, timers
+from durable.store import statement as store_statement
 
 PREFIX_ENV = "BENCH_PREFIX"
 STEPS_WORKFLOW = "bench.steps"
@@ -69,7 +70,18 @@ def statement_label(context: Any, statement: str) -> str:
 
 
 def count_statements() -> None:
-    """Count and time every statement this process sends through SQLAlchemy, by label."""
+    """Count and time every statement this process sends, by label.
+
+    Most go through SQLAlchemy (its cursor events); the step path's claim and settle are
+    sent on the driver's cursor, and reported by ``statement.on_statement``.
+    """
+
+    def sent(clause: TextClause, elapsed: float) -> None:
+        label = _LABELS.get(id(clause)) or statement_label(None, clause.text)
+        statements[label] += 1
+        seconds[label] += elapsed
+
+    store_statement.on_statement(sent)
 
     @event.listens_for(Engine, "before_cursor_execute")
     def before(

@@ -16,6 +16,7 @@ from durable.activation import activate
 from durable.beat import Beat
 from durable.devservices import start_private_redis
 from durable.store import engine as store_engine
+from durable.store.statement import on_statement
 from durable.worker import execute_step
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
@@ -212,11 +213,14 @@ def _statements_during(database_url: str, fn: Any) -> list[str]:
 
     for engine in engines:
         event.listen(engine, "before_cursor_execute", record)
+    # The step path's claim and settle go straight to the driver: counted by their hook.
+    stop_counting = on_statement(lambda clause, seconds: record(None, None, clause.text))
     try:
         fn()
     finally:
         for engine in engines:
             event.remove(engine, "before_cursor_execute", record)
+        stop_counting()
     return seen
 
 

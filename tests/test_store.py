@@ -7,16 +7,22 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 import durable
 from durable.store import engine as store_engine
 from durable.store.migrate import VERSION_TABLE, alembic_config, upgrade
 from durable.store.models import metadata
+from durable.store.statement import first_row, statement
 
 
 def test_models_and_migrations_agree(database_url: str) -> None:
@@ -132,3 +138,58 @@ def test_an_installed_package_finds_its_own_migrations(tmp_path: Path) -> None:
         check=True,
     ).stdout.strip()
     assert Path(found) == tmp_path / "durable" / "store" / "alembic"
+
+
+def test_a_statement_sent_on_the_driver_fails_as_sqlalchemy_would(database_url: str) -> None:
+    """``first_row``: a lost connection is invalidated and retried; SQL errors keep their kind."""
+    engine = store_engine.autocommit(database_url)
+    with engine.connect() as conn:
+        row = first_row(conn, statement("SELECT CAST(:x AS int) + 1 AS y"), {"x": 41})
+        assert row is not None and row.y == 42
+        with pytest.raises(ProgrammingError) as missing:
+            first_row(conn, statement("SELECT 1 FROM durable_nowhere WHERE 1 = :x"), {"x": 1})
+        assert getattr(missing.value.orig, "sqlstate", None) == "42P01"
+        assert first_row(conn, statement("SELECT :x AS x"), {"x": "still usable"}).x == (
+            "still usable"
+        )
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(OperationalError) as lost:
+            first_row(conn, statement("SELECT :x AS x"), {"x": 1})
+        assert lost.value.connection_invalidated
+
+    # Through the store's retry, a connection that dies is replaced and the statement runs.
+    calls: list[int] = []
+
+    def once_killed() -> Any:
+        with engine.connect() as conn:
+            if not calls:
+                pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+                with engine.connect() as other:
+                    other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            calls.append(1)
+            return first_row(conn, statement("SELECT :x AS x"), {"x": "again"})
+
+    assert store_engine.with_retry(database_url, once_killed, delay=0.01).x == "again"
+    assert len(calls) == 2
+
+
+def test_a_statement_inside_a_transaction_is_the_transaction_s(database_url: str) -> None:
+    """Off autocommit, ``first_row`` goes through SQLAlchemy: a rollback takes it back."""
+    engine = store_engine.get_engine(database_url)
+    wid = f"tx-{uuid.uuid4().hex[:8]}"
+    insert = statement(
+        "INSERT INTO durable_workflows (id, name, status, args, kwargs)"
+        " VALUES (:id, 'wf.tx', 'running', '[]', '{}') RETURNING id"
+    )
+    with engine.connect() as conn:
+        with conn.begin() as tx:
+            assert first_row(conn, insert, {"id": wid}).id == wid
+            tx.rollback()
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM durable_workflows WHERE id = :id"), {"id": wid}
+            ).scalar_one()
+            == 0
+        )

@@ -24,7 +24,7 @@ from durable.store.runs import (
     Activation,
     activation_from_row,
 )
-from durable.store.statement import statement
+from durable.store.statement import first_row, statement
 
 # New remote steps (one, or a parallel batch) are written in the statement that releases the
 # run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}.
@@ -192,7 +192,7 @@ def claim_step(
         "with_history": with_history,
         "cached_wake": cached_wake,
     }
-    row = conn.execute(_CLAIM, params).first()
+    row = first_row(conn, _CLAIM, params)
     if row is None:
         return None
     run = None
@@ -445,7 +445,7 @@ def settle_step(
     }
     if finish is not None:
         params.update(end_status="completed", end_result=finish, end_error=None)
-    row = conn.execute(_SETTLE if finish is None else _SETTLE_END, params).first()
+    row = first_row(conn, _SETTLE if finish is None else _SETTLE_END, params)
     if row is None:
         return Settled(False, None)
     if row.advanced:
