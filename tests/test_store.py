@@ -154,10 +154,14 @@ def test_a_statement_sent_on_the_driver_fails_as_sqlalchemy_would(database_url: 
         )
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         with engine.connect() as other:
+            pooled = other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
             other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         with pytest.raises(OperationalError) as lost:
             first_row(conn, statement("SELECT :x AS x"), {"x": 1})
         assert lost.value.connection_invalidated
+    # The pool was replaced with the lost connection (a restart takes them all).
+    with engine.connect() as fresh:
+        assert fresh.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pooled
 
     # Through the store's retry, a connection that dies is replaced and the statement runs.
     calls: list[int] = []

@@ -66,7 +66,10 @@ def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -
     except psycopg.Error as exc:
         lost = driver.closed or driver.broken
         if lost:
+            # As SQLAlchemy does on a disconnect: the server's other connections in the pool
+            # are as likely gone (a restart), so the pool is replaced, not just this one.
             conn.invalidate(exc)
+            conn.engine.dispose()
         raise DBAPIError.instance(
             sql, dict(params), exc, psycopg.Error, connection_invalidated=lost
         ) from exc
