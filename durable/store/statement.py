@@ -44,9 +44,9 @@ def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -
     For the statements every step sends (its claim, its settle), on autocommit connections
     (others go through ``conn.execute``): SQLAlchemy's execution and result objects cost
     about 100 µs of CPU per statement here, as much as the rest of the client's side. The
-    row has the columns as attributes, as SQLAlchemy's would. A
-    failure is raised as SQLAlchemy's exception of the same kind (``OperationalError`` with
-    the connection invalidated when it was lost), so retries treat it alike. SQLAlchemy's
+    row has the columns as attributes, as SQLAlchemy's would. A failure is raised as
+    SQLAlchemy's exception of the same kind (``OperationalError`` with the connection
+    invalidated when it was lost), so retries treat it alike. SQLAlchemy's
     ``*_cursor_execute`` events do not see these statements: :func:`on_statement` does.
     """
     key = id(clause)
