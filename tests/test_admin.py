@@ -335,6 +335,19 @@ def test_purge_deletes_old_finished_runs_with_everything_they_recorded(
     assert bad.exit_code == 2 and "--older-than" in one_line_error(bad)
 
 
+def test_a_run_started_under_a_deleted_run_s_id_shows_only_its_own_history(
+    durable: Durable, shop: Any, worker: Any, database_url: str
+) -> None:
+    durable.start("adm.three", "h", workflow_id="h-1").result(timeout=20)
+    # Deleted by hand (as TRUNCATE ... CASCADE would): the history has no foreign key.
+    query(database_url, "DELETE FROM durable_workflows WHERE id = 'h-1' RETURNING id")
+    assert query(database_url, HISTORY, id="h-1")
+    durable.start("adm.three", "h", workflow_id="h-1").result(timeout=20)
+    events = [r.event for r in query(database_url, HISTORY, id="h-1")]
+    assert events.count("started") == 1 and events.count("completed") == 1, events
+    assert events[0] == "started"
+
+
 def test_timers_list(durable: Durable, shop: Any, worker: Any, beat: Any, spec: str) -> None:
     durable.start("adm.sleepy", 3600, workflow_id="t-long")
     quick = durable.start("adm.sleepy", 0.1, workflow_id="t-quick")

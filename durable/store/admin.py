@@ -298,6 +298,8 @@ _FORK = text(
     ), hs AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT :new, seq, 'step copied', jsonb_build_object('from', CAST(:src AS text)) FROM s
+    ), stale AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)
     )
     SELECT src.name, (SELECT count(*) FROM w) AS created, (SELECT count(*) FROM s) AS copied
       FROM src

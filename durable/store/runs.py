@@ -44,6 +44,10 @@ _INSERT = statement(
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
         SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
         RETURNING id, fire_at
+    ), stale AS (
+        -- History left by a run deleted under this id (its table has no foreign key); the
+        -- statement's own rows above are not in the snapshot this DELETE reads.
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)
     )
     SELECT (SELECT count(*) FROM w) AS created, (SELECT id FROM t) AS timer_id,
            (SELECT fire_at FROM t) AS fire_at
@@ -418,6 +422,8 @@ _CHILD = statement(
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text),
                                                  'parent', CAST(:id AS text)) FROM c
+    ), stale AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM c)
     )
     SELECT (SELECT count(*) FROM c) AS created, (SELECT count(*) FROM s) AS recorded,
            (SELECT name FROM taken) AS taken_by, (SELECT parent_id FROM taken) AS parent_id,
