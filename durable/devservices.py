@@ -20,6 +20,10 @@ Two environment variables exist to test this module on a machine where servers d
 ``DURABLE_PROBE_PG_PORT`` and ``DURABLE_PROBE_REDIS_PORT`` move the probes of step 2 to other
 ports; pointing them at unused ports makes step 3 run.
 
+RabbitMQ is optional (some tests run on it as well as on Redis) and never started here:
+:func:`find_rabbitmq` takes ``DURABLE_TEST_AMQP_URL``, else the default local port
+(127.0.0.1:5672 as ``guest``), and says why it cannot be used when nothing answers.
+
 ``python -m durable.devservices`` prints both URLs as shell ``export`` lines. When it had to
 start a server it then stays in the foreground, serving, until interrupted.
 
@@ -44,9 +48,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import redis
+from kombu import Connection
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
@@ -69,6 +75,7 @@ __all__ = [
     "create_database",
     "drop_database",
     "ensure_services",
+    "find_rabbitmq",
     "start_private_redis",
 ]
 
@@ -182,6 +189,29 @@ def start_private_redis(state_dir: Path | None = None) -> tuple[str, Callable[[]
     """
     server = PrivateRedis(state_dir=state_dir).start()
     return server.url, server.stop
+
+
+def find_rabbitmq() -> tuple[str, str | None]:
+    """Find the RabbitMQ the tests may use; none is ever started.
+
+    Returns:
+        The URL (``DURABLE_TEST_AMQP_URL``, else ``guest`` on the default local port) and,
+        when it cannot be used, a one-line reason; ``None`` when it answers.
+    """
+    url = os.environ.get("DURABLE_TEST_AMQP_URL") or f"amqp://guest:guest@{HOST}:5672//"
+    parts = urlsplit(url)
+    host, port = parts.hostname or HOST, parts.port or 5672
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            pass
+    except OSError as exc:
+        return url, f"nothing answers on {host}:{port} ({exc})"
+    try:
+        with Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        return url, f"{host}:{port} answers but refuses the connection ({exc})"
+    return url, None
 
 
 def _configured_database_url() -> str | None:

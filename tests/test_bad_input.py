@@ -127,9 +127,9 @@ def test_workflow_id_taken_by_another_workflow(durable: Durable) -> None:
     assert "wf.a" in _one_line(info.value) and "wf.b" in str(info.value)
 
 
-def test_missing_database_url_is_a_configuration_error(monkeypatch: Any) -> None:
+def test_missing_database_url_is_a_configuration_error(monkeypatch: Any, redis_url: str) -> None:
     monkeypatch.delenv("DURABLE_DATABASE_URL", raising=False)
-    durable = Durable(Celery("nodb", set_as_current=False), redis_url="redis://127.0.0.1:6379/0")
+    durable = Durable(Celery("nodb", set_as_current=False), redis_url=redis_url)
     with pytest.raises(ConfigurationError) as info:
         _ = durable.settings
     assert "DURABLE_DATABASE_URL" in _one_line(info.value)

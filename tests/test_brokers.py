@@ -1,17 +1,16 @@
 """End to end on both brokers: Redis and RabbitMQ, with Redis holding the timer index.
 
-Each test runs once per broker. RabbitMQ is ``DURABLE_TEST_AMQP_URL`` (by default
-``amqp://guest:guest@127.0.0.1:5672//``); where none answers, the RabbitMQ runs are skipped,
-each under its own name and with the reason, and ``DURABLE_TEST_REQUIRE_RABBITMQ=1`` turns
-that into a failure. A RabbitMQ run uses a queue and an exchange of its own on the vhost,
-deleted afterwards.
+Each test runs once per broker. RabbitMQ is the one :func:`durable.devservices.find_rabbitmq`
+finds (``DURABLE_TEST_AMQP_URL``, else the default local port); where none answers, the
+RabbitMQ runs are skipped, each under its own name and with the reason, and
+``DURABLE_TEST_REQUIRE_RABBITMQ=1`` turns that into a failure. A RabbitMQ run uses a queue
+and an exchange of its own on the vhost, deleted afterwards.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -30,28 +28,11 @@ from kombu import Connection
 
 from durable import Durable
 from durable.beat import Beat
+from durable.devservices import find_rabbitmq
 from tests.apps.rabbit_app import LEASE_TTL, build
 from tests.conftest import clean_keys, clean_tables, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-AMQP_URL = os.environ.get("DURABLE_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672//"
-
-
-def rabbitmq_problem(url: str) -> str | None:
-    """Why RabbitMQ at ``url`` cannot be used, or None when it answers."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 5672
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            pass
-    except OSError as exc:
-        return f"nothing answers on {host}:{port} ({exc})"
-    try:
-        with Connection(url, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:
-        return f"{host}:{port} answers but refuses the connection ({exc})"
-    return None
 
 
 def delete_queue(url: str, name: str) -> None:
@@ -89,8 +70,7 @@ def broker(
     if request.param == "redis":
         url = redis_url
     else:
-        url = AMQP_URL
-        problem = rabbitmq_problem(url)
+        url, problem = find_rabbitmq()
         if problem is not None:
             reason = (
                 f"{request.node.name} not run: RabbitMQ, an optional service, is not "

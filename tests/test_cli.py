@@ -19,17 +19,16 @@ from typing import Any
 import pytest
 import redis
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, text
 
 from durable.cli import cli, load_durable
 from durable.config import normalise_database_url
+from durable.devservices import Services, create_database, drop_database
 from durable.errors import ConfigurationError
 from durable.store import engine as store_engine
 from durable.store import runs, steps
+from tests.conftest import clean_keys
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/5"
 PREFIX = f"dcli{uuid.uuid4().hex[:10]}"
 UNREACHABLE = "postgresql://nobody:secret@127.0.0.1:1/x"
 
@@ -49,16 +48,14 @@ def one_line_error(result: Result) -> str:
 
 
 @pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
+def database_url(services: Services, redis_url: str) -> Iterator[str]:
+    """A database of the module's own on the suite's server, migrated by ``durable db upgrade``."""
     name = f"durable_cli_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    url = create_database(services.database_url, name)
     app_env = {  # read by tests/cli_app.py when a test loads it
         "CLI_APP_DATABASE_URL": url,
-        "CLI_APP_REDIS_URL": REDIS_URL,
-        "CLI_APP_BROKER_URL": REDIS_URL,
+        "CLI_APP_REDIS_URL": redis_url,
+        "CLI_APP_BROKER_URL": redis_url,
         "CLI_APP_PREFIX": PREFIX,
     }
     saved = {k: os.environ.get(k) for k in app_env}
@@ -70,14 +67,8 @@ def database_url() -> Iterator[str]:
     finally:
         for engine in store_engine.engines(normalise_database_url(url)):
             engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{PREFIX}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_database(services.database_url, name)
+        clean_keys(redis_url, PREFIX)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -246,13 +237,13 @@ def test_start_prints_the_id(database_url: str) -> None:
         assert again.stdout == "cli-fixed\n"
 
 
-def test_start_registers_the_workflows_the_app_includes(database_url: str) -> None:
+def test_start_registers_the_workflows_the_app_includes(database_url: str, redis_url: str) -> None:
     # config.celery_app defines no workflow itself: orders.fulfill is in a module it includes,
     # which a worker imports at start-up, and so must the command.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "CELERY_"))}
     env.update(
         DURABLE_DATABASE_URL=database_url,
-        DURABLE_REDIS_URL=REDIS_URL,
+        DURABLE_REDIS_URL=redis_url,
         DURABLE_KEY_PREFIX=PREFIX,
         CELERY_KEY_PREFIX=f"{PREFIX}:",
     )
@@ -287,7 +278,7 @@ def test_app_specs(database_url: str) -> None:
             load_durable(bad)
 
 
-def test_beat_stops_on_sigterm(database_url: str) -> None:
+def test_beat_stops_on_sigterm(database_url: str, redis_url: str) -> None:
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
     command = [sys.executable, "-m", "durable.cli", "beat", "--app", "tests.cli_app"]
     proc = subprocess.Popen(
@@ -298,7 +289,7 @@ def test_beat_stops_on_sigterm(database_url: str) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 20
         # The first sweep marks the (empty) timer index as built: the beat is looping.

@@ -125,7 +125,7 @@ def test_database_urls_are_normalised_to_psycopg(
     given: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DURABLE_DATABASE_URL", given)
-    monkeypatch.setenv("DURABLE_REDIS_URL", "redis://h:6379/0")
+    monkeypatch.setenv("DURABLE_REDIS_URL", "redis://h:6390/0")
 
     assert ensure_services().database_url == "postgresql+psycopg://u@h/d"
 
@@ -192,7 +192,7 @@ def test_module_prints_export_lines() -> None:
     env = {
         **os.environ,
         "DURABLE_DATABASE_URL": "postgresql://app@db.example/app",
-        "DURABLE_REDIS_URL": "redis://cache.example:6379/0",
+        "DURABLE_REDIS_URL": "redis://cache.example:6390/0",
     }
 
     result = subprocess.run(
@@ -207,5 +207,5 @@ def test_module_prints_export_lines() -> None:
 
     assert result.stdout.splitlines() == [
         "export DURABLE_DATABASE_URL=postgresql+psycopg://app@db.example/app",
-        "export DURABLE_REDIS_URL=redis://cache.example:6379/0",
+        "export DURABLE_REDIS_URL=redis://cache.example:6390/0",
     ]
