@@ -47,11 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 from celery.canvas import Signature, _chain, chord, group, maybe_signature
 
-from durable.context import ROUTING_OPTIONS, WorkflowContext
+from durable import client
+from durable.context import WorkflowContext
+from durable.dispatch import ROUTING_OPTIONS, routing_options
 from durable.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable, WorkflowRun
+    from durable.client import WorkflowRun
+    from durable.core import Core
 
 CHAIN_WORKFLOW = "durable.chain"
 REFUSED_OPTIONS = {
@@ -72,8 +75,8 @@ class DurableChain:
     Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``.
     """
 
-    def __init__(self, durable: Durable, signatures: Iterable[Signature[Any]]) -> None:
-        self._durable = durable
+    def __init__(self, core: Core, signatures: Iterable[Signature[Any]]) -> None:
+        self._core = core
         self.links: list[Link] = []
         for number, signature in enumerate(signatures, 1):
             self.links += describe(signature, f"link {number}")
@@ -82,16 +85,16 @@ class DurableChain:
         self.retry: RetryPolicy | None = None
 
     @classmethod
-    def of_group(cls, durable: Durable, signatures: tuple[Any, ...]) -> DurableChain:
+    def of_group(cls, core: Core, signatures: tuple[Any, ...]) -> DurableChain:
         """``durable.group(a.s(), b.s())`` or ``durable.group([a.s(), b.s()])``."""
         if len(signatures) == 1 and not isinstance(signatures[0], Signature):
             signatures = tuple(signatures[0])
-        return cls(durable, [group(*signatures)])
+        return cls(core, [group(*signatures)])
 
     @classmethod
-    def of_chord(cls, durable: Durable, header: Any, body: Signature[Any]) -> DurableChain:
+    def of_chord(cls, core: Core, header: Any, body: Signature[Any]) -> DurableChain:
         """``durable.chord([a.s(), b.s()], c.s())``: the body gets the header's results."""
-        return cls(durable, [chord(header if isinstance(header, group) else list(header), body)])
+        return cls(core, [chord(header if isinstance(header, group) else list(header), body)])
 
     def with_retry(self, policy: RetryPolicy) -> DurableChain:
         """Retry every link (every member of a group) under ``policy``; returns the chain."""
@@ -113,7 +116,7 @@ class DurableChain:
         if args or kwargs:
             links[0] = _with_partial(links[0], tuple(args or ()), dict(kwargs or {}))
         extra = {} if self.retry is None else {"retry": self.retry.to_dict()}
-        return self._durable.start(CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
+        return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
 
     def delay(self, *args: Any, **kwargs: Any) -> WorkflowRun:
         """Celery's ``delay``: start with a generated id, arguments for the first link."""
@@ -150,7 +153,7 @@ def describe_task(signature: Signature[Any], where: str) -> Link:
         "task": str(signature.task),
         "args": list(signature.args),
         "kwargs": dict(signature.kwargs),
-        "options": _routing(signature.options),
+        "options": routing_options(signature.options),
         "immutable": bool(signature.immutable),
     }
     return {**link, **_timing(signature.options, f"{where} ({signature.task})")}
@@ -158,7 +161,7 @@ def describe_task(signature: Signature[Any], where: str) -> Link:
 
 def describe_group(members: Iterable[Any], signature: Signature[Any], where: str) -> Link:
     """A group (or a chord's header) as one link of parallel members."""
-    defaults = _routing(signature.options)
+    defaults = routing_options(signature.options)
     timing = _timing(signature.options, f"{where} (a group)")
     described = []
     for number, member in enumerate(members, 1):
@@ -196,10 +199,6 @@ def _check_no_options(signature: Signature[Any], where: str, what: str) -> None:
     given = sorted(k for k, v in signature.options.items() if k in honoured and v is not None)
     if given:
         raise ValueError(f"durable.chain: {where}: set {', '.join(given)} on {what}'s parts")
-
-
-def _routing(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: options[k] for k in ROUTING_OPTIONS if options.get(k) is not None}
 
 
 def _timing(options: dict[str, Any], where: str) -> dict[str, Any]:

@@ -30,8 +30,7 @@ import json
 import random as _random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -40,43 +39,20 @@ from celery.local import Proxy
 
 from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
 from durable.codec import seal
+from durable.dispatch import routing_options
+from durable.durations import seconds
+from durable.effects import Effects, PendingDispatch
 from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
 from durable.primitives import PrimitivesMixin
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
 from durable.serialization import describe_exception, dumps, encode
+from durable.step_info import StepInfo, step_context
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
-from durable.worker import StepInfo, step_context
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable
+    from durable.core import Core
     from durable.store.runs import Activation
-
-__all__ = ["Effects", "PendingDispatch", "Suspend", "WorkflowContext"]
-
-ROUTING_OPTIONS = ("queue", "routing_key", "exchange", "priority")
-
-
-@dataclass
-class PendingDispatch:
-    """A step committed as scheduled during replay, to be sent once the activation ends."""
-
-    seq: int
-    name: str
-    options: dict[str, Any]
-
-
-@dataclass
-class Effects:
-    """What an activation must write when it ends, and do once that is committed."""
-
-    workflow_id: str
-    schedules: list[step_queries.NewStep] = field(default_factory=list)
-    dispatches: list[PendingDispatch] = field(default_factory=list)
-    timers: list[tuple[int, float]] = field(default_factory=list)
-    activations: list[str] = field(default_factory=list)
-    names: dict[str, str] = field(default_factory=dict)
-    """Workflow names of runs in ``activations``, where known (to label the messages)."""
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -104,12 +80,6 @@ def _step_name(task: Any) -> str:
     raise TypeError(f"ctx.step needs a Celery task, a signature or a callable, got {task!r}")
 
 
-def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
 class WorkflowContext(PrimitivesMixin):
     """The ``ctx`` argument of a workflow function.
 
@@ -124,13 +94,13 @@ class WorkflowContext(PrimitivesMixin):
 
     def __init__(
         self,
-        durable: Durable,
+        core: Core,
         activation: Activation,
         owner: str = "",
         in_memory: bool = False,
         now_known: bool = True,
     ) -> None:
-        self._durable = durable
+        self._core = core
         self._in_memory = in_memory
         self.needs_activation = False
         """Set when an in-memory replay met something only an activation may do."""
@@ -152,7 +122,7 @@ class WorkflowContext(PrimitivesMixin):
         self._patch_memo: dict[str, bool] = {}
         self.workflow_id = activation.workflow_id
         """The id of the running workflow."""
-        self.app = durable.app
+        self.app = core.app
         """The Celery app (for building signatures by name)."""
         self.effects = Effects(activation.workflow_id)
 
@@ -210,7 +180,7 @@ class WorkflowContext(PrimitivesMixin):
         else:
             self.require_activation()
             wid, owner = self.workflow_id, self._owner
-            self._durable.store(lambda c: run_queries.record_patch(c, wid, owner, change_id))
+            self._core.store(lambda c: run_queries.record_patch(c, wid, owner, change_id))
             self._patches.add(change_id)
             decision = True
         self._patch_memo[change_id] = decision
@@ -224,8 +194,8 @@ class WorkflowContext(PrimitivesMixin):
         self._seq += 1
         seq = self._seq
         record = self._records.get(seq)
-        if record is None and seq > self._durable.settings.max_steps:
-            raise LimitExceeded(self.workflow_id, "max_steps", self._durable.settings.max_steps)
+        if record is None and seq > self._core.settings.max_steps:
+            raise LimitExceeded(self.workflow_id, "max_steps", self._core.settings.max_steps)
         if record is not None and (record["kind"] != kind or record["name"] != name):
             self.nondeterminism = NonDeterminismError(
                 self.workflow_id, seq, f"{kind} {name}", f"{record['kind']} {record['name']}"
@@ -256,7 +226,7 @@ class WorkflowContext(PrimitivesMixin):
                 return  # settled before the cancel: replays as it happened
             self.require_activation()
             wid, owner = self.workflow_id, self._owner
-            self._durable.store(lambda c: run_queries.deliver_cancel(c, wid, owner, seq))
+            self._core.store(lambda c: run_queries.deliver_cancel(c, wid, owner, seq))
             self._cancelled_at = seq
             self.cancel_delivered = True
             raise WorkflowCancelled(self.workflow_id)
@@ -274,7 +244,7 @@ class WorkflowContext(PrimitivesMixin):
 
     def _settled(self, seq: int, record: dict[str, Any]) -> Any:
         if record["status"] == "completed":
-            return self._durable.decode(record["result"])
+            return self._core.decode(record["result"])
         if record["status"] == "failed":
             raise StepFailed(
                 self.workflow_id,
@@ -320,7 +290,7 @@ class WorkflowContext(PrimitivesMixin):
         if local:
             attempts = int(record["attempts"]) if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)
-        self._schedule(seq, name, call_args, call_kwargs, options, policy, _seconds(timeout))
+        self._schedule(seq, name, call_args, call_kwargs, options, policy, seconds(timeout))
         raise Suspend()
 
     def _schedule(
@@ -334,7 +304,7 @@ class WorkflowContext(PrimitivesMixin):
         timeout: float | None,
     ) -> None:
         """Queue a new remote step: written when the activation ends, then sent."""
-        limit = self._durable.settings.max_payload_bytes
+        limit = self._core.settings.max_payload_bytes
         if "queue" not in options and "exchange" not in options:
             # Resolve the route now, with this app's task_routes, so that whoever sends the
             # step later (a beat re-sending it, another service) sends it to the same queue.
@@ -350,8 +320,8 @@ class WorkflowContext(PrimitivesMixin):
             step_queries.NewStep(
                 seq,
                 name,
-                self._durable.encode(args, f"arguments of step {seq} ({name})"),
-                self._durable.encode(kwargs, f"keyword arguments of step {seq} ({name})"),
+                self._core.encode(args, f"arguments of step {seq} ({name})"),
+                self._core.encode(kwargs, f"keyword arguments of step {seq} ({name})"),
                 encode(options, f"options of step {seq} ({name})", limit),
             )
         )
@@ -361,12 +331,10 @@ class WorkflowContext(PrimitivesMixin):
         self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
         if isinstance(task, Signature):
-            options = {k: v for k, v in task.options.items() if k in ROUTING_OPTIONS}
+            options = routing_options(task.options)
             return str(task.task), [*task.args, *args], {**task.kwargs, **kwargs}, options
         if isinstance(task, Task):
-            options = {
-                k: getattr(task, k) for k in ROUTING_OPTIONS if getattr(task, k, None) is not None
-            }
+            options = routing_options(lambda key: getattr(task, key, None))
             return str(task.name), list(args), dict(kwargs), options
         if callable(task):
             return _function_name(task), list(args), dict(kwargs), {}
@@ -383,10 +351,10 @@ class WorkflowContext(PrimitivesMixin):
         attempt: int,
     ) -> Any:
         self.require_activation()
-        limit = self._durable.settings.max_payload_bytes
+        limit = self._core.settings.max_payload_bytes
         body = fn.run if isinstance(fn, Task) else fn
         if isinstance(fn, Signature):
-            body = self._durable.app.tasks[str(fn.task)].run
+            body = self._core.app.tasks[str(fn.task)].run
         info = StepInfo(self.workflow_id, seq, name, attempt)
         try:
             with step_context(info):
@@ -394,8 +362,8 @@ class WorkflowContext(PrimitivesMixin):
             plain = dumps(value, f"result of step {seq} ({name})", limit)
         except Exception as exc:
             return self._local_failed(seq, name, exc, policy, attempt)
-        wid, result = self.workflow_id, seal(plain, self._durable.codec)
-        done = self._durable.store(
+        wid, result = self.workflow_id, seal(plain, self._core.codec)
+        done = self._core.store(
             lambda c: step_queries.record_local(
                 c, wid, seq, name, attempt, result, None, "completed"
             )
@@ -409,7 +377,7 @@ class WorkflowContext(PrimitivesMixin):
     ) -> Any:
         error = describe_exception(exc)
         delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
-        with self._durable.transaction() as conn:
+        with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
             step_queries.record_local(
                 conn, self.workflow_id, seq, name, attempt, None, error, status
@@ -430,7 +398,7 @@ class WorkflowContext(PrimitivesMixin):
         ``duration`` is a ``timedelta`` or seconds. The worker is free meanwhile; the timer
         lives in PostgreSQL and ``durable beat`` resumes the workflow when it is due.
         """
-        seconds = max(_seconds(duration) or 0.0, 0.0)
+        wait = max(seconds(duration), 0.0)
         seq, record = self._take("sleep", "sleep")
         if record is not None:
             self._settled(seq, record)
@@ -438,12 +406,7 @@ class WorkflowContext(PrimitivesMixin):
         self.require_activation()
         wid = self.workflow_id
         base = self._now
-        timer = self._durable.store(lambda c: step_queries.record_sleep(c, wid, seq, seconds, base))
+        timer = self._core.store(lambda c: step_queries.record_sleep(c, wid, seq, wait, base))
         if timer:
             self.effects.timers.append(timer)
         raise Suspend()
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from durable._control import SETTLING_NOW
-from durable.context import Effects
+from durable.effects import Effects
 from durable.store.runs import Activation
 from durable.store.steps import NewStep
 

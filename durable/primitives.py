@@ -14,21 +14,22 @@ from celery import Task
 from celery.canvas import Signature
 
 from durable._control import PENDING, Suspend
+from durable.durations import seconds
 from durable.errors import SignalTimeout, StepFailed, WorkflowCancelled, WorkflowIdConflict
 from durable.retry import NO_RETRY, RetryPolicy
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 
 if TYPE_CHECKING:
-    from durable.context import Effects
-    from durable.runtime import Durable
+    from durable.core import Core
+    from durable.effects import Effects
 
 
 class PrimitivesMixin:
     """Signals, events, parallel steps and child workflows of ``ctx``."""
 
     if TYPE_CHECKING:
-        _durable: Durable
+        _core: Core
         _owner: str
         workflow_id: str
         effects: Effects
@@ -82,17 +83,16 @@ class PrimitivesMixin:
             if record["status"] != "waiting":
                 return self._settled(seq, record)
         self.require_activation()
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        wid, first, base = self.workflow_id, record is None, self.now()
-        got = self._durable.store(
-            lambda c: signal_queries.wait_for_signal(c, wid, seq, name, seconds, first, base)
+        wait, wid, first, base = seconds(timeout), self.workflow_id, record is None, self.now()
+        got = self._core.store(
+            lambda c: signal_queries.wait_for_signal(c, wid, seq, name, wait, first, base)
         )
         if got.timer:
             self.effects.timers.append(got.timer)
         if not got.consumed:
             raise Suspend()
         self.advance_now(got.completed_at)
-        return self._durable.decode(got.payload)
+        return self._core.decode(got.payload)
 
     def set_event(self, key: str, value: Any) -> None:
         """Publish ``value`` under ``key`` for the outside world (``durable.get_event``).
@@ -105,9 +105,9 @@ class PrimitivesMixin:
         if record is not None:
             return
         self.require_activation()
-        text = self._durable.encode(value, f"event {key!r}")
+        text = self._core.encode(value, f"event {key!r}")
         wid = self.workflow_id
-        done = self._durable.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
+        done = self._core.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
         self.advance_now(done)
 
     # -- parallel steps -----------------------------------------------------------------------
@@ -129,7 +129,7 @@ class PrimitivesMixin:
             charge, stock = ctx.parallel([charge_card.s(order), reserve.s(order)])
         """
         policy = retry.to_dict() if retry is not None else NO_RETRY
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        limit = seconds(timeout)
         records: list[tuple[int, dict[str, Any] | None]] = []
         described = []
         # Every position of the batch is taken before a cancellation can be delivered, so
@@ -143,7 +143,7 @@ class PrimitivesMixin:
             self.check_cancel(seq, record)
         for (seq, record), (name, args, kwargs, options) in zip(records, described, strict=True):
             if record is None:
-                self._schedule(seq, name, args, kwargs, options, policy, seconds)
+                self._schedule(seq, name, args, kwargs, options, policy, limit)
         if any(r is None or r["status"] in PENDING for _, r in records):
             raise Suspend()
         return [self._settled(seq, record) for seq, record in records if record is not None]
@@ -183,17 +183,17 @@ class PrimitivesMixin:
 
             receipt = ctx.child("payments.collect", order_id)
         """
-        name = self._durable.workflow_name(name_or_fn)
+        name = self._core.workflow_name(name_or_fn)
         seq, record = self._take("child", name)
         if record is not None:
             return self._settled(seq, record)
         self.require_activation()
         child_id = workflow_id or f"{self.workflow_id}/{seq}"
-        args_json = self._durable.encode(list(args), f"arguments of child workflow {name}")
-        kwargs_json = self._durable.encode(kwargs, f"keyword arguments of child workflow {name}")
+        args_json = self._core.encode(list(args), f"arguments of child workflow {name}")
+        kwargs_json = self._core.encode(kwargs, f"keyword arguments of child workflow {name}")
         wid, owner = self.workflow_id, self._owner
-        timeout = self._durable.execution_timeouts.get(name)
-        started = self._durable.store(
+        timeout = self._core.execution_timeouts.get(name)
+        started = self._core.store(
             lambda c: run_queries.start_child(
                 c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout
             )

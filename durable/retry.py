@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from durable.durations import seconds
+
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -45,15 +47,11 @@ class RetryPolicy:
         """The policy as stored with the step (exception classes by dotted path)."""
         return {
             "max_attempts": self.max_attempts,
-            "initial_interval": _seconds(self.initial_interval),
+            "initial_interval": seconds(self.initial_interval),
             "backoff": self.backoff,
-            "max_interval": _seconds(self.max_interval),
+            "max_interval": seconds(self.max_interval),
             "non_retryable": [_class_path(c) for c in self.non_retryable],
         }
-
-
-def _seconds(value: float | timedelta) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 NO_RETRY: dict[str, Any] = RetryPolicy(max_attempts=1).to_dict()

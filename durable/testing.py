@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.contrib.testing.worker import start_worker
 
+from durable import durations
 from durable.beat import Beat
 from durable.errors import ResultTimeout, WorkflowNotFound
 from durable.store import runs as run_queries
@@ -38,8 +39,9 @@ from durable.store import timers as timer_queries
 if TYPE_CHECKING:
     import pytest
 
+    from durable.client import WorkflowRun
     from durable.devservices import Services
-    from durable.runtime import Durable, WorkflowRun
+    from durable.runtime import Durable
 
 
 class TestEnv:
@@ -76,7 +78,7 @@ class TestEnv:
 
     def advance(self, delta: timedelta | float) -> int:
         """Move the clock forward: fire every timer due within the skipped time."""
-        seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
+        seconds = durations.seconds(delta)
         self.skipped += seconds
         return self._fire_due()
 

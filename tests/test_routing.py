@@ -58,7 +58,7 @@ def test_steps_follow_the_tasks_routing(
 
 
 def test_task_ids_are_legible_and_safe_in_links() -> None:
-    from durable.runtime import task_id
+    from durable.dispatch import task_id
 
     first, second = task_id("order-o-1", "3"), task_id("order-o-1", "3")
     assert first.startswith("order-o-1:3:") and first != second  # one id per message
