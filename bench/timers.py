@@ -27,7 +27,7 @@ from bench.harness import child_env, delete_keys
 from durable.devservices import Services, create_database, drop_database
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade
-from durable.timers import TimerIndex
+from durable.timer_index import TimerIndex
 
 PENDING = (10_000, 100_000)
 DUE_SOON = 400

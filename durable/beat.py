@@ -38,7 +38,7 @@ from celery import Celery
 from celery.beat import Scheduler
 from celery.schedules import crontab
 
-from durable import client, timeouts
+from durable import client, deadlines
 from durable.cadence import Cadence, fire_id, plan_fires
 from durable.core import Core
 from durable.errors import DurableError, WorkflowIdConflict
@@ -204,7 +204,7 @@ class Beat:
             fired = timer_queries.fire_timers(conn, ids)
         for timer in fired:
             self.stats.lateness.append(timer.lateness)
-            timeouts.after_timer(self.durable, timer)
+            deadlines.after_timer(self.durable, timer)
         self.stats.timers_fired += len(fired)
         del self.stats.lateness[:-1000]
         return len(fired)
@@ -227,7 +227,7 @@ class Beat:
             owed = recovery.owed_activations(conn, after)
         if overdue:
             self._fire(overdue)
-        timeouts.enforce_step_deadlines(durable)
+        deadlines.enforce_step_deadlines(durable)
         for d in [*expired, *stale]:
             durable.send_step(d.workflow_id, d.seq, d.name, d.options)
         for wid, name in owed:

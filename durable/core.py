@@ -35,7 +35,7 @@ from durable.liveness import Heartbeat
 from durable.serialization import decode, encode
 from durable.store import engine as store_engine
 from durable.store import runs
-from durable.timers import TimerIndex
+from durable.timer_index import TimerIndex
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
-from durable import timeouts
+from durable import deadlines
 from durable.store import reconcile as queries
 from durable.store import timers as timer_queries
 
@@ -229,7 +229,7 @@ def _repair_timers(durable: Core, conn: Connection, by_kind: dict[str, list[Find
     overdue = by_kind["timer-overdue"]
     fired = timer_queries.fire_timers(conn, [int(f.timer_id or 0) for f in overdue])
     for timer in fired:
-        timeouts.after_timer(durable, timer)
+        deadlines.after_timer(durable, timer)
     _mark(overdue, {t.timer_id for t in fired}, lambda f: f.timer_id)
     missing = by_kind["timer-not-indexed"]
     durable.index_timers([(int(f.timer_id or 0), _epoch(f.since)) for f in missing])

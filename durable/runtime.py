@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from celery import Celery
 from celery.canvas import Signature
 
-from durable import activation, builtins, client, dispatch, durations, timeouts, worker
+from durable import activation, builtin_workflows, client, deadlines, dispatch, durations, runner
 from durable.canvas import DurableChain
 from durable.client import WorkflowRun
 from durable.core import Core
@@ -59,7 +59,7 @@ class Durable(Core):
     ) -> None:
         super().__init__(app, codec, database_url=database_url, redis_url=redis_url, **settings)
         _register_tasks(self)
-        builtins.register(self)
+        builtin_workflows.register(self)
 
     @classmethod
     def of(cls, app: Celery) -> Durable:
@@ -178,11 +178,11 @@ class Durable(Core):
 
     def after_timer(self, timer: FiredTimer) -> None:
         """Send what a timer fired by ``durable beat`` made due."""
-        timeouts.after_timer(self, timer)
+        deadlines.after_timer(self, timer)
 
     def enforce_step_deadlines(self) -> int:
         """Fail the attempts of steps running past their ``timeout`` (run by the beat)."""
-        return timeouts.enforce_step_deadlines(self)
+        return deadlines.enforce_step_deadlines(self)
 
 
 def _register_tasks(core: Core) -> None:
@@ -204,9 +204,9 @@ def _register_tasks(core: Core) -> None:
     )
     def step(self: Any, workflow_id: str, seq: int) -> str:
         request = self.request
-        fresh = worker.first_delivery(
+        fresh = runner.first_delivery(
             core,
             getattr(request, dispatch.SENT_AT_HEADER, None),
             bool((request.delivery_info or {}).get("redelivered")),
         )
-        return worker.execute_step(core, workflow_id, seq, fresh=fresh)
+        return runner.execute_step(core, workflow_id, seq, fresh=fresh)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.schedules import crontab, schedule
 
-from durable.builtins import TASK_WORKFLOW
+from durable.builtin_workflows import TASK_WORKFLOW
 from durable.cadence import NICKNAMES, Cadence, time_zone
 from durable.errors import DurableError, InvalidSchedule
 from durable.store.schedules import Definition

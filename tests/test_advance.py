@@ -23,12 +23,12 @@ from durable import Durable
 from durable.activation import activate, replay_in_memory
 from durable.devservices import Services, create_database, drop_database
 from durable.errors import ConfigurationError
+from durable.runner import execute_step
 from durable.store import engine as store_engine
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.store.migrate import upgrade
 from durable.store.statement import on_statement
-from durable.worker import execute_step
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
 

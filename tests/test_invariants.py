@@ -15,9 +15,9 @@ from durable import Durable, WorkflowFailed
 from durable.activation import activate
 from durable.beat import Beat
 from durable.devservices import start_private_redis
+from durable.runner import execute_step
 from durable.store import engine as store_engine
 from durable.store.statement import on_statement
-from durable.worker import execute_step
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
 

@@ -1,6 +1,6 @@
 """Steps run without a claim on their first delivery to the process that scheduled them.
 
-See ``durable.worker``: such a step is settled from ``scheduled`` in one statement, claimed
+See ``durable.runner``: such a step is settled from ``scheduled`` in one statement, claimed
 by the heartbeat thread if its body is still running half-way to ``redispatch_after``, and
 claimed before a failure is handled. Every other delivery claims first, as before.
 """
@@ -22,9 +22,9 @@ from durable.activation import activate
 from durable.beat import Beat
 from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
+from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
 from durable.store.runs import Activation
-from durable.worker import execute_step, first_delivery
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 
 

@@ -419,7 +419,7 @@ def settle_step(
     run, completed (``Settled.ended``).
 
     With ``unclaimed`` the step was run without a claim (its first delivery, see
-    ``durable.worker``): it settles only if it was never claimed, in the run created at
+    ``durable.runner``): it settles only if it was never claimed, in the run created at
     ``run_created``, as attempt 1 started at ``started_at``, and its ``step started`` event
     is written too. A step cancellation marked ``cancelled`` meanwhile (it had not been
     claimed) is settled all the same: its body did run, and its outcome is kept, as that of

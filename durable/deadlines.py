@@ -1,7 +1,7 @@
-"""What fired timers and passed deadlines do: steps retried or failed, runs timed out.
+"""What fired timers and passed deadlines do: steps retried or failed, runs woken or timed out.
 
 Called by ``durable beat`` (and the testing helpers' time skipping) once the PostgreSQL side
-of a timer has fired (see :mod:`core.store.timers`).
+of a timer has fired (see :mod:`durable.store.timers`).
 """
 
 from __future__ import annotations
