@@ -30,6 +30,7 @@ from durable.store import steps as step_queries
 from durable.store.migrate import upgrade
 from durable.store.statement import on_statement
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def _sleeper(durable: Durable, name: str = "wf.adv.sleeper") -> None:
@@ -48,7 +49,7 @@ def _run_with_claimed_steps(durable: Durable, wid: str, seqs: tuple[int, ...]) -
             {"id": wid},
         )
         for seq in seqs:
-            step_queries.schedule_step(conn, wid, seq, "t.part", "[]", "{}", "{}")
+            schedule_step(conn, wid, seq, "t.part", "[]", "{}", "{}")
         return [
             step_queries.claim_step(conn, wid, seq, f"w{seq}#1", 30, with_history=True)
             for seq in seqs
@@ -149,7 +150,7 @@ def _replay(durable: Durable, database_url: str, wid: str, body: Any) -> Any:
     durable.workflow(f"wf.{wid}")(body)
     durable.start(f"wf.{wid}", workflow_id=wid)
     with durable.connect() as conn:
-        step_queries.schedule_step(conn, wid, 1, "t.first", "[]", "{}", "{}")
+        schedule_step(conn, wid, 1, "t.first", "[]", "{}", "{}")
         conn.execute(
             text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = :id"),
             {"id": wid},

@@ -26,6 +26,7 @@ from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
 from durable.store.runs import Activation
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def _events(database_url: str, wid: str, seq: int) -> list[str]:
@@ -82,8 +83,8 @@ def test_a_settle_says_which_new_steps_it_wrote(durable: Durable) -> None:
     durable.start("wf.unclaimed.sleeper", workflow_id="unc-5")
     with durable.connect() as conn:
         conn.execute(text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = 'unc-5'"))
-        step_queries.schedule_step(conn, "unc-5", 1, "t.part", "[]", "{}", "{}")
-        step_queries.schedule_step(conn, "unc-5", 2, "t.part", "[]", "{}", "{}")
+        schedule_step(conn, "unc-5", 1, "t.part", "[]", "{}", "{}")
+        schedule_step(conn, "unc-5", 2, "t.part", "[]", "{}", "{}")
         claimed = step_queries.claim_step(conn, "unc-5", 1, "w#1", 30, with_history=True)
         assert claimed is not None and claimed.rest_wake is not None
         settled = step_queries.settle_step(

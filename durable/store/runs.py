@@ -97,18 +97,6 @@ def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:
     return conn.execute(select(workflows).where(workflows.c.id == workflow_id)).first()
 
 
-def list_runs(
-    conn: Connection, status: str | None = None, name: str | None = None, limit: int = 50
-) -> list[Row[Any]]:
-    """Runs, newest first, optionally filtered."""
-    query = select(workflows).order_by(workflows.c.created_at.desc()).limit(limit)
-    if status:
-        query = query.where(workflows.c.status == status)
-    if name:
-        query = query.where(workflows.c.name == name)
-    return list(conn.execute(query))
-
-
 @dataclass(frozen=True)
 class Activation:
     """What replay needs, read under the run's lease in one statement."""

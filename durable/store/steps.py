@@ -96,13 +96,6 @@ def schedule_steps(
     return int(row.scheduled), bool(row.released)
 
 
-def schedule_step(
-    conn: Connection, wid: str, seq: int, name: str, args: str, kwargs: str, options: str
-) -> bool:
-    """Record one remote step as scheduled (JSON text arguments); False if it existed."""
-    return schedule_steps(conn, wid, [NewStep(seq, name, args, kwargs, options)])[0] == 1
-
-
 @dataclass(frozen=True)
 class ClaimedStep:
     """A step this process now owns and must run."""
@@ -467,16 +460,6 @@ def settle_step(
                 completed_at=row.settled_at,
             )
     return Settled(True, activation)
-
-
-def complete_step(conn: Connection, wid: str, seq: int, result: str) -> bool:
-    """Commit a step's result (JSON text) and wake its workflow; False if already settled."""
-    return settle_step(conn, wid, seq, result=result).settled
-
-
-def fail_step(conn: Connection, wid: str, seq: int, error: str) -> bool:
-    """Record that a step failed for good and wake its workflow; False if already settled."""
-    return settle_step(conn, wid, seq, error=error).settled
 
 
 _RETRY = statement(

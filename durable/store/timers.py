@@ -112,14 +112,6 @@ def timers_due_by(
     return [int(r.id) for r in conn.execute(_DUE_BY, params)]
 
 
-def next_timer(conn: Connection, workflow_id: str | None = None) -> Any:
-    """Fire time of the earliest unfired timer (of one run, or of all), or None."""
-    query = select(timers.c.fire_at).where(timers.c.fired_at.is_(None))
-    if workflow_id is not None:
-        query = query.where(timers.c.workflow_id == workflow_id)
-    return conn.execute(query.order_by(timers.c.fire_at).limit(1)).scalar()
-
-
 _OVERDUE = text(
     """
     SELECT id FROM durable_timers
