@@ -40,7 +40,6 @@ every link a :class:`~durable.retry.RetryPolicy`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -234,7 +233,7 @@ def _with_partial(link: Link, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 def run_chain(ctx: WorkflowContext, links: list[Link], retry: dict[str, Any] | None = None) -> Any:
     """The body of ``durable.chain``: each link a step (a group parallel steps)."""
-    policy = None if retry is None else policy_from_dict(retry)
+    policy = None if retry is None else RetryPolicy.from_dict(retry)
     result: Any = None
     for index, link in enumerate(links):
         _wait_before(ctx, link)
@@ -264,29 +263,3 @@ def _signature(ctx: WorkflowContext, link: Link, previous: tuple[Any, ...]) -> S
         args = [*previous, *args]
     options = link.get("options") or {}
     return ctx.app.signature(link["task"], args=args, kwargs=link.get("kwargs") or {}, **options)
-
-
-def policy_from_dict(stored: dict[str, Any]) -> RetryPolicy:
-    """The :class:`RetryPolicy` that :meth:`RetryPolicy.to_dict` stored."""
-    return RetryPolicy(
-        max_attempts=int(stored["max_attempts"]),
-        initial_interval=float(stored["initial_interval"]),
-        backoff=float(stored["backoff"]),
-        max_interval=float(stored["max_interval"]),
-        non_retryable=tuple(_import_class(path) for path in stored.get("non_retryable") or ()),
-    )
-
-
-def _import_class(path: str) -> type[BaseException]:
-    """The class at ``module.Qualname``, trying the longest importable module first."""
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            found: Any = importlib.import_module(".".join(parts[:cut]))
-            for name in parts[cut:]:
-                found = getattr(found, name)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(found, type) and issubclass(found, BaseException):
-            return found
-    raise ImportError(f"durable.chain: cannot import the exception class {path!r}")
