@@ -152,8 +152,8 @@ _RESUME = text(
 
 
 @dataclass(frozen=True)
-class Resumed:
-    """The outcome of :func:`resume_run`."""
+class RunToResume:
+    """What :func:`resume_run` woke: the run's steps to send again and timers to index."""
 
     name: str
     status: str
@@ -165,14 +165,14 @@ class Resumed:
     """The run's unfired timers as (id, fire time as epoch), to index again."""
 
 
-def resume_run(conn: Connection, wid: str) -> Resumed | None:
+def resume_run(conn: Connection, wid: str) -> RunToResume | None:
     """Wake a running run and mark its scheduled steps re-sent; None when there is no run."""
     row = conn.execute(_RESUME, {"id": wid}).first()
     if row is None:
         return None
     steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
     timers = row.timers if isinstance(row.timers, list) else json.loads(row.timers)
-    return Resumed(
+    return RunToResume(
         row.name,
         row.status,
         bool(row.woken),
