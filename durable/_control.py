@@ -1,4 +1,4 @@
-"""Control flow of replay, shared by the context and its primitives."""
+"""Control flow of replay, shared by replay, the workflow context and activations."""
 
 from __future__ import annotations
 
