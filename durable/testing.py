@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import pytest
 
     from durable.client import WorkflowRun
-    from durable.devservices import Services
+    from durable.dev.services import Services
     from durable.runtime import Durable
 
 
@@ -137,7 +137,7 @@ def _fixture(fn: Any) -> Any:
 @_fixture
 def durable_services() -> Iterator[Services]:
     """PostgreSQL and Redis for the test session (found, or started for it)."""
-    from durable.devservices import ensure_services
+    from durable.dev.services import ensure_services
 
     services = ensure_services()
     yield services
@@ -147,7 +147,7 @@ def durable_services() -> Iterator[Services]:
 @_fixture
 def durable_database_url(durable_services: Services) -> Iterator[str]:
     """A fresh database with durable's tables, dropped after the session."""
-    from durable.devservices import create_database, drop_database
+    from durable.dev.services import create_database, drop_database
     from durable.store import engine as store_engine
     from durable.store.migrate import upgrade
 

@@ -21,7 +21,7 @@ from sqlalchemy import event, text
 
 from durable import Durable
 from durable.activation import activate, replay_in_memory
-from durable.devservices import Services, create_database, drop_database
+from durable.dev.services import Services, create_database, drop_database
 from durable.errors import ConfigurationError
 from durable.runner import execute_step
 from durable.store import engine as store_engine

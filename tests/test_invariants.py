@@ -14,7 +14,7 @@ from sqlalchemy import event
 from durable import Durable, WorkflowFailed
 from durable.activation import activate
 from durable.beat import Beat
-from durable.devservices import start_private_redis
+from durable.dev.services import start_private_redis
 from durable.runner import execute_step
 from durable.store import engine as store_engine
 from durable.store.statement import on_statement

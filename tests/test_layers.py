@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cadence",
             "codec",
             "config",
-            "devservices",
+            "dev",
             "dispatch",
             "durations",
             "errors",
@@ -29,7 +29,6 @@ LAYERS: list[tuple[str, set[str]]] = [
             "liveness",
             "retry",
             "serialization",
-            "servers",
             "step_info",
             "store",
             "timer_index",
@@ -115,6 +114,17 @@ def test_the_module_graph_has_no_circle() -> None:
 
     circles = [c for c in (visit(m, []) for m in sorted(graph)) if c is not None]
     assert circles == [], " -> ".join(circles[0]) if circles else ""
+
+
+def test_only_the_testing_helpers_start_servers() -> None:
+    """``durable.dev`` (throwaway servers, child processes) is for tests and tools only."""
+    users = {
+        module
+        for module, targets in _graph().items()
+        if not module.startswith("durable.dev")
+        and any(t.startswith("durable.dev") for t in targets)
+    }
+    assert users <= {"durable.testing"}
 
 
 def test_every_layer_names_modules_that_exist() -> None:
