@@ -27,6 +27,7 @@ from durable.errors import (
 )
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
+from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -140,7 +141,7 @@ def cancel(core: Core, workflow_id: str) -> list[str]:
     signal wait, may compensate in ``except``/``finally``, and ends ``cancelled``. A step
     already running finishes and its result is recorded. Cancelling twice is harmless.
     """
-    flagged = core.store(lambda c: run_queries.request_cancel(c, workflow_id))
+    flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
     if not flagged:
         row = core.store(lambda c: run_queries.get_run(c, workflow_id))
         if row is None:

@@ -30,9 +30,10 @@ from durable.replay import Replay
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
 from durable.serialization import describe_exception, dumps, encode
 from durable.step_info import StepInfo, step_context
-from durable.store import runs as run_queries
+from durable.store import local as local_queries
 from durable.store import signals as signal_queries
 from durable.store import steps as step_queries
+from durable.store import tree as tree_queries
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
@@ -175,7 +176,7 @@ class WorkflowContext(Replay):
             return self._local_failed(seq, name, exc, policy, attempt)
         wid, result = self.workflow_id, seal(plain, self._core.codec)
         done = self._core.store(
-            lambda c: step_queries.record_local(
+            lambda c: local_queries.record_local(
                 c, wid, seq, name, attempt, result, None, "completed"
             )
         )
@@ -190,7 +191,7 @@ class WorkflowContext(Replay):
         delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
         with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
-            step_queries.record_local(
+            local_queries.record_local(
                 conn, self.workflow_id, seq, name, attempt, None, error, status
             )
             if delay is not None:
@@ -217,7 +218,7 @@ class WorkflowContext(Replay):
         self.require_activation()
         wid = self.workflow_id
         base = self._now
-        timer = self._core.store(lambda c: step_queries.record_sleep(c, wid, seq, wait, base))
+        timer = self._core.store(lambda c: local_queries.record_sleep(c, wid, seq, wait, base))
         if timer:
             self.effects.timers.append(timer)
         raise Suspend()
@@ -352,7 +353,7 @@ class WorkflowContext(Replay):
         wid, owner = self.workflow_id, self._owner
         timeout = self._core.execution_timeouts.get(name)
         started = self._core.store(
-            lambda c: run_queries.start_child(
+            lambda c: tree_queries.start_child(
                 c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout
             )
         )

@@ -13,6 +13,7 @@ from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.store import recovery
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
+from durable.store import tree as tree_queries
 from durable.store.timers import FiredTimer
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def after_timer(core: Core, timer: FiredTimer) -> None:
 
 def expire_run(core: Core, workflow_id: str) -> None:
     """End a run whose execution timeout passed: failed, its children cancelled."""
-    flagged = core.store(lambda c: run_queries.request_cancel(c, workflow_id))
+    flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
     ended = core.store(
         lambda c: run_queries.finish(
             c, workflow_id, "", "failed", None, "execution timeout exceeded"

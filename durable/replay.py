@@ -35,6 +35,7 @@ from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
 from durable.effects import Effects
 from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
 from durable.store import runs as run_queries
+from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
     from durable.core import Core
@@ -191,7 +192,7 @@ class Replay:
                 return  # settled before the cancel: replays as it happened
             self.require_activation()
             wid, owner = self.workflow_id, self._owner
-            self._core.store(lambda c: run_queries.deliver_cancel(c, wid, owner, seq))
+            self._core.store(lambda c: tree_queries.deliver_cancel(c, wid, owner, seq))
             self._cancelled_at = seq
             self.cancel_delivered = True
             raise WorkflowCancelled(self.workflow_id)

@@ -35,6 +35,7 @@ from durable.beat import Beat
 from durable.errors import ResultTimeout, WorkflowNotFound
 from durable.store import runs as run_queries
 from durable.store import timers as timer_queries
+from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
     import pytest
@@ -111,12 +112,12 @@ class TestEnv:
         row = self.durable.store(lambda c: run_queries.get_run(c, workflow_id))
         if row is None:
             raise WorkflowNotFound(workflow_id)
-        busy = self.durable.store(lambda c: run_queries.has_work_in_flight(c, workflow_id))
+        busy = self.durable.store(lambda c: tree_queries.has_work_in_flight(c, workflow_id))
         return not busy
 
     def _skip_to_next_timer(self, workflow_id: str) -> None:
         durable = self.durable
-        fire_at = durable.store(lambda c: run_queries.next_timer_of_tree(c, workflow_id))
+        fire_at = durable.store(lambda c: tree_queries.next_timer_of_tree(c, workflow_id))
         if fire_at is None:
             return
         gap = fire_at.timestamp() - time.time() - self.skipped
