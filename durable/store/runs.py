@@ -99,7 +99,7 @@ class Activation:
     workflow_id: str
     name: str
     args: Any
-    """As stored: a JSON list, or a codec's envelope (see ``Durable.decode``)."""
+    """As stored: a JSON list, or a codec's envelope (see ``Core.decode``)."""
     kwargs: Any
     """As stored: a JSON object, or a codec's envelope."""
     wake_seq: int

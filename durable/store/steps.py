@@ -98,7 +98,7 @@ class ClaimedStep:
     seq: int
     name: str
     args: Any
-    """As stored: a JSON list, or a codec's envelope (see ``Durable.decode``)."""
+    """As stored: a JSON list, or a codec's envelope (see ``Core.decode``)."""
     kwargs: Any
     """As stored: a JSON object, or a codec's envelope."""
     options: dict[str, Any]
