@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import os
 import signal
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
+
+from durable.dev import children
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,58 +46,16 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: be killed if the bench dies without cleaning up (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-class Child:
-    """A process the bench runs (a worker, a beat), in its own session, logging to a file."""
+class Child(children.Child):
+    """A process the bench runs (a worker, a beat), from the repository's root."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.command = command
-        self.env = env
-        self.log_path = logdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+        super().__init__(name, command, env, logdir, cwd=ROOT)
 
     def check(self) -> None:
         """Raise if the process has exited."""
-        if self.proc is not None and self.proc.poll() is not None:
+        if self.exited_by_itself():
             raise BenchError(f"the {self.name} exited:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to its whole process group; safe to call twice."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # prefork children, or a process that hung
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
 
 
 def worker(pool: str, env: dict[str, str], logdir: Path) -> Child:

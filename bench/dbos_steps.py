@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from bench.common import ROOT, psycopg_url
-from durable.devservices import Services, create_database, drop_database
+from durable.dev.services import Services, create_database, drop_database
 
 STEPS, RUNS = 200, 5
 TIMEOUT = 120.0

@@ -17,7 +17,7 @@ from bench import common
 from bench.app import PREFIX_ENV, build
 from bench.common import BenchError, console, psycopg_url
 from durable import Durable
-from durable.devservices import Services, create_database, drop_database
+from durable.dev.services import Services, create_database, drop_database
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade
 

@@ -35,7 +35,7 @@ from bench import dbos_steps, latency, replay, throughput, timers
 from bench.common import POOL_LABELS, POOLS, BenchError, console, sigint_ignored
 from bench.harness import Bench
 from bench.report import Results, report
-from durable.devservices import ensure_services
+from durable.dev.services import ensure_services
 from durable.store.engine import redact
 
 BUDGET = 300.0  # the whole bench; it gives up (and cleans up) past this

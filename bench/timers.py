@@ -24,10 +24,10 @@ from bench import common
 from bench.app import NAP_WORKFLOW, build
 from bench.common import BenchError, console, percentile, psycopg_url
 from bench.harness import child_env, delete_keys
-from durable.devservices import Services, create_database, drop_database
+from durable.dev.services import Services, create_database, drop_database
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade
-from durable.timers import TimerIndex
+from durable.timer_index import TimerIndex
 
 PENDING = (10_000, 100_000)
 DUE_SOON = 400

@@ -1,9 +1,9 @@
 """The soak's own servers and processes: PostgreSQL and Redis it can restart, workers, beats.
 
-:class:`durable.devservices.PrivatePostgres` starts a fresh data directory on every
+:class:`durable.dev.servers.PrivatePostgres` starts a fresh data directory on every
 ``start()``; a soak needs PostgreSQL to come back with its data, so
 :class:`RestartablePostgres` stops the server process (a fast or an immediate shutdown) and
-starts it again on the same data directory and port. :class:`durable.devservices.PrivateRedis`
+starts it again on the same data directory and port. :class:`durable.dev.servers.PrivateRedis`
 restarts empty on the same port by itself, like a Redis without persistence.
 
 Every child runs in its own session and is killed with its whole process group.
@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from durable.devservices import PrivatePostgres, ServiceError
+from durable.dev import children
+from durable.dev.servers import PrivatePostgres, ServiceError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,60 +72,21 @@ class RestartablePostgres(PrivatePostgres):
             time.sleep(0.1)
 
 
-class Child:
-    """A worker or beat process of the soak, restartable, killed with its process group."""
+class Child(children.Child):
+    """A worker or beat process of the soak, from the repository's root; counts its kills."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.command = command
-        self.env = env
-        self.log_path = logdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name, command, env, logdir, cwd=ROOT)
         self.kills = 0
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process runs."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        """Start the process, appending to its log."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-
-    def kill(self) -> None:
-        """SIGKILL the process and its children (a prefork pool), and reap it."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
 
     def sigkill(self) -> None:
         """A fault: kill it now (counted)."""
         self.kills += 1
         self.kill()
 
-    def exited_by_itself(self) -> bool:
-        """Whether it exited without being killed by the soak."""
-        return self.proc is not None and self.proc.poll() is not None
-
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of its log."""
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
+        return super().log_tail(lines)
 
 
 WORKER_POOLS = (

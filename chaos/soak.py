@@ -35,7 +35,8 @@ import redis
 from chaos.app import ORDER, SCHEDULE, SCHEMA, TICK, TICK_EVERY, build
 from chaos.checks import Check, run_checks
 from chaos.servers import Child, RestartablePostgres, beats, pick_alive, workers
-from durable.devservices import PrivateRedis, create_database
+from durable.dev.servers import PrivateRedis
+from durable.dev.services import create_database
 from durable.errors import DurableError, WorkflowNotRunning
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade

@@ -3,6 +3,7 @@
 Public names are re-exported here; ``__all__`` is pinned by a test.
 """
 
+from durable.client import WorkflowRun
 from durable.context import WorkflowContext
 from durable.errors import (
     ConfigurationError,
@@ -22,8 +23,8 @@ from durable.errors import (
     WorkflowNotRunning,
 )
 from durable.retry import RetryPolicy
-from durable.runtime import Durable, WorkflowRun
-from durable.worker import StepInfo, current_step
+from durable.runtime import Durable
+from durable.step_info import StepInfo, current_step
 
 __all__ = [
     "ConfigurationError",

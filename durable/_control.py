@@ -1,4 +1,4 @@
-"""Control flow of replay, shared by the context and its primitives."""
+"""Control flow of replay, shared by replay, the workflow context and activations."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ class NeedsActivation(BaseException):
     """Ends an in-memory replay at the first thing only a leased activation may do.
 
     A worker that settles a step replays the run in memory to schedule its next steps in
-    the settling statement (see ``durable.activation.speculate``). Writing anything else (a
-    local step, a sleep, an event, a signal taken, a child started), reading a time not yet
-    committed or ending the run needs the real activation, which then runs as before.
+    the settling statement (see :func:`durable.activation.replay_in_memory`). Writing
+    anything else (a local step, a sleep, an event, a signal taken, a child started) or
+    reading a time not yet committed needs the real activation, which then runs as before.
     """
 
 

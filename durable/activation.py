@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from durable._control import SETTLING_NOW, NeedsActivation
-from durable.context import Effects, Suspend, WorkflowContext
+from durable._control import SETTLING_NOW, NeedsActivation, Suspend
+from durable.context import WorkflowContext
+from durable.effects import Effects
 from durable.errors import (
     CodecUnavailable,
     ConfigurationError,
@@ -34,7 +35,7 @@ from durable.store import runs
 from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable
+    from durable.core import Core
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ MAX_REPLAYS = 50
 
 
 def activate(
-    durable: Durable,
+    core: Core,
     workflow_id: str,
     owner: str | None = None,
     leased: runs.Activation | None = None,
@@ -52,38 +53,50 @@ def activate(
     ``leased`` is a run already leased to ``owner`` with its history loaded (a worker that
     just settled a step took both in the settling statement).
     """
-    owner = owner or durable.heartbeat.token()
-    ttl = durable.settings.lease_ttl.total_seconds()
+    owner = owner or core.heartbeat.token()
+    ttl = core.settings.lease_ttl.total_seconds()
     for _ in range(MAX_REPLAYS):
         activation, leased = leased, None
         if activation is None:
-            activation = durable.store(
-                lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False
-            )
+            activation = core.store(lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False)
         if activation is None:
             return "busy-or-finished"
-        durable.heartbeat.hold()
+        core.heartbeat.hold()
         try:
-            outcome, effects = _replay(durable, activation, owner)
+            outcome, effects = _replay(core, activation, owner)
         finally:
-            durable.heartbeat.release()
+            core.heartbeat.release()
         if outcome in ("unknown-workflow", "undecodable"):
             # Keep the lease: it expires, and the recovery sweep sends the activation again,
             # maybe to a worker that has the workflow's module.
             return outcome
         if outcome != "suspended":
-            durable.apply_effects(effects)
+            core.apply_effects(effects)
             return outcome
-        released, wrote_all = _release(durable, effects, owner, activation.wake_seq)
-        first = released and wrote_all and durable.histories.keep_at_rest(activation, effects)
-        durable.apply_effects(effects, first=first)
+        released, wrote_all = _release(core, effects, owner, activation.wake_seq)
+        first = released and wrote_all and core.histories.keep_at_rest(activation, effects)
+        core.apply_effects(effects, first=first)
         if released:
             return "suspended"
     # Woken again and again while replaying: leave it to the next message or the sweep.
     return "yielded"
 
 
-def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> tuple[bool, bool]:
+def continue_workflow(
+    core: Core, workflow_id: str, owner: str | None = None, leased: runs.Activation | None = None
+) -> None:
+    """Replay the run in this process now, as the step that woke it just finished.
+
+    A failure is logged and the activation sent to a worker instead.
+    """
+    try:
+        activate(core, workflow_id, owner, leased)
+    except Exception:
+        log.exception("durable: inline activation of %s failed; sending it", workflow_id)
+        core.send_activation(workflow_id, getattr(leased, "name", None))
+
+
+def _release(core: Core, effects: Effects, owner: str, wake_seq: int) -> tuple[bool, bool]:
     """Give the lease back, writing the new steps (if any) in the same statement.
 
     Returns (released, every new step written by this statement).
@@ -93,8 +106,8 @@ def _release(durable: Durable, effects: Effects, owner: str, wake_seq: int) -> t
     # a message already sent for a lost step row finds nothing to claim.
     wid, new = effects.workflow_id, effects.schedules
     if not new:
-        return durable.store(lambda c: runs.release(c, wid, owner, wake_seq), flush=False), True
-    scheduled, released = durable.store(
+        return core.store(lambda c: runs.release(c, wid, owner, wake_seq), flush=False), True
+    scheduled, released = core.store(
         lambda c: step_queries.schedule_steps(c, wid, new, release_owner=owner, wake_seq=wake_seq),
         flush=False,
     )
@@ -114,7 +127,7 @@ class Replayed:
 
 
 def replay_in_memory(
-    durable: Durable,
+    core: Core,
     run: runs.Activation,
     seq: int,
     result: str | None,
@@ -131,7 +144,22 @@ def replay_in_memory(
     step, a sleep, an event, a signal or a child, a cancellation delivered, an error, a
     result that cannot be stored): the real activation does that. ``run`` is not changed.
     """
-    fn = durable.registry.get(run.name)
+    try:
+        return _replay_settled(core, run, seq, result, error, attempts)
+    except Exception:
+        log.exception("durable: in-memory replay of %s failed; activating it", run.workflow_id)
+        return None
+
+
+def _replay_settled(
+    core: Core,
+    run: runs.Activation,
+    seq: int,
+    result: str | None,
+    error: str | None,
+    attempts: int,
+) -> Replayed | None:
+    fn = core.registry.get(run.name)
     if fn is None:
         return None
     outcome = {
@@ -144,41 +172,50 @@ def replay_in_memory(
     steps = [{**record, **outcome} if record["seq"] == seq else record for record in run.steps]
     if not any(record["seq"] == seq for record in run.steps):
         return None  # the history does not hold this step: only a fresh read can be trusted
-    return _run_in_memory(durable, fn, replace(run, steps=steps), now_known=True)
+    return _run_in_memory(core, fn, replace(run, steps=steps), now_known=True)
 
 
 def replay_new_run(
-    durable: Durable, workflow_id: str, name: str, args: str, kwargs: str
+    core: Core, workflow_id: str, name: str, args: str, kwargs: str
 ) -> Replayed | None:
     """Run a workflow not started yet in memory, up to its first remote steps (eager start).
 
     ``args`` and ``kwargs`` are as they will be stored. Returns what it found when the
     workflow's first durable operations are remote steps (``effects.schedules``); None for
     anything else, ``ctx.now()`` included (the run's start time is not known yet): the run's
-    first activation does that, as without an eager start.
+    first activation does that, as without an eager start. A failure is logged: the run
+    then starts as usual.
     """
-    fn = durable.registry.get(name)
+    try:
+        return _replay_new(core, workflow_id, name, args, kwargs)
+    except Exception:
+        log.exception("durable: eager start of %s failed; activating it", workflow_id)
+        return None
+
+
+def _replay_new(core: Core, workflow_id: str, name: str, args: str, kwargs: str) -> Replayed | None:
+    fn = core.registry.get(name)
     if fn is None:
         return None
     run = runs.Activation(
         workflow_id, name, json.loads(args), json.loads(kwargs), 1, datetime.now(UTC), []
     )
-    found = _run_in_memory(durable, fn, run, now_known=False)
+    found = _run_in_memory(core, fn, run, now_known=False)
     if found is None or found.result is not None or not found.effects.schedules:
         return None
     return found
 
 
 def _run_in_memory(
-    durable: Durable, fn: Callable[..., Any], run: runs.Activation, now_known: bool
+    core: Core, fn: Callable[..., Any], run: runs.Activation, now_known: bool
 ) -> Replayed | None:
     steps = run.steps
-    ctx = WorkflowContext(durable, run, in_memory=True, now_known=now_known)
+    ctx = WorkflowContext(core, run, in_memory=True, now_known=now_known)
     try:
-        args, kwargs = durable.decode(run.args), durable.decode(run.kwargs)
+        args, kwargs = core.decode(run.args), core.decode(run.kwargs)
         value = fn(ctx, *args, **kwargs)
         ctx.check_end()
-        ended = durable.encode(value, f"result of workflow {run.workflow_id}")
+        ended = core.encode(value, f"result of workflow {run.workflow_id}")
     except Suspend:
         clean = ctx.nondeterminism is None and not ctx.needs_activation
         return Replayed(ctx.effects, steps) if clean and not ctx.effects.timers else None
@@ -192,20 +229,20 @@ def _run_in_memory(
     return Replayed(effects, steps, result=ended)
 
 
-def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
-    ctx = WorkflowContext(durable, activation, owner)
-    fn = durable.registry.get(activation.name)
+def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
+    ctx = WorkflowContext(core, activation, owner)
+    fn = core.registry.get(activation.name)
     result: str | None = None
     error: str | None = None
     status = "completed"
     if fn is None:
         # Not registered in this process (a worker without the workflow's module): let a
         # worker that has it take the run, instead of failing it here.
-        exc = UnknownWorkflow(activation.name, list(durable.registry))
+        exc = UnknownWorkflow(activation.name, list(core.registry))
         log.error("durable: %s; activation of %s left for another worker", exc, ctx.workflow_id)
         return "unknown-workflow", ctx.effects
     try:
-        args, kwargs = durable.decode(activation.args), durable.decode(activation.kwargs)
+        args, kwargs = core.decode(activation.args), core.decode(activation.kwargs)
     except CodecUnavailable as exc:
         log.error(
             "durable: %s; activation of %s left for a worker with the key", exc, ctx.workflow_id
@@ -214,7 +251,7 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
     try:
         value = fn(ctx, *args, **kwargs)
         ctx.check_end()
-        result = durable.encode(value, f"result of workflow {activation.workflow_id}")
+        result = core.encode(value, f"result of workflow {activation.workflow_id}")
     except CodecUnavailable as exc:
         # A recorded result this worker cannot open (a deploy missing the key): not the
         # run's fault; leave it for a worker that has the key.
@@ -241,7 +278,7 @@ def _replay(durable: Durable, activation: runs.Activation, owner: str) -> tuple[
     elif status == "completed" and ctx.cancel_delivered:
         status, error = "cancelled", "cancelled"  # compensated, then returned
     wid = activation.workflow_id
-    ended = durable.store(lambda c: runs.finish(c, wid, owner, status, result, error))
+    ended = core.store(lambda c: runs.finish(c, wid, owner, status, result, error))
     if ended.parent_id:
         ctx.effects.activations.append(ended.parent_id)
         if ended.parent_name:

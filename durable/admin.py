@@ -31,7 +31,7 @@ from durable.store import admin as queries
 from durable.store import history, runs, signals, steps, timers
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable
+    from durable.core import Core
 
 WAITING = tuple(queries.WAITING_FILTERS)
 """What ``list_runs(waiting=...)`` accepts: ``step``, ``timer``, ``signal``."""
@@ -266,7 +266,7 @@ class Resumed:
     """How many unfired timers were put back in the Redis index."""
 
 
-def resume(durable: Durable, workflow_id: str) -> Resumed:
+def resume(durable: Core, workflow_id: str) -> Resumed:
     """Re-dispatch a running run: wake it and send its activation again.
 
     Its scheduled steps are sent again too (a step whose worker died is first put back to
@@ -289,7 +289,7 @@ def resume(durable: Durable, workflow_id: str) -> Resumed:
     return Resumed(workflow_id, sorted(s["seq"] for s in done.steps), len(done.timers))
 
 
-def retry(durable: Durable, workflow_id: str) -> queries.Retried:
+def retry(durable: Core, workflow_id: str) -> queries.Retried:
     """Run a failed run again from its first position that did not complete.
 
     That position and all after it are deleted and run again; earlier results are kept.
@@ -308,7 +308,7 @@ def retry(durable: Durable, workflow_id: str) -> queries.Retried:
 
 
 def fork(
-    durable: Durable, workflow_id: str, from_step: int, new_id: str | None = None
+    durable: Core, workflow_id: str, from_step: int, new_id: str | None = None
 ) -> tuple[str, int]:
     """Start a new run of the same workflow and arguments, reusing results before ``from_step``.
 

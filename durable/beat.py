@@ -31,32 +31,29 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery import Celery
 from celery.beat import Scheduler
 from celery.schedules import crontab
 
+from durable import client, deadlines
+from durable.cadence import Cadence, fire_id, plan_fires
+from durable.core import Core
 from durable.errors import DurableError, WorkflowIdConflict
 from durable.leader import LeaderLock
 from durable.scheduler import (
     RETRY_AFTER,
-    Cadence,
     ScheduleIndex,
     Schedules,
     ScheduleSettings,
-    fire_id,
-    plan_fires,
     schedule_settings,
 )
 from durable.store import admin as admin_queries
 from durable.store import recovery
 from durable.store import schedules as schedule_queries
 from durable.store import timers as timer_queries
-
-if TYPE_CHECKING:
-    from durable.runtime import Durable
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +93,7 @@ class Beat:
 
     def __init__(
         self,
-        durable: Durable,
+        durable: Core,
         sweep_interval: float = 1.0,
         max_wait: float = 0.1,
         beat_schedule: Mapping[str, Any] | None = None,
@@ -207,7 +204,7 @@ class Beat:
             fired = timer_queries.fire_timers(conn, ids)
         for timer in fired:
             self.stats.lateness.append(timer.lateness)
-            self.durable.after_timer(timer)
+            deadlines.after_timer(self.durable, timer)
         self.stats.timers_fired += len(fired)
         del self.stats.lateness[:-1000]
         return len(fired)
@@ -230,7 +227,7 @@ class Beat:
             owed = recovery.owed_activations(conn, after)
         if overdue:
             self._fire(overdue)
-        durable.enforce_step_deadlines()
+        deadlines.enforce_step_deadlines(durable)
         for d in [*expired, *stale]:
             durable.send_step(d.workflow_id, d.seq, d.name, d.options)
         for wid, name in owed:
@@ -287,7 +284,7 @@ class ScheduleRunner:
 
     def __init__(
         self,
-        durable: Durable,
+        durable: Core,
         settings: ScheduleSettings | None = None,
         stats: BeatStats | None = None,
     ) -> None:
@@ -395,7 +392,7 @@ class ScheduleRunner:
         for at in fires:
             wid = fire_id(row.name, at)
             try:
-                self.durable.start(row.workflow, *row.args, workflow_id=wid, **row.kwargs)
+                client.start(self.durable, row.workflow, *row.args, workflow_id=wid, **row.kwargs)
             except WorkflowIdConflict as exc:
                 log.warning("durable beat: schedule %s: %s; fire left as it is", row.name, exc)
             last = wid
@@ -430,8 +427,6 @@ class DurableScheduler(Scheduler):
 
     def setup_schedule(self) -> None:
         """Import the app's ``beat_schedule`` (and Celery's result clean-up, as its beat does)."""
-        from durable.runtime import Durable
-
         entries = dict(self.app.conf.beat_schedule or {})
         conf = self.app.conf
         expiring = conf.result_backend and conf.result_expires
@@ -442,7 +437,7 @@ class DurableScheduler(Scheduler):
                 "options": {"expires": 12 * 3600},
             }
             entries.setdefault("celery.backend_cleanup", cleanup)
-        self.beat = Beat(Durable.of(self.app), beat_schedule=entries)
+        self.beat = Beat(Core.of(self.app), beat_schedule=entries)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """One iteration of durable's beat loop; returns the seconds to wait."""

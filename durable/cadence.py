@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from durable import durations
 from durable.errors import InvalidSchedule
 
 NICKNAMES = {
@@ -131,7 +132,7 @@ def time_zone(timezone: str, name: str) -> ZoneInfo:
 
 def whole_seconds(every: timedelta | float, name: str) -> int:
     """An interval as whole seconds (at least 1); :class:`InvalidSchedule` otherwise."""
-    seconds = every.total_seconds() if isinstance(every, timedelta) else float(every)
+    seconds = durations.seconds(every)
     if seconds < 1 or seconds != int(seconds):
         raise InvalidSchedule(
             name, f"the interval must be a whole number of seconds, at least 1, not {seconds:g}"

@@ -40,18 +40,20 @@ every link a :class:`~durable.retry.RetryPolicy`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celery.canvas import Signature, _chain, chord, group, maybe_signature
 
-from durable.context import ROUTING_OPTIONS, WorkflowContext
+from durable import client
+from durable.context import WorkflowContext
+from durable.dispatch import ROUTING_OPTIONS, routing_options
 from durable.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable, WorkflowRun
+    from durable.client import WorkflowRun
+    from durable.core import Core
 
 CHAIN_WORKFLOW = "durable.chain"
 REFUSED_OPTIONS = {
@@ -72,8 +74,8 @@ class DurableChain:
     Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``.
     """
 
-    def __init__(self, durable: Durable, signatures: Iterable[Signature[Any]]) -> None:
-        self._durable = durable
+    def __init__(self, core: Core, signatures: Iterable[Signature[Any]]) -> None:
+        self._core = core
         self.links: list[Link] = []
         for number, signature in enumerate(signatures, 1):
             self.links += describe(signature, f"link {number}")
@@ -82,16 +84,16 @@ class DurableChain:
         self.retry: RetryPolicy | None = None
 
     @classmethod
-    def of_group(cls, durable: Durable, signatures: tuple[Any, ...]) -> DurableChain:
+    def of_group(cls, core: Core, signatures: tuple[Any, ...]) -> DurableChain:
         """``durable.group(a.s(), b.s())`` or ``durable.group([a.s(), b.s()])``."""
         if len(signatures) == 1 and not isinstance(signatures[0], Signature):
             signatures = tuple(signatures[0])
-        return cls(durable, [group(*signatures)])
+        return cls(core, [group(*signatures)])
 
     @classmethod
-    def of_chord(cls, durable: Durable, header: Any, body: Signature[Any]) -> DurableChain:
+    def of_chord(cls, core: Core, header: Any, body: Signature[Any]) -> DurableChain:
         """``durable.chord([a.s(), b.s()], c.s())``: the body gets the header's results."""
-        return cls(durable, [chord(header if isinstance(header, group) else list(header), body)])
+        return cls(core, [chord(header if isinstance(header, group) else list(header), body)])
 
     def with_retry(self, policy: RetryPolicy) -> DurableChain:
         """Retry every link (every member of a group) under ``policy``; returns the chain."""
@@ -113,7 +115,7 @@ class DurableChain:
         if args or kwargs:
             links[0] = _with_partial(links[0], tuple(args or ()), dict(kwargs or {}))
         extra = {} if self.retry is None else {"retry": self.retry.to_dict()}
-        return self._durable.start(CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
+        return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
 
     def delay(self, *args: Any, **kwargs: Any) -> WorkflowRun:
         """Celery's ``delay``: start with a generated id, arguments for the first link."""
@@ -150,7 +152,7 @@ def describe_task(signature: Signature[Any], where: str) -> Link:
         "task": str(signature.task),
         "args": list(signature.args),
         "kwargs": dict(signature.kwargs),
-        "options": _routing(signature.options),
+        "options": routing_options(signature.options),
         "immutable": bool(signature.immutable),
     }
     return {**link, **_timing(signature.options, f"{where} ({signature.task})")}
@@ -158,7 +160,7 @@ def describe_task(signature: Signature[Any], where: str) -> Link:
 
 def describe_group(members: Iterable[Any], signature: Signature[Any], where: str) -> Link:
     """A group (or a chord's header) as one link of parallel members."""
-    defaults = _routing(signature.options)
+    defaults = routing_options(signature.options)
     timing = _timing(signature.options, f"{where} (a group)")
     described = []
     for number, member in enumerate(members, 1):
@@ -198,10 +200,6 @@ def _check_no_options(signature: Signature[Any], where: str, what: str) -> None:
         raise ValueError(f"durable.chain: {where}: set {', '.join(given)} on {what}'s parts")
 
 
-def _routing(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: options[k] for k in ROUTING_OPTIONS if options.get(k) is not None}
-
-
 def _timing(options: dict[str, Any], where: str) -> dict[str, Any]:
     """``countdown``, ``eta`` (ISO UTC) and ``timeout`` from Celery's options, where given."""
     timing: dict[str, Any] = {}
@@ -235,7 +233,7 @@ def _with_partial(link: Link, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 def run_chain(ctx: WorkflowContext, links: list[Link], retry: dict[str, Any] | None = None) -> Any:
     """The body of ``durable.chain``: each link a step (a group parallel steps)."""
-    policy = None if retry is None else policy_from_dict(retry)
+    policy = None if retry is None else RetryPolicy.from_dict(retry)
     result: Any = None
     for index, link in enumerate(links):
         _wait_before(ctx, link)
@@ -265,29 +263,3 @@ def _signature(ctx: WorkflowContext, link: Link, previous: tuple[Any, ...]) -> S
         args = [*previous, *args]
     options = link.get("options") or {}
     return ctx.app.signature(link["task"], args=args, kwargs=link.get("kwargs") or {}, **options)
-
-
-def policy_from_dict(stored: dict[str, Any]) -> RetryPolicy:
-    """The :class:`RetryPolicy` that :meth:`RetryPolicy.to_dict` stored."""
-    return RetryPolicy(
-        max_attempts=int(stored["max_attempts"]),
-        initial_interval=float(stored["initial_interval"]),
-        backoff=float(stored["backoff"]),
-        max_interval=float(stored["max_interval"]),
-        non_retryable=tuple(_import_class(path) for path in stored.get("non_retryable") or ()),
-    )
-
-
-def _import_class(path: str) -> type[BaseException]:
-    """The class at ``module.Qualname``, trying the longest importable module first."""
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            found: Any = importlib.import_module(".".join(parts[:cut]))
-            for name in parts[cut:]:
-                found = getattr(found, name)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(found, type) and issubclass(found, BaseException):
-            return found
-    raise ImportError(f"durable.chain: cannot import the exception class {path!r}")

@@ -36,7 +36,7 @@ class Settings:
     """How long a running step or activation stays owned without a heartbeat."""
     redispatch_after: timedelta = timedelta(seconds=10)
     """How long a dispatched message may go unclaimed before it is sent again. A step that
-    runs unclaimed on its first delivery (see ``durable.worker``) is claimed at half of it."""
+    runs unclaimed on its first delivery (see ``durable.runner``) is claimed at half of it."""
     max_payload_bytes: int = 1024 * 1024
     """Largest encoded argument list, result or payload accepted."""
     workflow_queue: str | None = None

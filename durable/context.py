@@ -1,88 +1,39 @@
-"""The workflow context: what ``ctx`` is inside a workflow, and how replay works.
+"""The workflow context: what ``ctx`` is inside a workflow.
 
-Every durable operation a workflow performs (a step, a local step, a sleep, a signal wait, an
-event, a child workflow) takes the next position in its history. On each activation the
-runtime loads the recorded positions in one query and runs the workflow function from the
-top:
-
-- a position with a recorded outcome returns it (or raises ``StepFailed``) without running
-  anything again;
-- a position recorded but not finished (a step in flight, a sleep not over) suspends the
-  activation: the workflow is resumed when that position settles;
-- the first position with no record runs for real: a remote step is scheduled (written in
-  the statement that releases the run's lease) and dispatched after the activation ends; a
-  local step runs here and its outcome is committed before the workflow goes on; a sleep
-  commits a durable timer.
-
-A recorded position whose kind or name differs from what the code asks for now raises
-:class:`~durable.errors.NonDeterminismError`, naming both.
-
-Cancellation is delivered at the first position that has not settled once a cancel was
-requested; that position is remembered on the run (``cancelled_at_seq``), so every later
-replay raises :class:`~durable.errors.WorkflowCancelled` at the same place, and the positions
-after it (compensation) run normally.
+Every durable operation a workflow performs takes the next position in its history (see
+:mod:`durable.replay` for how positions replay). The first position with no record runs for
+real: a remote step is scheduled (written in the statement that releases the run's lease)
+and dispatched after the activation ends; a local step runs here and its outcome is
+committed before the workflow goes on; a sleep commits a durable timer. Beyond steps and
+sleeps: signal waits and events, parallel steps and child workflows, each taking positions
+exactly like ``ctx.step``, so replay and the determinism check cover them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random as _random
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import Any
 
 from celery import Task
 from celery.canvas import Signature
 from celery.local import Proxy
 
-from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
+from durable._control import PENDING, Suspend
 from durable.codec import seal
-from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
-from durable.primitives import PrimitivesMixin
+from durable.dispatch import routing_options
+from durable.durations import seconds
+from durable.effects import PendingDispatch
+from durable.errors import SignalTimeout, StepFailed, WorkflowIdConflict
+from durable.replay import Replay
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
 from durable.serialization import describe_exception, dumps, encode
-from durable.store import runs as run_queries
+from durable.step_info import StepInfo, step_context
+from durable.store import local as local_queries
+from durable.store import signals as signal_queries
 from durable.store import steps as step_queries
-from durable.worker import StepInfo, step_context
-
-if TYPE_CHECKING:
-    from durable.runtime import Durable
-    from durable.store.runs import Activation
-
-__all__ = ["Effects", "PendingDispatch", "Suspend", "WorkflowContext"]
-
-ROUTING_OPTIONS = ("queue", "routing_key", "exchange", "priority")
-
-
-@dataclass
-class PendingDispatch:
-    """A step committed as scheduled during replay, to be sent once the activation ends."""
-
-    seq: int
-    name: str
-    options: dict[str, Any]
-
-
-@dataclass
-class Effects:
-    """What an activation must write when it ends, and do once that is committed."""
-
-    workflow_id: str
-    schedules: list[step_queries.NewStep] = field(default_factory=list)
-    dispatches: list[PendingDispatch] = field(default_factory=list)
-    timers: list[tuple[int, float]] = field(default_factory=list)
-    activations: list[str] = field(default_factory=list)
-    names: dict[str, str] = field(default_factory=dict)
-    """Workflow names of runs in ``activations``, where known (to label the messages)."""
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value))
+from durable.store import tree as tree_queries
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
@@ -104,13 +55,7 @@ def _step_name(task: Any) -> str:
     raise TypeError(f"ctx.step needs a Celery task, a signature or a callable, got {task!r}")
 
 
-def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
-class WorkflowContext(PrimitivesMixin):
+class WorkflowContext(Replay):
     """The ``ctx`` argument of a workflow function.
 
     Example::
@@ -122,170 +67,7 @@ class WorkflowContext(PrimitivesMixin):
             return ctx.step(charge_card, order, retry=RetryPolicy(max_attempts=5))
     """
 
-    def __init__(
-        self,
-        durable: Durable,
-        activation: Activation,
-        owner: str = "",
-        in_memory: bool = False,
-        now_known: bool = True,
-    ) -> None:
-        self._durable = durable
-        self._in_memory = in_memory
-        self.needs_activation = False
-        """Set when an in-memory replay met something only an activation may do."""
-        self._now_unknown = not now_known  # a run not started yet: its start time is ahead
-        self._owner = owner
-        self._records: dict[int, dict[str, Any]] = {int(s["seq"]): s for s in activation.steps}
-        self._last_recorded = max(self._records, default=0)
-        self._seq = 0
-        self._now: datetime = activation.created_at
-        self._seed = hashlib.sha256(activation.workflow_id.encode()).digest()
-        self._rng = _random.Random(self._seed)
-        self._uuid_count = 0
-        self._cancel_requested = activation.cancel_requested
-        self._cancelled_at = activation.cancelled_at_seq
-        self.cancel_delivered = False
-        self.nondeterminism: NonDeterminismError | None = None
-        """Set when replay met a mismatch, even if the workflow's code caught the error."""
-        self._patches = set(activation.patches)
-        self._patch_memo: dict[str, bool] = {}
-        self.workflow_id = activation.workflow_id
-        """The id of the running workflow."""
-        self.app = durable.app
-        """The Celery app (for building signatures by name)."""
-        self.effects = Effects(activation.workflow_id)
-
-    # -- deterministic helpers -------------------------------------------------------------
-
-    def now(self) -> datetime:
-        """The workflow's current time, the same on every replay (UTC).
-
-        It is the commit time of the last position reached (or the start of the run), so it
-        does not move between two durable operations.
-        """
-        if self._now_unknown:
-            self.require_activation()
-        return self._now
-
-    def require_activation(self) -> None:
-        """In an in-memory replay, stop: what comes next needs a leased activation."""
-        if self._in_memory:
-            self.needs_activation = True
-            raise NeedsActivation()
-
-    def advance_now(self, moment: datetime | None) -> None:
-        """Move :meth:`now` to ``moment`` if later: workflow time never runs backwards."""
-        if moment is not None and moment > self._now:
-            self._now = moment
-
-    def uuid4(self) -> uuid.UUID:
-        """A random-looking UUID that replay reproduces exactly."""
-        self._uuid_count += 1
-        digest = hashlib.sha256(self._seed + b"uuid" + str(self._uuid_count).encode()).digest()
-        return uuid.UUID(bytes=digest[:16], version=4)
-
-    def random(self) -> float:
-        """A float in [0, 1) from a generator seeded by the workflow id, replayed exactly."""
-        return self._rng.random()
-
-    def patched(self, change_id: str) -> bool:
-        """Whether this run takes the new code path of ``change_id`` (Temporal's patching).
-
-        Runs that reached this point before the change was deployed replay the old path
-        (False); runs that reach it under the new code take the new path (True) and remember
-        it. Example::
-
-            if ctx.patched("send-sms"):
-                ctx.step(send_sms, order)      # new code
-            else:
-                ctx.step(send_email, order)    # what in-flight runs recorded
-        """
-        if change_id in self._patch_memo:
-            return self._patch_memo[change_id]
-        if change_id in self._patches:
-            decision = True
-        elif self._seq < self._last_recorded:
-            decision = False  # history goes on past here: it was written by the old code
-        else:
-            self.require_activation()
-            wid, owner = self.workflow_id, self._owner
-            self._durable.store(lambda c: run_queries.record_patch(c, wid, owner, change_id))
-            self._patches.add(change_id)
-            decision = True
-        self._patch_memo[change_id] = decision
-        return decision
-
-    # -- positions ---------------------------------------------------------------------------
-
-    def _take(
-        self, kind: str, name: str, check_cancel: bool = True
-    ) -> tuple[int, dict[str, Any] | None]:
-        self._seq += 1
-        seq = self._seq
-        record = self._records.get(seq)
-        if record is None and seq > self._durable.settings.max_steps:
-            raise LimitExceeded(self.workflow_id, "max_steps", self._durable.settings.max_steps)
-        if record is not None and (record["kind"] != kind or record["name"] != name):
-            self.nondeterminism = NonDeterminismError(
-                self.workflow_id, seq, f"{kind} {name}", f"{record['kind']} {record['name']}"
-            )
-            raise self.nondeterminism
-        if check_cancel:
-            self._check_cancel(seq, record)
-        if record is not None and record.get("completed_at"):
-            if record["completed_at"] == SETTLING_NOW:
-                self._now_unknown = True  # the step being settled: its commit time is ahead
-            else:
-                self.advance_now(_parse_time(record["completed_at"]))
-        return seq, record
-
-    def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
-        """Deliver a requested cancellation at ``seq`` if that is where it lands."""
-        self._check_cancel(seq, record)
-
-    def _check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
-        """Raise WorkflowCancelled where the cancellation is (or now gets) delivered."""
-        if self.cancel_delivered:
-            return
-        if self._cancelled_at == seq:
-            self.cancel_delivered = True
-            raise WorkflowCancelled(self.workflow_id)
-        if self._cancel_requested and self._cancelled_at is None:
-            if record is not None and record["status"] not in PENDING:
-                return  # settled before the cancel: replays as it happened
-            self.require_activation()
-            wid, owner = self.workflow_id, self._owner
-            self._durable.store(lambda c: run_queries.deliver_cancel(c, wid, owner, seq))
-            self._cancelled_at = seq
-            self.cancel_delivered = True
-            raise WorkflowCancelled(self.workflow_id)
-
-    def check_end(self) -> None:
-        """At the function's return: every recorded position must have been reached."""
-        if self._last_recorded > self._seq:
-            record = self._records[self._seq + 1]
-            raise NonDeterminismError(
-                self.workflow_id,
-                self._seq + 1,
-                "the end of the workflow",
-                f"{record['kind']} {record['name']}",
-            )
-
-    def _settled(self, seq: int, record: dict[str, Any]) -> Any:
-        if record["status"] == "completed":
-            return self._durable.decode(record["result"])
-        if record["status"] == "failed":
-            raise StepFailed(
-                self.workflow_id,
-                seq,
-                record["name"],
-                record.get("error") or "",
-                int(record.get("attempts") or 0),
-            )
-        if record["status"] == "cancelled":
-            raise WorkflowCancelled(self.workflow_id)
-        raise Suspend()
+    # -- steps and sleeps ---------------------------------------------------------------------
 
     def step(
         self,
@@ -320,7 +102,7 @@ class WorkflowContext(PrimitivesMixin):
         if local:
             attempts = int(record["attempts"]) if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)
-        self._schedule(seq, name, call_args, call_kwargs, options, policy, _seconds(timeout))
+        self._schedule(seq, name, call_args, call_kwargs, options, policy, seconds(timeout))
         raise Suspend()
 
     def _schedule(
@@ -334,7 +116,7 @@ class WorkflowContext(PrimitivesMixin):
         timeout: float | None,
     ) -> None:
         """Queue a new remote step: written when the activation ends, then sent."""
-        limit = self._durable.settings.max_payload_bytes
+        limit = self._core.settings.max_payload_bytes
         if "queue" not in options and "exchange" not in options:
             # Resolve the route now, with this app's task_routes, so that whoever sends the
             # step later (a beat re-sending it, another service) sends it to the same queue.
@@ -350,8 +132,8 @@ class WorkflowContext(PrimitivesMixin):
             step_queries.NewStep(
                 seq,
                 name,
-                self._durable.encode(args, f"arguments of step {seq} ({name})"),
-                self._durable.encode(kwargs, f"keyword arguments of step {seq} ({name})"),
+                self._core.encode(args, f"arguments of step {seq} ({name})"),
+                self._core.encode(kwargs, f"keyword arguments of step {seq} ({name})"),
                 encode(options, f"options of step {seq} ({name})", limit),
             )
         )
@@ -361,12 +143,10 @@ class WorkflowContext(PrimitivesMixin):
         self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
         if isinstance(task, Signature):
-            options = {k: v for k, v in task.options.items() if k in ROUTING_OPTIONS}
+            options = routing_options(task.options)
             return str(task.task), [*task.args, *args], {**task.kwargs, **kwargs}, options
         if isinstance(task, Task):
-            options = {
-                k: getattr(task, k) for k in ROUTING_OPTIONS if getattr(task, k, None) is not None
-            }
+            options = routing_options(lambda key: getattr(task, key, None))
             return str(task.name), list(args), dict(kwargs), options
         if callable(task):
             return _function_name(task), list(args), dict(kwargs), {}
@@ -383,10 +163,10 @@ class WorkflowContext(PrimitivesMixin):
         attempt: int,
     ) -> Any:
         self.require_activation()
-        limit = self._durable.settings.max_payload_bytes
+        limit = self._core.settings.max_payload_bytes
         body = fn.run if isinstance(fn, Task) else fn
         if isinstance(fn, Signature):
-            body = self._durable.app.tasks[str(fn.task)].run
+            body = self._core.app.tasks[str(fn.task)].run
         info = StepInfo(self.workflow_id, seq, name, attempt)
         try:
             with step_context(info):
@@ -394,9 +174,9 @@ class WorkflowContext(PrimitivesMixin):
             plain = dumps(value, f"result of step {seq} ({name})", limit)
         except Exception as exc:
             return self._local_failed(seq, name, exc, policy, attempt)
-        wid, result = self.workflow_id, seal(plain, self._durable.codec)
-        done = self._durable.store(
-            lambda c: step_queries.record_local(
+        wid, result = self.workflow_id, seal(plain, self._core.codec)
+        done = self._core.store(
+            lambda c: local_queries.record_local(
                 c, wid, seq, name, attempt, result, None, "completed"
             )
         )
@@ -409,9 +189,9 @@ class WorkflowContext(PrimitivesMixin):
     ) -> Any:
         error = describe_exception(exc)
         delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
-        with self._durable.transaction() as conn:
+        with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
-            step_queries.record_local(
+            local_queries.record_local(
                 conn, self.workflow_id, seq, name, attempt, None, error, status
             )
             if delay is not None:
@@ -430,7 +210,7 @@ class WorkflowContext(PrimitivesMixin):
         ``duration`` is a ``timedelta`` or seconds. The worker is free meanwhile; the timer
         lives in PostgreSQL and ``durable beat`` resumes the workflow when it is due.
         """
-        seconds = max(_seconds(duration) or 0.0, 0.0)
+        wait = max(seconds(duration), 0.0)
         seq, record = self._take("sleep", "sleep")
         if record is not None:
             self._settled(seq, record)
@@ -438,12 +218,149 @@ class WorkflowContext(PrimitivesMixin):
         self.require_activation()
         wid = self.workflow_id
         base = self._now
-        timer = self._durable.store(lambda c: step_queries.record_sleep(c, wid, seq, seconds, base))
+        timer = self._core.store(lambda c: local_queries.record_sleep(c, wid, seq, wait, base))
         if timer:
             self.effects.timers.append(timer)
         raise Suspend()
 
+    # -- signals and events -------------------------------------------------------------------
 
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
+    def wait_for_signal(self, name: str, timeout: timedelta | float | None = None) -> Any:
+        """Wait for the signal ``name`` and return its payload.
+
+        Signals sent before the wait are kept: the oldest one not yet taken is returned at
+        once. Each signal is delivered to one wait, in the order sent. With ``timeout`` (a
+        durable timer) :class:`~durable.errors.SignalTimeout` is raised when none arrives in
+        time. Example::
+
+            shipped = ctx.wait_for_signal("shipped", timeout=timedelta(days=3))
+        """
+        seq, record = self._take("signal", name)
+        if record is not None:
+            if record["status"] == "timeout":
+                raise SignalTimeout(self.workflow_id, name)
+            if record["status"] != "waiting":
+                return self._settled(seq, record)
+        self.require_activation()
+        wait, wid, first, base = seconds(timeout), self.workflow_id, record is None, self.now()
+        got = self._core.store(
+            lambda c: signal_queries.wait_for_signal(c, wid, seq, name, wait, first, base)
+        )
+        if got.timer:
+            self.effects.timers.append(got.timer)
+        if not got.consumed:
+            raise Suspend()
+        self.advance_now(got.completed_at)
+        return self._core.decode(got.payload)
+
+    def set_event(self, key: str, value: Any) -> None:
+        """Publish ``value`` under ``key`` for the outside world (``durable.get_event``).
+
+        The latest value wins; ``durable show`` lists them. Example::
+
+            ctx.set_event("status", "charged")
+        """
+        seq, record = self._take("event", key)
+        if record is not None:
+            return
+        self.require_activation()
+        text = self._core.encode(value, f"event {key!r}")
+        wid = self.workflow_id
+        done = self._core.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
+        self.advance_now(done)
+
+    # -- parallel steps -----------------------------------------------------------------------
+
+    def parallel(
+        self,
+        calls: Sequence[Signature[Any] | Task[Any, Any]],
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> list[Any]:
+        """Run several steps at once as Celery tasks; return their results in order.
+
+        Each step is checkpointed on its own, so after a crash only the unfinished ones run
+        again. When steps fail (after their retries), the others are still awaited; then
+        :class:`~durable.errors.StepFailed` is raised for the first failed one, in order.
+        Example::
+
+            charge, stock = ctx.parallel([charge_card.s(order), reserve.s(order)])
+        """
+        policy = retry.to_dict() if retry is not None else NO_RETRY
+        limit = seconds(timeout)
+        records: list[tuple[int, dict[str, Any] | None]] = []
+        described = []
+        # Every position of the batch is taken before a cancellation can be delivered, so
+        # that compensation after it never lands on a position of the batch.
+        for call in calls:
+            name, args, kwargs, options = self._describe(call, (), {})
+            seq, record = self._take("task", name, check_cancel=False)
+            records.append((seq, record))
+            described.append((name, args, kwargs, options))
+        for seq, record in records:
+            self.check_cancel(seq, record)
+        for (seq, record), (name, args, kwargs, options) in zip(records, described, strict=True):
+            if record is None:
+                self._schedule(seq, name, args, kwargs, options, policy, limit)
+        if any(r is None or r["status"] in PENDING for _, r in records):
+            raise Suspend()
+        return [self._settled(seq, record) for seq, record in records if record is not None]
+
+    def map(
+        self,
+        task: Task[Any, Any] | Signature[Any],
+        items: Iterable[Any],
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> list[Any]:
+        """Run ``task`` once per item (the item as its last argument), in parallel.
+
+        Example::
+
+            summaries = ctx.map(summarise, chunks)
+        """
+        base = task if isinstance(task, Signature) else task.s()
+        calls = [base.replace(args=(*base.args, item)) for item in items]
+        return self.parallel(calls, retry=retry, timeout=timeout)
+
+    # -- child workflows ----------------------------------------------------------------------
+
+    def child(
+        self,
+        name_or_fn: str | Callable[..., Any],
+        *args: Any,
+        workflow_id: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Start a child workflow and wait for its result.
+
+        The child is a run of its own (``<parent id>/<position>`` unless ``workflow_id`` is
+        given), visible in ``durable list``. Its failure raises
+        :class:`~durable.errors.StepFailed` here; cancelling the parent cancels it. Example::
+
+            receipt = ctx.child("payments.collect", order_id)
+        """
+        name = self._core.workflow_name(name_or_fn)
+        seq, record = self._take("child", name)
+        if record is not None:
+            return self._settled(seq, record)
+        self.require_activation()
+        child_id = workflow_id or f"{self.workflow_id}/{seq}"
+        args_json = self._core.encode(list(args), f"arguments of child workflow {name}")
+        kwargs_json = self._core.encode(kwargs, f"keyword arguments of child workflow {name}")
+        wid, owner = self.workflow_id, self._owner
+        timeout = self._core.execution_timeouts.get(name)
+        started = self._core.store(
+            lambda c: tree_queries.start_child(
+                c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout
+            )
+        )
+        if not started.ours:
+            raise WorkflowIdConflict(child_id, started.taken_by or "?", name)
+        if started.timer:
+            self.effects.timers.append(started.timer)
+        self.effects.activations.append(child_id)
+        self.effects.names[child_id] = name
+        raise Suspend()

@@ -1,7 +1,7 @@
 """Histories of runs this process advanced, kept in memory for the run's next step.
 
 A worker that settles a step and schedules the run's next steps in the same statement (see
-``durable.worker``) knows the run's whole history at that moment: what its claim read, this
+``durable.runner``) knows the run's whole history at that moment: what its claim read, this
 step's outcome and the steps it just scheduled. When the next step's message reaches the same
 process, its claim need not read that history again: it reads the run's wake counter, and if
 the run is still at rest at the counter the history was kept for, nothing that replay looks
@@ -15,7 +15,7 @@ claim's wake counter decides, and the settle checks the run again under its row 
 When a settle (or an activation that did nothing else) scheduled exactly one step and left
 nothing else open, the cache also keeps that step as it was written (name, arguments,
 options): if its first delivery reaches this process, the step can run without a claim at
-all (see ``durable.worker``).
+all (see ``durable.runner``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from durable._control import SETTLING_NOW
-from durable.context import Effects
+from durable.effects import Effects
 from durable.store.runs import Activation
 from durable.store.steps import NewStep
 

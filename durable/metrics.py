@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from durable.beat import BeatStats
-    from durable.runtime import Durable
+    from durable.core import Core
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _le(bound: float) -> str:
 class StoreCollector(Collector):
     """Reads the metrics from PostgreSQL (and the stuck count as reconcile finds it)."""
 
-    def __init__(self, durable: Durable, stats: BeatStats | None = None) -> None:
+    def __init__(self, durable: Core, stats: BeatStats | None = None) -> None:
         self.durable = durable
         self.stats = stats
 
@@ -189,7 +189,7 @@ class StoreCollector(Collector):
 
 
 def serve(
-    durable: Durable, port: int, address: str = "0.0.0.0", stats: BeatStats | None = None
+    durable: Core, port: int, address: str = "0.0.0.0", stats: BeatStats | None = None
 ) -> WSGIServer:
     """Serve ``/metrics`` on ``address:port`` from a daemon thread; ``.shutdown()`` stops it."""
     registry = CollectorRegistry(auto_describe=False)

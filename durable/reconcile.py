@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
+from durable import deadlines
 from durable.store import reconcile as queries
 from durable.store import timers as timer_queries
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable
+    from durable.core import Core
 
 FINDINGS = (*queries.FINDERS, "timer-not-indexed")
 """Every kind of finding, in the order reported."""
@@ -149,7 +150,7 @@ def _finding(kind: str, row: Any, now: datetime) -> Finding:
     )
 
 
-def _not_indexed(durable: Durable, rows: list[Any]) -> list[Any]:
+def _not_indexed(durable: Core, rows: list[Any]) -> list[Any]:
     """The rows whose timer is not in the Redis index."""
     if not rows:
         return []
@@ -157,7 +158,7 @@ def _not_indexed(durable: Durable, rows: list[Any]) -> list[Any]:
     return [row for row in rows if int(row.info) in missing]
 
 
-def find(durable: Durable, grace: float | None = None, limit: int = 500) -> list[Finding]:
+def find(durable: Core, grace: float | None = None, limit: int = 500) -> list[Finding]:
     """Every stuck item, up to ``limit`` of each kind, without changing anything.
 
     Args:
@@ -193,7 +194,7 @@ def _step_key(f: Finding) -> tuple[str, int | None]:
 
 
 def _repair_steps(
-    durable: Durable, conn: Connection, by_kind: dict[str, list[Finding]], grace: float
+    durable: Core, conn: Connection, by_kind: dict[str, list[Finding]], grace: float
 ) -> None:
     lost = by_kind["step-message-lost"]
     dead = by_kind["step-worker-dead"]
@@ -207,7 +208,7 @@ def _repair_steps(
 
 
 def _repair_runs(
-    durable: Durable, conn: Connection, by_kind: dict[str, list[Finding]], grace: float
+    durable: Core, conn: Connection, by_kind: dict[str, list[Finding]], grace: float
 ) -> None:
     owed = by_kind["workflow-not-resumed"]
     idle = by_kind["workflow-idle"]
@@ -220,7 +221,7 @@ def _repair_runs(
     _mark(owed + idle, {row.id for row in woken}, lambda f: f.workflow_id)
 
 
-def _repair_timers(durable: Durable, conn: Connection, by_kind: dict[str, list[Finding]]) -> None:
+def _repair_timers(durable: Core, conn: Connection, by_kind: dict[str, list[Finding]]) -> None:
     waiting = by_kind["step-waiting-without-timer"]
     restored = queries.restore_timers(conn, _keys(waiting))
     durable.index_timers([(r.id, r.fire_at) for r in restored])
@@ -228,7 +229,7 @@ def _repair_timers(durable: Durable, conn: Connection, by_kind: dict[str, list[F
     overdue = by_kind["timer-overdue"]
     fired = timer_queries.fire_timers(conn, [int(f.timer_id or 0) for f in overdue])
     for timer in fired:
-        durable.after_timer(timer)
+        deadlines.after_timer(durable, timer)
     _mark(overdue, {t.timer_id for t in fired}, lambda f: f.timer_id)
     missing = by_kind["timer-not-indexed"]
     durable.index_timers([(int(f.timer_id or 0), _epoch(f.since)) for f in missing])
@@ -239,7 +240,7 @@ def _epoch(moment: datetime | None) -> float:
     return moment.timestamp() if moment is not None else datetime.now(UTC).timestamp()
 
 
-def repair(durable: Durable, findings: list[Finding], grace: float | None = None) -> None:
+def repair(durable: Core, findings: list[Finding], grace: float | None = None) -> None:
     """Repair ``findings`` in place: each gets ``fixed`` and the ``action`` taken.
 
     Each repair applies only if the item is still stuck as it was found (``grace`` as given
@@ -257,7 +258,7 @@ def repair(durable: Durable, findings: list[Finding], grace: float | None = None
 
 
 def reconcile(
-    durable: Durable, fix: bool = False, grace: float | None = None, limit: int = 500
+    durable: Core, fix: bool = False, grace: float | None = None, limit: int = 500
 ) -> Report:
     """Find every stuck item and, with ``fix``, repair it; see the module docstring.
 

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from durable.durations import seconds
+
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import_class(path: str) -> type[BaseException]:
+    """The class at ``module.Qualname``, trying the longest importable module first."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:cut]))
+            for name in parts[cut:]:
+                found = getattr(found, name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+    raise ImportError(f"durable: cannot import the exception class {path!r}")
 
 
 @dataclass(frozen=True)
@@ -45,15 +63,22 @@ class RetryPolicy:
         """The policy as stored with the step (exception classes by dotted path)."""
         return {
             "max_attempts": self.max_attempts,
-            "initial_interval": _seconds(self.initial_interval),
+            "initial_interval": seconds(self.initial_interval),
             "backoff": self.backoff,
-            "max_interval": _seconds(self.max_interval),
+            "max_interval": seconds(self.max_interval),
             "non_retryable": [_class_path(c) for c in self.non_retryable],
         }
 
-
-def _seconds(value: float | timedelta) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> RetryPolicy:
+        """The policy that :meth:`to_dict` stored."""
+        return cls(
+            max_attempts=int(stored["max_attempts"]),
+            initial_interval=float(stored["initial_interval"]),
+            backoff=float(stored["backoff"]),
+            max_interval=float(stored["max_interval"]),
+            non_retryable=tuple(_import_class(p) for p in stored.get("non_retryable") or ()),
+        )
 
 
 NO_RETRY: dict[str, Any] = RetryPolicy(max_attempts=1).to_dict()

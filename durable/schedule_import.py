@@ -15,20 +15,50 @@ import os
 import re
 import shlex
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.schedules import crontab, schedule
 
-from durable.builtins import TASK_WORKFLOW
+from durable.builtin_workflows import TASK_WORKFLOW
 from durable.cadence import NICKNAMES, Cadence, time_zone
 from durable.errors import DurableError, InvalidSchedule
 from durable.store.schedules import Definition
 
 if TYPE_CHECKING:
-    from durable.scheduler import Schedules
+    from durable.core import Core
+
+
+class Schedules(Protocol):
+    """What an import needs of :class:`durable.scheduler.Schedules`, which calls it."""
+
+    durable: Core | None
+
+    def define(
+        self,
+        name: str,
+        workflow: str,
+        cron: str | None,
+        every: timedelta | float | None,
+        args: Iterable[Any],
+        kwargs: Mapping[str, Any] | None,
+        timezone: str,
+        catchup: str,
+        overlap: str,
+        origin: str,
+    ) -> Definition:
+        """Validate a definition without writing it."""
+
+    def save(self, definition: Definition) -> str:
+        """Write a validated definition; returns ``added``, ``updated`` or ``unchanged``."""
+
+    def prune(self, origin: str, keep: list[str]) -> list[str]:
+        """Remove the schedules of ``origin`` whose names are not in ``keep``."""
+
+    def check_not_taken(self, name: str) -> None:
+        """Raise ``InvalidSchedule`` if ``name`` exists and did not come from a crontab."""
 
 
 @dataclass

@@ -43,9 +43,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from sqlalchemy import Connection
 
-from durable import schedule_import
-from durable.builtins import TASK_WORKFLOW
-from durable.cadence import NICKNAMES, Cadence, FirePlan, fire_id, plan_fires
+from durable import client, schedule_import
+from durable.cadence import Cadence, fire_id
 from durable.config import normalise_database_url
 from durable.errors import ConfigurationError, InvalidSchedule, ScheduleNotFound
 from durable.schedule_import import ImportReport
@@ -54,28 +53,8 @@ from durable.store import schedules as store
 from durable.store.schedules import Definition
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable, WorkflowRun
-
-# Names other modules have imported from here; they live in their own modules now.
-__all__ = [
-    "CATCHUP",
-    "NICKNAMES",
-    "OVERLAP",
-    "RETRY_AFTER",
-    "TASK_WORKFLOW",
-    "Cadence",
-    "FirePlan",
-    "ImportReport",
-    "InvalidSchedule",
-    "ScheduleIndex",
-    "ScheduleInfo",
-    "ScheduleNotFound",
-    "ScheduleSettings",
-    "Schedules",
-    "fire_id",
-    "plan_fires",
-    "schedule_settings",
-]
+    from durable.client import WorkflowRun
+    from durable.core import Core
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +82,7 @@ class ScheduleSettings:
     """Most missed fires one catch-up of policy ``all`` starts (the newest ones)."""
 
 
-def schedule_settings(durable: Durable) -> ScheduleSettings:
+def schedule_settings(durable: Core) -> ScheduleSettings:
     """The scheduler's settings for ``durable`` (kept with the others in its settings)."""
     settings = durable.settings
     return ScheduleSettings(
@@ -211,7 +190,7 @@ class Schedules:
 
     def __init__(
         self,
-        durable: Durable | None = None,
+        durable: Core | None = None,
         *,
         database_url: str | None = None,
         connect_retries: int = 3,
@@ -360,7 +339,8 @@ class Schedules:
             raise ConfigurationError("triggering a schedule starts a run: it needs the app")
         durable, info = self.durable, self.get(name)
         at = self._store(store.now).replace(microsecond=0)
-        run = durable.start(info.workflow, *info.args, workflow_id=fire_id(name, at), **info.kwargs)
+        wid = fire_id(name, at)
+        run = client.start(durable, info.workflow, *info.args, workflow_id=wid, **info.kwargs)
         self._store(lambda c: store.record_run(c, name, at, run.id))
         return run
 

@@ -30,16 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 from celery.contrib.testing.worker import start_worker
 
+from durable import durations
 from durable.beat import Beat
 from durable.errors import ResultTimeout, WorkflowNotFound
 from durable.store import runs as run_queries
 from durable.store import timers as timer_queries
+from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
     import pytest
 
-    from durable.devservices import Services
-    from durable.runtime import Durable, WorkflowRun
+    from durable.client import WorkflowRun
+    from durable.dev.services import Services
+    from durable.runtime import Durable
 
 
 class TestEnv:
@@ -76,7 +79,7 @@ class TestEnv:
 
     def advance(self, delta: timedelta | float) -> int:
         """Move the clock forward: fire every timer due within the skipped time."""
-        seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
+        seconds = durations.seconds(delta)
         self.skipped += seconds
         return self._fire_due()
 
@@ -109,12 +112,12 @@ class TestEnv:
         row = self.durable.store(lambda c: run_queries.get_run(c, workflow_id))
         if row is None:
             raise WorkflowNotFound(workflow_id)
-        busy = self.durable.store(lambda c: run_queries.has_work_in_flight(c, workflow_id))
+        busy = self.durable.store(lambda c: tree_queries.has_work_in_flight(c, workflow_id))
         return not busy
 
     def _skip_to_next_timer(self, workflow_id: str) -> None:
         durable = self.durable
-        fire_at = durable.store(lambda c: run_queries.next_timer_of_tree(c, workflow_id))
+        fire_at = durable.store(lambda c: tree_queries.next_timer_of_tree(c, workflow_id))
         if fire_at is None:
             return
         gap = fire_at.timestamp() - time.time() - self.skipped
@@ -135,7 +138,7 @@ def _fixture(fn: Any) -> Any:
 @_fixture
 def durable_services() -> Iterator[Services]:
     """PostgreSQL and Redis for the test session (found, or started for it)."""
-    from durable.devservices import ensure_services
+    from durable.dev.services import ensure_services
 
     services = ensure_services()
     yield services
@@ -145,7 +148,7 @@ def durable_services() -> Iterator[Services]:
 @_fixture
 def durable_database_url(durable_services: Services) -> Iterator[str]:
     """A fresh database with durable's tables, dropped after the session."""
-    from durable.devservices import create_database, drop_database
+    from durable.dev.services import create_database, drop_database
     from durable.store import engine as store_engine
     from durable.store.migrate import upgrade
 

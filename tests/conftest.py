@@ -25,7 +25,7 @@ from sqlalchemy import text
 
 from durable import Durable
 from durable.beat import Beat
-from durable.devservices import Services, create_database, drop_database, ensure_services
+from durable.dev.services import Services, create_database, drop_database, ensure_services
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade
 

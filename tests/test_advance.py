@@ -21,15 +21,16 @@ from sqlalchemy import event, text
 
 from durable import Durable
 from durable.activation import activate, replay_in_memory
-from durable.devservices import Services, create_database, drop_database
+from durable.dev.services import Services, create_database, drop_database
 from durable.errors import ConfigurationError
+from durable.runner import execute_step
 from durable.store import engine as store_engine
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.store.migrate import upgrade
 from durable.store.statement import on_statement
-from durable.worker import execute_step
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def _sleeper(durable: Durable, name: str = "wf.adv.sleeper") -> None:
@@ -48,7 +49,7 @@ def _run_with_claimed_steps(durable: Durable, wid: str, seqs: tuple[int, ...]) -
             {"id": wid},
         )
         for seq in seqs:
-            step_queries.schedule_step(conn, wid, seq, "t.part", "[]", "{}", "{}")
+            schedule_step(conn, wid, seq, "t.part", "[]", "{}", "{}")
         return [
             step_queries.claim_step(conn, wid, seq, f"w{seq}#1", 30, with_history=True)
             for seq in seqs
@@ -149,7 +150,7 @@ def _replay(durable: Durable, database_url: str, wid: str, body: Any) -> Any:
     durable.workflow(f"wf.{wid}")(body)
     durable.start(f"wf.{wid}", workflow_id=wid)
     with durable.connect() as conn:
-        step_queries.schedule_step(conn, wid, 1, "t.first", "[]", "{}", "{}")
+        schedule_step(conn, wid, 1, "t.first", "[]", "{}", "{}")
         conn.execute(
             text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = :id"),
             {"id": wid},

@@ -136,7 +136,7 @@ def test_missing_database_url_is_a_configuration_error(monkeypatch: Any, redis_u
 
 
 def test_store_without_tables_says_to_upgrade(services: Any, redis_url: str, prefix: str) -> None:
-    from durable.devservices import create_database, drop_database
+    from durable.dev.services import create_database, drop_database
 
     name = f"durable_empty_{prefix}"
     url = create_database(services.database_url, name)

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from durable import Durable
-from durable.devservices import start_private_redis
+from durable.dev.services import start_private_redis
 from durable.scheduler import Schedules
 from durable.store import engine as store_engine
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until

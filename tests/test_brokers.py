@@ -1,6 +1,6 @@
 """End to end on both brokers: Redis and RabbitMQ, with Redis holding the timer index.
 
-Each test runs once per broker. RabbitMQ is the one :func:`durable.devservices.find_rabbitmq`
+Each test runs once per broker. RabbitMQ is the one :func:`durable.dev.services.find_rabbitmq`
 finds (``DURABLE_TEST_AMQP_URL``, else the default local port); where none answers, the
 RabbitMQ runs are skipped, each under its own name and with the reason, and
 ``DURABLE_TEST_REQUIRE_RABBITMQ=1`` turns that into a failure. A RabbitMQ run uses a queue
@@ -28,7 +28,7 @@ from kombu import Connection
 
 from durable import Durable
 from durable.beat import Beat
-from durable.devservices import find_rabbitmq
+from durable.dev.services import find_rabbitmq
 from tests.apps.rabbit_app import LEASE_TTL, build
 from tests.conftest import clean_keys, clean_tables, query, wait_until
 

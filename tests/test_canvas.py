@@ -24,8 +24,8 @@ from celery.contrib.testing.worker import start_worker
 from durable import Durable, RetryPolicy, WorkflowFailed
 from durable.activation import activate
 from durable.beat import Beat
+from durable.runner import execute_step
 from durable.testing import TestEnv
-from durable.worker import execute_step
 from tests.apps.canvas_app import build
 from tests.conftest import ROOT, Workers, clean_keys, clean_tables, query, wait_until
 

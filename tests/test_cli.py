@@ -22,11 +22,12 @@ from click.testing import CliRunner, Result
 
 from durable.cli import cli, load_durable
 from durable.config import normalise_database_url
-from durable.devservices import Services, create_database, drop_database
+from durable.dev.services import Services, create_database, drop_database
 from durable.errors import ConfigurationError
 from durable.store import engine as store_engine
 from durable.store import runs, steps
 from tests.conftest import clean_keys
+from tests.store_helpers import complete_step, schedule_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = f"dcli{uuid.uuid4().hex[:10]}"
@@ -84,9 +85,9 @@ def seeded(database_url: str) -> dict[str, str]:
     with engine.connect() as conn:
         assert runs.insert_run(conn, ids["running"], "orders.fulfill", '["o-1"]', "{}")
         for seq, name in ((1, "tasks.charge"), (2, "tasks.ship")):
-            assert steps.schedule_step(conn, ids["running"], seq, name, "[]", "{}", "{}")
+            assert schedule_step(conn, ids["running"], seq, name, "[]", "{}", "{}")
             assert steps.claim_step(conn, ids["running"], seq, "worker-1", 30.0)
-        assert steps.complete_step(conn, ids["running"], 1, '{"txn": "t-1"}')
+        assert complete_step(conn, ids["running"], 1, '{"txn": "t-1"}')
         time.sleep(0.01)  # a distinct created_at, so "newest first" is well defined
         assert runs.insert_run(conn, ids["failed"], "nightly.batch", "[]", '{"day": 1}')
         assert runs.acquire(conn, ids["failed"], "worker-1", 30.0)

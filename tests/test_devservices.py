@@ -1,4 +1,4 @@
-"""Tests of durable.devservices, against the real servers it finds or starts."""
+"""Tests of durable.dev.services, against the real servers it finds or starts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import psycopg
 import pytest
 import redis
 
-from durable.devservices import (
-    PrivatePostgres,
-    PrivateRedis,
+from durable.dev.servers import PrivatePostgres, PrivateRedis
+from durable.dev.services import (
     Services,
     create_database,
     drop_database,
@@ -196,7 +195,7 @@ def test_module_prints_export_lines() -> None:
     }
 
     result = subprocess.run(
-        [sys.executable, "-m", "durable.devservices"],
+        [sys.executable, "-m", "durable.dev.services"],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,

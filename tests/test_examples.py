@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from durable.devservices import Services, drop_database
+from durable.dev.services import Services, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,11 +14,12 @@ from sqlalchemy import event
 from durable import Durable, WorkflowFailed
 from durable.activation import activate
 from durable.beat import Beat
-from durable.devservices import start_private_redis
+from durable.dev.services import start_private_redis
+from durable.runner import execute_step
 from durable.store import engine as store_engine
 from durable.store.statement import on_statement
-from durable.worker import execute_step
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def test_one_writer_per_workflow(durable: Durable, app: Celery, database_url: str) -> None:
@@ -261,7 +262,7 @@ def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
     engine = store_engine.get_engine(database_url)
     with durable.connect() as conn:
         for seq in (1, 2):
-            step_queries.schedule_step(conn, "pair-1", seq, "t.part", "[]", "{}", "{}")
+            schedule_step(conn, "pair-1", seq, "t.part", "[]", "{}", "{}")
             assert step_queries.claim_step(conn, "pair-1", seq, f"w{seq}#1", 30) is not None
     holder = engine.connect()
     holder_tx = holder.begin()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from durable.devservices import start_private_redis
+from durable.dev.services import start_private_redis
 from durable.leader import LeaderLock
 from tests.conftest import clean_keys, wait_until
 

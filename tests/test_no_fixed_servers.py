@@ -1,5 +1,5 @@
 """No test names a server: every test reaches PostgreSQL, Redis and RabbitMQ through the
-fixtures that find or start them (``tests/conftest.py``, :mod:`durable.devservices`), so the
+fixtures that find or start them (``tests/conftest.py``, :mod:`durable.dev.services`), so the
 suite runs the same where nothing listens on the default ports."""
 
 from __future__ import annotations

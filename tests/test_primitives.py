@@ -24,6 +24,7 @@ from durable import (
 )
 from durable.activation import activate
 from tests.conftest import query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def _bump(client: redis.Redis, prefix: str, key: str) -> int:
@@ -470,7 +471,7 @@ def test_a_late_result_of_a_timed_out_attempt_is_dropped(
 
     durable.start("wf.attempts", workflow_id="att-1")
     with durable.connect() as conn:
-        step_queries.schedule_step(conn, "att-1", 1, "t.any", "[]", "{}", "{}")
+        schedule_step(conn, "att-1", 1, "t.any", "[]", "{}", "{}")
         first = step_queries.claim_step(conn, "att-1", 1, "w1#1", 30)
         assert first is not None and first.attempt == 1
         assert step_queries.schedule_retry(conn, "att-1", 1, "TimeoutError", 0) is not None

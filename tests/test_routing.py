@@ -47,7 +47,7 @@ def test_steps_follow_the_tasks_routing(
     assert re.fullmatch(r"routed-1:1:[0-9a-f]{8}", payment["headers"]["id"])
 
     # Settle step 1 by hand (no worker runs here) and let the workflow move on.
-    from durable.worker import execute_step
+    from durable.runner import execute_step
 
     assert execute_step(durable, "routed-1", 1) == "completed"
     (shipping,) = _messages(redis_url, f"{prefix}:shipping")
@@ -58,7 +58,7 @@ def test_steps_follow_the_tasks_routing(
 
 
 def test_task_ids_are_legible_and_safe_in_links() -> None:
-    from durable.runtime import task_id
+    from durable.dispatch import task_id
 
     first, second = task_id("order-o-1", "3"), task_id("order-o-1", "3")
     assert first.startswith("order-o-1:3:") and first != second  # one id per message

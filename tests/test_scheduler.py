@@ -11,15 +11,9 @@ import pytest
 from celery.schedules import BaseSchedule, crontab, schedule
 
 from durable import Durable
-from durable.errors import UnknownWorkflow
-from durable.scheduler import (
-    Cadence,
-    InvalidSchedule,
-    ScheduleNotFound,
-    Schedules,
-    fire_id,
-    plan_fires,
-)
+from durable.cadence import Cadence, fire_id, plan_fires
+from durable.errors import InvalidSchedule, ScheduleNotFound, UnknownWorkflow
+from durable.scheduler import Schedules
 from durable.store import engine as store_engine
 from tests.conftest import query
 

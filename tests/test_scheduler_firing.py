@@ -15,7 +15,8 @@ import redis
 
 from durable import Durable
 from durable.beat import Beat, ScheduleRunner
-from durable.scheduler import Cadence, Schedules, fire_id
+from durable.cadence import Cadence, fire_id
+from durable.scheduler import Schedules
 from durable.store import engine as store_engine
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
 

@@ -1,6 +1,6 @@
 """Steps run without a claim on their first delivery to the process that scheduled them.
 
-See ``durable.worker``: such a step is settled from ``scheduled`` in one statement, claimed
+See ``durable.runner``: such a step is settled from ``scheduled`` in one statement, claimed
 by the heartbeat thread if its body is still running half-way to ``redispatch_after``, and
 claimed before a failure is handled. Every other delivery claims first, as before.
 """
@@ -22,10 +22,11 @@ from durable.activation import activate
 from durable.beat import Beat
 from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
+from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
 from durable.store.runs import Activation
-from durable.worker import execute_step, first_delivery
 from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def _events(database_url: str, wid: str, seq: int) -> list[str]:
@@ -82,8 +83,8 @@ def test_a_settle_says_which_new_steps_it_wrote(durable: Durable) -> None:
     durable.start("wf.unclaimed.sleeper", workflow_id="unc-5")
     with durable.connect() as conn:
         conn.execute(text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = 'unc-5'"))
-        step_queries.schedule_step(conn, "unc-5", 1, "t.part", "[]", "{}", "{}")
-        step_queries.schedule_step(conn, "unc-5", 2, "t.part", "[]", "{}", "{}")
+        schedule_step(conn, "unc-5", 1, "t.part", "[]", "{}", "{}")
+        schedule_step(conn, "unc-5", 2, "t.part", "[]", "{}", "{}")
         claimed = step_queries.claim_step(conn, "unc-5", 1, "w#1", 30, with_history=True)
         assert claimed is not None and claimed.rest_wake is not None
         settled = step_queries.settle_step(

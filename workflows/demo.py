@@ -50,8 +50,8 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import text
 
-from durable.devservices import (
-    PrivateRedis,
+from durable.dev.servers import PrivateRedis
+from durable.dev.services import (
     Services,
     create_database,
     drop_database,
@@ -586,7 +586,7 @@ def print_next_steps(env: dict[str, str], services: Services, tour: Tour, keep: 
     if services.started_any:
         console.print(
             "(PostgreSQL is a throwaway server, deleted when the demo ends; run "
-            "`python -m durable.devservices` in another shell and export what it prints to "
+            "`python -m durable.dev.services` in another shell and export what it prints to "
             "keep one.)",
             soft_wrap=True,
         )

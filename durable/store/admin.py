@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
+
+from durable.store.statement import statement
 
 # What a run waits on: the first position that has not settled, and its next unfired timer.
 # Listing shows this for running runs; the filters of ``durable list --waiting`` test the same
@@ -76,7 +78,7 @@ def list_runs(
          ORDER BY w.created_at DESC LIMIT :limit
     """
     params = {"status": status, "name": name, "since": since, "limit": limit}
-    return list(conn.execute(text(query), params))
+    return list(conn.execute(statement(query), params))
 
 
 _TIMERS = """
@@ -99,7 +101,7 @@ def list_timers(
         where.append("t.fired_at IS NULL")
     if workflow_id:
         where.append("t.workflow_id = :wid")
-    query = text(_TIMERS.format(where=" AND ".join(where)))
+    query = statement(_TIMERS.format(where=" AND ".join(where)))
     return list(conn.execute(query, {"wid": workflow_id, "limit": limit}))
 
 
@@ -110,7 +112,7 @@ def list_timers(
 # whose worker died (lease expired) goes back to scheduled, and every scheduled step is marked
 # re-sent. The caller sends the activation and those steps, and re-indexes the unfired timers
 # returned; duplicates of any of them are harmless.
-_RESUME = text(
+_RESUME = statement(
     """
     WITH r AS (
         SELECT id, name, status FROM durable_workflows WHERE id = :id
@@ -152,8 +154,8 @@ _RESUME = text(
 
 
 @dataclass(frozen=True)
-class Resumed:
-    """The outcome of :func:`resume_run`."""
+class RunToResume:
+    """What :func:`resume_run` woke: the run's steps to send again and timers to index."""
 
     name: str
     status: str
@@ -165,14 +167,14 @@ class Resumed:
     """The run's unfired timers as (id, fire time as epoch), to index again."""
 
 
-def resume_run(conn: Connection, wid: str) -> Resumed | None:
+def resume_run(conn: Connection, wid: str) -> RunToResume | None:
     """Wake a running run and mark its scheduled steps re-sent; None when there is no run."""
     row = conn.execute(_RESUME, {"id": wid}).first()
     if row is None:
         return None
     steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
     timers = row.timers if isinstance(row.timers, list) else json.loads(row.timers)
-    return Resumed(
+    return RunToResume(
         row.name,
         row.status,
         bool(row.woken),
@@ -190,7 +192,7 @@ def resume_run(conn: Connection, wid: str) -> Resumed | None:
 # the run is woken (wake_seq + 1 > run_seq: owed an activation). Earlier positions keep their
 # results. A run that failed with every position complete (the workflow raised, or replay
 # found non-determinism) keeps its whole history and replays from the top.
-_RETRY = text(
+_RETRY = statement(
     """
     WITH RECURSIVE r AS (
         SELECT id, name, status FROM durable_workflows WHERE id = :id FOR UPDATE
@@ -265,7 +267,7 @@ def retry_run(conn: Connection, wid: str) -> Retried | None:
 # ``from_step``: their rows are copied with their results and times (so ``ctx.now()`` replays
 # the same), as are the events those positions published. Everything from ``from_step`` on
 # runs again when the new run is activated.
-_FORK = text(
+_FORK = statement(
     """
     WITH src AS (
         SELECT id, name, args, kwargs FROM durable_workflows WHERE id = :src
@@ -333,7 +335,7 @@ def fork_run(conn: Connection, wid: str, new_id: str, from_step: int) -> Forked 
 # Finished runs are deleted in batches, oldest first, skipping rows another purge holds: the
 # foreign keys cascade to their steps, timers, signals and events; their history (which has
 # no foreign key) is deleted by the same statement.
-_PURGE = text(
+_PURGE = statement(
     """
     WITH c AS (
         SELECT id FROM durable_workflows
@@ -349,7 +351,7 @@ _PURGE = text(
     """
 )
 
-_COUNT_PURGEABLE = text(
+_COUNT_PURGEABLE = statement(
     """
     SELECT count(*) FROM durable_workflows
      WHERE status IN ('completed', 'failed', 'cancelled')

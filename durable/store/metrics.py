@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
+
+from durable.store.statement import statement
 
 # Read on every scrape of ``durable beat --metrics-port``; each is one aggregate over a table.
 # ``width_bucket`` gives, per value, how many of the (sorted) bounds are at or below it, which
 # the collector turns into Prometheus's cumulative buckets.
-_RUN_COUNTS = text("SELECT name, status, count(*) AS n FROM durable_workflows GROUP BY 1, 2")
+_RUN_COUNTS = statement("SELECT name, status, count(*) AS n FROM durable_workflows GROUP BY 1, 2")
 
-_STEP_DURATIONS = text(
+_STEP_DURATIONS = statement(
     """
     WITH d AS (
         SELECT name, extract(epoch FROM completed_at - started_at) AS secs
@@ -25,14 +27,14 @@ _STEP_DURATIONS = text(
     """
 )
 
-_STEP_RETRIES = text(
+_STEP_RETRIES = statement(
     """
     SELECT name, sum(greatest(attempts - 1, 0)) AS n FROM durable_steps
      WHERE kind IN ('task', 'local') GROUP BY 1
     """
 )
 
-_TIMER_LATENESS = text(
+_TIMER_LATENESS = statement(
     """
     WITH d AS (
         SELECT purpose, extract(epoch FROM fired_at - fire_at) AS secs
@@ -44,7 +46,7 @@ _TIMER_LATENESS = text(
     """
 )
 
-_PENDING_TIMERS = text(
+_PENDING_TIMERS = statement(
     """
     SELECT count(*) AS pending, count(*) FILTER (WHERE fire_at < now()) AS due
       FROM durable_timers WHERE fired_at IS NULL

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
 
 from durable.store.recovery import Dispatch, dispatches_from
+from durable.store.statement import statement
 
 # Each finder returns rows of (workflow_id, seq, name, since, info): the stuck item, since when,
 # and one more fact for the report. ``:grace`` is how late a dispatch, wake-up or timer may be
@@ -88,7 +89,7 @@ FINDERS = {
 
 # Unfired timers not yet overdue, soonest first, that should be in the Redis index by now (a
 # timer is indexed just after its commit, hence the two seconds).
-_INDEX_CANDIDATES = text(
+_INDEX_CANDIDATES = statement(
     """
     SELECT t.workflow_id, t.seq, coalesce(st.name, t.purpose) AS name, t.fire_at AS since,
            t.id AS info
@@ -104,7 +105,7 @@ _INDEX_CANDIDATES = text(
 
 def find_stuck(conn: Connection, finding: str, grace: float, limit: int) -> list[Row[Any]]:
     """Rows of one kind of stuck item (a key of :data:`FINDERS`), oldest first."""
-    return list(conn.execute(text(FINDERS[finding]), {"grace": grace, "limit": limit}))
+    return list(conn.execute(statement(FINDERS[finding]), {"grace": grace, "limit": limit}))
 
 
 def timers_to_index(conn: Connection, grace: float, limit: int) -> list[Row[Any]]:
@@ -116,7 +117,7 @@ def timers_to_index(conn: Connection, grace: float, limit: int) -> list[Row[Any]
 
 _KEYS = "unnest(CAST(:wids AS text[]), CAST(:seqs AS int[])) AS k(wid, seq)"
 
-_RESEND_SCHEDULED = text(
+_RESEND_SCHEDULED = statement(
     f"""
     UPDATE durable_steps st
        SET dispatched_at = now(), dispatch_count = st.dispatch_count + 1
@@ -127,7 +128,7 @@ _RESEND_SCHEDULED = text(
     """
 )
 
-_RESCHEDULE_EXPIRED = text(
+_RESCHEDULE_EXPIRED = statement(
     f"""
     WITH s AS (
         UPDATE durable_steps st
@@ -146,7 +147,7 @@ _RESCHEDULE_EXPIRED = text(
     """
 )
 
-_TOUCH_OWED = text(
+_TOUCH_OWED = statement(
     """
     UPDATE durable_workflows SET woken_at = now()
      WHERE id = ANY(CAST(:ids AS text[])) AND status = 'running' AND wake_seq > run_seq
@@ -156,7 +157,7 @@ _TOUCH_OWED = text(
     """
 )
 
-_WAKE_IDLE = text(
+_WAKE_IDLE = statement(
     """
     WITH w AS (
         UPDATE durable_workflows w SET wake_seq = wake_seq + 1, woken_at = now()
@@ -177,7 +178,7 @@ _WAKE_IDLE = text(
 
 # A sleep's timer is set back to its original end (or now, if that has passed); a retry's
 # back-off to now.
-_RESTORE_TIMERS = text(
+_RESTORE_TIMERS = statement(
     f"""
     WITH t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
+
+from durable.store.statement import statement
 
 # A started step whose lease ran out lost its worker (SIGKILL, OOM, host gone): put it back to
 # scheduled so it is dispatched again. The old message, if the broker redelivers it later,
 # finds the step no longer scheduled (or already completed) and does nothing.
-_EXPIRED_STEPS = text(
+_EXPIRED_STEPS = statement(
     """
     WITH c AS (
         SELECT st.workflow_id, st.seq FROM durable_steps st
@@ -38,7 +40,7 @@ _EXPIRED_STEPS = text(
 
 # A scheduled step not claimed in time: its message was lost between commit and broker (or
 # the broker lost it). Send it again; a duplicate finds the step claimed and does nothing.
-_STALE_STEPS = text(
+_STALE_STEPS = statement(
     """
     WITH c AS (
         SELECT st.workflow_id, st.seq FROM durable_steps st
@@ -58,7 +60,7 @@ _STALE_STEPS = text(
 # A run owed an activation (woken, not replayed since) whose lease is free or expired, and
 # whose last wake-up is older than the redispatch delay: the activation message was lost, or
 # the process replaying it died.
-_OWED_RUNS = text(
+_OWED_RUNS = statement(
     """
     WITH c AS (
         SELECT id FROM durable_workflows
@@ -111,7 +113,7 @@ def owed_activations(conn: Connection, after: float, limit: int = 200) -> list[t
 # A started step past its start-to-close deadline (``ctx.step(..., timeout=...)``): its
 # attempt has failed, whether or not its worker is alive. Rows are locked for the caller's
 # transaction, which applies the retry policy to each.
-_TIMED_OUT = text(
+_TIMED_OUT = statement(
     """
     SELECT st.workflow_id, st.seq, st.name, st.options, st.attempts FROM durable_steps st
       JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from durable.store.models import workflows
-from durable.store.statement import statement
+from durable.store.statement import insert_new_steps, statement
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -27,14 +27,9 @@ _INSERT = statement(
                 CASE WHEN :eager THEN 1 ELSE 0 END)
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
-    ), n AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
-                                   dispatched_at, dispatch_count)
-        SELECT w.id, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options, now(), 1
-          FROM w, jsonb_to_recordset(CAST(:rows AS jsonb))
-               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
-        RETURNING workflow_id, seq, name
-    ), h AS (
+    ), n AS ("""
+    + insert_new_steps("w.id", source="w, ")
+    + """), h AS (
         -- One INSERT, so the history reads in order: the start, then the steps it scheduled.
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
@@ -97,18 +92,6 @@ def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:
     return conn.execute(select(workflows).where(workflows.c.id == workflow_id)).first()
 
 
-def list_runs(
-    conn: Connection, status: str | None = None, name: str | None = None, limit: int = 50
-) -> list[Row[Any]]:
-    """Runs, newest first, optionally filtered."""
-    query = select(workflows).order_by(workflows.c.created_at.desc()).limit(limit)
-    if status:
-        query = query.where(workflows.c.status == status)
-    if name:
-        query = query.where(workflows.c.name == name)
-    return list(conn.execute(query))
-
-
 @dataclass(frozen=True)
 class Activation:
     """What replay needs, read under the run's lease in one statement."""
@@ -116,7 +99,7 @@ class Activation:
     workflow_id: str
     name: str
     args: Any
-    """As stored: a JSON list, or a codec's envelope (see ``Durable.decode``)."""
+    """As stored: a JSON list, or a codec's envelope (see ``Core.decode``)."""
     kwargs: Any
     """As stored: a JSON object, or a codec's envelope."""
     wake_seq: int
@@ -309,71 +292,6 @@ def finish(
     return Finished(bool(row.finished), row.parent_id, row.parent_name)
 
 
-# Cancelling a run cancels its descendants too (child workflows): each gets the flag and a
-# wake-up; replay delivers WorkflowCancelled at the first position that has not settled.
-_CANCEL = statement(
-    """
-    WITH RECURSIVE tree AS (
-        SELECT id FROM durable_workflows WHERE id = :id AND status = 'running'
-        UNION
-        SELECT c.id FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
-         WHERE c.status = 'running'
-    ), w AS (
-        UPDATE durable_workflows
-           SET cancel_requested = true, wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id IN (SELECT id FROM tree) AND NOT cancel_requested
-        RETURNING id, name
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, event, detail)
-        SELECT id, 'cancel requested', jsonb_build_object('by', CAST(:id AS text)) FROM w
-    )
-    SELECT id, name FROM w
-    """
-)
-
-
-def request_cancel(conn: Connection, workflow_id: str) -> list[tuple[str, str]]:
-    """Flag the run and its running descendants as cancelled.
-
-    Returns the runs to activate, as (id, workflow name).
-    """
-    return [(r.id, r.name) for r in conn.execute(_CANCEL, {"id": workflow_id})]
-
-
-_DELIVER_CANCEL = statement(
-    """
-    WITH w AS (
-        UPDATE durable_workflows SET cancelled_at_seq = :seq
-         WHERE id = :id AND lease_owner = :owner AND cancelled_at_seq IS NULL
-        RETURNING id
-    ), s AS (
-        UPDATE durable_steps SET status = 'cancelled', completed_at = now()
-         WHERE workflow_id = :id AND seq = :seq AND EXISTS (SELECT 1 FROM w)
-           AND (status IN ('waiting', 'ready') OR (kind = 'task' AND status = 'scheduled'))
-        RETURNING seq
-    ), t AS (
-        UPDATE durable_timers SET fired_at = now()
-         WHERE workflow_id = :id AND seq = :seq AND fired_at IS NULL
-           AND EXISTS (SELECT 1 FROM w)
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event)
-        SELECT id, :seq, 'cancelled' FROM w
-    )
-    SELECT count(*) FROM w
-    """
-)
-
-
-def deliver_cancel(conn: Connection, workflow_id: str, owner: str, seq: int) -> bool:
-    """Record that cancellation reached the run at position ``seq``.
-
-    A position that has not started (a sleep, a signal wait, a step not yet claimed) is marked
-    ``cancelled`` so nothing runs it; a step already running finishes and its result is kept.
-    """
-    params = {"id": workflow_id, "owner": owner, "seq": seq}
-    return bool(conn.execute(_DELIVER_CANCEL, params).scalar_one())
-
-
 _PATCH = statement(
     """
     UPDATE durable_workflows
@@ -386,94 +304,6 @@ _PATCH = statement(
 def record_patch(conn: Connection, workflow_id: str, owner: str, change_id: str) -> None:
     """Remember that this run took the new code path of ``change_id``."""
     conn.execute(_PATCH, {"id": workflow_id, "owner": owner, "change": change_id})
-
-
-_CHILD = statement(
-    """
-    WITH c AS (
-        INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
-                                       cancel_requested, deadline_at)
-        SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
-               :seq, p.cancel_requested,
-               now() + make_interval(secs => CAST(:timeout AS float8))
-          FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
-        ON CONFLICT (id) DO NOTHING
-        RETURNING id, deadline_at
-    ), t AS (
-        INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
-        SELECT id, 0, 'deadline', deadline_at FROM c WHERE deadline_at IS NOT NULL
-        RETURNING id, fire_at
-    ), taken AS (
-        SELECT name, parent_id, parent_seq FROM durable_workflows WHERE id = :child
-    ), s AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, options, started_at)
-        SELECT :id, :seq, 'child', :name, 'waiting',
-               jsonb_build_object('child', CAST(:child AS text)), now()
-          FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
-           AND (EXISTS (SELECT 1 FROM c)
-                OR EXISTS (SELECT 1 FROM taken WHERE parent_id = :id AND parent_seq = :seq))
-        ON CONFLICT (workflow_id, seq) DO NOTHING
-        RETURNING seq
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT :id, :seq, 'child started', jsonb_build_object('child', CAST(:child AS text))
-          FROM s
-    ), ch AS (
-        INSERT INTO durable_history (workflow_id, event, detail)
-        SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text),
-                                                 'parent', CAST(:id AS text)) FROM c
-    ), stale AS (
-        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM c)
-    )
-    SELECT (SELECT count(*) FROM c) AS created, (SELECT count(*) FROM s) AS recorded,
-           (SELECT name FROM taken) AS taken_by, (SELECT parent_id FROM taken) AS parent_id,
-           (SELECT parent_seq FROM taken) AS parent_seq,
-           (SELECT id FROM t) AS timer_id, (SELECT fire_at FROM t) AS fire_at
-    """
-)
-
-
-@dataclass(frozen=True)
-class ChildStarted:
-    """The outcome of :func:`start_child`."""
-
-    created: bool
-    """False when a run with the child's id existed already."""
-    ours: bool
-    """Whether the run with that id is this parent's child at this position."""
-    taken_by: str | None
-    """The workflow name of the run that holds the id, when it existed already."""
-    timer: tuple[int, float] | None
-    """The child's execution-timeout timer, to index."""
-
-
-def start_child(
-    conn: Connection,
-    workflow_id: str,
-    owner: str,
-    seq: int,
-    child_id: str,
-    name: str,
-    args: str,
-    kwargs: str,
-    timeout: float | None = None,
-) -> ChildStarted:
-    """Create a child run waited for at the parent's position ``seq``."""
-    params = {
-        "id": workflow_id,
-        "owner": owner,
-        "seq": seq,
-        "child": child_id,
-        "name": name,
-        "args": args,
-        "kwargs": kwargs,
-        "timeout": timeout,
-    }
-    row = conn.execute(_CHILD, params).one()
-    # The 'taken' CTE sees the snapshot before this statement: a new child reads as absent.
-    ours = bool(row.created) or (row.parent_id == workflow_id and row.parent_seq == seq)
-    timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
-    return ChildStarted(bool(row.created), ours, row.taken_by, timer)
 
 
 _WAKE = statement(
@@ -508,45 +338,3 @@ _RENEW = statement(
 def renew_leases(conn: Connection, owner: str, ttl: float) -> int:
     """Extend every lease held by a token of process ``owner``; returns how many."""
     return int(conn.execute(_RENEW, {"prefix": f"{owner}#", "ttl": ttl}).scalar_one())
-
-
-_TREE = """
-    WITH RECURSIVE tree AS (
-        SELECT id FROM durable_workflows WHERE id = :id
-        UNION
-        SELECT c.id FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
-    )
-"""
-
-_IN_FLIGHT = statement(
-    _TREE
-    + """
-    SELECT EXISTS (
-               SELECT 1 FROM durable_steps
-                WHERE workflow_id IN (SELECT id FROM tree)
-                  AND status IN ('scheduled', 'started', 'ready'))
-        OR EXISTS (
-               SELECT 1 FROM durable_workflows
-                WHERE id IN (SELECT id FROM tree) AND status = 'running'
-                  AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
-    """
-)
-
-
-def has_work_in_flight(conn: Connection, workflow_id: str) -> bool:
-    """Whether the run or a descendant has a step, activation or local retry under way."""
-    return bool(conn.execute(_IN_FLIGHT, {"id": workflow_id}).scalar())
-
-
-_NEXT_TIMER = statement(
-    _TREE
-    + """
-    SELECT min(fire_at) FROM durable_timers
-     WHERE workflow_id IN (SELECT id FROM tree) AND fired_at IS NULL
-    """
-)
-
-
-def next_timer_of_tree(conn: Connection, workflow_id: str) -> Any:
-    """Fire time of the earliest unfired timer of the run or its descendants, or None."""
-    return conn.execute(_NEXT_TIMER, {"id": workflow_id}).scalar()

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
+
+from durable.store.statement import statement
 
 # The columns every read returns: the schedule, the status of the run its last fire started,
 # and PostgreSQL's clock, which decides what is due.
@@ -43,7 +45,7 @@ class Definition:
 # Writes the definition only when it differs from the stored one, so that an import repeated
 # at every beat start (same definition) keeps the schedule's next fire and its paused state.
 # xmax = 0 tells a fresh insert from an update.
-_UPSERT = text(
+_UPSERT = statement(
     """
     INSERT INTO durable_schedules AS s
            (name, workflow, args, kwargs, cron, every, timezone, catchup, overlap, origin,
@@ -83,7 +85,7 @@ def upsert_schedule(
     row = conn.execute(_UPSERT, params).first()
     if row is None:
         paused = conn.execute(
-            text("SELECT paused FROM durable_schedules WHERE name = :name"),
+            statement("SELECT paused FROM durable_schedules WHERE name = :name"),
             {"name": definition.name},
         ).scalar_one()
         return "unchanged", bool(paused)
@@ -92,15 +94,15 @@ def upsert_schedule(
 
 def get_schedule(conn: Connection, name: str) -> Row[Any] | None:
     """The schedule with its last run's status (``last_status``) and ``now``, or None."""
-    return conn.execute(text(_SELECT + " WHERE s.name = :name"), {"name": name}).first()
+    return conn.execute(statement(_SELECT + " WHERE s.name = :name"), {"name": name}).first()
 
 
 def list_schedules(conn: Connection) -> list[Row[Any]]:
     """Every schedule by name, each with its last run's status and ``now``."""
-    return list(conn.execute(text(_SELECT + " ORDER BY s.name")))
+    return list(conn.execute(statement(_SELECT + " ORDER BY s.name")))
 
 
-_LOCK = text(_SELECT + " WHERE s.name = :name FOR UPDATE OF s")
+_LOCK = statement(_SELECT + " WHERE s.name = :name FOR UPDATE OF s")
 
 
 def lock_schedule(conn: Connection, name: str) -> Row[Any] | None:
@@ -112,7 +114,7 @@ def lock_schedule(conn: Connection, name: str) -> Row[Any] | None:
     return conn.execute(_LOCK, {"name": name}).first()
 
 
-_ADVANCE = text(
+_ADVANCE = statement(
     """
     UPDATE durable_schedules
        SET next_fire_at = :next_fire_at,
@@ -141,14 +143,14 @@ def advance(
     return conn.execute(_ADVANCE, params).rowcount == 1
 
 
-_PAUSE = text(
+_PAUSE = statement(
     """
     UPDATE durable_schedules SET paused = true, updated_at = now()
      WHERE name = :name RETURNING next_fire_at
     """
 )
 
-_RESUME = text(
+_RESUME = statement(
     """
     UPDATE durable_schedules SET paused = false, next_fire_at = :next_fire_at, updated_at = now()
      WHERE name = :name RETURNING next_fire_at
@@ -156,7 +158,7 @@ _RESUME = text(
 )
 
 
-_RECORD = text(
+_RECORD = statement(
     """
     UPDATE durable_schedules SET last_fire_at = :fire_at, last_run_id = :run_id, updated_at = now()
      WHERE name = :name
@@ -183,11 +185,13 @@ def resume(conn: Connection, name: str, next_fire_at: datetime | None) -> bool:
 
 def delete_schedule(conn: Connection, name: str) -> bool:
     """Remove the schedule; False when there is none of that name."""
-    result = conn.execute(text("DELETE FROM durable_schedules WHERE name = :name"), {"name": name})
+    result = conn.execute(
+        statement("DELETE FROM durable_schedules WHERE name = :name"), {"name": name}
+    )
     return result.rowcount == 1
 
 
-_PRUNE = text(
+_PRUNE = statement(
     """
     DELETE FROM durable_schedules
      WHERE origin = :origin AND NOT (name = ANY(CAST(:keep AS text[])))
@@ -201,7 +205,7 @@ def prune(conn: Connection, origin: str, keep: list[str]) -> list[str]:
     return [r.name for r in conn.execute(_PRUNE, {"origin": origin, "keep": keep})]
 
 
-_DUE = text(
+_DUE = statement(
     """
     SELECT name FROM durable_schedules
      WHERE NOT paused AND next_fire_at <= now()
@@ -215,7 +219,7 @@ def due_schedules(conn: Connection, limit: int = 100) -> list[str]:
     return [r.name for r in conn.execute(_DUE, {"limit": limit})]
 
 
-_PENDING = text(
+_PENDING = statement(
     "SELECT name, next_fire_at FROM durable_schedules WHERE NOT paused AND next_fire_at IS NOT NULL"
 )
 
@@ -227,5 +231,5 @@ def pending_schedules(conn: Connection) -> list[tuple[str, float]]:
 
 def now(conn: Connection) -> datetime:
     """PostgreSQL's clock, which decides what is due."""
-    value: datetime = conn.execute(text("SELECT now()")).scalar_one()
+    value: datetime = conn.execute(statement("SELECT now()")).scalar_one()
     return value

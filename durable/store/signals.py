@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, text
+from sqlalchemy import Connection, Row, select
 
 from durable.store.models import events, signals
+from durable.store.statement import statement
 
 # Kept and woken in one statement: a signal sent while no worker runs at all is in PostgreSQL,
 # and the run owes an activation (wake_seq > run_seq) that the recovery sweep will send.
-_SEND = text(
+_SEND = statement(
     """
     WITH w AS (
         SELECT id, status, name FROM durable_workflows WHERE id = :wid
@@ -111,7 +112,7 @@ _CONSUME = """
            (SELECT id FROM t) AS timer_id, (SELECT fire_at FROM t) AS fire_at
 """
 
-_BEGIN_WAIT = text(
+_BEGIN_WAIT = statement(
     _CONSUME.format(
         write="""
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, result, started_at,
@@ -126,7 +127,7 @@ _BEGIN_WAIT = text(
     )
 )
 
-_RETRY_WAIT = text(
+_RETRY_WAIT = statement(
     _CONSUME.format(
         write="""
         UPDATE durable_steps SET status = 'completed', result = (SELECT payload FROM c),
@@ -176,7 +177,7 @@ def wait_for_signal(
     return Consumed(bool(row.consumed), row.payload, row.completed_at, timer)
 
 
-_SET_EVENT = text(
+_SET_EVENT = statement(
     """
     WITH s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, result, started_at,

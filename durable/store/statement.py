@@ -38,6 +38,25 @@ def statement(sql: str) -> TextClause:
     return text("\n".join(line for line in lines if line and not line.startswith("--")))
 
 
+def insert_new_steps(workflow_id: str, source: str = "", tail: str = "") -> str:
+    """The INSERT of new remote steps, scheduled and counted as dispatched once.
+
+    The rows arrive as one JSON array ``:rows`` of {seq, name, args, kwargs, options}.
+    ``workflow_id`` is the SQL of their run's id, ``source`` a relation joined before the
+    rows (``"w, "``), ``tail`` a WHERE or ON CONFLICT clause. Returns the steps written.
+    """
+    return f"""
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
+                                   dispatched_at, dispatch_count)
+        SELECT {workflow_id}, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options,
+               now(), 1
+          FROM {source}jsonb_to_recordset(CAST(:rows AS jsonb))
+               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
+        {tail}
+        RETURNING workflow_id, seq, name
+    """
+
+
 def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -> Any | None:
     """The first row of ``clause`` (or None), sent straight on ``conn``'s psycopg cursor.
 

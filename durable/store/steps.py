@@ -24,21 +24,15 @@ from durable.store.runs import (
     Activation,
     activation_from_row,
 )
-from durable.store.statement import first_row, statement
+from durable.store.statement import first_row, insert_new_steps, statement
 
 # New remote steps (one, or a parallel batch) are written in the statement that releases the
 # run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}.
 _SCHEDULE = statement(
     """
-    WITH s AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
-                                   dispatched_at, dispatch_count)
-        SELECT :wid, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options, now(), 1
-          FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
-        ON CONFLICT (workflow_id, seq) DO NOTHING
-        RETURNING workflow_id, seq, name
-    ), h AS (
+    WITH s AS ("""
+    + insert_new_steps(":wid", tail="ON CONFLICT (workflow_id, seq) DO NOTHING")
+    + """), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM s
     ), r AS (
@@ -96,13 +90,6 @@ def schedule_steps(
     return int(row.scheduled), bool(row.released)
 
 
-def schedule_step(
-    conn: Connection, wid: str, seq: int, name: str, args: str, kwargs: str, options: str
-) -> bool:
-    """Record one remote step as scheduled (JSON text arguments); False if it existed."""
-    return schedule_steps(conn, wid, [NewStep(seq, name, args, kwargs, options)])[0] == 1
-
-
 @dataclass(frozen=True)
 class ClaimedStep:
     """A step this process now owns and must run."""
@@ -111,7 +98,7 @@ class ClaimedStep:
     seq: int
     name: str
     args: Any
-    """As stored: a JSON list, or a codec's envelope (see ``Durable.decode``)."""
+    """As stored: a JSON list, or a codec's envelope (see ``Core.decode``)."""
     kwargs: Any
     """As stored: a JSON object, or a codec's envelope."""
     options: dict[str, Any]
@@ -302,16 +289,13 @@ def _settle_statement(ending: bool) -> TextClause:
                   parent_id, parent_seq, """
         + RUN_COLUMNS
         + """
-    ), n AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
-                                   dispatched_at, dispatch_count)
-        SELECT :wid, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options, now(), 1
-          FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-               AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
-         WHERE EXISTS (SELECT 1 FROM w WHERE w.advanced)
-        ON CONFLICT (workflow_id, seq) DO NOTHING
-        RETURNING workflow_id, seq, name
-    ), h AS (
+    ), n AS ("""
+        + insert_new_steps(
+            ":wid",
+            tail="""WHERE EXISTS (SELECT 1 FROM w WHERE w.advanced)
+                    ON CONFLICT (workflow_id, seq) DO NOTHING""",
+        )
+        + """), h AS (
         -- One INSERT, so the history reads in order: the step's start if it was not
         -- claimed, its end, then what it led to.
         INSERT INTO durable_history (workflow_id, seq, event, detail, at)
@@ -419,7 +403,7 @@ def settle_step(
     run, completed (``Settled.ended``).
 
     With ``unclaimed`` the step was run without a claim (its first delivery, see
-    ``durable.worker``): it settles only if it was never claimed, in the run created at
+    ``durable.runner``): it settles only if it was never claimed, in the run created at
     ``run_created``, as attempt 1 started at ``started_at``, and its ``step started`` event
     is written too. A step cancellation marked ``cancelled`` meanwhile (it had not been
     claimed) is settled all the same: its body did run, and its outcome is kept, as that of
@@ -469,16 +453,6 @@ def settle_step(
     return Settled(True, activation)
 
 
-def complete_step(conn: Connection, wid: str, seq: int, result: str) -> bool:
-    """Commit a step's result (JSON text) and wake its workflow; False if already settled."""
-    return settle_step(conn, wid, seq, result=result).settled
-
-
-def fail_step(conn: Connection, wid: str, seq: int, error: str) -> bool:
-    """Record that a step failed for good and wake its workflow; False if already settled."""
-    return settle_step(conn, wid, seq, error=error).settled
-
-
 _RETRY = statement(
     """
     WITH s AS (
@@ -509,93 +483,6 @@ def schedule_retry(
     """Park a failed step behind a retry timer; returns (timer id, fire time as epoch)."""
     params = {"wid": wid, "seq": seq, "error": error, "delay": delay, "from_status": from_status}
     row = conn.execute(_RETRY, params).first()
-    return (int(row.id), row.fire_at.timestamp()) if row else None
-
-
-_LOCAL = statement(
-    """
-    WITH s AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, attempts, result, error,
-                                   started_at, completed_at)
-        VALUES (:wid, :seq, 'local', :name, :status, :attempts, CAST(:result AS jsonb), :error,
-                now(), now())
-        ON CONFLICT (workflow_id, seq) DO UPDATE
-           SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, result = EXCLUDED.result,
-               error = EXCLUDED.error, completed_at = EXCLUDED.completed_at
-         WHERE durable_steps.status = 'ready'
-        RETURNING workflow_id, seq, completed_at
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT workflow_id, seq, :event,
-               jsonb_build_object('local', true, 'attempt', CAST(:attempts AS int),
-                                  'error', CAST(:error AS text))
-          FROM s
-    )
-    SELECT completed_at FROM s
-    """
-)
-
-
-def record_local(
-    conn: Connection,
-    wid: str,
-    seq: int,
-    name: str,
-    attempts: int,
-    result: str | None,
-    error: str | None,
-    status: str,
-) -> Any:
-    """Record a local step's outcome (completed, failed or waiting); its commit time or None."""
-    event = {"completed": "step completed", "failed": "step failed"}.get(status, "step attempt")
-    params = {
-        "wid": wid,
-        "seq": seq,
-        "name": name,
-        "attempts": attempts,
-        "result": result,
-        "error": error,
-        "status": status,
-        "event": event,
-    }
-    return conn.execute(_LOCAL, params).scalar()
-
-
-_SLEEP = statement(
-    """
-    WITH s AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, options)
-        VALUES (:wid, :seq, 'sleep', 'sleep', 'waiting',
-                jsonb_build_object('seconds', CAST(:seconds AS float8)))
-        ON CONFLICT (workflow_id, seq) DO NOTHING
-        RETURNING workflow_id, seq
-    ), t AS (
-        INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
-        SELECT workflow_id, seq, 'sleep',
-               greatest(now(), CAST(:base AS timestamptz)) + make_interval(secs => :seconds)
-          FROM s
-        RETURNING id, fire_at
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT :wid, :seq, 'timer set',
-               jsonb_build_object('timer', t.id, 'fire_at', t.fire_at, 'purpose', 'sleep')
-          FROM t
-    )
-    SELECT id, fire_at FROM t
-    """
-)
-
-
-def record_sleep(
-    conn: Connection, wid: str, seq: int, seconds: float, base: Any = None
-) -> tuple[int, float] | None:
-    """Record a sleep and its timer; returns (timer id, fire time as epoch).
-
-    The timer is due ``seconds`` after the later of now and ``base`` (the workflow's own
-    time, which runs ahead of the clock only when a test skips time).
-    """
-    params = {"wid": wid, "seq": seq, "seconds": seconds, "base": base}
-    row = conn.execute(_SLEEP, params).first()
     return (int(row.id), row.fire_at.timestamp()) if row else None
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, text
+from sqlalchemy import Connection, Row, select
 
 from durable.store.models import timers
+from durable.store.statement import statement
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class FiredTimer:
 #   local  -> ready (a local step's retry is due: replay runs it)
 #   signal -> timeout (the wait raises SignalTimeout on replay)
 # A 'deadline' timer (position 0) is a run's execution timeout; the caller ends the run.
-_FIRE = text(
+_FIRE = statement(
     """
     WITH t AS (
         UPDATE durable_timers SET fired_at = now()
@@ -94,7 +95,7 @@ def fire_timers(conn: Connection, ids: list[int]) -> list[FiredTimer]:
     ]
 
 
-_DUE_BY = text(
+_DUE_BY = statement(
     """
     SELECT id FROM durable_timers
      WHERE fired_at IS NULL AND fire_at <= now() + make_interval(secs => :ahead)
@@ -112,15 +113,7 @@ def timers_due_by(
     return [int(r.id) for r in conn.execute(_DUE_BY, params)]
 
 
-def next_timer(conn: Connection, workflow_id: str | None = None) -> Any:
-    """Fire time of the earliest unfired timer (of one run, or of all), or None."""
-    query = select(timers.c.fire_at).where(timers.c.fired_at.is_(None))
-    if workflow_id is not None:
-        query = query.where(timers.c.workflow_id == workflow_id)
-    return conn.execute(query.order_by(timers.c.fire_at).limit(1)).scalar()
-
-
-_OVERDUE = text(
+_OVERDUE = statement(
     """
     SELECT id FROM durable_timers
      WHERE fired_at IS NULL AND fire_at <= now() - make_interval(secs => :grace)

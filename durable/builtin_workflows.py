@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from durable.context import WorkflowContext
+from durable.canvas import CHAIN_WORKFLOW, run_chain
 
 if TYPE_CHECKING:
-    from durable.runtime import Durable
+    from durable.context import WorkflowContext
+    from durable.core import Core
 
 TASK_WORKFLOW = "durable.task"
 
@@ -29,9 +30,7 @@ def run_task(
     return ctx.step(signature)
 
 
-def register(durable: Durable) -> None:
-    """Register the built-in workflows on ``durable``."""
-    from durable.canvas import CHAIN_WORKFLOW, run_chain
-
-    durable.workflow(TASK_WORKFLOW)(run_task)
-    durable.workflow(CHAIN_WORKFLOW)(run_chain)
+def register(core: Core) -> None:
+    """Register the built-in workflows on ``core``."""
+    core.register_workflow(TASK_WORKFLOW, run_task, None)
+    core.register_workflow(CHAIN_WORKFLOW, run_chain, None)

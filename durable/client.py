@@ -1,0 +1,198 @@
+"""The client: starting runs and talking to them from outside.
+
+These are the bodies of ``Durable.start``, ``Durable.run``, ``Durable.signal``,
+``Durable.get_event`` and ``Durable.cancel``, and :class:`WorkflowRun`, the handle ``start``
+returns. Each writes to PostgreSQL first (the run created, the signal kept, the cancel flag
+set, the run woken) and only then sends the activation, so nothing depends on a worker being
+up at that moment.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from durable import activation
+from durable.durations import seconds
+from durable.errors import (
+    LimitExceeded,
+    ResultTimeout,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowIdConflict,
+    WorkflowNotFound,
+    WorkflowNotRunning,
+)
+from durable.store import runs as run_queries
+from durable.store import signals as signal_queries
+from durable.store import tree as tree_queries
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from durable.core import Core
+
+
+def start(
+    core: Core,
+    name_or_fn: str | Callable[..., Any],
+    /,
+    *args: Any,
+    workflow_id: str | None = None,
+    **kwargs: Any,
+) -> WorkflowRun:
+    """Start a workflow, or return the existing run when ``workflow_id`` is taken.
+
+    Example::
+
+        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+
+    Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
+    :class:`~durable.errors.PayloadError` is raised and nothing is written. The run is
+    committed before its first message is sent; if the broker cannot be reached the
+    run still starts, sent again by ``durable beat``'s recovery sweep.
+
+    With the setting ``eager_start`` the workflow's code runs here, in memory, up to its
+    first durable operation; if that is one or more remote steps they are scheduled in
+    the statement that creates the run and sent at once, saving the first activation's
+    broker hop (anything else starts the run as usual).
+    """
+    name = core.workflow_name(name_or_fn)
+    args_json = core.encode(list(args), f"arguments of workflow {name}")
+    kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
+    wid = workflow_id or uuid.uuid4().hex
+    timeout = core.execution_timeouts.get(name)
+    eager = None
+    if core.settings.eager_start:
+        eager = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+    steps = None
+    if eager is not None:
+        steps = "[" + ",".join(step.as_json() for step in eager.effects.schedules) + "]"
+    inserted = core.store(
+        lambda c: run_queries.insert_run(c, wid, name, args_json, kwargs_json, timeout, steps)
+    )
+    created = inserted.created
+    if inserted.timer:
+        core.index_timers([inserted.timer])
+    existing = None if created else core.store(lambda c: run_queries.get_run(c, wid))
+    if existing is not None and existing.name != name:
+        raise WorkflowIdConflict(wid, existing.name, name)
+    if created and eager is not None:
+        core.apply_effects(eager.effects)  # the first steps' messages, no activation
+    elif created:
+        core.send_activation(wid, name)
+    return WorkflowRun(core, wid)
+
+
+def run(core: Core, workflow_id: str) -> WorkflowRun:
+    """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
+    if core.store(lambda c: run_queries.get_run(c, workflow_id)) is None:
+        raise WorkflowNotFound(workflow_id)
+    return WorkflowRun(core, workflow_id)
+
+
+def signal(core: Core, workflow_id: str, name: str, payload: Any = None) -> None:
+    """Deliver signal ``name`` with ``payload`` to a running workflow."""
+    text = core.encode(payload, f"payload of signal {name!r}")
+    settings = core.settings
+    total, per_minute = settings.max_signals, settings.max_signals_per_minute
+    sent = core.store(
+        lambda c: signal_queries.send_signal(c, workflow_id, name, text, total, per_minute)
+    )
+    if sent.status is None:
+        raise WorkflowNotFound(workflow_id)
+    if sent.signal_id is None and sent.status != "running":
+        raise WorkflowNotRunning(workflow_id, sent.status, f"signal {name!r} to")
+    if sent.signal_id is None and sent.total >= total:
+        raise LimitExceeded(workflow_id, "max_signals", total)
+    if sent.signal_id is None:
+        raise LimitExceeded(workflow_id, "max_signals_per_minute", per_minute)
+    core.send_activation(workflow_id, sent.workflow)
+
+
+def get_event(
+    core: Core, workflow_id: str, key: str, timeout: timedelta | float | None = None
+) -> Any:
+    """The latest value a workflow published under ``key``, or None.
+
+    With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
+    """
+    wait = seconds(timeout)
+    deadline = None if wait is None else time.monotonic() + wait
+    delay = 0.01
+    while True:
+        row = core.store(lambda c: signal_queries.get_event(c, workflow_id, key))
+        if row is not None:
+            return core.decode(row.value)
+        if core.store(lambda c: run_queries.get_run(c, workflow_id)) is None:
+            raise WorkflowNotFound(workflow_id)
+        if deadline is None or time.monotonic() >= deadline:
+            return None
+        time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+        delay = min(delay * 1.5, 0.25)
+
+
+def cancel(core: Core, workflow_id: str) -> list[str]:
+    """Ask a running workflow (and its child workflows) to stop; returns the runs flagged.
+
+    The workflow gets :class:`~durable.errors.WorkflowCancelled` at its next step, sleep or
+    signal wait, may compensate in ``except``/``finally``, and ends ``cancelled``. A step
+    already running finishes and its result is recorded. Cancelling twice is harmless.
+    """
+    flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
+    if not flagged:
+        row = core.store(lambda c: run_queries.get_run(c, workflow_id))
+        if row is None:
+            raise WorkflowNotFound(workflow_id)
+        if row.status != "running":
+            raise WorkflowNotRunning(workflow_id, row.status, "cancel")
+    for wid, name in flagged:
+        core.send_activation(wid, name)
+    return [wid for wid, _ in flagged]
+
+
+class WorkflowRun:
+    """A handle on one workflow run: ``run.id``, ``run.status()``, ``run.result()``."""
+
+    def __init__(self, core: Core, workflow_id: str) -> None:
+        self._core = core
+        self.id = workflow_id
+        """The run's workflow id."""
+
+    def __repr__(self) -> str:
+        return f"WorkflowRun({self.id!r})"
+
+    def _row(self) -> Any:
+        row = self._core.store(lambda c: run_queries.get_run(c, self.id))
+        if row is None:
+            raise WorkflowNotFound(self.id)
+        return row
+
+    def status(self) -> str:
+        """``running``, ``completed``, ``failed`` or ``cancelled``."""
+        return str(self._row().status)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its result.
+
+        Raises :class:`~durable.errors.WorkflowFailed` or ``WorkflowCancelled`` when it
+        did not complete, and :class:`~durable.errors.ResultTimeout` (a ``TimeoutError``)
+        after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            row = self._row()
+            if row.status == "completed":
+                return self._core.decode(row.result)
+            if row.status == "failed":
+                raise WorkflowFailed(self.id, row.error or "")
+            if row.status == "cancelled":
+                raise WorkflowCancelled(self.id)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(self.id, float(timeout or 0), row.status)
+            pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
+            time.sleep(pause)
+            delay = min(delay * 1.5, 0.25)

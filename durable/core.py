@@ -1,0 +1,235 @@
+"""The core every layer of the engine stands on: settings, payloads, the store, the outbox.
+
+A :class:`Core` holds what one process needs to advance workflows, built lazily from the
+Celery app's config so that it can be set after ``Durable(app)``:
+
+- the settings (:mod:`durable.config`) and the payload codec, with ``encode``/``decode``;
+- connections to the store (``store``, ``transaction``, ``connect``), retried on failure;
+- the lease heartbeat, the history cache and the Redis index of timers;
+- the workflow registry (name to function, and each workflow's execution timeout);
+- the outbox: ``send_step``, ``send_activation``, ``apply_effects`` and ``index_timers``,
+  the one way a message leaves the process (the message itself is built by
+  :mod:`durable.dispatch`).
+
+Everything in the engine (the workflow context, activations, the step runner, the client
+verbs) takes a ``Core``; :class:`durable.runtime.Durable` is the ``Core`` a user creates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from celery import Celery
+from sqlalchemy import Connection
+
+from durable import dispatch
+from durable.codec import codec_from_settings
+from durable.config import Settings, load_settings
+from durable.effects import Effects
+from durable.errors import ConfigurationError, UnknownWorkflow
+from durable.histories import HistoryCache
+from durable.liveness import Heartbeat
+from durable.serialization import decode, encode
+from durable.store import engine as store_engine
+from durable.store import runs
+from durable.timer_index import TimerIndex
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Core:
+    """Settings, store, heartbeat, caches, the workflow registry and the outbox of an app."""
+
+    def __init__(self, app: Celery, codec: Any = None, **overrides: Any) -> None:
+        self.app = app
+        self._codec = codec
+        self._overrides = overrides
+        self._settings: Settings | None = None
+        self.registry: dict[str, Callable[..., Any]] = {}
+        """Registered workflows by name."""
+        self.execution_timeouts: dict[str, float | None] = {}
+        """Each registered workflow's execution timeout in seconds (None: none)."""
+        self._heartbeat: Heartbeat | None = None
+        self._index: TimerIndex | None = None
+        self._histories: HistoryCache | None = None
+        app._durable = self  # type: ignore[attr-defined]
+
+    @classmethod
+    def of(cls, app: Celery) -> Core:
+        """The ``Durable`` created for ``app``; raises ``ConfigurationError`` if none was."""
+        found = getattr(app, "_durable", None)
+        if not isinstance(found, cls):
+            raise ConfigurationError(f"no Durable(app) was created for the Celery app {app.main!r}")
+        return found
+
+    # -- configuration, read lazily so that the Celery config can be set after Durable() ----
+
+    @property
+    def settings(self) -> Settings:
+        """The effective settings (see :mod:`durable.config` for their precedence)."""
+        if self._settings is None:
+            self._settings = load_settings(self.app.conf, **self._overrides)
+        return self._settings
+
+    @property
+    def codec(self) -> Any:
+        """The payload codec: ``codec=`` if given, else built from the settings, else None."""
+        if self._codec is None:
+            self._codec = codec_from_settings(self.settings) or False
+        return self._codec or None
+
+    def encode(self, value: Any, what: str) -> str:
+        """``value`` as stored or sent: JSON, checked against the size limit, then encoded."""
+        return encode(value, what, self.settings.max_payload_bytes, self.codec)
+
+    def decode(self, value: Any) -> Any:
+        """A stored value as read back, opened if the codec encoded it."""
+        return decode(value, self.codec)
+
+    @property
+    def histories(self) -> HistoryCache:
+        """Histories of the runs this process advanced (see :mod:`durable.histories`)."""
+        if self._histories is None:
+            self._histories = HistoryCache(self.settings.history_cache_size)
+        return self._histories
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """This process's lease renewer."""
+        if self._heartbeat is None:
+            interval = self.settings.heartbeat_interval
+            self._heartbeat = Heartbeat(self._renew_leases, interval)
+        return self._heartbeat
+
+    @property
+    def timer_index(self) -> TimerIndex:
+        """The Redis index of durable timers."""
+        if self._index is None:
+            self._index = TimerIndex(self.settings.redis_url, self.settings.key_prefix)
+        return self._index
+
+    # -- the store ----------------------------------------------------------------------------
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """An autocommit connection to the store: each statement commits on its own."""
+        url = self.settings.database_url
+        engine = store_engine.autocommit(url)
+        conn = store_engine.with_retry(url, engine.connect, self.settings.connect_retries)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def store(self, fn: Callable[[Connection], T], flush: bool = True) -> T:
+        """Run ``fn`` on an autocommit connection, retrying if the connection fails.
+
+        ``fn`` must be safe to run twice (every store statement is, by its WHERE clause or
+        ON CONFLICT); after ``connect_retries`` attempts ``StoreUnavailable`` is raised.
+        ``flush=False`` does not wait for the commit to reach the disk: only for writes whose
+        loss in a PostgreSQL crash the recovery sweep repairs (a claim, a lease, a schedule),
+        never for a result (see :func:`durable.store.engine.get_engine`).
+        """
+        url = self.settings.database_url
+
+        def attempt() -> T:
+            with store_engine.autocommit(url, flush).connect() as conn:
+                return fn(conn)
+
+        return store_engine.with_retry(url, attempt, self.settings.connect_retries)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection inside one transaction, committed at the end of the block."""
+        url = self.settings.database_url
+        engine = store_engine.get_engine(url)
+        conn = store_engine.with_retry(url, engine.connect, self.settings.connect_retries)
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            conn.close()
+
+    def _renew_leases(self, owner: str) -> int:
+        ttl = self.settings.lease_ttl.total_seconds()
+        return self.store(lambda c: runs.renew_leases(c, owner, ttl), flush=False)
+
+    # -- the workflow registry ----------------------------------------------------------------
+
+    def register_workflow(self, name: str, fn: Callable[..., Any], timeout: float | None) -> None:
+        """Register ``fn`` under ``name``; the same function registered again is harmless."""
+        existing = self.registry.get(name)
+        if existing is not None and existing is not fn:
+            same = getattr(existing, "__qualname__", None) == fn.__qualname__
+            if not (same and existing.__module__ == fn.__module__):
+                raise ValueError(f"workflow name {name!r} is already registered")
+        self.registry[name] = fn
+        self.execution_timeouts[name] = timeout
+        fn.__durable_name__ = name  # type: ignore[attr-defined]
+
+    def workflow_name(self, name_or_fn: str | Callable[..., Any]) -> str:
+        """The registered name of a workflow given by name or by function."""
+        name = name_or_fn if isinstance(name_or_fn, str) else None
+        if name is None:
+            name = getattr(name_or_fn, "__durable_name__", None)
+        if name is None or name not in self.registry:
+            shown = name or getattr(name_or_fn, "__qualname__", repr(name_or_fn))
+            raise UnknownWorkflow(str(shown), list(self.registry))
+        return name
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def send_activation(self, workflow_id: str, name: str | None = None) -> None:
+        """Ask a worker to replay the run; a failed send is logged and left to recovery."""
+        options = dispatch.activation_options(workflow_id, name, self.settings.workflow_queue)
+        self._send(dispatch.ACTIVATE_TASK, [workflow_id], options)
+
+    def send_step(
+        self,
+        workflow_id: str,
+        seq: int,
+        name: str,
+        options: dict[str, Any] | None = None,
+        first: bool = False,
+    ) -> None:
+        """Send a step message, routed like the user's task ``name`` would be.
+
+        ``first``: this is the step's first dispatch, right after the statement that wrote
+        the step; the message then carries its send time (see :mod:`durable.runner`).
+        """
+        send = dispatch.step_options(workflow_id, seq, name, options or {}, first)
+        self._send(dispatch.STEP_TASK, [workflow_id, seq], send)
+
+    def _send(self, task: str, args: list[Any], options: dict[str, Any]) -> None:
+        try:
+            # JSON whatever the app's default serializer: durable never sends pickle.
+            self.app.send_task(task, args=args, ignore_result=True, serializer="json", **options)
+        except Exception:  # the commit stands; recovery sends it again
+            log.exception("durable: could not send %s%r; recovery will resend it", task, args)
+
+    def apply_effects(self, effects: Effects, first: bool = False) -> None:
+        """After an activation's commits: index its timers, send its messages.
+
+        ``first``: the steps were just written by this process (see ``send_step``).
+        """
+        if effects.timers:
+            self.index_timers(effects.timers)
+        for pending in effects.dispatches:
+            self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options, first)
+        for workflow_id in effects.activations:
+            self.send_activation(workflow_id, effects.names.get(workflow_id))
+
+    def index_timers(self, timers: list[tuple[int, float]]) -> None:
+        """Add committed timers to the Redis index; PostgreSQL sweeps cover a failure here."""
+        if not timers:
+            return
+        try:
+            for timer_id, fire_at in timers:
+                self.timer_index.add(timer_id, fire_at)
+        except Exception:
+            log.warning("durable: could not index timers %r; the sweep will fire them", timers)

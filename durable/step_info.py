@@ -1,0 +1,56 @@
+"""What a running step knows about itself: :func:`current_step` and :class:`StepInfo`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a running step knows about itself; see :func:`current_step`."""
+
+    workflow_id: str | None = None
+    step: int | None = None
+    name: str | None = None
+    attempt: int = 0
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """``"<workflow id>:<step number>"``: the same on every attempt and redelivery.
+
+        ``None`` outside a workflow. Pass it to a payment API or use it as a unique key in
+        your own tables so that a step re-run after a crash does its side effect once.
+        """
+        if self.workflow_id is None or self.step is None:
+            return None
+        return f"{self.workflow_id}:{self.step}"
+
+
+_NO_STEP = StepInfo()
+_current: ContextVar[StepInfo] = ContextVar("durable_current_step")
+
+
+def current_step() -> StepInfo:
+    """The step being run in this task, or an empty :class:`StepInfo` outside a workflow.
+
+    Example::
+
+        @app.task
+        def charge_card(order):
+            key = current_step().idempotency_key   # stable across retries; None outside
+            return payments.charge(order, idempotency_key=key)
+    """
+    return _current.get(_NO_STEP)
+
+
+@contextmanager
+def step_context(info: StepInfo) -> Iterator[None]:
+    """Make ``info`` the :func:`current_step` for the duration of the block."""
+    token = _current.set(info)
+    try:
+        yield
+    finally:
+        _current.reset(token)
