@@ -124,8 +124,8 @@ class WorkflowContext(Replay):
             queue = routed.get("queue")
             if queue is not None:
                 options["queue"] = getattr(queue, "name", queue)
-        options["retry"] = policy
-        options["label"] = f"{name}[{self.workflow_id}#{seq}]"
+        if policy is not NO_RETRY:  # given: it decides, not the task's retry options
+            options["retry"] = policy
         if timeout is not None:
             options["timeout"] = timeout
         self.effects.schedules.append(

@@ -197,18 +197,25 @@ class Core:
         options: dict[str, Any] | None = None,
         first: bool = False,
     ) -> None:
-        """Send a step message, routed like the user's task ``name`` would be.
+        """Send a step message: the task ``name``'s own, whose one argument is a label.
 
         ``first``: this is the step's first dispatch, right after the statement that wrote
         the step; the message then carries its send time (see :mod:`durable.runner`).
         """
         send = dispatch.step_options(workflow_id, seq, name, options or {}, first)
-        self._send(dispatch.STEP_TASK, [workflow_id, seq], send)
+        label = {dispatch.STEP_KWARG: dispatch.step_label(workflow_id, seq)}
+        self._send(name, [], send, label)
 
-    def _send(self, task: str, args: list[Any], options: dict[str, Any]) -> None:
+    def _send(
+        self,
+        task: str,
+        args: list[Any],
+        options: dict[str, Any],
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
         try:
             # JSON whatever the app's default serializer: durable never sends pickle.
-            self.app.send_task(task, args=args, ignore_result=True, serializer="json", **options)
+            self.app.send_task(task, args=args, kwargs=kwargs, serializer="json", **options)
         except Exception:  # the commit stands; recovery sends it again
             log.exception("durable: could not send %s%r; recovery will resend it", task, args)
 

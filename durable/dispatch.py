@@ -1,9 +1,12 @@
 """The messages durable sends: their task names, ids, routing and headers.
 
-Two tasks carry every message, and neither carries a value (arguments and results live in
-PostgreSQL): ``durable.activate`` (a workflow id) replays a run, ``durable.step`` (a workflow
-id and a step number) runs one step as the user's task. This module builds their send
-options; :meth:`durable.core.Core.send_step` and ``send_activation`` send them.
+No message carries a value (arguments and results live in PostgreSQL). ``durable.activate``
+(a workflow id) replays a run. A step is sent as its task's own message, under the task's
+name, whose one argument is the keyword ``durable_step``: a label ``"<workflow id>#<step
+number>"`` (see :mod:`durable.stepmessage` for how a worker runs it). ``durable.step`` (a
+workflow id and a step number), the step message of earlier versions, is still run for
+messages left in queues. This module builds the send options;
+:meth:`durable.core.Core.send_step` and ``send_activation`` send them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ STEP_TASK = "durable.step"
 
 ROUTING_OPTIONS = ("queue", "routing_key", "exchange", "priority")
 """The options of a task or signature that route its step's message."""
+
+STEP_KWARG = "durable_step"
+"""The one keyword argument of a step message: ``"<workflow id>#<step number>"``."""
 
 SENT_AT_HEADER = "durable_sent_at"
 """Message header of a step's first dispatch: its send time (epoch seconds)."""
@@ -40,6 +46,21 @@ def task_id(workflow_id: str, what: str) -> str:
     return f"{_NOT_IN_TASK_ID.sub('_', workflow_id)}:{what}:{uuid.uuid4().hex[:8]}"
 
 
+def step_label(workflow_id: str, seq: int) -> str:
+    """The value of ``durable_step`` in a step message."""
+    return f"{workflow_id}#{seq}"
+
+
+def parse_step_label(value: Any) -> tuple[str, int] | None:
+    """The (workflow id, step number) of a ``durable_step`` value, or None if malformed."""
+    if not isinstance(value, str):
+        return None
+    workflow_id, sep, seq = value.rpartition("#")
+    if not sep or not workflow_id or not seq.isdigit() or len(seq) > 9:
+        return None
+    return workflow_id, int(seq)
+
+
 def routing_options(read: Mapping[str, Any] | Callable[[str], Any]) -> dict[str, Any]:
     """The routing options that are set, read from a mapping or by a getter (a task's)."""
     get = read.get if isinstance(read, Mapping) else read
@@ -48,8 +69,14 @@ def routing_options(read: Mapping[str, Any] | Callable[[str], Any]) -> dict[str,
 
 
 def activation_options(workflow_id: str, name: str | None, queue: str | None) -> dict[str, Any]:
-    """Send options of an activation: labelled with the workflow, on ``queue`` if set."""
-    options: dict[str, Any] = {"shadow": f"workflow {name or ''}[{workflow_id}]".strip()}
+    """Send options of an activation: on ``queue`` if set, its columns naming the run.
+
+    Every activation has one task name, so Flower's task names stay few; its args column
+    shows the workflow id and its kwargs column the workflow's name.
+    """
+    options: dict[str, Any] = {"argsrepr": repr([workflow_id]), "ignore_result": True}
+    if name:
+        options["kwargsrepr"] = repr({"workflow": name})
     if queue:
         options["queue"] = queue
     options["task_id"] = task_id(workflow_id, "activation")
@@ -59,20 +86,19 @@ def activation_options(workflow_id: str, name: str | None, queue: str | None) ->
 def step_options(
     workflow_id: str, seq: int, name: str, options: dict[str, Any], first: bool
 ) -> dict[str, Any]:
-    """Send options of a step: routed like the user's task ``name``, labelled, time-limited.
+    """Send options of a step: the task ``name``'s message, routed as the step was.
 
     ``options`` are the step's stored options; ``first`` stamps the send time (a first
-    dispatch, see :mod:`durable.runner`).
+    dispatch, see :mod:`durable.runner`). The task's own options (time limits, rate limit,
+    acks_late, ignore_result) are applied by the worker, as for any message of that task.
     """
     send = routing_options(options)
-    send["route_name"] = name
-    send["shadow"] = options.get("label") or f"{name}[{workflow_id}#{seq}]"
-    send["argsrepr"] = repr((workflow_id, seq))
     send["task_id"] = task_id(workflow_id, str(seq))
     timeout = options.get("timeout")
     if timeout:
         # Celery's own limits stop the body where the pool can (prefork); the beat's
-        # deadline sweep fails the attempt either way.
+        # deadline sweep fails the attempt either way. Without a timeout the task's own
+        # soft_time_limit / time_limit apply.
         send["soft_time_limit"] = float(timeout)
         send["time_limit"] = float(timeout) + TIME_LIMIT_GRACE
     if first:

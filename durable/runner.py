@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,11 @@ was sent is claimed, well before the sweep would send it again; the rest of the 
 margin between this host's clock and PostgreSQL's, by which the sweep measures it."""
 
 
+Body = Callable[[list[Any], dict[str, Any], int], Any]
+"""How a step's body is called: (arguments, keyword arguments, attempt) -> its value. The
+step message's wrapper (:mod:`durable.stepmessage`) passes the task's own ``run``."""
+
+
 class TaskNotRegistered(LookupError):
     """The step's task is not registered in the worker that received it."""
 
@@ -71,17 +77,24 @@ def first_delivery(core: Core, sent_at: Any, redelivered: bool) -> float | None:
     return float(sent_at) if -window < age < window else None
 
 
-def execute_step(core: Core, workflow_id: str, seq: int, fresh: float | None = None) -> str:
+def execute_step(
+    core: Core,
+    workflow_id: str,
+    seq: int,
+    fresh: float | None = None,
+    call: Body | None = None,
+) -> str:
     """Run one step message; returns what happened (for logs and tests).
 
     ``fresh``: the send time of a first delivery (:func:`first_delivery`); the step runs
-    unclaimed if this process scheduled it.
+    unclaimed if this process scheduled it. ``call``: how to call the body (by default the
+    registered task, called directly).
     """
     owner = core.heartbeat.token()
     if fresh is not None and core.settings.inline_activation:
         kept = core.histories.take_fresh(workflow_id, seq)
         if kept is not None:
-            return _execute_unclaimed(core, kept[0], kept[1], owner, fresh)
+            return _execute_unclaimed(core, kept[0], kept[1], owner, fresh, call)
     ttl = core.settings.lease_ttl.total_seconds()
     # Not flushed: a claim lost in a PostgreSQL crash leaves the step scheduled, and the sweep
     # sends it again (the body may run twice, under the same idempotency key, as after any
@@ -99,7 +112,7 @@ def execute_step(core: Core, workflow_id: str, seq: int, fresh: float | None = N
         return "ignored"
     core.heartbeat.hold()
     try:
-        outcome, leased = _run_claimed(core, claimed, owner)
+        outcome, leased = _run_claimed(core, claimed, owner, call=call)
     finally:
         core.heartbeat.release()
     return _after(core, workflow_id, owner, outcome, leased)
@@ -148,11 +161,11 @@ class _Unclaimed:
 
 
 def _execute_unclaimed(
-    core: Core, run: Activation, step: NewStep, owner: str, sent_at: float
+    core: Core, run: Activation, step: NewStep, owner: str, sent_at: float, call: Body | None
 ) -> str:
     options = json.loads(step.options)
     if options.get("timeout"):  # a deadline is set by the claim
-        return execute_step(core, run.workflow_id, step.seq)
+        return execute_step(core, run.workflow_id, step.seq, call=call)
     claimed = step_queries.ClaimedStep(
         workflow_id=run.workflow_id,
         seq=step.seq,
@@ -169,7 +182,7 @@ def _execute_unclaimed(
     try:
         unclaimed = _Unclaimed(core, run.workflow_id, step.seq, owner, sent_at)
         try:
-            outcome, leased = _run_claimed(core, claimed, owner, unclaimed)
+            outcome, leased = _run_claimed(core, claimed, owner, unclaimed, call)
         finally:
             unclaimed.deferred.settle()
     finally:
@@ -182,6 +195,7 @@ def _run_claimed(
     claimed: step_queries.ClaimedStep,
     owner: str,
     unclaimed: _Unclaimed | None = None,
+    call: Body | None = None,
 ) -> tuple[str, Activation | None]:
     wid, seq, name = claimed.workflow_id, claimed.seq, claimed.name
     task = core.app.tasks.get(name)
@@ -197,8 +211,8 @@ def _run_claimed(
         log.error("durable: step %s#%s left for a worker with the key: %s", wid, seq, exc)
         return "undecodable", None
     try:
-        with step_context(info):
-            value = task(*args, **kwargs)
+        with step_context(info, has_policy="retry" in claimed.options):
+            value = task(*args, **kwargs) if call is None else call(args, kwargs, info.attempt)
         result = core.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
         return _settle_failure(core, claimed, exc, owner, unclaimed)
@@ -292,6 +306,11 @@ def _settle_failure(
     policy: dict[str, Any] = claimed.options.get("retry") or NO_RETRY
     retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered)
     delay = retry_delay(policy, claimed.attempt) if retryable else None
+    requested = getattr(exc, "durable_delay", None)  # the task's self.retry(): stepmessage
+    if isinstance(requested, float):
+        cause = getattr(exc, "exc", None)
+        error = describe_exception(cause) if isinstance(cause, Exception) else error
+        delay = requested
     log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, error)
     if delay is None:
         return _settle(core, claimed, owner, error=error)

@@ -1,9 +1,10 @@
 """The public object: ``Durable(app)``, the facade over the engine.
 
 ``Durable`` is the :class:`~durable.core.Core` a user creates. On top of the core it
-registers the two Celery tasks every message travels in (their bodies are
-:func:`durable.activation.activate` and :func:`durable.runner.execute_step`) and the
-built-in workflows, and it forwards the public verbs to the modules that implement them:
+registers ``durable.activate`` (its body is :func:`durable.activation.activate`), lets the
+app's own tasks run the step messages sent under their names (:mod:`durable.stepmessage`),
+keeps ``durable.step`` for step messages of earlier versions, registers the built-in
+workflows, and it forwards the public verbs to the modules that implement them:
 :mod:`durable.client` (``start``, ``run``, ``signal``, ``get_event``, ``cancel``),
 :mod:`durable.canvas` (``chain``, ``group``, ``chord``) and :mod:`durable.scheduler`
 (``schedules``). Nothing below this module imports it.
@@ -18,7 +19,16 @@ from typing import Any, TypeVar
 from celery import Celery
 from celery.canvas import Signature
 
-from durable import activation, builtin_workflows, client, deadlines, dispatch, durations, runner
+from durable import (
+    activation,
+    builtin_workflows,
+    client,
+    deadlines,
+    dispatch,
+    durations,
+    runner,
+    stepmessage,
+)
 from durable.canvas import DurableChain
 from durable.client import WorkflowRun
 from durable.core import Core
@@ -43,8 +53,9 @@ class Durable(Core):
         run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
         run.result(timeout=60)
 
-    Creating it registers two tasks on ``app`` (``durable.activate`` runs workflow code,
-    ``durable.step`` runs a step as the user's task), so the user's ordinary
+    Creating it registers the task ``durable.activate`` (it runs workflow code) on ``app``
+    and, when a worker of ``app`` starts, lets each of the app's tasks run the steps sent as
+    its own messages (:mod:`durable.stepmessage`), so the user's ordinary
     ``celery -A app worker`` runs workflows with nothing new to deploy.
     """
 
@@ -59,6 +70,7 @@ class Durable(Core):
     ) -> None:
         super().__init__(app, codec, database_url=database_url, redis_url=redis_url, **settings)
         _register_tasks(self)
+        stepmessage.install(self)
         builtin_workflows.register(self)
 
     @classmethod
@@ -186,7 +198,11 @@ class Durable(Core):
 
 
 def _register_tasks(core: Core) -> None:
-    """Register ``durable.activate`` and ``durable.step`` on the core's Celery app."""
+    """Register ``durable.activate`` and ``durable.step`` on the core's Celery app.
+
+    ``durable.step`` (a workflow id and a step number) is the step message of earlier
+    versions, still run for messages left in queues by them.
+    """
 
     @core.app.task(
         name=dispatch.ACTIVATE_TASK, acks_late=True, ignore_result=True, shared=False, typing=False

@@ -31,6 +31,7 @@ class StepInfo:
 
 _NO_STEP = StepInfo()
 _current: ContextVar[StepInfo] = ContextVar("durable_current_step")
+_has_policy: ContextVar[bool] = ContextVar("durable_step_has_policy", default=False)
 
 
 def current_step() -> StepInfo:
@@ -46,11 +47,18 @@ def current_step() -> StepInfo:
     return _current.get(_NO_STEP)
 
 
+def step_has_policy() -> bool:
+    """Whether the running step was given ``retry=RetryPolicy(...)``, which then decides."""
+    return _has_policy.get()
+
+
 @contextmanager
-def step_context(info: StepInfo) -> Iterator[None]:
+def step_context(info: StepInfo, has_policy: bool = False) -> Iterator[None]:
     """Make ``info`` the :func:`current_step` for the duration of the block."""
     token = _current.set(info)
+    policy_token = _has_policy.set(has_policy)
     try:
         yield
     finally:
+        _has_policy.reset(policy_token)
         _current.reset(token)

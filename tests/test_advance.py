@@ -534,7 +534,7 @@ def test_an_eager_start_schedules_the_first_steps_with_the_run(
         assert [(s.seq, s.status) for s in steps] == [(1, "scheduled"), (2, "scheduled")]
         run = query(database_url, "SELECT wake_seq, run_seq FROM durable_workflows")[0]
         assert run.wake_seq == run.run_seq  # at rest: no activation owed
-        assert messages() == ["durable.step", "durable.step"]
+        assert messages() == ["t.inc", "t.inc"]
         # Started again under its id: the existing run, nothing scheduled twice.
         durable.start("wf.eager", 1, workflow_id="eager-1")
         assert len(query(database_url, "SELECT seq FROM durable_steps")) == 2

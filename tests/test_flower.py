@@ -87,18 +87,31 @@ def test_flower_shows_steps_as_the_users_tasks(
     run = durable.start("crash.step", 0.1, workflow_id="order-7")
     assert run.result(timeout=30) == ["done on run 1", "after"]
 
-    wanted = {"crash.slow[order-7#1]", "crash.after[order-7#2]", "workflow crash.step[order-7]"}
+    wanted = {"crash.slow", "crash.after", "durable.activate"}
 
     def shown() -> dict[str, Any] | None:
         tasks = get(f"{api}/tasks") or {}
         by_name = {t["name"]: t for t in tasks.values() if t.get("state") == "SUCCESS"}
         return by_name if wanted <= set(by_name) else None
 
+    # Steps are listed under their tasks' own names, with the workflow id and step number in
+    # the kwargs column; activations under one name, with the workflow's name and id.
     by_name = wait_until(shown, timeout=20, what=f"Flower to show {wanted}")
-    step = by_name["crash.slow[order-7#1]"]
-    assert step["args"] == "('order-7', 1)"
+    step = by_name["crash.slow"]
+    assert step["kwargs"] == "{'durable_step': 'order-7#1'}"
+    assert step["args"] == "()"
     assert step["uuid"].startswith("order-7:1:")  # a legible task id, unique per message
-    assert by_name["workflow crash.step[order-7]"]["uuid"].startswith("order-7:activation:")
     assert step["worker"]
-    assert by_name["crash.after[order-7#2]"]["args"] == "('order-7', 2)"
-    assert by_name["workflow crash.step[order-7]"]["args"] == "['order-7']"
+    assert by_name["crash.after"]["kwargs"] == "{'durable_step': 'order-7#2'}"
+    activation = by_name["durable.activate"]
+    assert activation["uuid"].startswith("order-7:activation:")
+    assert activation["args"] == "['order-7']"
+    assert activation["kwargs"] == "{'workflow': 'crash.step'}"
+    # Flower's filter by task name finds the steps.
+    filtered = get(f"{api}/tasks?taskname=crash.slow") or {}
+    assert {t["name"] for t in filtered.values()} == {"crash.slow"}
+    # More runs add no task names: a workflow's tasks, plus one for activations.
+    more = [durable.start("crash.step", 0.0, workflow_id=f"order-{n}") for n in (8, 9)]
+    assert [r.result(timeout=30)[1] for r in more] == ["after", "after"]
+    wait_until(lambda: len(get(f"{api}/tasks") or {}) >= 9, timeout=20, what="Flower's rows")
+    assert {t["name"] for t in (get(f"{api}/tasks") or {}).values()} == wanted

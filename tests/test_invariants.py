@@ -86,7 +86,7 @@ def test_duplicate_delivery_never_runs_a_finished_step_again(
 
     assert durable.start("wf.dup", workflow_id="dup-1").result(timeout=20) == "txn-1"
     # The same message again, through the broker, and straight into the step runner.
-    app.send_task("durable.step", args=["dup-1", 1])
+    app.send_task("t.charge", kwargs={"durable_step": "dup-1#1"})
     assert execute_step(durable, "dup-1", 1) == "ignored"
     wait_until(lambda: client.llen(f"{prefix}:celery") == 0, what="the queue to drain")
     time.sleep(0.5)

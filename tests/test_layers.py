@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("replay", {"replay"}),
     ("workflow context", {"context"}),
     ("engine", {"activation", "deadlines"}),
-    ("step runner and client", {"client", "runner"}),
+    ("step runner and client", {"client", "runner", "stepmessage"}),
     ("canvas", {"builtin_workflows", "canvas"}),
     ("operations", {"admin", "reconcile", "schedule_import", "scheduler"}),
     ("facade", {"runtime"}),

@@ -1,7 +1,8 @@
-"""Steps travel as the user's task would: same queue, a legible name for Flower."""
+"""Steps travel as the user's task would: its own name, same queue; no value in a message."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -41,9 +42,11 @@ def test_steps_follow_the_tasks_routing(
     durable.start("wf.routed", workflow_id="routed-1")  # no worker: messages stay queued
     assert activate(durable, "routed-1") == "suspended"
     (payment,) = _messages(redis_url, f"{prefix}:payments")
-    assert payment["headers"]["task"] == "durable.step"
-    assert payment["headers"]["shadow"] == "t.routed_by_attribute[routed-1#1]"
-    assert payment["headers"]["argsrepr"] == "('routed-1', 1)"
+    assert payment["headers"]["task"] == "t.routed_by_attribute"
+    assert payment["headers"]["shadow"] is None
+    assert payment["headers"]["kwargsrepr"] == "{'durable_step': 'routed-1#1'}"
+    args, kwargs, _ = json.loads(base64.b64decode(payment["body"]))
+    assert (args, kwargs) == ([], {"durable_step": "routed-1#1"})  # the arguments are stored
     assert re.fullmatch(r"routed-1:1:[0-9a-f]{8}", payment["headers"]["id"])
 
     # Settle step 1 by hand (no worker runs here) and let the workflow move on.
@@ -51,10 +54,11 @@ def test_steps_follow_the_tasks_routing(
 
     assert execute_step(durable, "routed-1", 1) == "completed"
     (shipping,) = _messages(redis_url, f"{prefix}:shipping")
-    assert shipping["headers"]["shadow"] == "t.routed_by_config[routed-1#2]"
+    assert shipping["headers"]["task"] == "t.routed_by_config"
     assert execute_step(durable, "routed-1", 2) == "completed"
     (priority,) = _messages(redis_url, f"{prefix}:priority")
-    assert priority["headers"]["shadow"] == "t.routed_by_config[routed-1#3]"
+    assert priority["headers"]["task"] == "t.routed_by_config"
+    assert priority["headers"]["kwargsrepr"] == "{'durable_step': 'routed-1#3'}"
 
 
 def test_task_ids_are_legible_and_safe_in_links() -> None:
@@ -78,9 +82,9 @@ def test_activations_are_labelled_with_the_workflow_name(
         ctx.sleep(0.01)
         ctx.wait_for_signal("go")
 
-    def labels() -> list[str]:
-        messages = _messages(redis_url, f"{prefix}:celery")
-        return [m["headers"]["shadow"] for m in messages if m["headers"]["task"] != "durable.step"]
+    def labels() -> list[tuple[str, str, str]]:
+        messages = [m["headers"] for m in _messages(redis_url, f"{prefix}:celery")]
+        return [(h["task"], h["argsrepr"], h["kwargsrepr"]) for h in messages]
 
     durable.start("wf.labelled", workflow_id="label-1")  # no worker: messages stay queued
     assert activate(durable, "label-1") == "suspended"  # at the sleep
@@ -96,4 +100,6 @@ def test_activations_are_labelled_with_the_workflow_name(
         conn.execute(text("UPDATE durable_workflows SET woken_at = now() - interval '1 hour'"))
         owed = recovery.owed_activations(conn, after=60)
     assert owed == [("label-1", "wf.labelled")]
-    assert labels() == ["workflow wf.labelled[label-1]"] * 4  # start, timer, signal, cancel
+    # One task name for every activation; the run's id and workflow name in its columns.
+    activation = ("durable.activate", "['label-1']", "{'workflow': 'wf.labelled'}")
+    assert labels() == [activation] * 4  # start, timer, signal, cancel

@@ -6,12 +6,13 @@ import json
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from cryptography.fernet import Fernet as KeyMaker
 
 from durable import Durable, LimitExceeded, PayloadError, WorkflowFailed
 from durable.codec import Compression, Fernet, is_sealed
-from tests.conftest import make_app, query
+from tests.conftest import make_app, query, wait_until
 
 
 def test_fernet_codec_keeps_only_ciphertext_in_the_store(
@@ -172,7 +173,13 @@ def test_messages_carry_ids_not_payloads_or_secrets(
 
 
 def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(
-    app: Celery, durable: Durable, worker: Any, database_url: str, tmp_path: Any
+    app: Celery,
+    durable: Durable,
+    worker: Any,
+    database_url: str,
+    tmp_path: Any,
+    redis_url: str,
+    prefix: str,
 ) -> None:
     import pickle
 
@@ -197,6 +204,22 @@ def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(
     app.send_task("durable.step", args=[{"$where": "1"}, "x" * 10_000])
     app.send_task("durable.step", args=["no-such-run", 1])
     app.send_task("durable.activate", args=["no-such-run"])
+    # Step messages under a task's own name: crafted labels, a step of no run, values in the
+    # message. None of them runs the body.
+    victim_runs: list[Any] = []
+
+    @app.task(name="t.victim", shared=False)
+    def victim(*args: Any, **kwargs: Any) -> None:
+        victim_runs.append((args, kwargs))
+
+    for crafted in (
+        {"kwargs": {"durable_step": "no-such-run#1"}},
+        {"kwargs": {"durable_step": {"$where": "1"}}},
+        {"kwargs": {"durable_step": "no-such-run#x" + "9" * 5000}},
+        {"args": ["secret"], "kwargs": {"durable_step": "no-such-run#1"}},
+        {"kwargs": {"durable_step": "no-such-run#1", "amount": 10**6}},
+    ):
+        app.send_task("t.victim", **crafted)
 
     @app.task(name="t.ok", shared=False)
     def ok() -> str:
@@ -209,6 +232,14 @@ def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(
     assert durable.start("wf.after_bombs", workflow_id="after-1").result(timeout=20) == "still up"
     assert query(database_url, "SELECT count(*) AS n FROM durable_workflows")[0].n == 1
     assert not marker.exists()
+    client = redis.Redis.from_url(redis_url)
+
+    def consumed() -> bool:  # acks_late: a message leaves "unacked" once its task has run
+        return client.llen(f"{prefix}:celery") == 0 and client.hlen(f"{prefix}:unacked") == 0
+
+    wait_until(consumed, what="the crafted messages to be consumed")
+    client.close()
+    assert victim_runs == []
 
 
 def test_a_worker_without_the_key_leaves_the_run_to_one_with_it(

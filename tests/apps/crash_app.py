@@ -12,8 +12,9 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
-from durable import Durable, current_step
+from durable import Durable, StepFailed, current_step
 
 
 def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durable]:
@@ -88,6 +89,24 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     @durable.workflow("crash.wait")
     def wait_workflow(ctx: Any) -> list[Any]:
         return [ctx.wait_for_signal("go"), ctx.step(after)]
+
+    @app.task(name="crash.limited", shared=False, soft_time_limit=1)
+    def limited(seconds: float) -> str:
+        """Runs past its soft time limit; Celery's prefork pool interrupts it."""
+        record("limited")
+        try:
+            time.sleep(seconds)
+        except SoftTimeLimitExceeded:
+            client.incr(f"{prefix}:count:limited-interrupted")
+            raise
+        return "not interrupted"
+
+    @durable.workflow("crash.limited")
+    def limited_workflow(ctx: Any, seconds: float) -> str:
+        try:
+            return str(ctx.step(limited, seconds))
+        except StepFailed as failed:
+            return f"failed: {failed}"
 
     return app, durable
 
