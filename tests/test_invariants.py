@@ -18,7 +18,7 @@ from durable.devservices import start_private_redis
 from durable.store import engine as store_engine
 from durable.store.statement import on_statement
 from durable.worker import execute_step
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 
 
 def test_one_writer_per_workflow(durable: Durable, app: Celery, database_url: str) -> None:
@@ -173,6 +173,17 @@ def test_replay_detects_non_determinism(
     assert row.status == "completed"  # the history is left intact
 
 
+class _WatchedBeat(Beat):
+    """A beat that counts the timers its sweep fired (overdue in PostgreSQL, not indexed)."""
+
+    swept = 0
+
+    def sweep(self) -> None:
+        before = self.stats.timers_fired
+        super().sweep()
+        self.swept += self.stats.timers_fired - before
+
+
 def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
     clean_tables(database_url)
     url, stop = start_private_redis()
@@ -181,21 +192,34 @@ def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
 
         @durable.workflow("wf.nap")
         def wf(ctx: Any) -> str:
-            ctx.sleep(2)
+            ctx.sleep(5)
             return "awake"
 
         client = redis.Redis.from_url(url)
-        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
-            durable.start("wf.nap", workflow_id="nap-1")
-            wait_until(lambda: client.zcard(f"{prefix}:timers") == 1, what="the timer index")
-            client.flushall()  # Redis restarted with nothing on disk
-            beat = Beat(durable, sweep_interval=0.2)
-            thread = threading.Thread(target=beat.run, daemon=True)
-            thread.start()
-            assert durable.run("nap-1").result(timeout=20) == "awake"
+        beat = _WatchedBeat(durable, sweep_interval=0.2)
+        thread = Background(beat.run)
+        try:
+            # The beat's first start builds the (empty) index; then the timer is indexed.
+            wait_until(lambda: beat.stats.index_rebuilds == 1, what="the first index build")
+            with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+                run = durable.start("wf.nap", workflow_id="nap-1")
+                wait_until(lambda: client.zcard(f"{prefix}:timers") == 1, what="the timer")
+                client.flushall()  # Redis restarted with nothing on disk
+                # The running beat sees the index gone and rebuilds it from PostgreSQL,
+                # with the timer at its fire time, before that time comes.
+                (timer,) = query(
+                    database_url,
+                    "SELECT id, fire_at FROM durable_timers WHERE workflow_id = 'nap-1'",
+                )
+                wait_until(lambda: beat.stats.index_rebuilds == 2, what="the index rebuild")
+                score = client.zscore(f"{prefix}:timers", str(timer.id))
+                assert score == timer.fire_at.timestamp()
+                assert run.result(timeout=30) == "awake"
+        finally:
             beat.stopping.set()
-            thread.join(5)
-        assert beat.stats.index_rebuilds >= 1
+            thread.join()
+        # Fired from the rebuilt index, not by the sweep of timers overdue in PostgreSQL.
+        assert (beat.stats.timers_fired, beat.swept) == (1, 0)
         (timer,) = query(
             database_url, "SELECT fired_at FROM durable_timers WHERE workflow_id = 'nap-1'"
         )
