@@ -311,3 +311,52 @@ def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
     with durable.connect() as conn:
         # ... so releasing on it must fail, and the activation must read again.
         assert not run_queries.release(conn, "pair-1", "B#1", leased.wake_seq)
+
+
+def test_a_timer_fired_by_one_beat_is_not_fired_again_by_another(
+    durable: Durable, app: Celery, worker: Any, database_url: str, redis_url: str, prefix: str
+) -> None:
+    """The Redis claim keeps two beats' index paths apart; PostgreSQL's gate (a timer fires
+    while ``fired_at`` is null) keeps one beat's sweep of overdue timers apart from the
+    other's index. Here each beat in turn fires a batch by its sweep, and the other then
+    claims the same timers from the index and must fire none of them."""
+    _, other = make_app(database_url, redis_url, prefix)
+    first, second = Beat(durable), Beat(other)
+
+    @durable.workflow("wf.doze")
+    def wf(ctx: Any) -> str:
+        ctx.sleep(0.2)
+        return "awake"
+
+    def overdue_batch(batch: str) -> list[Any]:
+        runs = [durable.start("wf.doze", workflow_id=f"{batch}-{i}") for i in range(10)]
+        wait_until(
+            lambda: (
+                query(
+                    database_url,
+                    "SELECT count(*) AS n FROM durable_timers WHERE workflow_id LIKE :batch"
+                    " AND fire_at < now() - interval '1.5 seconds'",
+                    batch=f"{batch}-%",
+                )[0].n
+                == 10
+            ),
+            what="the batch's timers to be overdue",
+        )
+        # Still in the index, due: the claim there would fire them but for the gate.
+        assert durable.timer_index.size() == 10
+        return runs
+
+    for batch, sweeping, claiming in (("a", first, second), ("b", second, first)):
+        runs = overdue_batch(batch)
+        sweeping.sweep()
+        assert durable.timer_index.size() == 10
+        assert claiming.fire_due() == 0
+        assert durable.timer_index.size() == 0
+        assert [run.result(timeout=30) for run in runs] == ["awake"] * 10
+    assert (first.stats.timers_fired, second.stats.timers_fired) == (10, 10)
+    fired = query(
+        database_url,
+        "SELECT workflow_id, count(*) AS n FROM durable_history "
+        "WHERE event = 'timer fired' GROUP BY workflow_id",
+    )
+    assert len(fired) == 20 and all(row.n == 1 for row in fired), fired
