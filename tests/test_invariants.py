@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_postrun
 from sqlalchemy import event
 
 from durable import Durable, WorkflowFailed
@@ -73,6 +74,7 @@ def test_duplicate_delivery_never_runs_a_finished_step_again(
     database_url: str,
 ) -> None:
     client = redis.Redis.from_url(redis_url)
+    outcomes: list[str] = []
 
     @app.task(name="t.charge", shared=False)
     def charge() -> str:
@@ -81,18 +83,39 @@ def test_duplicate_delivery_never_runs_a_finished_step_again(
 
     @durable.workflow("wf.dup")
     def wf(ctx: Any) -> str:
-        return str(ctx.step(charge))
+        txn = str(ctx.step(charge))
+        ctx.wait_for_signal("go")  # the run goes on: only the step's status stops a copy
+        return txn
 
-    assert durable.start("wf.dup", workflow_id="dup-1").result(timeout=20) == "txn-1"
-    # The same message again, through the broker, and straight into the step runner.
-    app.send_task("durable.step", args=["dup-1", 1])
-    assert execute_step(durable, "dup-1", 1) == "ignored"
-    wait_until(lambda: client.llen(f"{prefix}:celery") == 0, what="the queue to drain")
-    time.sleep(0.5)
+    def note(task: Any = None, args: Any = None, retval: Any = None, **_: Any) -> None:
+        if task is not None and task.name == "durable.step" and list(args or ()) == ["dup-1", 1]:
+            outcomes.append(str(retval))
+
+    task_postrun.connect(note, weak=False)
+    try:
+        run = durable.start("wf.dup", workflow_id="dup-1")
+        wait_until(
+            lambda: query(
+                database_url,
+                "SELECT 1 FROM durable_steps WHERE workflow_id = 'dup-1' AND kind = 'signal'",
+            ),
+            what="step 1 committed",
+        )
+        wait_until(lambda: outcomes == ["completed"], what="the first delivery to end")
+        # The same message again, straight into the step runner, and through the broker.
+        assert execute_step(durable, "dup-1", 1) == "ignored"
+        app.send_task("durable.step", args=["dup-1", 1])
+        wait_until(lambda: len(outcomes) == 2, what="the worker to run the copy")
+    finally:
+        task_postrun.disconnect(note)
+    assert outcomes == ["completed", "ignored"]
+    durable.signal("dup-1", "go")
+    assert run.result(timeout=20) == "txn-1"
     assert counter("charge") == 1
     (row,) = query(
         database_url,
-        "SELECT status, attempts, result FROM durable_steps WHERE workflow_id = 'dup-1'",
+        "SELECT status, attempts, result FROM durable_steps"
+        " WHERE workflow_id = 'dup-1' AND seq = 1",
     )
     assert (row.status, row.attempts, row.result) == ("completed", 1, "txn-1")
 
