@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from kombu import Connection
 from durable import Durable
 from durable.beat import Beat
 from tests.apps.rabbit_app import build
-from tests.conftest import clean_keys, clean_tables, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("DURABLE_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672//"
@@ -107,8 +106,7 @@ def broker(
     app, durable = build(url, database_url, redis_url, prefix)
     counts = redis.Redis.from_url(redis_url, decode_responses=True)
     beat = Beat(durable, sweep_interval=0.5)
-    thread = threading.Thread(target=beat.run, daemon=True)
-    thread.start()
+    thread = Background(beat.run)
     try:
         yield Broker(request.param, url, prefix, app, durable, counts)
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import redis
 from durable import Durable
 from durable.beat import Beat
 from tests.apps.crash_app import build
-from tests.conftest import ROOT, Workers, clean_keys, clean_tables, query, wait_until
+from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, query, wait_until
 
 
 @pytest.fixture
@@ -34,8 +33,7 @@ def crash(
     workers = Workers(env, tmp_path, "tests.apps.crash_app")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     beat = Beat(durable, sweep_interval=0.5)
-    thread = threading.Thread(target=beat.run, daemon=True)
-    thread.start()
+    thread = Background(beat.run)
     try:
         yield durable, workers, client
     finally:
@@ -232,8 +230,7 @@ def test_two_beats_fire_each_timer_once(
     durable, workers, client = crash
     _, other = build(database_url, redis_url, prefix)
     second_beat = Beat(other, sweep_interval=0.5)
-    thread = threading.Thread(target=second_beat.run, daemon=True)
-    thread.start()
+    thread = Background(second_beat.run)
     try:
         workers.start("first", concurrency=2)
         runs = [durable.start("crash.nap", 1, workflow_id=f"nap-{i}") for i in range(30)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import redis
@@ -48,8 +47,7 @@ def test_one_writer_per_workflow(durable: Durable, app: Celery, database_url: st
         return int(ctx.step(one))
 
     durable.start("wf.writer", workflow_id="writer-1")  # no worker consumes it
-    first = threading.Thread(target=activate, args=(durable, "writer-1"))
-    first.start()
+    first = Background(activate, durable, "writer-1")
     assert entered.wait(10)
     # A second activation while the first runs the workflow's code must not run it too.
     assert activate(durable, "writer-1") == "busy-or-finished"
@@ -141,8 +139,7 @@ def test_messages_lost_after_commit_are_sent_again(
         assert activate(durable, "lost-1") == "suspended"  # step committed and sent ...
         assert client.delete(f"{prefix}:celery") == 1  # ... and that message is gone too
         beat = Beat(durable, sweep_interval=0.2)
-        thread = threading.Thread(target=beat.run, daemon=True)
-        thread.start()
+        thread = Background(beat.run)
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
             assert durable.run("lost-1").result(timeout=20) == "shipped"
         beat.stopping.set()
@@ -321,9 +318,15 @@ def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
                 conn, "pair-1", 2, result='"two"', owner="B#1", ttl=30, acquire=True
             )
 
-    waiter = threading.Thread(target=settle_two)
-    waiter.start()
-    time.sleep(0.5)  # the second settle now waits for the row lock
+    waiter = Background(settle_two)
+    wait_until(
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()",
+        ),
+        what="the second settle to wait for the row lock",
+    )
     holder_tx.commit()
     holder.close()
     waiter.join(10)
