@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet as KeyMaker
 
 from durable import Durable, LimitExceeded, PayloadError, WorkflowFailed
 from durable.codec import Compression, Fernet, is_sealed
-from tests.conftest import make_app, query
+from tests.conftest import make_app, query, wait_until
 
 
 def test_fernet_codec_keeps_only_ciphertext_in_the_store(
@@ -214,7 +214,6 @@ def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(
 def test_a_worker_without_the_key_leaves_the_run_to_one_with_it(
     database_url: str, redis_url: str, prefix: str
 ) -> None:
-    import time
 
     from durable.activation import activate
 
@@ -230,6 +229,13 @@ def test_a_worker_without_the_key_leaves_the_run_to_one_with_it(
     keyed.start("wf.keyed", "abc", workflow_id="keyed-1")
     assert activate(keyless, "keyed-1") == "undecodable"
     assert keyed.run("keyed-1").status() == "running"  # not failed: not the run's fault
-    time.sleep(1.2)  # the keyless worker's lease runs out
+    wait_until(  # the keyless worker's lease runs out
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM durable_workflows WHERE id = 'keyed-1'"
+            " AND (lease_expires_at IS NULL OR lease_expires_at < now())",
+        ),
+        what="the lease to run out",
+    )
     assert activate(keyed, "keyed-1") == "completed"
     assert keyed.run("keyed-1").result(timeout=1) == "cba"
