@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet as KeyMaker
 
 from durable import Durable, LimitExceeded, PayloadError, WorkflowFailed
 from durable.codec import Compression, Fernet, is_sealed
-from tests.conftest import make_app, query, wait_until
+from tests.conftest import clean_tables, make_app, query, wait_until
 
 
 def test_fernet_codec_keeps_only_ciphertext_in_the_store(
@@ -103,12 +103,14 @@ def test_crafted_payloads_are_refused_cleanly(durable: Durable, database_url: st
     for value in (deep, bad_utf8):
         with pytest.raises(PayloadError):
             durable.signal(run.id, "x", value)
-    assert query(database_url, "SELECT count(*) AS n FROM durable_signals")[0].n == 0
+    signals = "SELECT count(*) AS n FROM durable_signals WHERE workflow_id = 'crafted-1'"
+    assert query(database_url, signals)[0].n == 0
 
 
 def test_step_limit_fails_the_run_clearly(database_url: str, redis_url: str, prefix: str) -> None:
     from durable.activation import activate
 
+    clean_tables(database_url)
     _, durable = make_app(database_url, redis_url, prefix, max_steps=5)
 
     @durable.workflow("wf.runaway")
@@ -130,6 +132,7 @@ def test_step_limit_fails_the_run_clearly(database_url: str, redis_url: str, pre
 
 
 def test_signal_limits(database_url: str, redis_url: str, prefix: str) -> None:
+    clean_tables(database_url)
     _, durable = make_app(database_url, redis_url, prefix, max_signals=5, max_signals_per_minute=3)
 
     @durable.workflow("wf.inbox")
@@ -142,7 +145,8 @@ def test_signal_limits(database_url: str, redis_url: str, prefix: str) -> None:
     with pytest.raises(LimitExceeded) as info:
         durable.signal("inbox-1", "note", 3)
     assert info.value.limit == "max_signals_per_minute"
-    assert query(database_url, "SELECT count(*) AS n FROM durable_signals")[0].n == 3
+    signals = "SELECT count(*) AS n FROM durable_signals WHERE workflow_id = 'inbox-1'"
+    assert query(database_url, signals)[0].n == 3
 
 
 def test_messages_carry_ids_not_payloads_or_secrets(
