@@ -149,15 +149,39 @@ def worker(app: Celery) -> Iterator[Any]:
         yield w
 
 
+class Background:
+    """A thread whose failure fails the test: :meth:`join` re-raises what it raised."""
+
+    def __init__(self, target: Callable[..., Any], *args: Any) -> None:
+        self.error: BaseException | None = None
+        self.value: Any = None
+
+        def run() -> None:
+            try:
+                self.value = target(*args)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 10.0) -> Any:
+        """Wait for the thread; fail if it is still running or raised; return its value."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"thread still running after {timeout}s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 @pytest.fixture
 def beat(durable: Durable) -> Iterator[Beat]:
     """An in-process beat (timers and the liveness sweep) on a thread."""
     b = Beat(durable, sweep_interval=0.5)
-    thread = threading.Thread(target=b.run, daemon=True)
-    thread.start()
+    thread = Background(b.run)
     yield b
     b.stopping.set()
-    thread.join(timeout=5)
+    thread.join()
 
 
 def wait_until(

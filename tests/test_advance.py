@@ -8,8 +8,6 @@ the claim saw) and when it must fall back to a real activation.
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from datetime import datetime
 from typing import Any
@@ -29,7 +27,7 @@ from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.store.migrate import upgrade
 from durable.store.statement import on_statement
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 from tests.store_helpers import schedule_step
 
 
@@ -132,9 +130,15 @@ def test_of_two_settles_at_once_only_the_first_advances(
                 attempt=two.attempt, expect_wake=two.rest_wake, new=[_next(3)],
             )  # fmt: skip
 
-    waiter = threading.Thread(target=settle_two)
-    waiter.start()
-    time.sleep(0.5)  # the second settle now waits for the run's row lock
+    waiter = Background(settle_two)
+    wait_until(
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()",
+        ),
+        what="the second settle to wait for the run's row lock",
+    )
     holder_tx.commit()
     holder.close()
     waiter.join(10)

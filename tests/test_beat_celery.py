@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from celery.schedules import crontab
 from durable import Durable
 from durable.beat import DurableScheduler
 from durable.store import engine as store_engine
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,10 +68,9 @@ def test_celery_beat_with_the_durable_scheduler_runs_each_entry_once_per_fire(
 
     app, _ = shop
     service = Service(app, scheduler_cls=DurableScheduler)
-    beat = threading.Thread(target=service.start, daemon=True)
     client = redis.Redis.from_url(redis_url)
     with start_worker(app, pool="threads", perform_ping_check=False, loglevel="WARNING"):
-        beat.start()
+        beat = Background(service.start)
         try:
             wait_until(
                 lambda: sum(r.status == "completed" for r in ping_runs(database_url)) >= 3,

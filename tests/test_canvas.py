@@ -8,7 +8,6 @@ committed link again.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +26,7 @@ from durable.beat import Beat
 from durable.runner import execute_step
 from durable.testing import TestEnv
 from tests.apps.canvas_app import build
-from tests.conftest import ROOT, Workers, clean_keys, clean_tables, query, wait_until
+from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, query, wait_until
 
 
 class Fatal(Exception):
@@ -240,8 +239,7 @@ def crash(
     _, durable = build(database_url, redis_url, prefix)
     workers = Workers(env, tmp_path, "tests.apps.canvas_app")
     beat = Beat(durable, sweep_interval=0.5)
-    thread = threading.Thread(target=beat.run, daemon=True)
-    thread.start()
+    thread = Background(beat.run)
     try:
         yield durable, workers
     finally:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_postrun
 from sqlalchemy import event
 
 from durable import Durable, WorkflowFailed
@@ -18,7 +18,7 @@ from durable.dev.services import start_private_redis
 from durable.runner import execute_step
 from durable.store import engine as store_engine
 from durable.store.statement import on_statement
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 from tests.store_helpers import schedule_step
 
 
@@ -48,8 +48,7 @@ def test_one_writer_per_workflow(durable: Durable, app: Celery, database_url: st
         return int(ctx.step(one))
 
     durable.start("wf.writer", workflow_id="writer-1")  # no worker consumes it
-    first = threading.Thread(target=activate, args=(durable, "writer-1"))
-    first.start()
+    first = Background(activate, durable, "writer-1")
     assert entered.wait(10)
     # A second activation while the first runs the workflow's code must not run it too.
     assert activate(durable, "writer-1") == "busy-or-finished"
@@ -74,6 +73,7 @@ def test_duplicate_delivery_never_runs_a_finished_step_again(
     database_url: str,
 ) -> None:
     client = redis.Redis.from_url(redis_url)
+    outcomes: list[str] = []
 
     @app.task(name="t.charge", shared=False)
     def charge() -> str:
@@ -82,18 +82,39 @@ def test_duplicate_delivery_never_runs_a_finished_step_again(
 
     @durable.workflow("wf.dup")
     def wf(ctx: Any) -> str:
-        return str(ctx.step(charge))
+        txn = str(ctx.step(charge))
+        ctx.wait_for_signal("go")  # the run goes on: only the step's status stops a copy
+        return txn
 
-    assert durable.start("wf.dup", workflow_id="dup-1").result(timeout=20) == "txn-1"
-    # The same message again, through the broker, and straight into the step runner.
-    app.send_task("t.charge", kwargs={"durable_step": "dup-1#1"})
-    assert execute_step(durable, "dup-1", 1) == "ignored"
-    wait_until(lambda: client.llen(f"{prefix}:celery") == 0, what="the queue to drain")
-    time.sleep(0.5)
+    def note(task: Any = None, kwargs: Any = None, retval: Any = None, **_: Any) -> None:
+        if task is not None and (kwargs or {}).get("durable_step") == "dup-1#1":
+            outcomes.append(str(retval))
+
+    task_postrun.connect(note, weak=False)
+    try:
+        run = durable.start("wf.dup", workflow_id="dup-1")
+        wait_until(
+            lambda: query(
+                database_url,
+                "SELECT 1 FROM durable_steps WHERE workflow_id = 'dup-1' AND kind = 'signal'",
+            ),
+            what="step 1 committed",
+        )
+        wait_until(lambda: outcomes == ["completed"], what="the first delivery to end")
+        # The same message again, straight into the step runner, and through the broker.
+        assert execute_step(durable, "dup-1", 1) == "ignored"
+        app.send_task("t.charge", kwargs={"durable_step": "dup-1#1"})
+        wait_until(lambda: len(outcomes) == 2, what="the worker to run the copy")
+    finally:
+        task_postrun.disconnect(note)
+    assert outcomes == ["completed", "ignored"]
+    durable.signal("dup-1", "go")
+    assert run.result(timeout=20) == "txn-1"
     assert counter("charge") == 1
     (row,) = query(
         database_url,
-        "SELECT status, attempts, result FROM durable_steps WHERE workflow_id = 'dup-1'",
+        "SELECT status, attempts, result FROM durable_steps"
+        " WHERE workflow_id = 'dup-1' AND seq = 1",
     )
     assert (row.status, row.attempts, row.result) == ("completed", 1, "txn-1")
 
@@ -119,8 +140,7 @@ def test_messages_lost_after_commit_are_sent_again(
         assert activate(durable, "lost-1") == "suspended"  # step committed and sent ...
         assert client.delete(f"{prefix}:celery") == 1  # ... and that message is gone too
         beat = Beat(durable, sweep_interval=0.2)
-        thread = threading.Thread(target=beat.run, daemon=True)
-        thread.start()
+        thread = Background(beat.run)
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
             assert durable.run("lost-1").result(timeout=20) == "shipped"
         beat.stopping.set()
@@ -174,6 +194,17 @@ def test_replay_detects_non_determinism(
     assert row.status == "completed"  # the history is left intact
 
 
+class _WatchedBeat(Beat):
+    """A beat that counts the timers its sweep fired (overdue in PostgreSQL, not indexed)."""
+
+    swept = 0
+
+    def sweep(self) -> None:
+        before = self.stats.timers_fired
+        super().sweep()
+        self.swept += self.stats.timers_fired - before
+
+
 def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
     clean_tables(database_url)
     url, stop = start_private_redis()
@@ -182,21 +213,34 @@ def test_timers_survive_a_redis_flush(database_url: str, prefix: str) -> None:
 
         @durable.workflow("wf.nap")
         def wf(ctx: Any) -> str:
-            ctx.sleep(2)
+            ctx.sleep(5)
             return "awake"
 
         client = redis.Redis.from_url(url)
-        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
-            durable.start("wf.nap", workflow_id="nap-1")
-            wait_until(lambda: client.zcard(f"{prefix}:timers") == 1, what="the timer index")
-            client.flushall()  # Redis restarted with nothing on disk
-            beat = Beat(durable, sweep_interval=0.2)
-            thread = threading.Thread(target=beat.run, daemon=True)
-            thread.start()
-            assert durable.run("nap-1").result(timeout=20) == "awake"
+        beat = _WatchedBeat(durable, sweep_interval=0.2)
+        thread = Background(beat.run)
+        try:
+            # The beat's first start builds the (empty) index; then the timer is indexed.
+            wait_until(lambda: beat.stats.index_rebuilds == 1, what="the first index build")
+            with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+                run = durable.start("wf.nap", workflow_id="nap-1")
+                wait_until(lambda: client.zcard(f"{prefix}:timers") == 1, what="the timer")
+                client.flushall()  # Redis restarted with nothing on disk
+                # The running beat sees the index gone and rebuilds it from PostgreSQL,
+                # with the timer at its fire time, before that time comes.
+                (timer,) = query(
+                    database_url,
+                    "SELECT id, fire_at FROM durable_timers WHERE workflow_id = 'nap-1'",
+                )
+                wait_until(lambda: beat.stats.index_rebuilds == 2, what="the index rebuild")
+                score = client.zscore(f"{prefix}:timers", str(timer.id))
+                assert score == timer.fire_at.timestamp()
+                assert run.result(timeout=30) == "awake"
+        finally:
             beat.stopping.set()
-            thread.join(5)
-        assert beat.stats.index_rebuilds >= 1
+            thread.join()
+        # Fired from the rebuilt index, not by the sweep of timers overdue in PostgreSQL.
+        assert (beat.stats.timers_fired, beat.swept) == (1, 0)
         (timer,) = query(
             database_url, "SELECT fired_at FROM durable_timers WHERE workflow_id = 'nap-1'"
         )
@@ -275,9 +319,15 @@ def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
                 conn, "pair-1", 2, result='"two"', owner="B#1", ttl=30, acquire=True
             )
 
-    waiter = threading.Thread(target=settle_two)
-    waiter.start()
-    time.sleep(0.5)  # the second settle now waits for the row lock
+    waiter = Background(settle_two)
+    wait_until(
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()",
+        ),
+        what="the second settle to wait for the row lock",
+    )
     holder_tx.commit()
     holder.close()
     waiter.join(10)
@@ -288,3 +338,52 @@ def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
     with durable.connect() as conn:
         # ... so releasing on it must fail, and the activation must read again.
         assert not run_queries.release(conn, "pair-1", "B#1", leased.wake_seq)
+
+
+def test_a_timer_fired_by_one_beat_is_not_fired_again_by_another(
+    durable: Durable, app: Celery, worker: Any, database_url: str, redis_url: str, prefix: str
+) -> None:
+    """The Redis claim keeps two beats' index paths apart; PostgreSQL's gate (a timer fires
+    while ``fired_at`` is null) keeps one beat's sweep of overdue timers apart from the
+    other's index. Here each beat in turn fires a batch by its sweep, and the other then
+    claims the same timers from the index and must fire none of them."""
+    _, other = make_app(database_url, redis_url, prefix)
+    first, second = Beat(durable), Beat(other)
+
+    @durable.workflow("wf.doze")
+    def wf(ctx: Any) -> str:
+        ctx.sleep(0.2)
+        return "awake"
+
+    def overdue_batch(batch: str) -> list[Any]:
+        runs = [durable.start("wf.doze", workflow_id=f"{batch}-{i}") for i in range(10)]
+        wait_until(
+            lambda: (
+                query(
+                    database_url,
+                    "SELECT count(*) AS n FROM durable_timers WHERE workflow_id LIKE :batch"
+                    " AND fire_at < now() - interval '1.5 seconds'",
+                    batch=f"{batch}-%",
+                )[0].n
+                == 10
+            ),
+            what="the batch's timers to be overdue",
+        )
+        # Still in the index, due: the claim there would fire them but for the gate.
+        assert durable.timer_index.size() == 10
+        return runs
+
+    for batch, sweeping, claiming in (("a", first, second), ("b", second, first)):
+        runs = overdue_batch(batch)
+        sweeping.sweep()
+        assert durable.timer_index.size() == 10
+        assert claiming.fire_due() == 0
+        assert durable.timer_index.size() == 0
+        assert [run.result(timeout=30) for run in runs] == ["awake"] * 10
+    assert (first.stats.timers_fired, second.stats.timers_fired) == (10, 10)
+    fired = query(
+        database_url,
+        "SELECT workflow_id, count(*) AS n FROM durable_history "
+        "WHERE event = 'timer fired' GROUP BY workflow_id",
+    )
+    assert len(fired) == 20 and all(row.n == 1 for row in fired), fired

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -10,7 +9,7 @@ import redis
 from celery.contrib.testing.worker import start_worker
 
 from durable.beat import Beat
-from tests.conftest import clean_keys, clean_tables, make_app, query
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query
 
 
 def test_a_step_longer_than_its_lease_is_not_run_twice(
@@ -32,8 +31,7 @@ def test_a_step_longer_than_its_lease_is_not_run_twice(
         return str(ctx.step(long_step))
 
     beat = Beat(durable, sweep_interval=0.2)
-    thread = threading.Thread(target=beat.run, daemon=True)
-    thread.start()
+    thread = Background(beat.run)
     try:
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
             assert durable.start("wf.long_step", workflow_id="long-1").result(timeout=30) == "done"

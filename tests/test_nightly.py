@@ -8,7 +8,6 @@ and by a real beat on a short interval, and the wait until 07:00 is skipped.
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -24,7 +23,7 @@ from durable.beat import Beat
 from durable.testing import TestEnv
 from tasks.reports import get_report
 from tests.apps.shop_env import shop_app
-from tests.conftest import query, wait_until
+from tests.conftest import Background, query, wait_until
 from workflows.nightly import REPORT, SCHEDULE, install_schedule
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -159,8 +158,7 @@ def test_a_real_beat_fires_a_short_interval_schedule(
     )
     schedules.append(info.name)
     beat = Beat(shop, sweep_interval=0.5)
-    thread = threading.Thread(target=beat.run, daemon=True)
-    thread.start()
+    thread = Background(beat.run)
     try:
         wait_until(lambda: shop.schedules.get(info.name).last_run_id, timeout=30, what="a fire")
         shop.schedules.pause(info.name)  # no more fires, from this beat or the test's

@@ -139,9 +139,20 @@ def test_cancel_during_a_sleep_runs_compensation(
     assert run.status() == "cancelled"
     assert int(client.get(f"{prefix}:count:release") or 0) == 1
     (timer,) = query(
-        database_url, "SELECT fired_at FROM durable_timers WHERE workflow_id = 'cancel-1'"
+        database_url, "SELECT id, fired_at FROM durable_timers WHERE workflow_id = 'cancel-1'"
     )
-    assert timer.fired_at is not None  # the 30-day timer will never fire
+    assert timer.fired_at is not None  # retired: the 30-day timer will never fire
+    # Retired, not fired: even an index entry that says it is due now fires nothing.
+    durable.timer_index.add(timer.id, 0.0)
+    member = (f"{prefix}:timers", str(timer.id))
+    wait_until(lambda: client.zscore(*member) is None, what="the beat to claim the entry")
+    events = [
+        r.event
+        for r in query(
+            database_url, "SELECT event FROM durable_history WHERE workflow_id = 'cancel-1'"
+        )
+    ]
+    assert "timer fired" not in events and "cancelled" in events, events
     steps = query(
         database_url,
         "SELECT seq, kind, status FROM durable_steps WHERE workflow_id = 'cancel-1' ORDER BY seq",

@@ -3,7 +3,6 @@ catch-up after downtime (simulated and real), stale index entries, broken schedu
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from durable.beat import Beat, ScheduleRunner
 from durable.cadence import Cadence, fire_id
 from durable.scheduler import Schedules
 from durable.store import engine as store_engine
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 
 
 def execute(database_url: str, sql: str, **params: Any) -> None:
@@ -49,9 +48,7 @@ def build(database_url: str, redis_url: str, prefix: str) -> Iterator[Callable[.
 
 @contextmanager
 def running(*beats: Beat) -> Iterator[None]:
-    threads = [threading.Thread(target=b.run, daemon=True) for b in beats]
-    for t in threads:
-        t.start()
+    threads = [Background(b.run) for b in beats]
     try:
         yield
     finally:

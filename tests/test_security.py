@@ -12,7 +12,7 @@ from cryptography.fernet import Fernet as KeyMaker
 
 from durable import Durable, LimitExceeded, PayloadError, WorkflowFailed
 from durable.codec import Compression, Fernet, is_sealed
-from tests.conftest import make_app, query, wait_until
+from tests.conftest import clean_tables, make_app, query, wait_until
 
 
 def test_fernet_codec_keeps_only_ciphertext_in_the_store(
@@ -104,12 +104,14 @@ def test_crafted_payloads_are_refused_cleanly(durable: Durable, database_url: st
     for value in (deep, bad_utf8):
         with pytest.raises(PayloadError):
             durable.signal(run.id, "x", value)
-    assert query(database_url, "SELECT count(*) AS n FROM durable_signals")[0].n == 0
+    signals = "SELECT count(*) AS n FROM durable_signals WHERE workflow_id = 'crafted-1'"
+    assert query(database_url, signals)[0].n == 0
 
 
 def test_step_limit_fails_the_run_clearly(database_url: str, redis_url: str, prefix: str) -> None:
     from durable.activation import activate
 
+    clean_tables(database_url)
     _, durable = make_app(database_url, redis_url, prefix, max_steps=5)
 
     @durable.workflow("wf.runaway")
@@ -131,6 +133,7 @@ def test_step_limit_fails_the_run_clearly(database_url: str, redis_url: str, pre
 
 
 def test_signal_limits(database_url: str, redis_url: str, prefix: str) -> None:
+    clean_tables(database_url)
     _, durable = make_app(database_url, redis_url, prefix, max_signals=5, max_signals_per_minute=3)
 
     @durable.workflow("wf.inbox")
@@ -143,7 +146,8 @@ def test_signal_limits(database_url: str, redis_url: str, prefix: str) -> None:
     with pytest.raises(LimitExceeded) as info:
         durable.signal("inbox-1", "note", 3)
     assert info.value.limit == "max_signals_per_minute"
-    assert query(database_url, "SELECT count(*) AS n FROM durable_signals")[0].n == 3
+    signals = "SELECT count(*) AS n FROM durable_signals WHERE workflow_id = 'inbox-1'"
+    assert query(database_url, signals)[0].n == 3
 
 
 def test_messages_carry_ids_not_payloads_or_secrets(
@@ -245,7 +249,6 @@ def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(
 def test_a_worker_without_the_key_leaves_the_run_to_one_with_it(
     database_url: str, redis_url: str, prefix: str
 ) -> None:
-    import time
 
     from durable.activation import activate
 
@@ -261,6 +264,13 @@ def test_a_worker_without_the_key_leaves_the_run_to_one_with_it(
     keyed.start("wf.keyed", "abc", workflow_id="keyed-1")
     assert activate(keyless, "keyed-1") == "undecodable"
     assert keyed.run("keyed-1").status() == "running"  # not failed: not the run's fault
-    time.sleep(1.2)  # the keyless worker's lease runs out
+    wait_until(  # the keyless worker's lease runs out
+        lambda: query(
+            database_url,
+            "SELECT 1 FROM durable_workflows WHERE id = 'keyed-1'"
+            " AND (lease_expires_at IS NULL OR lease_expires_at < now())",
+        ),
+        what="the lease to run out",
+    )
     assert activate(keyed, "keyed-1") == "completed"
     assert keyed.run("keyed-1").result(timeout=1) == "cba"

@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from durable.codec import Compression, Fernet, seal
 from durable.store import engine as store_engine
 from durable.store.models import metadata
 from tests.apps.crash_app import build
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "tok_4242424242424242"
@@ -250,8 +249,7 @@ def test_beat_purges_finished_runs_past_retention(
     level = logger.level
     logger.addHandler(logged)
     logger.setLevel(logging.INFO)
-    thread = threading.Thread(target=leader.run, daemon=True)
-    thread.start()
+    thread = Background(leader.run)
     try:
         # Three runs, two per batch: a full batch is followed by another at the next sweep.
         wait_until(lambda: leader.stats.runs_purged == 3, timeout=10, what="the old runs purged")

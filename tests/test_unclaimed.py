@@ -7,7 +7,6 @@ claimed before a failure is handled. Every other delivery claims first, as befor
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +24,7 @@ from durable.liveness import Heartbeat
 from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
 from durable.store.runs import Activation
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 from tests.store_helpers import schedule_step
 
 
@@ -339,8 +338,7 @@ def test_a_long_unclaimed_step_is_claimed_before_it_would_be_sent_again(
         return int(ctx.step(slow, ctx.step(quick)))
 
     beat = Beat(durable, sweep_interval=0.2)
-    thread = threading.Thread(target=beat.run, daemon=True)
-    thread.start()
+    thread = Background(beat.run)
     try:
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
             run = durable.start("wf.unclaimed.long", workflow_id="unc-4")

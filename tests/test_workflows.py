@@ -17,6 +17,7 @@ from durable import (
     current_step,
 )
 from durable.errors import ResultTimeout
+from durable.testing import TestEnv
 from tests.conftest import query
 
 
@@ -150,21 +151,84 @@ def test_exhausted_step_raises_step_failed_and_workflow_compensates(
     redis_url: str,
     prefix: str,
     counter: Any,
+    database_url: str,
 ) -> None:
     t = counting_tasks(app, redis_url, prefix)
+    policy = RetryPolicy(max_attempts=3, initial_interval=0.1, backoff=2.0)
 
     @durable.workflow("wf.compensate")
     def wf(ctx: Any) -> dict[str, Any]:
         try:
-            ctx.step(t["decline"], retry=RetryPolicy(max_attempts=4, non_retryable=(CardDeclined,)))
+            ctx.step(t["flaky"], 10, retry=policy)  # fails every attempt, each retryable
         except StepFailed as exc:
             return {"released": ctx.step(t["release"], "sku-1"), "error": exc.error}
         return {"released": None, "error": None}
 
-    result = durable.start("wf.compensate", workflow_id="comp-1").result(timeout=20)
+    result = durable.start("wf.compensate", workflow_id="comp-1").result(timeout=30)
     assert result["released"] == "released sku-1"
-    assert "CardDeclined: card declined" in result["error"]
+    assert "attempt 3 failed" in result["error"]  # the last attempt's error
+    assert counter("flaky:comp-1:1") == 3  # every attempt the policy allows, no more
+    assert counter("release:sku-1") == 1
+    (step,) = query(
+        database_url,
+        "SELECT status, attempts FROM durable_steps WHERE workflow_id = 'comp-1' AND seq = 1",
+    )
+    assert (step.status, step.attempts) == ("failed", 3)
+    timers = query(database_url, "SELECT purpose FROM durable_timers WHERE workflow_id = 'comp-1'")
+    assert [row.purpose for row in timers] == ["retry", "retry"]
+
+
+def test_a_non_retryable_error_fails_the_step_at_once(
+    app: Celery, durable: Durable, worker: Any, beat: Any, redis_url: str, prefix: str, counter: Any
+) -> None:
+    t = counting_tasks(app, redis_url, prefix)
+
+    @durable.workflow("wf.declined")
+    def wf(ctx: Any) -> str:
+        try:
+            ctx.step(t["decline"], retry=RetryPolicy(max_attempts=4, non_retryable=(CardDeclined,)))
+        except StepFailed as exc:
+            return exc.error
+        return "charged"
+
+    error = durable.start("wf.declined", workflow_id="declined-1").result(timeout=20)
+    assert "CardDeclined: card declined" in error
     assert counter("decline") == 1  # non-retryable: one attempt only
+
+
+def test_retry_waits_follow_the_back_off_formula(
+    app: Celery, durable: Durable, redis_url: str, prefix: str, counter: Any, database_url: str
+) -> None:
+    """Wait n (n >= 1) is ``min(initial_interval * backoff ** (n - 1), max_interval)``, each
+    a durable timer; the clock is skipped past each one instead of waited for."""
+    t = counting_tasks(app, redis_url, prefix)
+    policy = RetryPolicy(
+        max_attempts=6,
+        initial_interval=timedelta(seconds=10),
+        backoff=3.0,
+        max_interval=timedelta(seconds=200),
+    )
+
+    @durable.workflow("wf.backoff")
+    def wf(ctx: Any) -> str:
+        try:
+            return str(ctx.step(t["flaky"], 10, retry=policy))
+        except StepFailed:
+            return "gave up"
+
+    with TestEnv(durable) as env:
+        assert env.result(durable.start("wf.backoff", workflow_id="backoff-1")) == "gave up"
+    assert counter("flaky:backoff-1:1") == 6
+    # Each timer is written in the statement that records the failure: its fire time less
+    # its creation time is the wait.
+    timers = query(
+        database_url,
+        "SELECT purpose, extract(epoch FROM fire_at - created_at) AS wait, fired_at "
+        "FROM durable_timers WHERE workflow_id = 'backoff-1' ORDER BY id",
+    )
+    assert [row.purpose for row in timers] == ["retry"] * 5
+    assert [float(row.wait) for row in timers] == [10.0, 30.0, 90.0, 200.0, 200.0]
+    assert all(row.fired_at is not None for row in timers)
 
 
 def test_uncaught_step_failure_fails_the_workflow(

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_postrun
 
 from durable import Durable, StepFailed, current_step
 
@@ -22,7 +23,9 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     app = Celery(f"crash-{prefix}", broker=redis_url, set_as_current=False)
     app.conf.broker_transport_options = {
         "global_keyprefix": f"{prefix}:",
-        "visibility_timeout": float(os.environ.get("CRASH_VISIBILITY_TIMEOUT", 3600)),
+        # Redis's default: a killed worker's message comes back after an hour, long after
+        # durable ran its step again. Tests age it in the broker's index instead of waiting.
+        "visibility_timeout": 3600,
         # Sweep for abandoned messages every second, so a test sees the late redelivery.
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
@@ -32,6 +35,22 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     app.conf.broker_connection_retry_on_startup = True
     durable = Durable(app, database_url=database_url, redis_url=redis_url, key_prefix=prefix)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def note_redelivery(
+        task: Any = None, args: Any = None, kwargs: Any = None, retval: Any = None, **_: Any
+    ) -> None:
+        """Log what a message the broker redelivered did (``ignored``: nothing): a step's
+        message (the task's own, labelled ``durable_step``) or an activation's."""
+        if task is None or task.app is not app:
+            return
+        label = (kwargs or {}).get("durable_step")
+        if label is None and task.name != "durable.activate":
+            return
+        if (task.request.delivery_info or {}).get("redelivered"):
+            what = label or ":".join(map(str, args))
+            client.rpush(f"{prefix}:redelivered", f"{task.name} {what} {retval}")
+
+    task_postrun.connect(note_redelivery, weak=False)
 
     def record(kind: str) -> int:
         key = current_step().idempotency_key
@@ -51,14 +70,24 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
         record("after")
         return "after"
 
+    def hold(ctx: Any, held: bool) -> None:
+        """With ``held``, keep the run going until signal ``go``: a message redelivered
+        meanwhile finds the run still running and only its own step's status to go by."""
+        if held:
+            ctx.wait_for_signal("go")
+
     @durable.workflow("crash.step")
-    def step_workflow(ctx: Any, seconds: float) -> list[str]:
-        return [ctx.step(slow, seconds), ctx.step(after)]
+    def step_workflow(ctx: Any, seconds: float, held: bool = False) -> list[str]:
+        first = ctx.step(slow, seconds)
+        hold(ctx, held)
+        return [first, ctx.step(after)]
 
     @durable.workflow("crash.second")
-    def second_workflow(ctx: Any, seconds: float) -> list[str]:
+    def second_workflow(ctx: Any, seconds: float, held: bool = False) -> list[str]:
         """The slow step second: scheduled by the first step's settle, in the worker."""
-        return [ctx.step(after), ctx.step(slow, seconds)]
+        done = [ctx.step(after), ctx.step(slow, seconds)]
+        hold(ctx, held)
+        return done
 
     def slow_local(seconds: float) -> str:
         n = record("local")
@@ -66,8 +95,10 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
         return f"local run {n}"
 
     @durable.workflow("crash.local")
-    def local_workflow(ctx: Any, seconds: float) -> list[str]:
-        return [ctx.step(slow_local, seconds, local=True), ctx.step(after)]
+    def local_workflow(ctx: Any, seconds: float, held: bool = False) -> list[str]:
+        first = ctx.step(slow_local, seconds, local=True)
+        hold(ctx, held)
+        return [first, ctx.step(after)]
 
     @durable.workflow("crash.nap")
     def nap_workflow(ctx: Any, seconds: float) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import task_postrun
 
 from durable import Durable, RetryPolicy, current_step
 
@@ -43,7 +44,13 @@ def broker_settings(broker_url: str, prefix: str) -> dict[str, Any]:
         # check before it notices that it is asked to stop.
         settings.update(task_default_queue=prefix, broker_heartbeat=0)
     else:
-        settings["broker_transport_options"] = {"global_keyprefix": f"{prefix}:"}
+        settings["broker_transport_options"] = {
+            "global_keyprefix": f"{prefix}:",
+            # Sweep for abandoned messages every second (the visibility timeout stays Redis's
+            # hour), so that a test that ages one sees its late redelivery at once.
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        }
     return settings
 
 
@@ -62,6 +69,22 @@ def build(
         redispatch_after=LEASE_TTL,
     )
     client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def note_redelivery(
+        task: Any = None, args: Any = None, kwargs: Any = None, retval: Any = None, **_: Any
+    ) -> None:
+        """Log what a message the broker redelivered did (``ignored``: nothing): a step's
+        message (the task's own, labelled ``durable_step``) or an activation's."""
+        if task is None or task.app is not app:
+            return
+        label = (kwargs or {}).get("durable_step")
+        if label is None and task.name != "durable.activate":
+            return
+        if (task.request.delivery_info or {}).get("redelivered"):
+            what = label or ":".join(map(str, args))
+            client.rpush(f"{prefix}:redelivered", f"{task.name} {what} {retval}")
+
+    task_postrun.connect(note_redelivery, weak=False)
 
     def record(kind: str) -> int:
         client.rpush(f"{prefix}:keys:{kind}", str(current_step().idempotency_key))
@@ -103,7 +126,11 @@ def build(
 
     @durable.workflow("brokers.kill")
     def killed(ctx: Any, seconds: float) -> list[Any]:
-        return [ctx.step(slow, seconds), ctx.step(add, 0, 1)]
+        """Waits for signal ``go`` after the slow step: a message redelivered meanwhile finds
+        the run still running and only the step's own status to go by."""
+        first = ctx.step(slow, seconds)
+        ctx.wait_for_signal("go")
+        return [first, ctx.step(add, 0, 1)]
 
     return app, durable
 
