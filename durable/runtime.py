@@ -19,7 +19,7 @@ from durable import activation as activation_mod
 from durable import builtins, messaging, timeouts, worker
 from durable.canvas import DurableChain
 from durable.codec import codec_from_settings
-from durable.config import Settings, load_settings
+from durable.config import Settings, check_names, load_settings
 from durable.context import Effects
 from durable.errors import (
     ConfigurationError,
@@ -96,6 +96,7 @@ class Durable:
         codec: Any = None,
         **settings: Any,
     ) -> None:
+        check_names(settings)  # a misspelt setting must not be ignored in silence
         self.app = app
         self._codec = codec
         self._overrides = {"database_url": database_url, "redis_url": redis_url, **settings}

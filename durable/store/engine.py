@@ -11,6 +11,7 @@ from typing import TypeVar
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
+from durable import redaction
 from durable.errors import ConfigurationError, StoreUnavailable
 
 T = TypeVar("T")
@@ -80,13 +81,8 @@ def dispose_all() -> None:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+    """``url`` with any password replaced by ``***`` (see :mod:`durable.redaction`)."""
+    return redaction.redact(url)
 
 
 def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:
