@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
 
+from durable.durations import MAX_DURATION
 from durable.errors import ConfigurationError
 from durable.redaction import MASK, redact
 
@@ -136,9 +137,6 @@ _URLS = {"database_url", "redis_url"}
 _SECRETS = {"encryption_keys"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-# Longest duration a setting accepts: beyond it, times computed from it overflow PostgreSQL's
-# timestamps, and nobody means a lease of a thousand years.
-MAX_DURATION = timedelta(days=365 * 100)
 # Largest count a setting accepts (PostgreSQL's integer).
 MAX_INT = 2**31 - 1
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -7,6 +7,8 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── StoreUnavailable          PostgreSQL could not be reached (after retries)
     ├── PayloadError              a value is not JSON-serialisable or is over the size limit
     │   └── CodecUnavailable      a stored value is encoded and no configured key opens it
+    ├── InvalidIdentifier         a workflow id or name breaks the rules of durable.ids
+    ├── InvalidDuration           a duration is negative, not finite or too long
     ├── UnknownWorkflow           no workflow is registered under that name
     ├── WorkflowNotFound          no run exists with that id
     ├── WorkflowIdConflict        the id exists for a workflow of another name
@@ -60,6 +62,33 @@ class CodecUnavailable(PayloadError):
 
     def __init__(self, reason: str) -> None:
         super().__init__("stored value", reason)
+
+
+class InvalidIdentifier(DurableError, ValueError):
+    """A workflow id, signal name or event key breaks the rules of :mod:`durable.ids`."""
+
+    def __init__(self, what: str, value: object, reason: str) -> None:
+        self.what = what
+        self.value = value
+        self.reason = reason
+        # repr escapes control characters; a value that is not text is named by its type.
+        shown = (
+            repr(value[:40] + "..." if len(value) > 40 else value) if isinstance(value, str) else ""
+        )
+        super().__init__(f"{what} {shown}: {reason}" if shown else f"{what}: {reason}")
+
+
+class InvalidDuration(DurableError, ValueError):
+    """A duration is negative, not a finite number, or longer than durable can store."""
+
+    def __init__(self, what: str, value: object, reason: str) -> None:
+        self.what = what
+        self.value = value
+        self.reason = reason
+        shown = type(value).__name__
+        if isinstance(value, (float, str)) or (isinstance(value, int) and value.bit_length() < 64):
+            shown = repr(value)[:40]
+        super().__init__(f"{what} {shown}: {reason}")
 
 
 class UnknownWorkflow(DurableError):

@@ -15,6 +15,7 @@ from celery.canvas import Signature
 
 from durable._control import PENDING, Suspend
 from durable.errors import SignalTimeout, StepFailed, WorkflowCancelled, WorkflowIdConflict
+from durable.ids import check_id
 from durable.retry import NO_RETRY, RetryPolicy
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
@@ -188,7 +189,7 @@ class PrimitivesMixin:
         if record is not None:
             return self._settled(seq, record)
         self.require_activation()
-        child_id = workflow_id or f"{self.workflow_id}/{seq}"
+        child_id = f"{self.workflow_id}/{seq}" if workflow_id is None else check_id(workflow_id)
         args_json = self._durable.encode(list(args), f"arguments of child workflow {name}")
         kwargs_json = self._durable.encode(kwargs, f"keyword arguments of child workflow {name}")
         wid, owner = self.workflow_id, self._owner

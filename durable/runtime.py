@@ -16,7 +16,7 @@ from celery.canvas import Signature
 from sqlalchemy import Connection
 
 from durable import activation as activation_mod
-from durable import builtins, messaging, timeouts, worker
+from durable import builtins, ids, messaging, timeouts, worker
 from durable.canvas import DurableChain
 from durable.codec import codec_from_settings
 from durable.config import Settings, check_names, load_settings
@@ -310,6 +310,8 @@ class Durable:
         broker hop (anything else starts the run as usual).
         """
         name = self.workflow_name(name_or_fn)
+        if workflow_id is not None:
+            ids.check_id(workflow_id)
         args_json = self.encode(list(args), f"arguments of workflow {name}")
         kwargs_json = self.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = workflow_id or uuid.uuid4().hex
@@ -346,6 +348,7 @@ class Durable:
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
+        ids.check_id(workflow_id)
         if self.store(lambda c: runs.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
         return WorkflowRun(self, workflow_id)
@@ -388,6 +391,8 @@ class Durable:
         to the workflow's ``ctx.wait_for_signal(name)`` (now or later), oldest first.
         Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
         """
+        ids.check_id(workflow_id)
+        ids.check_id(name, "signal name")
         messaging.signal(self, workflow_id, name, payload)
 
     def get_event(
@@ -397,6 +402,8 @@ class Durable:
 
         With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
         """
+        ids.check_id(workflow_id)
+        ids.check_id(key, "event key")
         return messaging.get_event(self, workflow_id, key, timeout)
 
     def cancel(self, workflow_id: str) -> None:
@@ -405,6 +412,7 @@ class Durable:
         The workflow receives :class:`WorkflowCancelled` at its next step, sleep or signal
         wait, may run compensation in ``except``/``finally``, and ends ``cancelled``.
         """
+        ids.check_id(workflow_id)
         messaging.cancel(self, workflow_id)
 
     # -- dispatching ----------------------------------------------------------------------
