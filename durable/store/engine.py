@@ -41,6 +41,9 @@ def _engine(url: str, flush: bool, autocommit: bool) -> Engine:
                     # checkout and back on each return, which costs more CPU than a
                     # one-row statement.
                     isolation_level="AUTOCOMMIT" if autocommit else None,
+                    # Errors must not carry a statement's values (a step's result, a
+                    # payload) into logs, task events and Flower.
+                    hide_parameters=True,
                 )
                 _engines[key] = engine
     return engine
@@ -85,18 +88,38 @@ def redact(url: str) -> str:
     return redaction.redact(url)
 
 
+# SQLSTATEs of a connection lost or refused: class 08 (connection exception), the server
+# shutting down or being restarted (57P01-57P03), and too many clients at connect time.
+_CONNECTION_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection failed (worth retrying), not the statement.
+
+    A deadlock, a statement timeout, a value PostgreSQL refuses or a program limit is an
+    answer from a working server: running the statement again the same way gives the same
+    answer, so it is reported as it is. An error with no SQLSTATE comes from the client
+    library before the server answered (connection refused, DNS, a socket closed).
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return state is None or str(state).startswith(_CONNECTION_STATES)
+
+
 def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:
     """Run ``fn``, retrying when the connection fails; then raise :class:`StoreUnavailable`.
 
-    Only connection-level failures are retried: ``fn`` must be safe to run again (each of
-    the store's statements is, by its WHERE clause or ON CONFLICT).
+    Only connection-level failures are retried (:func:`is_connection_failure`): ``fn`` must
+    be safe to run again (each of the store's statements is, by its WHERE clause or ON
+    CONFLICT). Any other database error is raised at once, as it is.
     """
     last: Exception | None = None
     for attempt in range(max(attempts, 1)):
         try:
             return fn()
-        except OperationalError as exc:
-            last = exc
         except ProgrammingError as exc:
             if getattr(getattr(exc, "orig", None), "sqlstate", None) == "42P01":
                 raise ConfigurationError(
@@ -104,10 +127,10 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
                 ) from None
             raise
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
+            if not is_connection_failure(exc):
                 raise
             last = exc
         if attempt + 1 < attempts:
             time.sleep(delay * (2**attempt))
     cause = str(getattr(last, "orig", last) or last).strip().splitlines()[0]
-    raise StoreUnavailable(redact(url), cause)
+    raise StoreUnavailable(redact(url), redaction.redact_text(cause, [url]))
