@@ -38,6 +38,7 @@ from celery import Task
 from celery.canvas import Signature
 from celery.local import Proxy
 
+from durable import durations
 from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
 from durable.codec import seal
 from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
@@ -105,9 +106,7 @@ def _step_name(task: Any) -> str:
 
 
 def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+    return durations.optional_seconds("timeout", value)
 
 
 class WorkflowContext(PrimitivesMixin):
@@ -430,7 +429,7 @@ class WorkflowContext(PrimitivesMixin):
         ``duration`` is a ``timedelta`` or seconds. The worker is free meanwhile; the timer
         lives in PostgreSQL and ``durable beat`` resumes the workflow when it is due.
         """
-        seconds = max(_seconds(duration) or 0.0, 0.0)
+        seconds = durations.sleep_seconds(duration)
         seq, record = self._take("sleep", "sleep")
         if record is not None:
             self._settled(seq, record)

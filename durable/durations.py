@@ -50,6 +50,15 @@ def seconds(what: str, value: Any, *, positive: bool = False) -> float:
     return amount
 
 
+def sleep_seconds(value: Any) -> float:
+    """A sleep's length in seconds: checked as :func:`seconds`, a negative one taken as 0."""
+    if isinstance(value, timedelta) and value < timedelta(0):
+        return 0.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return 0.0
+    return seconds("ctx.sleep", value)
+
+
 def optional_seconds(what: str, value: Any, *, positive: bool = False) -> float | None:
     """Like :func:`seconds`, with ``None`` passed through (no limit)."""
     return None if value is None else seconds(what, value, positive=positive)

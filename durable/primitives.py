@@ -14,6 +14,7 @@ from celery import Task
 from celery.canvas import Signature
 
 from durable._control import PENDING, Suspend
+from durable.durations import optional_seconds
 from durable.errors import SignalTimeout, StepFailed, WorkflowCancelled, WorkflowIdConflict
 from durable.ids import check_id
 from durable.retry import NO_RETRY, RetryPolicy
@@ -83,7 +84,7 @@ class PrimitivesMixin:
             if record["status"] != "waiting":
                 return self._settled(seq, record)
         self.require_activation()
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        seconds = optional_seconds("timeout", timeout)
         wid, first, base = self.workflow_id, record is None, self.now()
         got = self._durable.store(
             lambda c: signal_queries.wait_for_signal(c, wid, seq, name, seconds, first, base)
@@ -130,7 +131,7 @@ class PrimitivesMixin:
             charge, stock = ctx.parallel([charge_card.s(order), reserve.s(order)])
         """
         policy = retry.to_dict() if retry is not None else NO_RETRY
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        seconds = optional_seconds("timeout", timeout)
         records: list[tuple[int, dict[str, Any] | None]] = []
         described = []
         # Every position of the batch is taken before a cancellation can be delivered, so

@@ -16,7 +16,7 @@ from celery.canvas import Signature
 from sqlalchemy import Connection
 
 from durable import activation as activation_mod
-from durable import builtins, ids, messaging, timeouts, worker
+from durable import builtins, durations, ids, messaging, timeouts, worker
 from durable.canvas import DurableChain
 from durable.codec import codec_from_settings
 from durable.config import Settings, check_names, load_settings
@@ -228,11 +228,7 @@ class Durable:
         With ``execution_timeout`` a run that has not ended that long after its start is
         failed (``execution timeout exceeded``) and its child workflows cancelled.
         """
-        timeout = (
-            execution_timeout.total_seconds()
-            if isinstance(execution_timeout, timedelta)
-            else execution_timeout
-        )
+        timeout = durations.optional_seconds("execution_timeout", execution_timeout, positive=True)
 
         def register(fn: F) -> F:
             key = name or f"{fn.__module__}.{fn.__qualname__}"
