@@ -229,7 +229,10 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
                 "purpose": t.purpose,
                 "fire_at": t.fire_at,
                 "fired_at": t.fired_at,
-                "lateness": _seconds(t.fire_at, t.fired_at),
+                # A timer settled before its time (a signal came first) was not late.
+                "lateness": max(_seconds(t.fire_at, t.fired_at) or 0.0, 0.0)
+                if t.fired_at
+                else None,
             }
             for t in timers.list_timers(conn, row.id)
         ],
