@@ -5,6 +5,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     DurableError
     ├── ConfigurationError        settings missing or malformed
     ├── StoreUnavailable          PostgreSQL could not be reached (after retries)
+    ├── StoreError                PostgreSQL refused a statement (shown without its values)
     ├── PayloadError              a value is not JSON-serialisable or is over the size limit
     │   └── CodecUnavailable      a stored value is encoded and no configured key opens it
     ├── InvalidIdentifier         a workflow id or name breaks the rules of durable.ids
@@ -46,6 +47,21 @@ class StoreUnavailable(DurableError):
         self.url = url
         self.cause = cause
         super().__init__(f"database unreachable at {url}: {cause}")
+
+
+class StoreError(DurableError):
+    """PostgreSQL refused a statement: a deadlock, a timeout, a value it cannot hold...
+
+    The message names the SQLSTATE and the error's class, and the server's message unless
+    it may quote a value (SQLSTATE class 22, data exceptions): values are users' data, and
+    this error reaches logs, task events and Flower.
+    """
+
+    def __init__(self, sqlstate: str, kind: str, message: str = "") -> None:
+        self.sqlstate = sqlstate
+        self.kind = kind
+        shown = f": {message}" if message else ""
+        super().__init__(f"database error {sqlstate} ({kind}){shown}")
 
 
 class PayloadError(DurableError):

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from durable import durations
 from durable.config import normalise_database_url
@@ -99,11 +99,14 @@ class UsageFailed(CommandFailed):
 
 def _database_error(exc: SQLAlchemyError) -> CommandFailed:
     orig = getattr(exc, "orig", None) or exc
-    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if isinstance(exc, DBAPIError):  # without the values the statement was given
+        first = str(store_engine.refused(exc))
+    else:
+        first = "database error: " + (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     hint = (
         " (has 'durable db upgrade' been run?)" if getattr(orig, "sqlstate", "") == "42P01" else ""
     )
-    return CommandFailed(f"database error: {first}{hint}")
+    return CommandFailed(f"{first}{hint}")
 
 
 class DurableGroup(click.Group):

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from durable import redaction
-from durable.errors import ConfigurationError, StoreUnavailable
+from durable.errors import ConfigurationError, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -109,6 +109,22 @@ def is_connection_failure(exc: BaseException) -> bool:
     return state is None or str(state).startswith(_CONNECTION_STATES)
 
 
+def refused(exc: DBAPIError) -> StoreError:
+    """A :class:`StoreError` for a refused statement, without the values it was given.
+
+    SQLAlchemy's message holds the statement (and, unless hidden, its parameters) and the
+    server's own may quote a value (``invalid input syntax for type json: "..."``) or a
+    key (``DETAIL: Key (id)=(...)``): only the SQLSTATE, the class and, outside the data
+    exceptions of class 22, the first line of the server's message are kept.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    state = str(getattr(orig, "sqlstate", None) or "?????")
+    diag = getattr(orig, "diag", None)
+    primary = str(getattr(diag, "message_primary", "") or "")
+    shown = "" if state.startswith("22") else " ".join(primary.split())[:200]
+    return StoreError(state, type(orig).__name__, shown)
+
+
 def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:
     """Run ``fn``, retrying when the connection fails; then raise :class:`StoreUnavailable`.
 
@@ -128,7 +144,7 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
             raise
         except DBAPIError as exc:
             if not is_connection_failure(exc):
-                raise
+                raise refused(exc) from None
             last = exc
         if attempt + 1 < attempts:
             time.sleep(delay * (2**attempt))
