@@ -137,7 +137,10 @@ def test_a_statement_timeout_is_not_retried_as_a_lost_connection(database_url: s
         calls.append(1)
         with store_engine.autocommit(database_url).connect() as conn:
             conn.execute(text("SET statement_timeout = 50"))
-            return conn.execute(text("SELECT pg_sleep(2)")).scalar()
+            try:
+                return conn.execute(text("SELECT pg_sleep(2)")).scalar()
+            finally:  # the connection goes back to the pool: leave nothing set on it
+                conn.execute(text("RESET statement_timeout"))
 
     with pytest.raises(StoreError) as info:
         store_engine.with_retry(database_url, slow, attempts=3, delay=0.01)
