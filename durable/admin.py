@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
+from durable import durations
 from durable.errors import (
     WorkflowIdTaken,
     WorkflowNotFailed,
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.ids import check_id
 from durable.store import admin as queries
 from durable.store import history, runs, signals, steps, timers
 
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 WAITING = tuple(queries.WAITING_FILTERS)
 """What ``list_runs(waiting=...)`` accepts: ``step``, ``timer``, ``signal``."""
 
+MAX_STEP = 2**31 - 1
+"""Highest step number PostgreSQL can hold."""
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
@@ -44,15 +49,17 @@ def parse_duration(text: str) -> timedelta:
     """``"90"`` (seconds), ``"45s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` or ``"1d12h"``.
 
     Raises:
-        ValueError: ``text`` is none of these.
+        ValueError: ``text`` is none of these, or longer than a century
+            (:class:`~durable.errors.InvalidDuration`).
     """
     value = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", value):
-        return timedelta(seconds=float(value))
+        return timedelta(seconds=durations.checked("duration", float(value)))
     parts = _DURATION.findall(value)
     if not value or "".join(n + u for n, u in parts) != value:
-        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h, 7d or 1d12h")
-    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+        raise ValueError(f"{text[:40]!r} is not a duration like 90s, 30m, 12h, 7d or 1d12h")
+    total = sum(float(n) * _UNITS[u] for n, u in parts)
+    return timedelta(seconds=durations.checked("duration", total))
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -222,7 +229,10 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
                 "purpose": t.purpose,
                 "fire_at": t.fire_at,
                 "fired_at": t.fired_at,
-                "lateness": _seconds(t.fire_at, t.fired_at),
+                # A timer settled before its time (a signal came first) was not late.
+                "lateness": max(_seconds(t.fire_at, t.fired_at) or 0.0, 0.0)
+                if t.fired_at
+                else None,
             }
             for t in timers.list_timers(conn, row.id)
         ],
@@ -319,11 +329,13 @@ def fork(
     Raises:
         WorkflowNotFound: no run has this id.
         WorkflowIdTaken: ``new_id`` exists.
-        ValueError: ``from_step`` is below 1.
+        ValueError: ``from_step`` is below 1 or past any position.
+        InvalidIdentifier: ``new_id`` breaks the rules of :mod:`durable.ids`.
     """
-    if from_step < 1:
-        raise ValueError(f"from_step must be 1 or more, not {from_step}")
-    target = new_id or f"{workflow_id}-fork-{uuid.uuid4().hex[:8]}"
+    if not 1 <= from_step <= MAX_STEP:
+        raise ValueError(f"from_step must be between 1 and {MAX_STEP}, not {from_step}")
+    target = check_id(new_id, "new workflow id") if new_id is not None else None
+    target = target or f"{workflow_id}-fork-{uuid.uuid4().hex[:8]}"
     done = durable.store(lambda c: queries.fork_run(c, workflow_id, target, from_step))
     if done is None:
         raise WorkflowNotFound(workflow_id)

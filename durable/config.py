@@ -10,16 +10,33 @@ Precedence, highest first, for every setting ``x``:
 ``redis_url`` has one more source, documented here so it is not a surprise: when none of the
 above names it and the Celery broker is a ``redis://`` URL, the broker's server is used.
 ``database_url`` has no default: without it durable refuses to start.
+
+Nothing is ignored in silence: ``Durable(app, encryption_key=...)`` (a name that is not a
+setting) raises :class:`~durable.errors.ConfigurationError` naming the closest setting; a
+``DURABLE_*`` variable or ``durable_*`` Celery setting that names none warns
+(:class:`ConfigurationWarning`) with the closest; a value that cannot be read as its
+setting's type (``inline_activation="maybe"``, a negative, infinite or absurdly long
+duration) is refused. The repr of :class:`Settings` masks passwords and keys.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
 
+from durable.durations import MAX_DURATION
 from durable.errors import ConfigurationError
+from durable.redaction import MASK, redact
+
+
+class ConfigurationWarning(UserWarning):
+    """A ``DURABLE_*`` variable or ``durable_*`` Celery setting that names no setting."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,17 @@ class Settings:
     compress_min_bytes: int = 0
     """Compress payloads of at least this many bytes (0: never; used without ``codec=``)."""
 
+    def __repr__(self) -> str:
+        shown = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in _URLS and isinstance(value, str):
+                value = redact(value)
+            elif field.name in _SECRETS and value is not None:
+                value = MASK
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     @property
     def heartbeat_interval(self) -> float:
         """Seconds between lease renewals: a third of the lease."""
@@ -104,6 +132,68 @@ _POSITIVE = {
     "max_signals_per_minute",
 }
 _BOOLS = {"inline_activation", "eager_start"}
+_STRINGS = {"database_url", "redis_url", "key_prefix", "workflow_queue", "encryption_keys"}
+_URLS = {"database_url", "redis_url"}
+_SECRETS = {"encryption_keys"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+# Largest count a setting accepts (PostgreSQL's integer).
+MAX_INT = 2**31 - 1
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# DURABLE_* variables that are not settings: the CLI's (DURABLE_APP and, for each command,
+# DURABLE_<COMMAND>_<OPTION>), the test suite's and the development services'.
+_OTHER_VARIABLES = ("APP", "TEST", "PROBE_")
+_CLI_COMMANDS = (
+    "DB_", "BEAT_", "START_", "LIST_", "SHOW_", "SIGNAL_", "CANCEL_", "RESUME_", "RETRY_",
+    "FORK_", "PURGE_", "TIMERS_", "RECONCILE_", "SCHEDULE_",
+)  # fmt: skip
+_warned: set[str] = set()
+
+
+def setting_names() -> list[str]:
+    """The name of every setting."""
+    return [field.name for field in fields(Settings)]
+
+
+def _closest(name: str, names: Iterable[str]) -> str:
+    found = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f"; did you mean {found[0]!r}?" if found else ""
+
+
+def check_names(overrides: dict[str, Any]) -> None:
+    """Refuse keyword settings that name no setting, naming the closest one.
+
+    Raises:
+        ConfigurationError: ``overrides`` holds a name that is not a setting.
+    """
+    known = setting_names()
+    for name in overrides:
+        if name not in known:
+            raise ConfigurationError(f"unknown setting {name!r}{_closest(name, known)}")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, ConfigurationWarning, stacklevel=4)
+
+
+def warn_unknown_sources(conf: Any = None) -> None:
+    """Warn of each ``DURABLE_*`` variable and ``durable_*`` Celery setting that names none."""
+    known = {name.upper() for name in setting_names()}
+    for var in os.environ:
+        if not var.startswith("DURABLE_"):
+            continue
+        name = var[len("DURABLE_") :]
+        if name in known or name.startswith(_OTHER_VARIABLES + _CLI_COMMANDS):
+            continue
+        hint = _closest(name, known).replace("'", "'DURABLE_", 1)
+        _warn_once(f"durable: environment variable {var} is not a setting, ignored{hint}")
+    keys = getattr(conf, "keys", None)
+    for key in list(keys()) if callable(keys) else []:
+        if isinstance(key, str) and key.startswith("durable_") and key[8:].upper() not in known:
+            hint = _closest(key, [f"durable_{n.lower()}" for n in known])
+            _warn_once(f"durable: Celery setting {key} is not a setting, ignored{hint}")
 
 
 def normalise_database_url(url: str) -> str:
@@ -112,9 +202,26 @@ def normalise_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     if not url.startswith("postgresql+"):
-        scheme = url.partition("://")[0] or url[:20]
+        scheme = url.partition("://")[0][:20] if "://" in url else redact(url)[:20]
         raise ConfigurationError(f"database_url must be a PostgreSQL URL, not {scheme!r}")
     return url
+
+
+def _check_urls(values: dict[str, Any]) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(values["database_url"])
+    except (ArgumentError, ValueError):
+        raise ConfigurationError(
+            f"database_url is not a valid URL: {redact(values['database_url'])}"
+        ) from None
+    if not values["redis_url"].startswith(REDIS_SCHEMES):
+        scheme = values["redis_url"].partition("://")[0][:20]
+        raise ConfigurationError(
+            f"redis_url must be a redis://, rediss:// or unix:// URL, not {scheme!r}"
+        )
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -131,20 +238,57 @@ def _coerce(name: str, value: Any) -> Any:
 def _convert(name: str, value: Any) -> Any:
     try:
         if name in _DURATIONS:
-            return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+            return _duration(value)
         if name in _INTS:
-            return int(value)
+            return _integer(value)
         if name in _BOOLS:
-            if isinstance(value, bool):
-                return value
-            return str(value).strip().lower() in {"1", "true", "yes", "on"}
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"setting {name}: cannot read {value!r} ({exc})") from None
+            return _boolean(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        shown = redact(str(value))[:80]
+        raise ConfigurationError(f"setting {name}: cannot read {shown!r} ({exc})") from None
+    if name in _STRINGS and not isinstance(value, str):
+        raise ConfigurationError(f"setting {name}: must be text, not {type(value).__name__}")
     return value
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, bool):
+        raise TypeError("a duration, not a boolean")
+    if not isinstance(value, timedelta):
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError("not a finite number of seconds")
+        if abs(seconds) > MAX_DURATION.total_seconds():
+            raise ValueError(f"longer than {MAX_DURATION.days} days")
+        value = timedelta(seconds=seconds)
+    duration: timedelta = value
+    if abs(duration) > MAX_DURATION:
+        raise ValueError(f"longer than {MAX_DURATION.days} days")
+    return duration
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError("a whole number")
+    number = int(str(value).strip()) if isinstance(value, str) else int(value)
+    if number > MAX_INT:
+        raise ValueError(f"more than {MAX_INT}")
+    return number
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError("expected true/false, yes/no, on/off or 1/0")
 
 
 def load_settings(conf: Any = None, **overrides: Any) -> Settings:
     """Build :class:`Settings` from ``overrides``, ``DURABLE_*`` and the Celery config ``conf``."""
+    check_names(overrides)
+    warn_unknown_sources(conf)
     values: dict[str, Any] = {}
     for field in fields(Settings):
         name = field.name
@@ -167,4 +311,5 @@ def load_settings(conf: Any = None, **overrides: Any) -> Settings:
                 f"no {required}: set DURABLE_{required.upper()} or pass {required}= to Durable()"
             )
     values["database_url"] = normalise_database_url(values["database_url"])
+    _check_urls(values)
     return Settings(**values)

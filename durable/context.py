@@ -20,12 +20,13 @@ from celery import Task
 from celery.canvas import Signature
 from celery.local import Proxy
 
+from durable import durations
 from durable._control import PENDING, Suspend
 from durable.codec import seal
 from durable.dispatch import routing_options
-from durable.durations import seconds
 from durable.effects import PendingDispatch
 from durable.errors import SignalTimeout, StepFailed, WorkflowIdConflict
+from durable.ids import check_id
 from durable.replay import Replay
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
 from durable.serialization import describe_exception, dumps, encode
@@ -53,6 +54,11 @@ def _step_name(task: Any) -> str:
     if callable(task):
         return _function_name(task)
     raise TypeError(f"ctx.step needs a Celery task, a signature or a callable, got {task!r}")
+
+
+def _timeout(value: timedelta | float | None) -> float | None:
+    """A timeout given to ``ctx``: checked (finite, not negative, bounded), in seconds."""
+    return durations.optional_checked("timeout", value)
 
 
 class WorkflowContext(Replay):
@@ -102,7 +108,7 @@ class WorkflowContext(Replay):
         if local:
             attempts = int(record["attempts"]) if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)
-        self._schedule(seq, name, call_args, call_kwargs, options, policy, seconds(timeout))
+        self._schedule(seq, name, call_args, call_kwargs, options, policy, _timeout(timeout))
         raise Suspend()
 
     def _schedule(
@@ -210,7 +216,7 @@ class WorkflowContext(Replay):
         ``duration`` is a ``timedelta`` or seconds. The worker is free meanwhile; the timer
         lives in PostgreSQL and ``durable beat`` resumes the workflow when it is due.
         """
-        wait = max(seconds(duration), 0.0)
+        wait = durations.sleep_seconds(duration)
         seq, record = self._take("sleep", "sleep")
         if record is not None:
             self._settled(seq, record)
@@ -242,7 +248,7 @@ class WorkflowContext(Replay):
             if record["status"] != "waiting":
                 return self._settled(seq, record)
         self.require_activation()
-        wait, wid, first, base = seconds(timeout), self.workflow_id, record is None, self.now()
+        wait, wid, first, base = _timeout(timeout), self.workflow_id, record is None, self.now()
         got = self._core.store(
             lambda c: signal_queries.wait_for_signal(c, wid, seq, name, wait, first, base)
         )
@@ -288,7 +294,7 @@ class WorkflowContext(Replay):
             charge, stock = ctx.parallel([charge_card.s(order), reserve.s(order)])
         """
         policy = retry.to_dict() if retry is not None else NO_RETRY
-        limit = seconds(timeout)
+        limit = _timeout(timeout)
         records: list[tuple[int, dict[str, Any] | None]] = []
         described = []
         # Every position of the batch is taken before a cancellation can be delivered, so
@@ -347,7 +353,7 @@ class WorkflowContext(Replay):
         if record is not None:
             return self._settled(seq, record)
         self.require_activation()
-        child_id = workflow_id or f"{self.workflow_id}/{seq}"
+        child_id = f"{self.workflow_id}/{seq}" if workflow_id is None else check_id(workflow_id)
         args_json = self._core.encode(list(args), f"arguments of child workflow {name}")
         kwargs_json = self._core.encode(kwargs, f"keyword arguments of child workflow {name}")
         wid, owner = self.workflow_id, self._owner

@@ -216,8 +216,11 @@ class Core:
         try:
             # JSON whatever the app's default serializer: durable never sends pickle.
             self.app.send_task(task, args=args, kwargs=kwargs, serializer="json", **options)
-        except Exception:  # the commit stands; recovery sends it again
-            log.exception("durable: could not send %s%r; recovery will resend it", task, args)
+        except Exception as exc:  # the commit stands; recovery sends it again
+            cause = " ".join(str(exc).split())[:200] or type(exc).__name__  # one line
+            log.warning(
+                "durable: could not send %s%r (%s); durable beat will send it", task, args, cause
+            )
 
     def apply_effects(self, effects: Effects, first: bool = False) -> None:
         """After an activation's commits: index its timers, send its messages.

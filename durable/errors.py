@@ -5,8 +5,11 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     DurableError
     ├── ConfigurationError        settings missing or malformed
     ├── StoreUnavailable          PostgreSQL could not be reached (after retries)
+    ├── StoreError                PostgreSQL refused a statement (shown without its values)
     ├── PayloadError              a value is not JSON-serialisable or is over the size limit
     │   └── CodecUnavailable      a stored value is encoded and no configured key opens it
+    ├── InvalidIdentifier         a workflow id or name breaks the rules of durable.ids
+    ├── InvalidDuration           a duration is negative, not finite or too long
     ├── UnknownWorkflow           no workflow is registered under that name
     ├── WorkflowNotFound          no run exists with that id
     ├── WorkflowIdConflict        the id exists for a workflow of another name
@@ -46,6 +49,21 @@ class StoreUnavailable(DurableError):
         super().__init__(f"database unreachable at {url}: {cause}")
 
 
+class StoreError(DurableError):
+    """PostgreSQL refused a statement: a deadlock, a timeout, a value it cannot hold...
+
+    The message names the SQLSTATE and the error's class, and the server's message unless
+    it may quote a value (SQLSTATE class 22, data exceptions): values are users' data, and
+    this error reaches logs, task events and Flower.
+    """
+
+    def __init__(self, sqlstate: str, kind: str, message: str = "") -> None:
+        self.sqlstate = sqlstate
+        self.kind = kind
+        shown = f": {message}" if message else ""
+        super().__init__(f"database error {sqlstate} ({kind}){shown}")
+
+
 class PayloadError(DurableError):
     """A value cannot be stored: not JSON-serialisable, or over the size limit."""
 
@@ -60,6 +78,33 @@ class CodecUnavailable(PayloadError):
 
     def __init__(self, reason: str) -> None:
         super().__init__("stored value", reason)
+
+
+class InvalidIdentifier(DurableError, ValueError):
+    """A workflow id, signal name or event key breaks the rules of :mod:`durable.ids`."""
+
+    def __init__(self, what: str, value: object, reason: str) -> None:
+        self.what = what
+        self.value = value
+        self.reason = reason
+        # repr escapes control characters; a value that is not text is named by its type.
+        shown = (
+            repr(value[:40] + "..." if len(value) > 40 else value) if isinstance(value, str) else ""
+        )
+        super().__init__(f"{what} {shown}: {reason}" if shown else f"{what}: {reason}")
+
+
+class InvalidDuration(DurableError, ValueError):
+    """A duration is negative, not a finite number, or longer than durable can store."""
+
+    def __init__(self, what: str, value: object, reason: str) -> None:
+        self.what = what
+        self.value = value
+        self.reason = reason
+        shown = type(value).__name__
+        if isinstance(value, (float, str)) or (isinstance(value, int) and value.bit_length() < 64):
+            shown = repr(value)[:40]
+        super().__init__(f"{what} {shown}: {reason}")
 
 
 class UnknownWorkflow(DurableError):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from durable import durations
 from durable.durations import seconds
 
 
@@ -54,10 +56,15 @@ class RetryPolicy:
     """Exception classes (and their subclasses) that fail the step at once."""
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("RetryPolicy.max_attempts must be at least 1")
-        if self.backoff < 1:
-            raise ValueError("RetryPolicy.backoff must be at least 1.0")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be a whole number, at least 1")
+        if attempts > 2**31 - 1:
+            raise ValueError("RetryPolicy.max_attempts must be at most 2147483647")
+        if not isinstance(self.backoff, int | float) or not 1 <= self.backoff <= 1e6:
+            raise ValueError("RetryPolicy.backoff must be a number from 1.0 to 1e6")
+        durations.checked("RetryPolicy.initial_interval", self.initial_interval)
+        durations.checked("RetryPolicy.max_interval", self.max_interval)
 
     def to_dict(self) -> dict[str, Any]:
         """The policy as stored with the step (exception classes by dotted path)."""
@@ -88,7 +95,12 @@ def retry_delay(policy: dict[str, Any], failed_attempts: int) -> float | None:
     """Seconds to wait before the next attempt, or ``None`` when the step has no attempts left."""
     if failed_attempts >= int(policy["max_attempts"]):
         return None
-    delay = float(policy["initial_interval"]) * float(policy["backoff"]) ** (failed_attempts - 1)
+    try:
+        growth = float(policy["backoff"]) ** (failed_attempts - 1)
+    except OverflowError:  # many attempts at a steep backoff: the cap applies
+        growth = math.inf
+    initial = float(policy["initial_interval"])
+    delay = initial * growth if initial else 0.0
     return min(delay, float(policy["max_interval"]))
 
 

@@ -26,11 +26,13 @@ from durable import (
     deadlines,
     dispatch,
     durations,
+    ids,
     runner,
     stepmessage,
 )
 from durable.canvas import DurableChain
 from durable.client import WorkflowRun
+from durable.config import check_names
 from durable.core import Core
 from durable.scheduler import Schedules
 from durable.store.timers import FiredTimer
@@ -68,6 +70,7 @@ class Durable(Core):
         codec: Any = None,
         **settings: Any,
     ) -> None:
+        check_names(settings)  # a misspelt setting must not be ignored in silence
         super().__init__(app, codec, database_url=database_url, redis_url=redis_url, **settings)
         _register_tasks(self)
         stepmessage.install(self)
@@ -98,7 +101,7 @@ class Durable(Core):
         With ``execution_timeout`` a run that has not ended that long after its start is
         failed (``execution timeout exceeded``) and its child workflows cancelled.
         """
-        timeout = durations.seconds(execution_timeout)
+        timeout = durations.optional_checked("execution_timeout", execution_timeout, positive=True)
 
         def register(fn: F) -> F:
             self.register_workflow(name or f"{fn.__module__}.{fn.__qualname__}", fn, timeout)
@@ -125,10 +128,13 @@ class Durable(Core):
         :class:`~durable.errors.PayloadError` is raised and nothing is written. See
         :func:`durable.client.start`.
         """
+        if workflow_id is not None:
+            ids.check_id(workflow_id)
         return client.start(self, name_or_fn, *args, workflow_id=workflow_id, **kwargs)
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
+        ids.check_id(workflow_id)
         return client.run(self, workflow_id)
 
     @property
@@ -167,6 +173,8 @@ class Durable(Core):
         to the workflow's ``ctx.wait_for_signal(name)`` (now or later), oldest first.
         Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
         """
+        ids.check_id(workflow_id)
+        ids.check_id(name, "signal name")
         client.signal(self, workflow_id, name, payload)
 
     def get_event(
@@ -176,6 +184,8 @@ class Durable(Core):
 
         With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
         """
+        ids.check_id(workflow_id)
+        ids.check_id(key, "event key")
         return client.get_event(self, workflow_id, key, timeout)
 
     def cancel(self, workflow_id: str) -> None:
@@ -184,6 +194,7 @@ class Durable(Core):
         The workflow receives :class:`WorkflowCancelled` at its next step, sleep or signal
         wait, may run compensation in ``except``/``finally``, and ends ``cancelled``.
         """
+        ids.check_id(workflow_id)
         client.cancel(self, workflow_id)
 
     # -- what the beat drives ------------------------------------------------------------------

@@ -13,10 +13,16 @@ iterates over a dict result therefore takes the same path on every replay.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from durable.codec import open_, seal
 from durable.errors import PayloadError
+
+# A NUL character as JSON writes it: "\u0000" after an even number of backslashes (an odd
+# number would make it the text "\u0000" after a literal backslash). PostgreSQL's jsonb
+# refuses it, and a value refused there would fail at the commit, not at the call.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _jsonb_key(key: str) -> tuple[int, bytes]:
@@ -61,6 +67,8 @@ def dumps(value: Any, what: str, limit: int) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise PayloadError(what, "contains text that is not valid UTF-8") from None
+    if "\\u0000" in text and _NUL.search(text):
+        raise PayloadError(what, "contains a NUL character (\\x00), which PostgreSQL cannot store")
     return text
 
 
@@ -82,4 +90,6 @@ def describe_exception(exc: BaseException) -> str:
     if module not in ("builtins", "__main__"):
         name = f"{module}.{name}"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    # PostgreSQL's text cannot hold NUL: written as text, the error can always be stored.
+    message = message.replace("\x00", "\\x00")
     return f"{name}: {message}" if message else name

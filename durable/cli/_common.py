@@ -25,10 +25,12 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
+from durable import durations
 from durable.config import normalise_database_url
-from durable.errors import ConfigurationError, DurableError
+from durable.errors import ConfigurationError, DurableError, InvalidDuration, InvalidIdentifier
+from durable.ids import check_id, escape, escape_json
 from durable.runtime import Durable
 from durable.store import engine as store_engine
 
@@ -52,11 +54,37 @@ NO_WRAP = {"id", "#", "at", "created", "updated", "completed", "status", "attemp
 PIPED_WIDTH = 160
 
 
+MAX_INT = 2**31 - 1
+"""Largest whole number an option accepts (PostgreSQL's integer)."""
+
+
+class Seconds(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.2
+    """A number of seconds: finite, not negative (positive with ``positive``), at most a century."""
+
+    name = "seconds"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """``value`` as float seconds, or a usage error naming what is wrong."""
+        if isinstance(value, float):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:40]!r} is not a number of seconds", param, ctx)
+        try:
+            return durations.checked("value", number, positive=self.positive)
+        except InvalidDuration as exc:
+            self.fail(f"{str(value)[:40]!r} {exc.reason}", param, ctx)
+
+
 class CommandFailed(click.ClickException):
     """An error shown as one line, ``durable: <reason>``, on stderr."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
+        super().__init__(escape(" ".join(message.split())))
 
     def show(self, file: Any = None) -> None:
         """Print the one-line reason on stderr."""
@@ -71,11 +99,14 @@ class UsageFailed(CommandFailed):
 
 def _database_error(exc: SQLAlchemyError) -> CommandFailed:
     orig = getattr(exc, "orig", None) or exc
-    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if isinstance(exc, DBAPIError):  # without the values the statement was given
+        first = str(store_engine.refused(exc))
+    else:
+        first = "database error: " + (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     hint = (
         " (has 'durable db upgrade' been run?)" if getattr(orig, "sqlstate", "") == "42P01" else ""
     )
-    return CommandFailed(f"database error: {first}{hint}")
+    return CommandFailed(f"{first}{hint}")
 
 
 class DurableGroup(click.Group):
@@ -137,7 +168,7 @@ def limit_option(default: int, help: str) -> Callable[[F], F]:
     """A ``--limit`` option: a whole number, at least 1, with ``default``."""
     return click.option(
         "--limit",
-        type=click.IntRange(min=1),
+        type=click.IntRange(min=1, max=MAX_INT),
         default=default,
         show_default=True,
         show_envvar=True,
@@ -293,7 +324,32 @@ def _json_default(value: Any) -> Any:
 
 def print_json(data: Any) -> None:
     """Print ``data`` as indented JSON, datetimes as ISO-8601 strings."""
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
+    click.echo(escape_json(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default)))
+
+
+def echo(message: str, err: bool = False) -> None:
+    """Print one line, its control and bidirectional characters escaped (``durable.ids``)."""
+    click.echo(escape(message), err=err)
+
+
+def _safe(cell: Any) -> Any:
+    if isinstance(cell, str):
+        return escape(cell)
+    if isinstance(cell, Text) and escape(cell.plain) != cell.plain:
+        return Text(escape(cell.plain), style=cell.style)
+    return cell
+
+
+class SafeTable(Table):
+    """A rich table whose text cells are shown with control characters escaped.
+
+    Ids, names, values and error messages come from users; ESC or a bidi override in one
+    must reach the terminal as text, not as a command to it.
+    """
+
+    def add_row(self, *renderables: Any, **options: Any) -> None:
+        """Add a row, each ``str`` or ``Text`` cell escaped."""
+        super().add_row(*(_safe(cell) for cell in renderables), **options)
 
 
 def when(value: datetime | None) -> str:
@@ -311,7 +367,7 @@ def compact(value: Any, limit: int = 80) -> str:
 
 def make_table(*headers: str, title: str | None = None) -> Table:
     """A table whose short columns never wrap and whose long ones fold, never truncate."""
-    table = Table(title=title)
+    table = SafeTable(title=title)
     for header in headers:
         table.add_column(header, no_wrap=header in NO_WRAP, overflow="fold")
     return table
@@ -330,12 +386,24 @@ def status_text(status: str) -> Text:
     return Text(status, style=STATUS_STYLES.get(status, ""))
 
 
+def check_id_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A click callback: ``value`` (an id or name) checked by :func:`durable.ids.check_id`."""
+    if value is None:
+        return None
+    try:
+        return check_id(value, (param.name or "value").replace("_", " "))
+    except InvalidIdentifier as exc:
+        raise click.BadParameter(exc.reason, ctx, param) from None
+
+
 def parse_json(value: str, param: click.Parameter | None, kind: type, label: str) -> Any:
     """``value`` parsed as JSON of type ``kind`` (a ``label``), else a usage error."""
     try:
         data = json.loads(value)
     except ValueError as exc:
         raise click.BadParameter(f"not valid JSON ({exc})", param=param) from None
+    except RecursionError:
+        raise click.BadParameter("JSON nested too deeply to read", param=param) from None
     if not isinstance(data, kind):
         raise click.BadParameter(f"must be a JSON {label}, not {value!r}", param=param)
     return data

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from durable.cli._common import compact, make_table, status_text, when
+from durable.cli._common import SafeTable, compact, make_table, status_text, when
 from durable.codec import ENVELOPE, Compression, is_sealed, open_
 
 
@@ -91,7 +91,7 @@ def _detail(detail: Any) -> str:
 
 
 def _header(run: dict[str, Any], hidden: int) -> Table:
-    header = Table.grid(padding=(0, 2))
+    header = SafeTable.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column(overflow="fold")
     header.add_row("workflow", Text(run["id"]))

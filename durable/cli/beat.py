@@ -12,7 +12,7 @@ import click
 
 from durable import metrics
 from durable.beat import Beat
-from durable.cli._common import CommandFailed, app_option, require_app
+from durable.cli._common import CommandFailed, Seconds, app_option, require_app
 from durable.runtime import Durable
 from durable.store import engine as store_engine
 
@@ -21,7 +21,7 @@ from durable.store import engine as store_engine
 @app_option
 @click.option(
     "--sweep-interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(positive=True),
     default=1.0,
     show_default=True,
     show_envvar=True,
@@ -36,7 +36,7 @@ from durable.store import engine as store_engine
 )
 @click.option(
     "--metrics-address",
-    default="0.0.0.0",
+    default="127.0.0.1",
     show_default=True,
     metavar="ADDRESS",
     show_envvar=True,

@@ -8,6 +8,7 @@ from durable.cli._common import (
     DurableGroup,
     app_option,
     database_option,
+    echo,
     engine_url,
     store_url,
 )
@@ -29,4 +30,4 @@ def db_upgrade(ctx: click.Context, app: str | None, database_url: str | None) ->
     url, attempts = store_url(ctx, app, database_url)
     target = engine_url(url)
     store_engine.with_retry(url, lambda: migrate.upgrade(target), attempts)
-    click.echo(f"store at {store_engine.redact(url)} is up to date")
+    echo(f"store at {store_engine.redact(url)} is up to date")

@@ -8,8 +8,10 @@ from rich.text import Text
 from durable import reconcile as reconciliation
 from durable.cli._common import (
     CommandFailed,
+    Seconds,
     app_option,
     console,
+    echo,
     json_option,
     limit_option,
     make_table,
@@ -22,7 +24,7 @@ from durable.cli._common import (
 @click.option("--fix", is_flag=True, show_envvar=True, help="Repair what is found.")
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     metavar="SECONDS",
     show_envvar=True,
     help="How late a dispatch, wake-up or timer may be before it counts as stuck "
@@ -58,7 +60,7 @@ def reconcile(
             table.add_row(f.kind, Text(f.workflow_id), seq, Text(f.name), f.detail, action)
         console().print(table)
     else:
-        click.echo("nothing is stuck")
+        echo("nothing is stuck")
     if report.findings and not fix:
         raise CommandFailed(
             f"{len(report.findings)} stuck item(s) found; 'durable reconcile --fix' repairs them"

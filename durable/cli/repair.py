@@ -11,9 +11,12 @@ import click
 
 from durable import admin
 from durable.cli._common import (
+    MAX_INT,
     app_option,
+    check_id_option,
     connect,
     database_option,
+    echo,
     json_option,
     print_json,
     require_app,
@@ -29,7 +32,7 @@ def _duration_callback(ctx: click.Context, param: click.Parameter, value: str) -
 
 
 @click.command()
-@click.argument("workflow_id", metavar="ID")
+@click.argument("workflow_id", metavar="ID", callback=check_id_option)
 @json_option("resume", "a line of text")
 @app_option
 @click.pass_context
@@ -45,11 +48,11 @@ def resume(ctx: click.Context, workflow_id: str, as_json: bool, app: str | None)
         print_json({"id": done.workflow_id, "steps_sent": done.steps, "timers": done.timers})
         return
     steps = ", ".join(str(s) for s in done.steps) or "none"
-    click.echo(f"resumed {workflow_id}: activation sent; steps re-sent: {steps}")
+    echo(f"resumed {workflow_id}: activation sent; steps re-sent: {steps}")
 
 
 @click.command()
-@click.argument("workflow_id", metavar="ID")
+@click.argument("workflow_id", metavar="ID", callback=check_id_option)
 @json_option("retry", "a line of text")
 @app_option
 @click.pass_context
@@ -63,15 +66,15 @@ def retry(ctx: click.Context, workflow_id: str, as_json: bool, app: str | None) 
         print_json({"id": workflow_id, "from_step": done.from_step, "removed": done.removed})
         return
     where = f"from step {done.from_step}" if done.from_step else "replaying its whole history"
-    click.echo(f"retrying {workflow_id} {where}")
+    echo(f"retrying {workflow_id} {where}")
 
 
 @click.command()
-@click.argument("workflow_id", metavar="ID")
+@click.argument("workflow_id", metavar="ID", callback=check_id_option)
 @click.option(
     "--from-step",
     "from_step",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_INT),
     required=True,
     show_envvar=True,
     metavar="N",
@@ -80,6 +83,7 @@ def retry(ctx: click.Context, workflow_id: str, as_json: bool, app: str | None) 
 @click.option(
     "--id",
     "new_id",
+    callback=check_id_option,
     envvar="DURABLE_FORK_ID",
     show_envvar=True,
     help="Id of the new run (default: ID-fork-<random>).",
@@ -108,7 +112,7 @@ def fork(
             {"id": target, "forked_from": workflow_id, "from_step": from_step, "copied": copied}
         )
         return
-    click.echo(target)
+    echo(target)
 
 
 @click.command()
@@ -147,6 +151,4 @@ def purge(
         print_json({"purged": 0 if dry_run else count, "matched": count, "dry_run": dry_run})
         return
     verb = "would purge" if dry_run else "purged"
-    click.echo(
-        f"{verb} {count} run(s) finished more than {duration(older_than.total_seconds())} ago"
-    )
+    echo(f"{verb} {count} run(s) finished more than {duration(older_than.total_seconds())} ago")

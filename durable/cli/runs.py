@@ -16,9 +16,11 @@ from durable.cli._common import (
     STATUSES,
     Globals,
     app_option,
+    check_id_option,
     connect,
     console,
     database_option,
+    echo,
     json_option,
     limit_option,
     load_durable,
@@ -57,6 +59,7 @@ def _kwargs_callback(
 @click.option(
     "--id",
     "workflow_id",
+    callback=check_id_option,
     envvar="DURABLE_START_ID",
     show_envvar=True,
     help="Workflow id (default: random); starting an id that exists returns that run.",
@@ -90,7 +93,7 @@ def start(
     if workflow_id == "":
         raise click.BadParameter("must not be empty", ctx, param_hint="'--id'")
     run = require_app(ctx, app).start(name, *args, workflow_id=workflow_id, **kwargs)
-    click.echo(run.id)
+    echo(run.id)
 
 
 def _since_callback(
@@ -191,7 +194,7 @@ def _keys_callback(ctx: click.Context, param: click.Parameter, value: tuple[str,
 
 
 @click.command()
-@click.argument("workflow_id", metavar="ID")
+@click.argument("workflow_id", metavar="ID", callback=check_id_option)
 @json_option("show")
 @click.option(
     "--key",
@@ -238,8 +241,8 @@ def _payload_callback(ctx: click.Context, param: click.Parameter, value: str | N
 
 
 @click.command("signal")
-@click.argument("workflow_id", metavar="ID")
-@click.argument("name")
+@click.argument("workflow_id", metavar="ID", callback=check_id_option)
+@click.argument("name", callback=check_id_option)
 @click.option(
     "--payload",
     callback=_payload_callback,
@@ -254,11 +257,11 @@ def signal_command(
 ) -> None:
     """Send signal NAME to running workflow ID; it is stored before this returns."""
     require_app(ctx, app).signal(workflow_id, name, payload)
-    click.echo(f"sent {name!r} to {workflow_id}")
+    echo(f"sent {name!r} to {workflow_id}")
 
 
 @click.command()
-@click.argument("workflow_id", metavar="ID")
+@click.argument("workflow_id", metavar="ID", callback=check_id_option)
 @app_option
 @click.pass_context
 def cancel(ctx: click.Context, workflow_id: str, app: str | None) -> None:
@@ -268,4 +271,4 @@ def cancel(ctx: click.Context, workflow_id: str, app: str | None) -> None:
     compensate, and ends cancelled. Cancelling twice is harmless.
     """
     require_app(ctx, app).cancel(workflow_id)
-    click.echo(f"cancellation of {workflow_id} requested")
+    echo(f"cancellation of {workflow_id} requested")

@@ -16,9 +16,11 @@ from durable.cli._common import (
     CommandFailed,
     DurableGroup,
     Globals,
+    Seconds,
     app_option,
     console,
     database_option,
+    echo,
     engine_url,
     given,
     json_option,
@@ -110,7 +112,11 @@ def with_policies(fn: Any) -> Any:
 @click.option("--workflow", required=True, show_envvar=True, help="The workflow to start.")
 @click.option("--cron", metavar="EXPR", show_envvar=True, help="Cron expression ('0 3 * * *').")
 @click.option(
-    "--every", type=float, metavar="SECONDS", show_envvar=True, help="Fixed interval, seconds."
+    "--every",
+    type=Seconds(positive=True),
+    metavar="SECONDS",
+    show_envvar=True,
+    help="Fixed interval, seconds.",
 )
 @click.option(
     "--args", callback=_json_array, metavar="JSON", show_envvar=True, help="Arguments, JSON array."
@@ -157,7 +163,7 @@ def add(
         catchup=catchup,
         overlap=overlap,
     )
-    click.echo(_describe(info))
+    echo(_describe(info))
 
 
 @schedule.command("list")
@@ -199,9 +205,9 @@ def _name_command(verb: str, doc: str) -> click.Command:
         schedules = open_schedules(ctx, app, database_url)
         if verb == "remove":
             schedules.remove(name)
-            click.echo(f"schedule {name}: removed")
+            echo(f"schedule {name}: removed")
         else:
-            click.echo(_describe(getattr(schedules, verb)(name)))
+            echo(_describe(getattr(schedules, verb)(name)))
 
     command.__doc__ = doc
     return schedule.command(verb)(command)
@@ -218,7 +224,7 @@ remove = _name_command("remove", "Delete schedule NAME (the runs it started are 
 @click.pass_context
 def trigger(ctx: click.Context, name: str, app: str | None) -> None:
     """Start one run of schedule NAME now and print its id (needs the app)."""
-    click.echo(Schedules(require_app(ctx, app)).trigger(name).id)
+    echo(Schedules(require_app(ctx, app)).trigger(name).id)
 
 
 @schedule.command("import-crontab")
@@ -242,14 +248,16 @@ def import_crontab(
     JSON] [--kwargs JSON] [--queue Q]', and, with --app, a bare workflow or task name. Each
     line that cannot be mapped is reported on stderr, and the command then exits 1.
     """
+    try:
+        text = file.read()
+    except UnicodeDecodeError:
+        raise CommandFailed(f"{file.name} is not a text file (not valid UTF-8)") from None
     schedules = open_schedules(ctx, app, database_url)
-    report = schedules.import_crontab(
-        file.read(), timezone=timezone, catchup=catchup, overlap=overlap
-    )
+    report = schedules.import_crontab(text, timezone=timezone, catchup=catchup, overlap=overlap)
     for outcome in ("added", "updated", "unchanged"):
         for name in getattr(report, outcome):
-            click.echo(f"schedule {name}: {outcome}")
+            echo(f"schedule {name}: {outcome}")
     for problem in report.problems:
-        click.echo(f"cannot map {problem}", err=True)
+        echo(f"cannot map {problem}", err=True)
     if report.problems:
         raise CommandFailed(f"{len(report.problems)} crontab line(s) could not be mapped")

@@ -11,6 +11,7 @@ from durable import admin
 from durable.cli._common import (
     DurableGroup,
     app_option,
+    check_id_option,
     connect,
     console,
     database_option,
@@ -37,7 +38,14 @@ def _due(fire_at: datetime, fired_at: datetime | None) -> str:
 
 @timers.command("list")
 @click.option("--all", "show_all", is_flag=True, show_envvar=True, help="Include fired timers.")
-@click.option("--workflow", "workflow_id", metavar="ID", show_envvar=True, help="Only run ID's.")
+@click.option(
+    "--workflow",
+    "workflow_id",
+    metavar="ID",
+    callback=check_id_option,
+    show_envvar=True,
+    help="Only run ID's.",
+)
 @limit_option(100, "Most timers to show, soonest first.")
 @json_option("timers list")
 @app_option

@@ -11,7 +11,8 @@ from typing import TypeVar
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
-from durable.errors import ConfigurationError, StoreUnavailable
+from durable import redaction
+from durable.errors import ConfigurationError, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -40,6 +41,9 @@ def _engine(url: str, flush: bool, autocommit: bool) -> Engine:
                     # checkout and back on each return, which costs more CPU than a
                     # one-row statement.
                     isolation_level="AUTOCOMMIT" if autocommit else None,
+                    # Errors must not carry a statement's values (a step's result, a
+                    # payload) into logs, task events and Flower.
+                    hide_parameters=True,
                 )
                 _engines[key] = engine
     return engine
@@ -80,27 +84,58 @@ def dispose_all() -> None:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+    """``url`` with any password replaced by ``***`` (see :mod:`durable.redaction`)."""
+    return redaction.redact(url)
+
+
+# SQLSTATEs of a connection lost or refused: class 08 (connection exception), the server
+# shutting down or being restarted (57P01-57P03), and too many clients at connect time.
+_CONNECTION_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection failed (worth retrying), not the statement.
+
+    A deadlock, a statement timeout, a value PostgreSQL refuses or a program limit is an
+    answer from a working server: running the statement again the same way gives the same
+    answer, so it is reported as it is. An error with no SQLSTATE comes from the client
+    library before the server answered (connection refused, DNS, a socket closed).
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return state is None or str(state).startswith(_CONNECTION_STATES)
+
+
+def refused(exc: DBAPIError) -> StoreError:
+    """A :class:`StoreError` for a refused statement, without the values it was given.
+
+    SQLAlchemy's message holds the statement (and, unless hidden, its parameters) and the
+    server's own may quote a value (``invalid input syntax for type json: "..."``) or a
+    key (``DETAIL: Key (id)=(...)``): only the SQLSTATE, the class and, outside the data
+    exceptions of class 22, the first line of the server's message are kept.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    state = str(getattr(orig, "sqlstate", None) or "?????")
+    diag = getattr(orig, "diag", None)
+    primary = str(getattr(diag, "message_primary", "") or "")
+    shown = "" if state.startswith("22") else " ".join(primary.split())[:200]
+    return StoreError(state, type(orig).__name__, shown)
 
 
 def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:
     """Run ``fn``, retrying when the connection fails; then raise :class:`StoreUnavailable`.
 
-    Only connection-level failures are retried: ``fn`` must be safe to run again (each of
-    the store's statements is, by its WHERE clause or ON CONFLICT).
+    Only connection-level failures are retried (:func:`is_connection_failure`): ``fn`` must
+    be safe to run again (each of the store's statements is, by its WHERE clause or ON
+    CONFLICT). Any other database error is raised at once, as it is.
     """
     last: Exception | None = None
     for attempt in range(max(attempts, 1)):
         try:
             return fn()
-        except OperationalError as exc:
-            last = exc
         except ProgrammingError as exc:
             if getattr(getattr(exc, "orig", None), "sqlstate", None) == "42P01":
                 raise ConfigurationError(
@@ -108,10 +143,10 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
                 ) from None
             raise
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
+            if not is_connection_failure(exc):
+                raise refused(exc) from None
             last = exc
         if attempt + 1 < attempts:
             time.sleep(delay * (2**attempt))
     cause = str(getattr(last, "orig", last) or last).strip().splitlines()[0]
-    raise StoreUnavailable(redact(url), cause)
+    raise StoreUnavailable(redact(url), redaction.redact_text(cause, [url]))

@@ -89,8 +89,10 @@ def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -
             # are as likely gone (a restart), so the pool is replaced, not just this one.
             conn.invalidate(exc)
             conn.engine.dispose()
+        # Without the parameters: they are a step's result or arguments, and the error
+        # reaches logs, task events and Flower (the engines hide them the same way).
         raise DBAPIError.instance(
-            sql, dict(params), exc, psycopg.Error, connection_invalidated=lost
+            sql, None, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost
         ) from exc
     if _hooks:
         seconds = time.perf_counter() - sent
