@@ -84,16 +84,26 @@ def activation_options(workflow_id: str, name: str | None, queue: str | None) ->
 
 
 def step_options(
-    workflow_id: str, seq: int, name: str, options: dict[str, Any], first: bool
+    workflow_id: str,
+    seq: int,
+    name: str,
+    options: dict[str, Any],
+    first: bool,
+    expires: float | None = None,
 ) -> dict[str, Any]:
     """Send options of a step: the task ``name``'s message, routed as the step was.
 
     ``options`` are the step's stored options; ``first`` stamps the send time (a first
     dispatch, see :mod:`durable.runner`). The task's own options (time limits, rate limit,
-    acks_late, ignore_result) are applied by the worker, as for any message of that task.
+    acks_late, ignore_result) are applied by the worker, as for any message of that task;
+    ``expires``, which Celery applies when sending, is the task's, in seconds from now. The
+    label is also a header, where Celery's revocation signal can read it.
     """
     send = routing_options(options)
     send["task_id"] = task_id(workflow_id, str(seq))
+    send["headers"] = {STEP_KWARG: step_label(workflow_id, seq)}
+    if expires is not None:
+        send["expires"] = expires
     timeout = options.get("timeout")
     if timeout:
         # Celery's own limits stop the body where the pool can (prefork); the beat's
@@ -102,5 +112,5 @@ def step_options(
         send["soft_time_limit"] = float(timeout)
         send["time_limit"] = float(timeout) + TIME_LIMIT_GRACE
     if first:
-        send["headers"] = {SENT_AT_HEADER: time.time()}
+        send["headers"][SENT_AT_HEADER] = time.time()
     return send

@@ -21,6 +21,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── ScheduleNotFound          no schedule exists with that name
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
+    ├── StepExpired               a step's message expired (its task's ``expires``) unrun
     ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
     ├── WorkflowCancelled         the run was cancelled
     ├── SignalTimeout             ``wait_for_signal`` timed out
@@ -200,6 +201,23 @@ class StepFailed(DurableError):
         super().__init__(
             f"step {step} ({name}) of workflow {workflow_id!r} failed after "
             f"{attempts} attempt(s): {error}"
+        )
+
+
+class StepExpired(DurableError):
+    """A step's message expired before a worker started it: its task's ``expires``.
+
+    Celery discards an expired message unrun; inside a workflow the attempt then fails with
+    this error, for the step's retry policy (or the workflow's ``except``) to handle.
+    """
+
+    def __init__(self, task: str, workflow_id: str, step: int) -> None:
+        self.task = task
+        self.workflow_id = workflow_id
+        self.step = step
+        super().__init__(
+            f"the message of step {step} ({task}) of workflow {workflow_id!r} expired "
+            "before a worker started it (the task's expires)"
         )
 
 

@@ -42,6 +42,7 @@ from celery.exceptions import Retry
 
 from durable import runner
 from durable.dispatch import SENT_AT_HEADER, STEP_KWARG, parse_step_label
+from durable.errors import StepExpired
 from durable.step_info import current_step, step_has_policy
 
 if TYPE_CHECKING:
@@ -72,10 +73,16 @@ def install(core: Core) -> None:
         if getattr(sender, "app", None) is core.app and message is not None:
             fail_unknown(core, sender, message)
 
+    def on_task_revoked(sender: Any = None, request: Any = None, **kw: Any) -> None:
+        if getattr(sender, "app", None) is core.app and kw.get("expired"):
+            fail_expired(core, sender, request)
+
     # Weak receivers, kept alive by ``core``: a Core dropped (a test's) leaves no handler.
     signals.worker_init.connect(on_worker_init)
     signals.task_unknown.connect(on_task_unknown)
-    core._signal_handlers = (on_worker_init, on_task_unknown)  # type: ignore[attr-defined]
+    signals.task_revoked.connect(on_task_revoked)
+    handlers = (on_worker_init, on_task_unknown, on_task_revoked)
+    core._signal_handlers = handlers  # type: ignore[attr-defined]
 
 
 def wrap_tasks(core: Core) -> int:
@@ -182,6 +189,23 @@ def _durable_retry(
     raise StepRetry(exc, delay)
 
 
+def fail_expired(core: Core, task: Task[Any, Any], request: Any) -> None:
+    """A step message Celery found expired (the task's ``expires``) and did not run.
+
+    Its attempt fails with :class:`~durable.errors.StepExpired`, for the step's policy or
+    the workflow to handle, instead of the step waiting for the sweep to send it again.
+    """
+    where = parse_step_label(getattr(request, STEP_KWARG, None))
+    if where is None:
+        return
+    workflow_id, seq = where
+
+    def expired(args: list[Any], kwargs: dict[str, Any], attempt: int) -> Any:
+        raise StepExpired(task.name, workflow_id, seq)
+
+    runner.execute_step(core, workflow_id, seq, call=expired)
+
+
 def fail_unknown(core: Core, consumer: Any, message: Any) -> None:
     """A step message the worker's consumer did not know the task of (Celery rejected it).
 
@@ -213,7 +237,7 @@ def fail_unknown(core: Core, consumer: Any, message: Any) -> None:
         args=[],
         kwargs=kwargs,
         task_id=headers.get("id"),
-        headers={k: v for k, v in headers.items() if k == SENT_AT_HEADER},
+        headers={k: v for k, v in headers.items() if k in (SENT_AT_HEADER, STEP_KWARG)},
         exchange=delivery.get("exchange") or None,
         routing_key=delivery.get("routing_key"),
         serializer="json",

@@ -22,7 +22,7 @@ from celery.contrib.testing.worker import start_worker
 from durable import Durable, RetryPolicy, StepFailed
 from durable.beat import Beat
 from tests.apps.crash_app import build
-from tests.conftest import ROOT, Workers, clean_keys, clean_tables, query, wait_until
+from tests.conftest import ROOT, Workers, clean_keys, clean_tables, make_app, query, wait_until
 
 
 class Declined(Exception):
@@ -124,43 +124,94 @@ def running(app: Celery, durable: Durable, tasks: dict[str, Any]) -> Iterator[di
         assert not thread.is_alive()
 
 
+@pytest.fixture
+def celery_signals() -> Iterator[list[tuple[str, str, Any]]]:
+    """(signal, sender task's name, detail) for every task signal sent meanwhile."""
+    seen: list[tuple[str, str, Any]] = []
+    details = {
+        "task_prerun": lambda kw: kw.get("task_id"),
+        "task_postrun": lambda kw: kw.get("retval"),
+        "task_success": lambda kw: kw.get("result"),
+        "task_failure": lambda kw: repr(kw.get("exception")),
+        "task_retry": lambda kw: str(kw.get("reason")),
+    }
+    handlers = {}
+    for kind, detail in details.items():
+
+        def handler(sender: Any = None, _k: str = kind, _d: Any = detail, **kw: Any) -> None:
+            seen.append((_k, str(getattr(sender, "name", sender)), _d(kw)))
+
+        handlers[kind] = handler
+        getattr(signals, kind).connect(handler, weak=False)
+    yield seen
+    for kind, handler in handlers.items():
+        getattr(signals, kind).disconnect(handler)
+
+
+def of_task(seen: list[tuple[str, str, Any]], name: str, kind: str) -> list[Any]:
+    return [detail for k, sender, detail in seen if sender == name and k == kind]
+
+
 def test_the_step_is_the_tasks_own_message_with_its_request_and_signals(
-    durable: Durable, running: dict[str, Any], recorder: Recorder, database_url: str
+    durable: Durable,
+    running: dict[str, Any],
+    recorder: Recorder,
+    database_url: str,
+    celery_signals: list[tuple[str, str, Any]],
 ) -> None:
     task = running["request"]
-    events: list[tuple[str, Any, Any]] = []
 
-    def on(kind: str) -> Any:
-        def handler(sender: Any = None, task_id: Any = None, **kw: Any) -> None:
-            events.append((kind, getattr(sender, "name", sender), task_id or kw.get("args")))
+    @durable.workflow("m.request_wf")
+    def wf(ctx: Any, x: int) -> Any:
+        return ctx.step(task, x)
 
-        return handler
-
-    handlers = {name: on(name) for name in ("task_prerun", "task_postrun", "task_success")}
-    for name, handler in handlers.items():
-        getattr(signals, name).connect(handler, weak=False)
-    try:
-
-        @durable.workflow("m.request_wf")
-        def wf(ctx: Any, x: int) -> Any:
-            return ctx.step(task, x)
-
-        assert durable.start("m.request_wf", 41, workflow_id="req-1").result(timeout=30) == 42
-    finally:
-        for name, handler in handlers.items():
-            getattr(signals, name).disconnect(handler)
+    assert durable.start("m.request_wf", 41, workflow_id="req-1").result(timeout=30) == 42
     [seen] = recorder.of(kind="request")
     assert seen["x"] == 41 and seen["retries"] == 0
     assert seen["id"] and seen["id"].startswith("req-1:1:")  # the message's own task id
-    by_kind = {kind: sender for kind, sender, _ in events if sender == "m.request"}
-    assert set(by_kind) == {"task_prerun", "task_postrun", "task_success"}
-    prerun_ids = [tid for kind, sender, tid in events if kind == "task_prerun"]
-    assert seen["id"] in prerun_ids
-    assert query(database_url, "SELECT result FROM durable_steps WHERE workflow_id = 'req-1'")
+    # Celery's signals, sent with the task as sender for the message's id.
+    assert of_task(celery_signals, "m.request", "task_prerun") == [seen["id"]]
+    # What Celery sees returned is the outcome, never the step's value (it is in PostgreSQL).
+    assert of_task(celery_signals, "m.request", "task_success") == ["completed"]
+    assert of_task(celery_signals, "m.request", "task_postrun") == ["completed"]
+    [row] = query(database_url, "SELECT result FROM durable_steps WHERE workflow_id = 'req-1'")
+    assert row.result == 42
+
+
+def test_a_wrapped_task_called_outside_a_workflow_is_plain_celery(
+    app: Celery, running: dict[str, Any], recorder: Recorder
+) -> None:
+    running["request"].delay(7)
+    wait_until(lambda: recorder.of(kind="request"), what="the plain call to run")
+    [seen] = recorder.of(kind="request")
+    assert (seen["x"], seen["retries"]) == (7, 0)
+    assert seen["id"] and ":" not in seen["id"]  # Celery's own uuid, no step's id
+
+
+def test_self_retry_cannot_change_a_steps_arguments(
+    app: Celery, durable: Durable, worker: Any
+) -> None:
+    @app.task(name="m.reargue", bind=True, shared=False)
+    def reargue(self: Any, x: int) -> int:
+        raise self.retry(args=(x + 1,), countdown=0)
+
+    @durable.workflow("m.reargue_wf")
+    def wf(ctx: Any) -> str:
+        try:
+            return str(ctx.step(reargue, 1))
+        except StepFailed as failed:
+            return str(failed)
+
+    result = durable.start("m.reargue_wf", workflow_id="reargue-1").result(timeout=30)
+    assert "cannot change a durable step's arguments" in result
 
 
 def test_autoretry_options_are_the_steps_default_policy_as_durable_timers(
-    durable: Durable, running: dict[str, Any], recorder: Recorder, database_url: str
+    durable: Durable,
+    running: dict[str, Any],
+    recorder: Recorder,
+    database_url: str,
+    celery_signals: list[tuple[str, str, Any]],
 ) -> None:
     task = running["autoretry"]
 
@@ -184,6 +235,9 @@ def test_autoretry_options_are_the_steps_default_policy_as_durable_timers(
         database_url, "SELECT count(*) AS n FROM durable_timers WHERE workflow_id = 'auto-1'"
     )
     assert timers[0].n == 2
+    # Celery saw two retries and one failure of its own task.
+    assert len(of_task(celery_signals, "m.autoretry", "task_retry")) == 2
+    assert of_task(celery_signals, "m.autoretry", "task_failure") == ["ValueError('attempt 3')"]
 
 
 def test_self_retry_countdown_is_a_durable_timer(
@@ -326,3 +380,40 @@ def test_the_tasks_soft_time_limit_interrupts_the_step(
     client = Redis.from_url(redis_url)
     assert int(client.get(f"{prefix}:count:limited-interrupted") or 0) == 1
     client.close()
+
+
+def test_an_expired_step_message_fails_the_attempt_unrun(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    clean_tables(database_url)
+    # Eager start: the first step's message is sent by start() itself, with no worker up.
+    app, durable = make_app(database_url, redis_url, prefix, eager_start=True)
+    ran: list[int] = []
+
+    @app.task(name="m.expiring", shared=False, expires=0.5)
+    def expiring() -> str:
+        ran.append(1)
+        return "ran"
+
+    @durable.workflow("m.expiring_wf")
+    def wf(ctx: Any) -> str:
+        try:
+            return str(ctx.step(expiring))
+        except StepFailed as failed:
+            return f"failed: {failed}"
+
+    try:
+        run = durable.start("m.expiring_wf", workflow_id="expiring-1")
+        time.sleep(1.0)  # the message's expiry passes while no worker runs
+        with start_worker(
+            app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
+        ):
+            result = run.result(timeout=30)
+    finally:
+        clean_keys(redis_url, prefix)
+    assert "StepExpired" in result and "expired before a worker started it" in result
+    assert ran == []
+    [row] = query(
+        database_url, "SELECT status, error FROM durable_steps WHERE workflow_id = 'expiring-1'"
+    )
+    assert row.status == "failed" and "StepExpired" in row.error
