@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -168,12 +169,17 @@ def test_messages_carry_ids_not_payloads_or_secrets(
     durable.start("wf.pay", "4111111111111111", workflow_id="msg-1")
     assert activate(durable, "msg-1") == "suspended"  # no worker: both messages stay queued
     client = redis_lib.Redis.from_url(redis_url)
-    raw = b"".join(client.lrange(f"{prefix}:celery", 0, -1))
+    messages = [json.loads(m) for m in client.lrange(f"{prefix}:celery", 0, -1)]
+    # The bodies are base64 on the Redis transport: read them decoded, as a worker does.
+    bodies = [base64.b64decode(m["body"]) for m in messages]
+    raw = b"".join(json.dumps(m).encode() for m in messages) + b"".join(bodies)
     assert raw.count(b"msg-1") >= 2
     assert b"4111111111111111" not in raw
     assert durable.settings.database_url.encode() not in raw
-    for message in client.lrange(f"{prefix}:celery", 0, -1):
-        assert json.loads(message)["content-type"] == "application/json"
+    assert all(m["content-type"] == "application/json" for m in messages)
+    by_task = {m["headers"]["task"]: json.loads(b) for m, b in zip(messages, bodies, strict=True)}
+    assert by_task["t.pay"][:2] == [[], {"durable_step": "msg-1#1"}]  # the step, by label
+    assert by_task["durable.activate"][:2] == [["msg-1"], {}]
 
 
 def test_crafted_messages_on_the_broker_are_refused_and_the_worker_stays_up(

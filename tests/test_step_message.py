@@ -92,6 +92,13 @@ def tasks(app: Celery, recorder: Recorder) -> dict[str, Any]:
         recorder.add(kind="limited", i=i, at=time.monotonic())
         return i
 
+    app.conf.task_annotations = {"m.annotated": {"rate_limit": "120/m"}}
+
+    @app.task(name="m.annotated", shared=False)
+    def annotated(i: int) -> int:
+        recorder.add(kind="limited", i=i, at=time.monotonic())
+        return i
+
     @app.task(name="m.policy", bind=True, shared=False, autoretry_for=(Declined,), max_retries=5)
     def policy(self: Any) -> str:
         recorder.add(kind="policy", retries=self.request.retries)
@@ -103,6 +110,7 @@ def tasks(app: Celery, recorder: Recorder) -> dict[str, Any]:
         "retry_once": retry_once,
         "exhaust": exhaust,
         "limited": limited,
+        "annotated": annotated,
         "policy": policy,
     }
 
@@ -296,10 +304,11 @@ def test_a_retry_policy_given_to_the_step_wins_over_the_tasks_options(
     assert len(recorder.of(kind="policy")) == 2  # the policy's 2, not the task's 1 + 5
 
 
+@pytest.mark.parametrize("which", ["limited", "annotated"])
 def test_the_tasks_rate_limit_spaces_its_steps(
-    durable: Durable, running: dict[str, Any], recorder: Recorder
+    durable: Durable, running: dict[str, Any], recorder: Recorder, which: str
 ) -> None:
-    task = running["limited"]
+    task = running[which]  # rate_limit on the decorator, or from task_annotations
 
     @durable.workflow("m.limited_wf")
     def wf(ctx: Any) -> list[int]:
