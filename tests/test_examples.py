@@ -78,12 +78,15 @@ def test_the_demo_tour_commits_every_side_effect_exactly_once(services: Services
     assert recovered, output
     by_key = {row.key: row for row in calls}
     assert all(by_key[key].calls == 2 for key in recovered), [by_key.get(k) for k in recovered]
-    # No body ran once its step was committed, and each ran once per attempt: a retry, or
-    # the re-run of a step cut off by the kill (whose first run was not counted as an
-    # attempt when the kill came before its claim).
+    # No body ran once its step was committed, and each ran about once per attempt: a
+    # retry, or the re-run of a step cut off by the kill. The kill can also land between a
+    # claim and the body's first line (an attempt without a call), or on a first delivery
+    # running unclaimed, which the demo does not list as cut off (a call that was not an
+    # attempt): a difference of one either way, never more.
     assert len(calls) > 100, calls
     for row in calls:
         assert (row.status, row.commits) == ("completed", 1), row
         assert row.after_commit == 0, row
-        allowed = {row.attempts, row.attempts + 1} if row.key in recovered else {row.attempts}
-        assert row.calls in allowed, row
+        assert abs(row.calls - row.attempts) <= 1, row
+    cut_off = [row for row in calls if row.calls != row.attempts]
+    assert len(cut_off) <= 4, cut_off  # one worker of concurrency 2, killed once
