@@ -61,11 +61,11 @@ def activate(
             activation = core.store(lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False)
         if activation is None:
             return "busy-or-finished"
-        core.heartbeat.hold()
+        core.heartbeat.hold(owner)
         try:
             outcome, effects = _replay(core, activation, owner)
         finally:
-            core.heartbeat.release()
+            core.heartbeat.release(owner)
         if outcome in ("unknown-workflow", "undecodable"):
             # Keep the lease: it expires, and the recovery sweep sends the activation again,
             # maybe to a worker that has the workflow's module.

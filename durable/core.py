@@ -156,9 +156,9 @@ class Core:
         finally:
             conn.close()
 
-    def _renew_leases(self, owner: str) -> int:
+    def _renew_leases(self, tokens: list[str]) -> int:
         ttl = self.settings.lease_ttl.total_seconds()
-        return self.store(lambda c: runs.renew_leases(c, owner, ttl), flush=False)
+        return self.store(lambda c: runs.renew_leases(c, tokens, ttl), flush=False)
 
     # -- the workflow registry ----------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """Leases and heartbeats: how a dead worker's step or activation is found in seconds.
 
 A process that runs a step or a workflow activation holds a lease on its row in PostgreSQL
-(``lease_owner``, ``lease_expires_at``). While it holds any, a daemon thread renews all of
-them with one statement every third of the lease. A process killed with SIGKILL stops
+(``lease_owner``, ``lease_expires_at``), under a token of its own per step run or
+activation. While it holds any, a daemon thread renews them with one statement every third
+of the lease: only the tokens still held (:meth:`Heartbeat.hold` until
+:meth:`Heartbeat.release`), so a lease its work gave up on (a settle that failed, a
+workflow no worker here knows) is no longer renewed and expires. A process killed with SIGKILL stops
 renewing; ``durable beat`` sees the expired lease and dispatches the work again, long before
 the broker would redeliver the unacknowledged message (``visibility_timeout``, an hour on
 Redis by default). When that late message does arrive, the step is no longer ``scheduled``
@@ -70,11 +73,11 @@ class Heartbeat:
     The same thread also makes the calls of :meth:`defer` when they fall due.
     """
 
-    def __init__(self, renew: Callable[[str], int], interval: float) -> None:
+    def __init__(self, renew: Callable[[list[str]], int], interval: float) -> None:
         self._renew = renew
         self._interval = interval
         self._lock = threading.Lock()
-        self._held = 0
+        self._held: dict[str, int] = {}
         self._pid = 0
         self._owner = ""
         self._tokens = 0
@@ -92,7 +95,7 @@ class Heartbeat:
             with self._lock:
                 if self._pid != os.getpid():
                     self._owner = make_owner_id()
-                    self._held = 0
+                    self._held = {}
                     self._thread = None
                     self._wake = threading.Event()
                     self._kick = threading.Event()
@@ -111,21 +114,30 @@ class Heartbeat:
             self._tokens += 1
             return f"{owner}#{self._tokens}"
 
-    def hold(self) -> None:
-        """Count one more lease held; starts the renewing thread if needed."""
-        owner = self.owner
+    def hold(self, token: str) -> None:
+        """Renew the leases of ``token`` until it is released; starts the thread if needed."""
+        _ = self.owner  # a forked child starts with none of its parent's tokens
         with self._lock:
-            self._held += 1
+            self._held[token] = self._held.get(token, 0) + 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
-                    target=self._run, args=(owner,), name="durable-heartbeat", daemon=True
+                    target=self._run, name="durable-heartbeat", daemon=True
                 )
                 self._thread.start()
 
-    def release(self) -> None:
-        """Count one lease fewer."""
+    def release(self, token: str) -> None:
+        """Stop renewing ``token``'s leases (once each hold of it is released)."""
         with self._lock:
-            self._held = max(0, self._held - 1)
+            left = self._held.get(token, 0) - 1
+            if left > 0:
+                self._held[token] = left
+            else:
+                self._held.pop(token, None)
+
+    def held(self) -> list[str]:
+        """The tokens whose leases are renewed now."""
+        with self._lock:
+            return sorted(self._held)
 
     def defer(self, at: float, fn: Callable[[], Any]) -> Deferred:
         """Have the heartbeat thread call ``fn`` at ``at`` (``time.monotonic()``).
@@ -142,7 +154,7 @@ class Heartbeat:
             self._kick.set()
         return deferred
 
-    def _run(self, owner: str) -> None:
+    def _run(self) -> None:
         renew_at = time.monotonic() + self._interval
         while not self._wake.is_set():
             with self._lock:
@@ -160,12 +172,11 @@ class Heartbeat:
             if now < renew_at:
                 continue
             renew_at = now + self._interval
-            with self._lock:
-                held = self._held
+            held = self.held()
             if not held:
                 continue
             try:
-                self._renew(owner)
+                self._renew(held)
             except Exception:  # a failed renewal must not kill the thread; the next may work
                 log.warning("durable: could not renew leases", exc_info=True)
 

@@ -31,10 +31,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from durable import activation
-from durable.errors import CodecUnavailable
+from durable.errors import CodecUnavailable, StoreError
 from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.serialization import describe_exception
 from durable.step_info import StepInfo, step_context
+from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 
 if TYPE_CHECKING:
@@ -110,12 +111,27 @@ def execute_step(
     if claimed is None:
         log.info("durable: step %s#%s is not scheduled; message ignored", workflow_id, seq)
         return "ignored"
-    core.heartbeat.hold()
+    core.heartbeat.hold(owner)
     try:
         outcome, leased = _run_claimed(core, claimed, owner, call=call)
+    except BaseException:
+        _give_up(core, workflow_id, seq, owner)
+        raise
     finally:
-        core.heartbeat.release()
+        core.heartbeat.release(owner)
     return _after(core, workflow_id, owner, outcome, leased)
+
+
+def _give_up(core: Core, workflow_id: str, seq: int, owner: str) -> None:
+    """An attempt ended without settling (an error escaped): let its lease go now.
+
+    Its token is no longer renewed either way, so the lease expires within its TTL and the
+    sweep sends the step again; this makes that at once, where PostgreSQL answers.
+    """
+    try:
+        core.store(lambda c: run_queries.drop_step_lease(c, workflow_id, seq, owner), flush=False)
+    except Exception as exc:  # the lease still expires; nothing more to do here
+        log.warning("durable: could not drop the lease of step %s#%s: %s", workflow_id, seq, exc)
 
 
 def _after(
@@ -178,15 +194,18 @@ def _execute_unclaimed(
         rest_created_at=run.created_at,
         run=run,
     )
-    core.heartbeat.hold()
+    core.heartbeat.hold(owner)
     try:
         unclaimed = _Unclaimed(core, run.workflow_id, step.seq, owner, sent_at)
         try:
             outcome, leased = _run_claimed(core, claimed, owner, unclaimed, call)
         finally:
             unclaimed.deferred.settle()
+    except BaseException:
+        _give_up(core, run.workflow_id, step.seq, owner)
+        raise
     finally:
-        core.heartbeat.release()
+        core.heartbeat.release(owner)
     return _after(core, run.workflow_id, owner, outcome, leased)
 
 
@@ -216,7 +235,20 @@ def _run_claimed(
         result = core.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
         return _settle_failure(core, claimed, exc, owner, unclaimed)
-    return _settle(core, claimed, owner, result=result, unclaimed=unclaimed)
+    try:
+        return _settle(core, claimed, owner, result=result, unclaimed=unclaimed)
+    except StoreError as exc:
+        # PostgreSQL refused the settle itself (a lost connection is retried, not this): the
+        # attempt fails with that error, instead of the step being sent again forever.
+        log.error("durable: step %s#%s could not be settled: %s", wid, seq, exc)
+        plain = replace(claimed, run=None, rest_wake=None, rest_created_at=None)
+        if unclaimed is not None:  # never claimed: claim it to record the failure
+            ttl = core.settings.lease_ttl.total_seconds()
+            taken = core.store(lambda c: step_queries.claim_step(c, wid, seq, owner, ttl))
+            if taken is None:
+                return "superseded", None
+            plain = replace(plain, attempt=taken.attempt)
+        return _settle_failure(core, plain, exc, owner)
 
 
 def _settle(

@@ -54,6 +54,50 @@ def test_nul_in_a_step_result_fails_the_step_in_one_attempt(
 
 
 # 2. SQL errors carry no parameter values, from SQLAlchemy or from the driver's cursor.
+# 1. More generally: PostgreSQL refusing a step's settle fails the attempt, once.
+def test_a_settle_the_database_refuses_fails_the_attempt_instead_of_looping(
+    app: Celery, durable: Durable, worker: Any, database_url: str
+) -> None:
+    calls: list[int] = []
+
+    @app.task(name="t.refused_settle", shared=False)
+    def body() -> str:
+        calls.append(1)
+        return "done"
+
+    @durable.workflow("wf.refused_settle")
+    def wf(ctx: Any) -> str:
+        return str(ctx.step(body))
+
+    refuse = """
+        CREATE FUNCTION refuse_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NEW.workflow_id = 'refused-1' AND NEW.status = 'completed' THEN
+            RAISE EXCEPTION 'no completion here' USING ERRCODE = 'P0001';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_completion BEFORE UPDATE ON durable_steps
+          FOR EACH ROW EXECUTE FUNCTION refuse_completion();
+    """
+    with store_engine.autocommit(database_url).connect() as conn:
+        conn.execute(text(refuse))
+    try:
+        run = durable.start("wf.refused_settle", workflow_id="refused-1")
+        with pytest.raises(WorkflowFailed) as info:
+            run.result(timeout=30)
+    finally:
+        with store_engine.autocommit(database_url).connect() as conn:
+            conn.execute(text("DROP TRIGGER refuse_completion ON durable_steps"))
+            conn.execute(text("DROP FUNCTION refuse_completion()"))
+    assert "StoreError" in str(info.value)
+    assert calls == [1]  # the body ran once: the refused settle was not sent again
+    [row] = query(
+        database_url, "SELECT status, attempts FROM durable_steps WHERE workflow_id = 'refused-1'"
+    )
+    assert (row.status, row.attempts) == ("failed", 1)
+
+
 def test_database_errors_do_not_show_the_values_they_were_given(durable: Durable) -> None:
     for run in (
         lambda c: c.execute(text("SELECT CAST(:v AS integer)"), {"v": SECRET}),

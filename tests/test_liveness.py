@@ -9,7 +9,11 @@ import redis
 from celery.contrib.testing.worker import start_worker
 
 from durable.beat import Beat
-from tests.conftest import Background, clean_keys, clean_tables, make_app, query
+from durable.liveness import Heartbeat
+from durable.store import runs as run_queries
+from durable.store import steps as step_queries
+from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
+from tests.store_helpers import schedule_step
 
 
 def test_a_step_longer_than_its_lease_is_not_run_twice(
@@ -48,3 +52,44 @@ def test_a_step_longer_than_its_lease_is_not_run_twice(
         )
     ]
     assert "step lease expired" not in events
+
+
+def test_the_heartbeat_renews_only_the_tokens_still_held() -> None:
+    renewed: list[list[str]] = []
+    beat = Heartbeat(lambda tokens: renewed.append(tokens) or len(tokens), interval=0.05)
+    beat.hold("w#1")
+    beat.hold("w#2")
+    beat.hold("w#2")  # a step's run and the activation it continues, one token
+    wait_until(lambda: renewed and renewed[-1] == ["w#1", "w#2"], what="both renewed")
+    beat.release("w#1")  # an attempt that ended, however it ended
+    beat.release("w#2")
+    count = len(renewed)
+    wait_until(lambda: len(renewed) > count + 1, what="more renewals")
+    assert renewed[-1] == ["w#2"]  # still held once
+    beat.release("w#2")
+    assert beat.held() == []
+
+
+def test_renewal_extends_the_listed_tokens_leases_only(
+    database_url: str, redis_url: str, prefix: str
+) -> None:
+    clean_tables(database_url)
+    _, durable = make_app(database_url, redis_url, prefix)
+    with durable.connect() as conn:
+        for wid in ("held-1", "dropped-1"):
+            assert run_queries.insert_run(conn, wid, "wf.any", "[]", "{}")
+            assert schedule_step(conn, wid, 1, "t.any", "[]", "{}", "{}")
+            assert step_queries.claim_step(conn, wid, 1, f"w#{wid}", 1.0)
+        assert run_queries.renew_leases(conn, ["w#held-1"], 3600.0) == 1
+        # An attempt that gave up: its lease is dropped for the sweep.
+        assert run_queries.drop_step_lease(conn, "dropped-1", 1, "w#dropped-1")
+        assert not run_queries.drop_step_lease(conn, "held-1", 1, "w#someone-else")
+    rows = {
+        r.workflow_id: r.left
+        for r in query(
+            database_url,
+            "SELECT workflow_id, extract(epoch FROM lease_expires_at - now()) AS left"
+            " FROM durable_steps",
+        )
+    }
+    assert rows["held-1"] > 3000 and rows["dropped-1"] <= 0

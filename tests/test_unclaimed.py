@@ -96,8 +96,8 @@ def test_a_settle_says_which_new_steps_it_wrote(durable: Durable) -> None:
 
 
 def test_a_deferred_call_runs_once_unless_settled_first() -> None:
-    beat = Heartbeat(lambda owner: 0, interval=0.05)
-    beat.hold()
+    beat = Heartbeat(lambda tokens: 0, interval=0.05)
+    beat.hold("w#1")
     calls: list[str] = []
     try:
         soon = beat.defer(time.monotonic() + 0.1, lambda: calls.append("soon") or "ran")
@@ -108,7 +108,7 @@ def test_a_deferred_call_runs_once_unless_settled_first() -> None:
         time.sleep(0.3)
         assert calls == ["soon"]
     finally:
-        beat.release()
+        beat.release("w#1")
 
 
 def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(

@@ -141,7 +141,7 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
                 raise ConfigurationError(
                     f"the durable tables are missing in {redact(url)}: run `durable db upgrade`"
                 ) from None
-            raise
+            raise refused(exc) from None
         except DBAPIError as exc:
             if not is_connection_failure(exc):
                 raise refused(exc) from None

@@ -323,11 +323,11 @@ _RENEW = statement(
     """
     WITH s AS (
         UPDATE durable_steps SET lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE status = 'started' AND starts_with(lease_owner, :prefix)
+         WHERE status = 'started' AND lease_owner = ANY(:tokens)
         RETURNING 1
     ), w AS (
         UPDATE durable_workflows SET lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, :prefix)
+         WHERE lease_owner = ANY(:tokens)
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM s) + (SELECT count(*) FROM w)
@@ -335,6 +335,20 @@ _RENEW = statement(
 )
 
 
-def renew_leases(conn: Connection, owner: str, ttl: float) -> int:
-    """Extend every lease held by a token of process ``owner``; returns how many."""
-    return int(conn.execute(_RENEW, {"prefix": f"{owner}#", "ttl": ttl}).scalar_one())
+def renew_leases(conn: Connection, tokens: list[str], ttl: float) -> int:
+    """Extend every lease held by one of ``tokens``; returns how many."""
+    return int(conn.execute(_RENEW, {"tokens": tokens, "ttl": ttl}).scalar_one())
+
+
+_DROP_STEP_LEASE = statement(
+    """
+    UPDATE durable_steps SET lease_expires_at = now()
+     WHERE workflow_id = :wid AND seq = :seq AND status = 'started' AND lease_owner = :owner
+    """
+)
+
+
+def drop_step_lease(conn: Connection, wid: str, seq: int, owner: str) -> bool:
+    """Expire ``owner``'s lease on a started step now, for the sweep; False if not held."""
+    params = {"wid": wid, "seq": seq, "owner": owner}
+    return bool(conn.execute(_DROP_STEP_LEASE, params).rowcount)
