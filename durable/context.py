@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Task
@@ -22,7 +22,7 @@ from celery.local import Proxy
 
 from durable._control import PENDING, Suspend
 from durable.codec import seal
-from durable.dispatch import routing_options
+from durable.dispatch import expiry, routing_options
 from durable.durations import seconds
 from durable.effects import PendingDispatch
 from durable.errors import SignalTimeout, StepFailed, WorkflowIdConflict
@@ -38,6 +38,11 @@ from durable.store import tree as tree_queries
 
 def _function_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _is_absolute(expires: Any) -> bool:
+    """A datetime (or its ISO string) needs no start time; seconds count from ``ctx.now()``."""
+    return isinstance(expires, str | datetime)
 
 
 def _step_name(task: Any) -> str:
@@ -88,6 +93,9 @@ class WorkflowContext(Replay):
         with no attempts left raises :class:`~durable.errors.StepFailed`. ``timeout`` limits
         each attempt from start to close (a Celery time limit, and the beat fails an attempt
         past it even where the pool cannot enforce one); a timed-out attempt counts as failed.
+        A signature's ``expires`` (seconds from ``ctx.now()``, or a datetime) is Celery's:
+        a step not started by then is not run and fails with
+        :class:`~durable.errors.TaskExpired`, not retried.
         ``retry``, ``local`` and ``timeout`` are durable's: a task cannot receive keyword
         arguments of those names through ``ctx.step``.
         """
@@ -144,6 +152,10 @@ class WorkflowContext(Replay):
     ) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
         if isinstance(task, Signature):
             options = routing_options(task.options)
+            if task.options.get("expires") is not None:
+                # Celery's expires, from when the step is scheduled; not run once past it.
+                start = self._now if _is_absolute(task.options["expires"]) else self.now()
+                options["expires"] = expiry(task.options["expires"], start)
             return str(task.task), [*task.args, *args], {**task.kwargs, **kwargs}, options
         if isinstance(task, Task):
             options = routing_options(lambda key: getattr(task, key, None))

@@ -18,6 +18,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── ScheduleNotFound          no schedule exists with that name
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
+    ├── TaskExpired               a step's task was not started before its ``expires``
     ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
     ├── WorkflowCancelled         the run was cancelled
     ├── SignalTimeout             ``wait_for_signal`` timed out
@@ -27,6 +28,8 @@ Each keeps its facts as attributes so callers need not parse messages.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 
 class DurableError(Exception):
@@ -156,6 +159,20 @@ class StepFailed(DurableError):
             f"step {step} ({name}) of workflow {workflow_id!r} failed after "
             f"{attempts} attempt(s): {error}"
         )
+
+
+class TaskExpired(DurableError):
+    """A step's task was not started before its ``expires`` deadline, so it was not run.
+
+    Celery revokes such a message; durable fails the step (not retried) with this error,
+    and the ``durable.task`` workflow raises it when the deadline passed before the step.
+    """
+
+    def __init__(self, name: str, expires: datetime) -> None:
+        self.name = name
+        self.expires = expires
+        when = expires.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        super().__init__(f"task {name} expired: not started by {when}")
 
 
 class WorkflowFailed(DurableError):
