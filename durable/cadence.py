@@ -38,6 +38,17 @@ def fire_id(name: str, at: datetime) -> str:
     return f"{name}@{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
+def parse_fire_id(workflow_id: str | None) -> tuple[str, datetime] | None:
+    """The (schedule name, fire time) of a run id made by :func:`fire_id`, else None."""
+    name, sep, when = (workflow_id or "").rpartition("@")
+    if not sep or not name or len(when) != 20 or not when.endswith("Z"):
+        return None
+    try:
+        return name, datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def _epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Task
@@ -23,7 +23,7 @@ from celery.local import Proxy
 from durable import durations
 from durable._control import PENDING, Suspend
 from durable.codec import seal
-from durable.dispatch import routing_options
+from durable.dispatch import expiry, routing_options
 from durable.effects import PendingDispatch
 from durable.errors import SignalTimeout, StepFailed, WorkflowIdConflict
 from durable.ids import check_id
@@ -39,6 +39,11 @@ from durable.store import tree as tree_queries
 
 def _function_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _is_absolute(expires: Any) -> bool:
+    """A datetime (or its ISO string) needs no start time; seconds count from ``ctx.now()``."""
+    return isinstance(expires, str | datetime)
 
 
 def _step_name(task: Any) -> str:
@@ -94,6 +99,9 @@ class WorkflowContext(Replay):
         with no attempts left raises :class:`~durable.errors.StepFailed`. ``timeout`` limits
         each attempt from start to close (a Celery time limit, and the beat fails an attempt
         past it even where the pool cannot enforce one); a timed-out attempt counts as failed.
+        A signature's ``expires`` (seconds from ``ctx.now()``, or a datetime) is Celery's:
+        a step not started by then is not run and fails with
+        :class:`~durable.errors.TaskExpired`, not retried.
         ``retry``, ``local`` and ``timeout`` are durable's: a task cannot receive keyword
         arguments of those names through ``ctx.step``.
         """
@@ -150,13 +158,25 @@ class WorkflowContext(Replay):
     ) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
         if isinstance(task, Signature):
             options = routing_options(task.options)
+            own = self.app.tasks.get(str(task.task))
+            self._expires(options, task.options.get("expires", getattr(own, "expires", None)))
             return str(task.task), [*task.args, *args], {**task.kwargs, **kwargs}, options
         if isinstance(task, Task):
             options = routing_options(lambda key: getattr(task, key, None))
+            self._expires(options, getattr(task, "expires", None))
             return str(task.name), list(args), dict(kwargs), options
         if callable(task):
             return _function_name(task), list(args), dict(kwargs), {}
         raise TypeError(f"ctx.step needs a Celery task, a signature or a callable, got {task!r}")
+
+    def _expires(self, options: dict[str, Any], expires: Any) -> None:
+        """Store Celery's ``expires``, the signature's else the task's, as epoch seconds.
+
+        Seconds count from when the step is scheduled; past the moment it is not run.
+        """
+        if expires is not None:
+            start = self._now if _is_absolute(expires) else self.now()
+            options["expires"] = expiry(expires, start)
 
     def _run_local(
         self,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -203,11 +202,7 @@ class Core:
         ``first``: this is the step's first dispatch, right after the statement that wrote
         the step; the message then carries its send time (see :mod:`durable.runner`).
         """
-        task = self.app.tasks.get(name)
-        expires = getattr(task, "expires", None) if task is not None else None
-        if isinstance(expires, datetime):  # an absolute time means nothing for a step's re-send
-            expires = None
-        send = dispatch.step_options(workflow_id, seq, name, options or {}, first, expires)
+        send = dispatch.step_options(workflow_id, seq, name, options or {}, first)
         label = {dispatch.STEP_KWARG: dispatch.step_label(workflow_id, seq)}
         self._send(name, [], send, label)
 

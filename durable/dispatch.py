@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 ACTIVATE_TASK = "durable.activate"
@@ -68,6 +69,25 @@ def routing_options(read: Mapping[str, Any] | Callable[[str], Any]) -> dict[str,
     return {key: value for key, value in found.items() if value is not None}
 
 
+def expiry(expires: Any, start: datetime) -> float | None:
+    """A Celery ``expires`` as epoch seconds; None when there is none.
+
+    Seconds or a timedelta count from ``start``; a datetime (naive: UTC) or its ISO-8601
+    string is a moment.
+    """
+    if expires is None:
+        return None
+    if isinstance(expires, str):
+        expires = datetime.fromisoformat(expires.replace("Z", "+00:00"))
+    if isinstance(expires, datetime):
+        return (expires if expires.tzinfo else expires.replace(tzinfo=UTC)).timestamp()
+    if isinstance(expires, timedelta):
+        expires = expires.total_seconds()
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        return start.timestamp() + float(expires)
+    raise ValueError(f"expires must be seconds, a timedelta or a datetime, not {expires!r}")
+
+
 def activation_options(workflow_id: str, name: str | None, queue: str | None) -> dict[str, Any]:
     """Send options of an activation: on ``queue`` if set, its columns naming the run.
 
@@ -89,21 +109,18 @@ def step_options(
     name: str,
     options: dict[str, Any],
     first: bool,
-    expires: float | None = None,
 ) -> dict[str, Any]:
     """Send options of a step: the task ``name``'s message, routed as the step was.
 
     ``options`` are the step's stored options; ``first`` stamps the send time (a first
-    dispatch, see :mod:`durable.runner`). The task's own options (time limits, rate limit,
-    acks_late, ignore_result) are applied by the worker, as for any message of that task;
-    ``expires``, which Celery applies when sending, is the task's, in seconds from now. The
-    label is also a header, where Celery's revocation signal can read it.
+    dispatch, see :mod:`durable.runner`); ``expires`` (epoch seconds, stored with the step)
+    becomes the message's Celery ``expires``. The task's own options (time limits, rate
+    limit, acks_late, ignore_result) are applied by the worker, as for any message of that
+    task.
     """
     send = routing_options(options)
     send["task_id"] = task_id(workflow_id, str(seq))
-    send["headers"] = {STEP_KWARG: step_label(workflow_id, seq)}
-    if expires is not None:
-        send["expires"] = expires
+    send["headers"] = {}
     timeout = options.get("timeout")
     if timeout:
         # Celery's own limits stop the body where the pool can (prefork); the beat's
@@ -111,6 +128,12 @@ def step_options(
         # soft_time_limit / time_limit apply.
         send["soft_time_limit"] = float(timeout)
         send["time_limit"] = float(timeout) + TIME_LIMIT_GRACE
+    expires = options.get("expires")
+    if expires is not None:
+        # The worker revokes the message past it, as Celery does (stepmessage fails the step).
+        send["expires"] = datetime.fromtimestamp(float(expires), UTC)
     if first:
         send["headers"][SENT_AT_HEADER] = time.time()
+    if not send["headers"]:
+        del send["headers"]
     return send

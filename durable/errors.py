@@ -21,7 +21,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── ScheduleNotFound          no schedule exists with that name
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
-    ├── StepExpired               a step's message expired (its task's ``expires``) unrun
+    ├── TaskExpired               a step's task was not started before its ``expires``
     ├── WorkflowFailed            ``WorkflowRun.result()`` of a failed run
     ├── WorkflowCancelled         the run was cancelled
     ├── SignalTimeout             ``wait_for_signal`` timed out
@@ -31,6 +31,8 @@ Each keeps its facts as attributes so callers need not parse messages.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 
 class DurableError(Exception):
@@ -204,21 +206,18 @@ class StepFailed(DurableError):
         )
 
 
-class StepExpired(DurableError):
-    """A step's message expired before a worker started it: its task's ``expires``.
+class TaskExpired(DurableError):
+    """A step's task was not started before its ``expires`` deadline, so it was not run.
 
-    Celery discards an expired message unrun; inside a workflow the attempt then fails with
-    this error, for the step's retry policy (or the workflow's ``except``) to handle.
+    Celery revokes such a message; durable fails the step (not retried) with this error,
+    and the ``durable.task`` workflow raises it when the deadline passed before the step.
     """
 
-    def __init__(self, task: str, workflow_id: str, step: int) -> None:
-        self.task = task
-        self.workflow_id = workflow_id
-        self.step = step
-        super().__init__(
-            f"the message of step {step} ({task}) of workflow {workflow_id!r} expired "
-            "before a worker started it (the task's expires)"
-        )
+    def __init__(self, name: str, expires: datetime) -> None:
+        self.name = name
+        self.expires = expires
+        when = expires.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        super().__init__(f"task {name} expired: not started by {when}")
 
 
 class WorkflowFailed(DurableError):

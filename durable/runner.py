@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from durable import activation
-from durable.errors import CodecUnavailable, StoreError
+from durable.errors import CodecUnavailable, StoreError, TaskExpired
 from durable.retry import NO_RETRY, is_retryable, retry_delay
 from durable.serialization import describe_exception
 from durable.step_info import StepInfo, step_context
@@ -221,6 +221,10 @@ def _run_claimed(
     if task is None:
         missing = TaskNotRegistered(f"task {name!r} is not registered on this worker")
         return _settle_failure(core, claimed, missing, owner, unclaimed)
+    expires = claimed.options.get("expires")
+    if expires is not None and time.time() >= float(expires):
+        late = TaskExpired(name, datetime.fromtimestamp(float(expires), UTC))
+        return _settle_failure(core, claimed, late, owner, unclaimed)
     info = StepInfo(wid, seq, name, claimed.attempt)
     try:
         args, kwargs = core.decode(claimed.args), core.decode(claimed.kwargs)
@@ -336,7 +340,7 @@ def _settle_failure(
         claimed = replace(claimed, attempt=attempt)
     error = describe_exception(exc)
     policy: dict[str, Any] = claimed.options.get("retry") or NO_RETRY
-    retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered)
+    retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered | TaskExpired)
     delay = retry_delay(policy, claimed.attempt) if retryable else None
     requested = getattr(exc, "durable_delay", None)  # the task's self.retry(): stepmessage
     if isinstance(requested, float):

@@ -1,6 +1,7 @@
 """Importing existing schedules: Celery ``beat_schedule`` entries and crontab lines.
 
-``durable schedule import`` and :meth:`durable.scheduler.Schedules.import_beat_schedule` /
+``durable beat`` (at start), ``durable schedule import-crontab`` and
+:meth:`durable.scheduler.Schedules.import_beat_schedule` /
 :meth:`~durable.scheduler.Schedules.import_crontab` turn what a team runs today into
 schedules: a ``beat_schedule`` entry becomes a schedule of the ``durable.task`` workflow (its
 task runs as one durable step); a crontab line that runs ``durable start NAME``, ``celery
@@ -17,14 +18,15 @@ import shlex
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.schedules import crontab, schedule
 
-from durable.builtin_workflows import TASK_WORKFLOW
+from durable.builtin_workflows import RETRY_OPTION, TASK_WORKFLOW
 from durable.cadence import NICKNAMES, Cadence, time_zone
 from durable.errors import DurableError, InvalidSchedule
+from durable.retry import RetryPolicy
 from durable.store.schedules import Definition
 
 if TYPE_CHECKING:
@@ -148,10 +150,38 @@ def beat_entry(schedules: Schedules, name: str, entry: Mapping[str, Any], tz: st
         raise InvalidSchedule(name, f"a {type(spec).__name__} schedule cannot be imported")
     call = [entry["task"], list(entry.get("args") or ()), dict(entry.get("kwargs") or {})]
     if entry.get("options"):
-        call.append(dict(entry["options"]))
+        call.append(call_options(name, entry["options"]))
     return schedules.define(
         name, TASK_WORKFLOW, cron, every, call, None, tz, "skip", "skip", "beat_schedule"
     )
+
+
+def call_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry's ``options`` as stored JSON: moments as ISO-8601, durations as seconds.
+
+    ``expires``, ``countdown`` and ``eta`` are honoured by ``durable.task`` from the fire
+    time; a :class:`~durable.retry.RetryPolicy` under ``durable_retry`` becomes its dict.
+    """
+    found = dict(options)
+    for key in ("expires", "countdown", "eta"):
+        value = found.get(key)
+        if isinstance(value, timedelta):
+            found[key] = value.total_seconds()
+        elif isinstance(value, datetime):
+            found[key] = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        elif value is not None and (key == "eta" or not isinstance(value, int | float)):
+            raise InvalidSchedule(name, f"options: {key} must be seconds or a datetime")
+    policy = found.get(RETRY_OPTION)
+    if isinstance(policy, RetryPolicy):
+        found[RETRY_OPTION] = policy.to_dict()
+    elif policy is not None:
+        try:
+            RetryPolicy.from_dict(policy)
+        except (TypeError, ValueError, KeyError, ImportError) as exc:
+            raise InvalidSchedule(
+                name, f"options: {RETRY_OPTION} is not a policy ({exc})"
+            ) from None
+    return found
 
 
 def celery_crontab_expression(spec: Any, name: str = "") -> str:

@@ -6,6 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
+
+from durable.cadence import parse_fire_id
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,27 @@ class StepInfo:
         if self.workflow_id is None or self.step is None:
             return None
         return f"{self.workflow_id}:{self.step}"
+
+    @property
+    def schedule(self) -> str | None:
+        """The name of the schedule whose fire started this run; None for another run."""
+        fire = parse_fire_id(self.workflow_id)
+        return fire[0] if fire else None
+
+    @property
+    def fire_time(self) -> datetime | None:
+        """When the schedule fired this run (UTC), the same on every attempt; else None.
+
+        A scheduled run's id is ``<schedule>@<fire time>`` (``nightly@2026-01-01T03:00:00Z``);
+        this reads it back, so a task run by a schedule (an imported ``beat_schedule`` entry
+        included) learns its fire time however late it runs::
+
+            @app.task
+            def nightly_report():
+                day = (current_step().fire_time - timedelta(days=1)).date()
+        """
+        fire = parse_fire_id(self.workflow_id)
+        return fire[1] if fire else None
 
 
 _NO_STEP = StepInfo()

@@ -42,7 +42,7 @@ from celery.exceptions import Retry
 
 from durable import runner
 from durable.dispatch import SENT_AT_HEADER, STEP_KWARG, parse_step_label
-from durable.errors import StepExpired
+from durable.errors import TaskExpired
 from durable.step_info import current_step, step_has_policy
 
 if TYPE_CHECKING:
@@ -73,16 +73,21 @@ def install(core: Core) -> None:
         if getattr(sender, "app", None) is core.app and message is not None:
             fail_unknown(core, sender, message)
 
-    def on_task_revoked(sender: Any = None, request: Any = None, **kw: Any) -> None:
-        if getattr(sender, "app", None) is core.app and kw.get("expired"):
-            fail_expired(core, sender, request)
+    def on_task_revoked(
+        sender: Any = None, request: Any = None, expired: bool = False, **_: Any
+    ) -> None:
+        if expired and getattr(sender, "app", None) is core.app:
+            fail_expired(core, getattr(request, "kwargs", None))
 
     # Weak receivers, kept alive by ``core``: a Core dropped (a test's) leaves no handler.
     signals.worker_init.connect(on_worker_init)
     signals.task_unknown.connect(on_task_unknown)
     signals.task_revoked.connect(on_task_revoked)
-    handlers = (on_worker_init, on_task_unknown, on_task_revoked)
-    core._signal_handlers = handlers  # type: ignore[attr-defined]
+    core._signal_handlers = (  # type: ignore[attr-defined]
+        on_worker_init,
+        on_task_unknown,
+        on_task_revoked,
+    )
 
 
 def wrap_tasks(core: Core) -> int:
@@ -189,21 +194,25 @@ def _durable_retry(
     raise StepRetry(exc, delay)
 
 
-def fail_expired(core: Core, task: Task[Any, Any], request: Any) -> None:
-    """A step message Celery found expired (the task's ``expires``) and did not run.
+def fail_expired(core: Core, kwargs: Any) -> None:
+    """A step message the worker revoked as past its ``expires``: fail the step for good.
 
-    Its attempt fails with :class:`~durable.errors.StepExpired`, for the step's policy or
-    the workflow to handle, instead of the step waiting for the sweep to send it again.
+    Celery acknowledges an expired message without running it; left alone, the step would
+    stay unclaimed and the sweep would send it again, to be revoked again. The step is
+    claimed and fails with :class:`~durable.errors.TaskExpired` (never retried); its body
+    does not run.
     """
-    where = parse_step_label(getattr(request, STEP_KWARG, None))
+    where = parse_step_label(kwargs.get(STEP_KWARG)) if isinstance(kwargs, dict) else None
     if where is None:
         return
-    workflow_id, seq = where
 
-    def expired(args: list[Any], kwargs: dict[str, Any], attempt: int) -> Any:
-        raise StepExpired(task.name, workflow_id, seq)
+    def expired(_args: list[Any], _kwargs: dict[str, Any], _attempt: int) -> Any:
+        raise TaskExpired(current_step().name or "?", datetime.now(UTC))
 
-    runner.execute_step(core, workflow_id, seq, call=expired)
+    try:
+        runner.execute_step(core, where[0], where[1], call=expired)
+    except Exception:  # the consumer's thread must go on; the sweep sends the step again
+        log.exception("durable: could not fail expired step %s#%s", *where)
 
 
 def fail_unknown(core: Core, consumer: Any, message: Any) -> None:

@@ -391,7 +391,7 @@ def test_the_tasks_soft_time_limit_interrupts_the_step(
     client.close()
 
 
-def test_an_expired_step_message_fails_the_attempt_unrun(
+def test_an_expired_step_message_fails_the_step_unrun(
     database_url: str, redis_url: str, prefix: str
 ) -> None:
     clean_tables(database_url)
@@ -420,9 +420,9 @@ def test_an_expired_step_message_fails_the_attempt_unrun(
             result = run.result(timeout=30)
     finally:
         clean_keys(redis_url, prefix)
-    assert "StepExpired" in result and "expired before a worker started it" in result
+    assert "TaskExpired" in result and "task m.expiring expired: not started by" in result
     assert ran == []
     [row] = query(
         database_url, "SELECT status, error FROM durable_steps WHERE workflow_id = 'expiring-1'"
     )
-    assert row.status == "failed" and "StepExpired" in row.error
+    assert row.status == "failed" and "TaskExpired" in row.error
