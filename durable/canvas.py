@@ -34,6 +34,11 @@ Options on signatures:
   itself (set them on its parts). Every other option (``task_id``, ``serializer``, ``headers``,
   ``ignore_result``...) shapes Celery's message, and durable sends its own: it is ignored.
 
+``apply_async`` takes Celery's call options too: ``task_id`` (the workflow id),
+``countdown`` and ``eta`` (a durable delayed start: the run begins with a durable sleep, a
+timer in PostgreSQL, never a broker ETA), and routing options and time limits for the first
+link, as Celery applies a chain's call options to its first task.
+
 A link is tried once, as in a Celery chain whose tasks do not retry; ``with_retry`` gives
 every link a :class:`~durable.retry.RetryPolicy`.
 """
@@ -41,7 +46,7 @@ every link a :class:`~durable.retry.RetryPolicy`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.canvas import Signature, _chain, chord, group, maybe_signature
@@ -100,22 +105,56 @@ class DurableChain:
         self.retry = policy
         return self
 
-    def start(self, workflow_id: str | None = None) -> WorkflowRun:
-        """Start the chain (idempotent by ``workflow_id``); returns its run."""
-        return self.apply_async(workflow_id=workflow_id)
+    def start(self, workflow_id: str | None = None, **options: Any) -> WorkflowRun:
+        """Start the chain (idempotent by ``workflow_id``); returns its run.
+
+        ``options`` are :meth:`apply_async`'s (``countdown``, ``eta``, ``queue``...).
+        """
+        return self.apply_async(workflow_id=workflow_id, **options)
 
     def apply_async(
         self,
         args: Iterable[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         workflow_id: str | None = None,
+        *,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | str | None = None,
+        **options: Any,
     ) -> WorkflowRun:
-        """Celery's name for :meth:`start`, with partial arguments for the first link."""
+        """Celery's ``apply_async``: start the chain; returns its run (an ``AsyncResult``'s API).
+
+        Args:
+            args: Partial arguments, put before the first link's (each member's of a group).
+            kwargs: Keyword arguments merged into the first link's.
+            workflow_id: The run's id (Celery's ``task_id`` is taken as one); a second start
+                under the same id returns the existing run.
+            task_id: Celery's name for ``workflow_id``.
+            countdown: Seconds to wait before the first link: a durable delayed start. The
+                run is created now and begins with a durable sleep (a timer in PostgreSQL),
+                not a broker ETA; it replaces the first link's own countdown or eta.
+            eta: The time to start at (a datetime, naive meaning UTC, or ISO text), likewise.
+            **options: ``queue``, ``routing_key``, ``exchange``, ``priority``,
+                ``time_limit`` and ``soft_time_limit`` apply to the first link, as Celery
+                applies a chain's call options to its first task. ``link``, ``link_error``
+                and ``expires`` are refused with ``ValueError``; every other option shapes
+                Celery's message, and durable sends its own: it is ignored.
+        """
+        for option, reason in REFUSED_OPTIONS.items():
+            if options.get(option):
+                raise ValueError(f"durable.chain: option {option!r} is refused: {reason}")
+        if workflow_id and task_id and workflow_id != task_id:
+            raise ValueError("durable.chain: give workflow_id or task_id, not two different ids")
         links = list(self.links)
         if args or kwargs:
             links[0] = _with_partial(links[0], tuple(args or ()), dict(kwargs or {}))
+        if countdown is not None:
+            eta = datetime.now(UTC) + timedelta(seconds=float(countdown))
+        links[0] = _with_call_options(links[0], eta, options)
         extra = {} if self.retry is None else {"retry": self.retry.to_dict()}
-        return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
+        wid = workflow_id or task_id
+        return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=wid, **extra)
 
     def delay(self, *args: Any, **kwargs: Any) -> WorkflowRun:
         """Celery's ``delay``: start with a generated id, arguments for the first link."""
@@ -217,6 +256,21 @@ def _timing(options: dict[str, Any], where: str) -> dict[str, Any]:
     if limits:
         timing["timeout"] = min(limits)
     return timing
+
+
+def _with_call_options(link: Link, eta: datetime | str | None, options: dict[str, Any]) -> Link:
+    """``link`` given ``apply_async``'s start time, routing and time limits, which win."""
+    timing = _timing({"eta": eta, **{k: options.get(k) for k in TIME_LIMITS}}, "apply_async")
+    if "eta" in timing:
+        link = {key: value for key, value in link.items() if key != "countdown"}
+    link = {**link, **timing}
+    routing = routing_options(options)
+    if routing and "group" in link:
+        members = [{**m, "options": {**m["options"], **routing}} for m in link["group"]]
+        return {**link, "group": members}
+    if routing:
+        return {**link, "options": {**link["options"], **routing}}
+    return link
 
 
 def _with_partial(link: Link, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Link:

@@ -126,6 +126,89 @@ def test_canvases_give_the_results_celery_gives(
         assert run.result(timeout=30) == expected, name
 
 
+def test_code_that_waited_on_a_celery_chain_keeps_working(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    def wait(result: Any) -> tuple[Any, ...]:
+        value = result.get(timeout=30, propagate=True, interval=0.1)
+        ready = (result.ready(), result.successful(), result.failed())
+        return value, result.state, ready, result.task_id == result.id
+
+    t = tasks
+    by_celery = wait(celery.chain(t.add.s(1, 2), t.mul.s(10)).apply_async())
+    by_durable = wait(durable.chain(t.add.s(1, 2), t.mul.s(10)).apply_async())
+    assert by_durable == by_celery == (30, "SUCCESS", (True, True, False), True)
+
+
+def test_countdown_is_a_durable_delayed_start(
+    durable: Durable, tasks: SimpleNamespace, counter: Callable[[str], int], database_url: str
+) -> None:
+    t = tasks
+    timers = "SELECT purpose, fire_at FROM durable_timers WHERE workflow_id = :w"
+    steps = "SELECT name FROM durable_steps WHERE workflow_id = :w ORDER BY seq"
+    with TestEnv(durable) as env:
+        run = durable.chain(t.add.s(1, 2), t.mul.s(10)).apply_async(
+            countdown=3600, workflow_id="delayed"
+        )
+        started = datetime.now(UTC)
+        (timer,) = wait_until(lambda: query(database_url, timers, w="delayed"), what="the timer")
+        assert timer.purpose == "sleep"
+        assert abs((timer.fire_at - started).total_seconds() - 3600) < 60
+        assert [r.name for r in query(database_url, steps, w="delayed")] == ["sleep"]
+        assert (counter("add"), run.state, run.ready()) == (0, "PENDING", False)
+        assert env.result(run, timeout=30) == 30
+    assert 3600 - 120 <= env.skipped <= 3600 + 120
+    assert counter("add") == 1
+    names = [r.name for r in query(database_url, steps, w="delayed")]
+    assert names == ["sleep", "cv.add", "cv.mul"]
+
+
+def test_eta_start_replaces_the_first_links_own_countdown(
+    durable: Durable, tasks: SimpleNamespace, database_url: str
+) -> None:
+    t = tasks
+    at = datetime.now(UTC) + timedelta(days=1)
+    canvas = durable.chain(t.add.s(1, 2).set(countdown=60), t.mul.s(10))
+    with TestEnv(durable) as env:
+        run = canvas.apply_async(eta=at, task_id="at-eta")
+        assert run.id == "at-eta"
+        assert env.result(run, timeout=30) == 30
+    assert 86400 - 120 <= env.skipped <= 86400 + 120
+    sql = "SELECT name FROM durable_steps WHERE workflow_id = 'at-eta' ORDER BY seq"
+    assert [r.name for r in query(database_url, sql)] == ["sleep", "cv.add", "cv.mul"]
+
+
+def test_apply_async_routes_the_first_link_as_celery_does(
+    durable: Durable, tasks: SimpleNamespace, database_url: str
+) -> None:
+    t = tasks
+    canvas = durable.chain(t.add.s(1, 2).set(queue="slow"), t.mul.s(10))
+    canvas.apply_async(workflow_id="routed", queue="payments", priority=4, time_limit=30)
+    assert activate(durable, "routed") == "suspended"  # no worker: each step run by hand
+    assert execute_step(durable, "routed", 1) == "completed"
+    assert execute_step(durable, "routed", 2) == "completed"
+    assert durable.run("routed").get(timeout=10) == 30
+    sql = "SELECT options FROM durable_steps WHERE workflow_id = 'routed' ORDER BY seq"
+    first, second = (r.options for r in query(database_url, sql))
+    assert (first["queue"], first["priority"], first["timeout"]) == ("payments", 4, 30.0)
+    assert (second["queue"], second.get("priority")) == ("celery", None)
+
+
+def test_apply_async_refuses_what_durable_cannot_honour(
+    durable: Durable, tasks: SimpleNamespace
+) -> None:
+    canvas = durable.chain(tasks.add.s(1, 2))
+    for option, reason in [
+        ("link", "run the task as the next link"),
+        ("link_error", "catches StepFailed"),
+        ("expires", "every link"),
+    ]:
+        with pytest.raises(ValueError, match=f"option '{option}' is refused: .*{reason}"):
+            canvas.apply_async(**{option: 10})
+    with pytest.raises(ValueError, match="not two different ids"):
+        canvas.apply_async(workflow_id="a", task_id="b")
+
+
 def test_a_chain_stored_before_groups_existed_still_runs(
     durable: Durable, tasks: SimpleNamespace, results_worker: Any
 ) -> None:
