@@ -19,7 +19,11 @@ re-runs a committed link. Results pass as Celery passes them:
 
 Celery's own canvas objects are accepted as links: a chain (its links are spliced in, as
 Celery does), a group, a chord (its header as a group link, then its body). A group's members
-must be task signatures.
+must be task signatures. Inside a chain a group of one member is that member, as Celery
+unrolls it (started alone, ``durable.group`` of one still gives a list of one result). A
+``durable.chain`` nests the same way, and ``|`` composes as Celery's does
+(``durable.chain(a.s()) | b.s()``, ``a.s() | durable.chain(b.s())``); the chains' retry
+policies must agree, since ``with_retry`` covers every link of the run.
 
 Options on signatures:
 
@@ -76,29 +80,60 @@ Link = dict[str, Any]
 class DurableChain:
     """A chain of links (task signatures and groups) to start as one durable workflow run.
 
-    Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``.
+    Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``;
+    compose with ``|`` or by nesting, as Celery's canvas does.
     """
 
-    def __init__(self, core: Core, signatures: Iterable[Signature[Any]]) -> None:
+    def __init__(
+        self,
+        core: Core,
+        signatures: Iterable[Signature[Any] | DurableChain],
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self._core = core
+        self.retry = retry
         self.links: list[Link] = []
         for number, signature in enumerate(signatures, 1):
-            self.links += describe(signature, f"link {number}")
+            self.links += self._describe(signature, f"link {number}")
         if not self.links:
             raise ValueError("durable.chain needs at least one signature")
-        self.retry: RetryPolicy | None = None
+
+    def _describe(self, signature: Any, where: str) -> list[Link]:
+        if not isinstance(signature, DurableChain):
+            return describe(signature, where)
+        if signature.retry is not None and self.retry not in (None, signature.retry):
+            raise ValueError(
+                f"durable.chain: {where}: the chains have different retry policies; compose "
+                "them first, then call with_retry on the result"
+            )
+        self.retry = self.retry or signature.retry
+        if len(signature.links) == 1:  # a durable.group of one, unrolled as Celery does
+            return [_unrolled(signature.links[0])]
+        return list(signature.links)
 
     @classmethod
     def of_group(cls, core: Core, signatures: tuple[Any, ...]) -> DurableChain:
         """``durable.group(a.s(), b.s())`` or ``durable.group([a.s(), b.s()])``."""
         if len(signatures) == 1 and not isinstance(signatures[0], Signature):
             signatures = tuple(signatures[0])
-        return cls(core, [group(*signatures)])
+        canvas = group(*signatures)
+        chain = cls(core, [canvas])  # checks the members, unrolls a group of one
+        # Started alone, a group of one still gives a list of one result, as Celery's does.
+        chain.links = [describe_group(canvas.tasks, canvas, "link 1")]
+        return chain
 
     @classmethod
     def of_chord(cls, core: Core, header: Any, body: Signature[Any]) -> DurableChain:
         """``durable.chord([a.s(), b.s()], c.s())``: the body gets the header's results."""
         return cls(core, [chord(header if isinstance(header, group) else list(header), body)])
+
+    def __or__(self, other: Signature[Any] | DurableChain) -> DurableChain:
+        """``chain | signature`` or ``chain | chain``: a new chain, this one's links first."""
+        return DurableChain(self._core, [self, other], retry=self.retry)
+
+    def __ror__(self, other: Signature[Any]) -> DurableChain:
+        """``signature | chain``: a new chain, the signature's links first."""
+        return DurableChain(self._core, [other, self], retry=self.retry)
 
     def with_retry(self, policy: RetryPolicy) -> DurableChain:
         """Retry every link (every member of a group) under ``policy``; returns the chain."""
@@ -178,7 +213,7 @@ def describe(signature: Any, where: str) -> list[Link]:
         head = header if isinstance(header, group) else group(*header)
         return [describe_group(head.tasks, head, where), *describe(signature.body, where)]
     if isinstance(signature, group):
-        return [describe_group(signature.tasks, signature, where)]
+        return [_unrolled(describe_group(signature.tasks, signature, where))]
     return [describe_task(signature, where)]
 
 
@@ -256,6 +291,14 @@ def _timing(options: dict[str, Any], where: str) -> dict[str, Any]:
     if limits:
         timing["timeout"] = min(limits)
     return timing
+
+
+def _unrolled(link: Link) -> Link:
+    """A group link of one member as that member, as Celery unrolls it in a chain."""
+    if len(link.get("group", ())) != 1:
+        return link
+    timing = {key: value for key, value in link.items() if key != "group"}
+    return {**link["group"][0], **timing}
 
 
 def _with_call_options(link: Link, eta: datetime | str | None, options: dict[str, Any]) -> Link:

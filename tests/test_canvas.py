@@ -140,6 +140,61 @@ def test_code_that_waited_on_a_celery_chain_keeps_working(
     assert by_durable == by_celery == (30, "SUCCESS", (True, True, False), True)
 
 
+def test_a_group_of_one_is_unrolled_as_celery_unrolls_it(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    t = tasks
+    cases: dict[str, Callable[[Any], Any]] = {
+        "between links": lambda c: c.chain(t.add.s(1, 2), group(t.mul.s(2)), t.add.s(1)),
+        "the last link": lambda c: c.chain(t.add.s(1, 2), group(t.mul.s(2))),
+        "the only link": lambda c: c.chain(group(t.add.s(1, 1))),
+        "a group alone": lambda c: c.group(t.add.s(1, 1)),
+        "a chord's header": lambda c: c.chord([t.add.s(1, 1)], t.total.s()),
+    }
+    by_celery = SimpleNamespace(chain=celery.chain, group=celery.group, chord=celery.chord)
+    by_durable = SimpleNamespace(chain=durable.chain, group=durable.group, chord=durable.chord)
+    for name, build_canvas in cases.items():
+        expected = build_canvas(by_celery).apply_async().get(timeout=30)
+        assert build_canvas(by_durable).apply_async().get(timeout=30) == expected, name
+    assert durable.chain(t.add.s(1, 2), durable.group(t.mul.s(2))).delay().get(30) == 6
+
+
+def test_the_pipe_operator_composes_as_celerys(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    t = tasks
+    composed = {
+        "chain | signature": durable.chain(t.add.s(1, 2)) | t.mul.s(10),
+        "signature | chain": t.add.s(1, 2) | durable.chain(t.mul.s(10)),
+        "chain | chain": durable.chain(t.add.s(1, 2)) | durable.chain(t.mul.s(10)),
+        "chain | celery chain": durable.chain(t.add.s(1, 2)) | (t.mul.s(10) | t.add.s(0)),
+        "group | signature": durable.group(t.add.s(1, 2), t.add.si(3, 4)) | t.total.s(),
+    }
+    results = {name: run.apply_async().get(timeout=30) for name, run in composed.items()}
+    assert results == {
+        "chain | signature": 30,
+        "signature | chain": 30,
+        "chain | chain": 30,
+        "chain | celery chain": 30,
+        "group | signature": 10,
+    }
+    assert (t.add.s(1, 2) | t.mul.s(10) | t.add.s(0)).apply_async().get(timeout=30) == 30
+
+
+def test_a_nested_durable_chain_is_spliced_in(
+    durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    t = tasks
+    inner = durable.chain(t.add.s(1, 2), t.mul.s(10))
+    outer = durable.chain(inner, t.add.s(1), durable.chain(t.mul.s(2)))
+    assert [link["task"] for link in outer.links] == ["cv.add", "cv.mul", "cv.add", "cv.mul"]
+    assert outer.apply_async().get(timeout=30) == 62
+    policy = RetryPolicy(max_attempts=3)
+    assert durable.chain(inner.with_retry(policy), t.add.s(1)).retry == policy
+    with pytest.raises(ValueError, match="different retry policies"):
+        durable.chain(inner, t.add.s(1)).with_retry(RetryPolicy(max_attempts=2)) | inner
+
+
 def test_countdown_is_a_durable_delayed_start(
     durable: Durable, tasks: SimpleNamespace, counter: Callable[[str], int], database_url: str
 ) -> None:
