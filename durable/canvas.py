@@ -19,7 +19,11 @@ re-runs a committed link. Results pass as Celery passes them:
 
 Celery's own canvas objects are accepted as links: a chain (its links are spliced in, as
 Celery does), a group, a chord (its header as a group link, then its body). A group's members
-must be task signatures.
+must be task signatures. Inside a chain a group of one member is that member, as Celery
+unrolls it (started alone, ``durable.group`` of one still gives a list of one result). A
+``durable.chain`` nests the same way, and ``|`` composes as Celery's does
+(``durable.chain(a.s()) | b.s()``, ``a.s() | durable.chain(b.s())``); the chains' retry
+policies must agree, since ``with_retry`` covers every link of the run.
 
 Options on signatures:
 
@@ -34,14 +38,20 @@ Options on signatures:
   itself (set them on its parts). Every other option (``task_id``, ``serializer``, ``headers``,
   ``ignore_result``...) shapes Celery's message, and durable sends its own: it is ignored.
 
-A link is tried once, as in a Celery chain whose tasks do not retry; ``with_retry`` gives
-every link a :class:`~durable.retry.RetryPolicy`.
+``apply_async`` takes Celery's call options too: ``task_id`` (the workflow id),
+``countdown`` and ``eta`` (a durable delayed start: the run begins with a durable sleep, a
+timer in PostgreSQL, never a broker ETA), and routing options and time limits for the first
+link, as Celery applies a chain's call options to its first task.
+
+A link keeps its task's own Celery retry options (their waits durable timers), as in a
+Celery chain; ``with_retry`` gives every link a :class:`~durable.retry.RetryPolicy`
+instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.canvas import Signature, _chain, chord, group, maybe_signature
@@ -71,51 +81,116 @@ Link = dict[str, Any]
 class DurableChain:
     """A chain of links (task signatures and groups) to start as one durable workflow run.
 
-    Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``.
+    Build it with ``durable.chain(...)``, ``durable.group(...)`` or ``durable.chord(...)``;
+    compose with ``|`` or by nesting, as Celery's canvas does.
     """
 
-    def __init__(self, core: Core, signatures: Iterable[Signature[Any]]) -> None:
+    def __init__(
+        self,
+        core: Core,
+        signatures: Iterable[Signature[Any] | DurableChain],
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self._core = core
+        self.retry = retry
         self.links: list[Link] = []
         for number, signature in enumerate(signatures, 1):
-            self.links += describe(signature, f"link {number}")
+            self.links += self._describe(signature, f"link {number}")
         if not self.links:
             raise ValueError("durable.chain needs at least one signature")
-        self.retry: RetryPolicy | None = None
+
+    def _describe(self, signature: Any, where: str) -> list[Link]:
+        if not isinstance(signature, DurableChain):
+            return describe(signature, where)
+        if signature.retry is not None and self.retry not in (None, signature.retry):
+            raise ValueError(
+                f"durable.chain: {where}: the chains have different retry policies; compose "
+                "them first, then call with_retry on the result"
+            )
+        self.retry = self.retry or signature.retry
+        if len(signature.links) == 1:  # a durable.group of one, unrolled as Celery does
+            return [_unrolled(signature.links[0])]
+        return list(signature.links)
 
     @classmethod
     def of_group(cls, core: Core, signatures: tuple[Any, ...]) -> DurableChain:
         """``durable.group(a.s(), b.s())`` or ``durable.group([a.s(), b.s()])``."""
         if len(signatures) == 1 and not isinstance(signatures[0], Signature):
             signatures = tuple(signatures[0])
-        return cls(core, [group(*signatures)])
+        canvas = group(*signatures)
+        chain = cls(core, [canvas])  # checks the members, unrolls a group of one
+        # Started alone, a group of one still gives a list of one result, as Celery's does.
+        chain.links = [describe_group(canvas.tasks, canvas, "link 1")]
+        return chain
 
     @classmethod
     def of_chord(cls, core: Core, header: Any, body: Signature[Any]) -> DurableChain:
         """``durable.chord([a.s(), b.s()], c.s())``: the body gets the header's results."""
         return cls(core, [chord(header if isinstance(header, group) else list(header), body)])
 
+    def __or__(self, other: Signature[Any] | DurableChain) -> DurableChain:
+        """``chain | signature`` or ``chain | chain``: a new chain, this one's links first."""
+        return DurableChain(self._core, [self, other], retry=self.retry)
+
+    def __ror__(self, other: Signature[Any]) -> DurableChain:
+        """``signature | chain``: a new chain, the signature's links first."""
+        return DurableChain(self._core, [other, self], retry=self.retry)
+
     def with_retry(self, policy: RetryPolicy) -> DurableChain:
         """Retry every link (every member of a group) under ``policy``; returns the chain."""
         self.retry = policy
         return self
 
-    def start(self, workflow_id: str | None = None) -> WorkflowRun:
-        """Start the chain (idempotent by ``workflow_id``); returns its run."""
-        return self.apply_async(workflow_id=workflow_id)
+    def start(self, workflow_id: str | None = None, **options: Any) -> WorkflowRun:
+        """Start the chain (idempotent by ``workflow_id``); returns its run.
+
+        ``options`` are :meth:`apply_async`'s (``countdown``, ``eta``, ``queue``...).
+        """
+        return self.apply_async(workflow_id=workflow_id, **options)
 
     def apply_async(
         self,
         args: Iterable[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         workflow_id: str | None = None,
+        *,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | str | None = None,
+        **options: Any,
     ) -> WorkflowRun:
-        """Celery's name for :meth:`start`, with partial arguments for the first link."""
+        """Celery's ``apply_async``: start the chain; returns its run (an ``AsyncResult``'s API).
+
+        Args:
+            args: Partial arguments, put before the first link's (each member's of a group).
+            kwargs: Keyword arguments merged into the first link's.
+            workflow_id: The run's id (Celery's ``task_id`` is taken as one); a second start
+                under the same id returns the existing run.
+            task_id: Celery's name for ``workflow_id``.
+            countdown: Seconds to wait before the first link: a durable delayed start. The
+                run is created now and begins with a durable sleep (a timer in PostgreSQL),
+                not a broker ETA; it replaces the first link's own countdown or eta.
+            eta: The time to start at (a datetime, naive meaning UTC, or ISO text), likewise.
+            **options: ``queue``, ``routing_key``, ``exchange``, ``priority``,
+                ``time_limit`` and ``soft_time_limit`` apply to the first link, as Celery
+                applies a chain's call options to its first task. ``link``, ``link_error``
+                and ``expires`` are refused with ``ValueError``; every other option shapes
+                Celery's message, and durable sends its own: it is ignored.
+        """
+        for option, reason in REFUSED_OPTIONS.items():
+            if options.get(option):
+                raise ValueError(f"durable.chain: option {option!r} is refused: {reason}")
+        if workflow_id and task_id and workflow_id != task_id:
+            raise ValueError("durable.chain: give workflow_id or task_id, not two different ids")
         links = list(self.links)
         if args or kwargs:
             links[0] = _with_partial(links[0], tuple(args or ()), dict(kwargs or {}))
+        if countdown is not None:
+            eta = datetime.now(UTC) + timedelta(seconds=float(countdown))
+        links[0] = _with_call_options(links[0], eta, options)
         extra = {} if self.retry is None else {"retry": self.retry.to_dict()}
-        return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=workflow_id, **extra)
+        wid = workflow_id or task_id
+        return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=wid, **extra)
 
     def delay(self, *args: Any, **kwargs: Any) -> WorkflowRun:
         """Celery's ``delay``: start with a generated id, arguments for the first link."""
@@ -139,7 +214,7 @@ def describe(signature: Any, where: str) -> list[Link]:
         head = header if isinstance(header, group) else group(*header)
         return [describe_group(head.tasks, head, where), *describe(signature.body, where)]
     if isinstance(signature, group):
-        return [describe_group(signature.tasks, signature, where)]
+        return [_unrolled(describe_group(signature.tasks, signature, where))]
     return [describe_task(signature, where)]
 
 
@@ -217,6 +292,29 @@ def _timing(options: dict[str, Any], where: str) -> dict[str, Any]:
     if limits:
         timing["timeout"] = min(limits)
     return timing
+
+
+def _unrolled(link: Link) -> Link:
+    """A group link of one member as that member, as Celery unrolls it in a chain."""
+    if len(link.get("group", ())) != 1:
+        return link
+    timing = {key: value for key, value in link.items() if key != "group"}
+    return {**link["group"][0], **timing}
+
+
+def _with_call_options(link: Link, eta: datetime | str | None, options: dict[str, Any]) -> Link:
+    """``link`` given ``apply_async``'s start time, routing and time limits, which win."""
+    timing = _timing({"eta": eta, **{k: options.get(k) for k in TIME_LIMITS}}, "apply_async")
+    if "eta" in timing:
+        link = {key: value for key, value in link.items() if key != "countdown"}
+    link = {**link, **timing}
+    routing = routing_options(options)
+    if routing and "group" in link:
+        members = [{**m, "options": {**m["options"], **routing}} for m in link["group"]]
+        return {**link, "group": members}
+    if routing:
+        return {**link, "options": {**link["options"], **routing}}
+    return link
 
 
 def _with_partial(link: Link, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Link:

@@ -153,8 +153,27 @@ def cancel(core: Core, workflow_id: str) -> list[str]:
     return [wid for wid, _ in flagged]
 
 
+# Celery's task states, as ``WorkflowRun.state`` reports a run's status.
+PENDING, STARTED, SUCCESS, FAILURE, REVOKED = "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED"
+CELERY_STATES = {"completed": SUCCESS, "failed": FAILURE, "cancelled": REVOKED}
+
+
 class WorkflowRun:
-    """A handle on one workflow run: ``run.id``, ``run.status()``, ``run.result()``."""
+    """A handle on one workflow run, answering like Celery's ``AsyncResult``.
+
+    Durable's verbs: ``run.id``, ``run.status()``, ``run.result(timeout=60)``. Celery's:
+    ``run.task_id``, ``run.state``, ``run.get(timeout=60)``, ``run.ready()``,
+    ``run.successful()``, ``run.failed()``, ``run.info``, ``run.traceback`` and
+    ``run.revoke()``, so code that waited on a Celery chain keeps working. ``result`` stays
+    durable's method (``run.result(timeout=60)``); ``run.info`` is the value Celery's
+    ``AsyncResult.result`` property gives.
+
+    Example::
+
+        run = durable.chain(validate.s("o-1"), charge.s()).apply_async()
+        run.get(timeout=60)          # as AsyncResult.get: raises WorkflowFailed on failure
+        run.state                    # "SUCCESS"
+    """
 
     def __init__(self, core: Core, workflow_id: str) -> None:
         self._core = core
@@ -196,3 +215,110 @@ class WorkflowRun:
             pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
             time.sleep(pause)
             delay = min(delay * 1.5, 0.25)
+
+    # -- as Celery's AsyncResult -----------------------------------------------------------------
+
+    @property
+    def task_id(self) -> str:
+        """Celery's name for :attr:`id`."""
+        return self.id
+
+    @property
+    def state(self) -> str:
+        """The run's status in Celery's words.
+
+        ``PENDING`` while running and no step has started yet (a delayed start included),
+        ``STARTED`` once one has (a task step claimed by a worker, a local step, a child
+        workflow), then ``SUCCESS`` (completed), ``FAILURE`` (failed) or ``REVOKED``
+        (cancelled).
+        """
+        row = self._core.store(lambda c: run_queries.get_run_state(c, self.id))
+        if row is None:
+            raise WorkflowNotFound(self.id)
+        if row.status == "running":
+            return STARTED if row.begun else PENDING
+        return CELERY_STATES[row.status]
+
+    def get(
+        self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5
+    ) -> Any:
+        """Celery's ``AsyncResult.get``: wait for the run to end and return its result.
+
+        Waits as :meth:`result` does and raises what it raises. With ``propagate=False`` a
+        failed or cancelled run's error (``WorkflowFailed``, ``WorkflowCancelled``) is
+        returned instead of raised; running out of ``timeout`` still raises
+        :class:`~durable.errors.ResultTimeout`. ``interval`` is accepted for Celery's
+        callers; the wait paces itself.
+        """
+        del interval  # the wait is result()'s own
+        try:
+            return self.result(timeout=timeout)
+        except (WorkflowFailed, WorkflowCancelled) as exc:
+            if propagate:
+                raise
+            return exc
+
+    def ready(self) -> bool:
+        """True once the run has ended: completed, failed or cancelled."""
+        return self.status() in run_queries.TERMINAL
+
+    def successful(self) -> bool:
+        """True if the run completed."""
+        return self.status() == "completed"
+
+    def failed(self) -> bool:
+        """True if the run failed (a cancelled run is ``REVOKED``, not failed, as in Celery)."""
+        return self.status() == "failed"
+
+    @property
+    def info(self) -> Any:
+        """Celery's ``AsyncResult.result`` (and ``info``), without waiting.
+
+        The result of a completed run, the error of a failed or cancelled one
+        (``WorkflowFailed``, ``WorkflowCancelled``), None while it runs.
+        """
+        row = self._row()
+        if row.status == "completed":
+            return self._core.decode(row.result)
+        if row.status == "failed":
+            return WorkflowFailed(self.id, row.error or "")
+        if row.status == "cancelled":
+            return WorkflowCancelled(self.id)
+        return None
+
+    @property
+    def traceback(self) -> str | None:
+        """A failed run's recorded error (its exception's type and message), else None.
+
+        Durable stores why a run failed, not a Python traceback: the worker's log has that.
+        """
+        row = self._row()
+        return str(row.error) if row.status == "failed" and row.error else None
+
+    def revoke(
+        self,
+        terminate: bool = False,
+        signal: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Celery's ``AsyncResult.revoke``: cancel the run (see :func:`cancel`).
+
+        Revoking a run that has ended does nothing, as with a finished Celery task. With
+        ``wait`` it returns once the run has ended (up to ``timeout`` seconds, then
+        :class:`~durable.errors.ResultTimeout`). ``terminate=True`` is refused: a step
+        already running always finishes and its result is recorded.
+        """
+        del signal  # only meaningful with terminate
+        if terminate:
+            raise ValueError(
+                "revoke(terminate=True) is refused: durable cancels a run at its next step, "
+                "sleep or signal wait and lets a running step finish; bound a step with "
+                "timeout= (or the task's time_limit) instead"
+            )
+        try:
+            cancel(self._core, self.id)
+        except WorkflowNotRunning:
+            return
+        if wait:
+            self.get(timeout=timeout, propagate=False)

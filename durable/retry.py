@@ -41,7 +41,9 @@ class RetryPolicy:
                  retry=RetryPolicy(max_attempts=5, initial_interval=1.0, backoff=2.0,
                                    max_interval=60.0, non_retryable=(CardDeclined,)))
 
-    A step given no policy is tried once, as a plain Celery task is.
+    A step given no policy follows its task's own Celery retry options (``autoretry_for``,
+    ``self.retry()``), their waits durable timers; with none it is tried once, as a plain
+    Celery task is.
     """
 
     max_attempts: int = 3

@@ -145,10 +145,11 @@ class Durable(Core):
         """
         return Schedules(self)
 
-    def chain(self, *signatures: Signature[Any]) -> DurableChain:
+    def chain(self, *signatures: Signature[Any] | DurableChain) -> DurableChain:
         """A Celery chain made durable: ``durable.chain(a.s(1), b.s()).start(workflow_id=...)``.
 
-        Each link runs as a checkpointed step; results pass as Celery passes them.
+        Each link runs as a checkpointed step; results pass as Celery passes them. A link may
+        be a Celery signature or canvas, or another ``durable.chain``; ``|`` composes too.
         """
         return DurableChain(self, signatures)
 

@@ -126,6 +126,144 @@ def test_canvases_give_the_results_celery_gives(
         assert run.result(timeout=30) == expected, name
 
 
+def test_code_that_waited_on_a_celery_chain_keeps_working(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    def wait(result: Any) -> tuple[Any, ...]:
+        value = result.get(timeout=30, propagate=True, interval=0.1)
+        ready = (result.ready(), result.successful(), result.failed())
+        return value, result.state, ready, result.task_id == result.id
+
+    t = tasks
+    by_celery = wait(celery.chain(t.add.s(1, 2), t.mul.s(10)).apply_async())
+    by_durable = wait(durable.chain(t.add.s(1, 2), t.mul.s(10)).apply_async())
+    assert by_durable == by_celery == (30, "SUCCESS", (True, True, False), True)
+
+
+def test_a_group_of_one_is_unrolled_as_celery_unrolls_it(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    t = tasks
+    cases: dict[str, Callable[[Any], Any]] = {
+        "between links": lambda c: c.chain(t.add.s(1, 2), group(t.mul.s(2)), t.add.s(1)),
+        "the last link": lambda c: c.chain(t.add.s(1, 2), group(t.mul.s(2))),
+        "the only link": lambda c: c.chain(group(t.add.s(1, 1))),
+        "a group alone": lambda c: c.group(t.add.s(1, 1)),
+        "a chord's header": lambda c: c.chord([t.add.s(1, 1)], t.total.s()),
+    }
+    by_celery = SimpleNamespace(chain=celery.chain, group=celery.group, chord=celery.chord)
+    by_durable = SimpleNamespace(chain=durable.chain, group=durable.group, chord=durable.chord)
+    for name, build_canvas in cases.items():
+        expected = build_canvas(by_celery).apply_async().get(timeout=30)
+        assert build_canvas(by_durable).apply_async().get(timeout=30) == expected, name
+    assert durable.chain(t.add.s(1, 2), durable.group(t.mul.s(2))).delay().get(30) == 6
+
+
+def test_the_pipe_operator_composes_as_celerys(
+    app: Celery, durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    t = tasks
+    composed = {
+        "chain | signature": durable.chain(t.add.s(1, 2)) | t.mul.s(10),
+        "signature | chain": t.add.s(1, 2) | durable.chain(t.mul.s(10)),
+        "chain | chain": durable.chain(t.add.s(1, 2)) | durable.chain(t.mul.s(10)),
+        "chain | celery chain": durable.chain(t.add.s(1, 2)) | (t.mul.s(10) | t.add.s(0)),
+        "group | signature": durable.group(t.add.s(1, 2), t.add.si(3, 4)) | t.total.s(),
+    }
+    results = {name: run.apply_async().get(timeout=30) for name, run in composed.items()}
+    assert results == {
+        "chain | signature": 30,
+        "signature | chain": 30,
+        "chain | chain": 30,
+        "chain | celery chain": 30,
+        "group | signature": 10,
+    }
+    assert (t.add.s(1, 2) | t.mul.s(10) | t.add.s(0)).apply_async().get(timeout=30) == 30
+
+
+def test_a_nested_durable_chain_is_spliced_in(
+    durable: Durable, tasks: SimpleNamespace, results_worker: Any
+) -> None:
+    t = tasks
+    inner = durable.chain(t.add.s(1, 2), t.mul.s(10))
+    outer = durable.chain(inner, t.add.s(1), durable.chain(t.mul.s(2)))
+    assert [link["task"] for link in outer.links] == ["cv.add", "cv.mul", "cv.add", "cv.mul"]
+    assert outer.apply_async().get(timeout=30) == 62
+    policy = RetryPolicy(max_attempts=3)
+    assert durable.chain(inner.with_retry(policy), t.add.s(1)).retry == policy
+    with pytest.raises(ValueError, match="different retry policies"):
+        durable.chain(inner, t.add.s(1)).with_retry(RetryPolicy(max_attempts=2)) | inner
+
+
+def test_countdown_is_a_durable_delayed_start(
+    durable: Durable, tasks: SimpleNamespace, counter: Callable[[str], int], database_url: str
+) -> None:
+    t = tasks
+    timers = "SELECT purpose, fire_at FROM durable_timers WHERE workflow_id = :w"
+    steps = "SELECT name FROM durable_steps WHERE workflow_id = :w ORDER BY seq"
+    with TestEnv(durable) as env:
+        run = durable.chain(t.add.s(1, 2), t.mul.s(10)).apply_async(
+            countdown=3600, workflow_id="delayed"
+        )
+        started = datetime.now(UTC)
+        (timer,) = wait_until(lambda: query(database_url, timers, w="delayed"), what="the timer")
+        assert timer.purpose == "sleep"
+        assert abs((timer.fire_at - started).total_seconds() - 3600) < 60
+        assert [r.name for r in query(database_url, steps, w="delayed")] == ["sleep"]
+        assert (counter("add"), run.state, run.ready()) == (0, "PENDING", False)
+        assert env.result(run, timeout=30) == 30
+    assert 3600 - 120 <= env.skipped <= 3600 + 120
+    assert counter("add") == 1
+    names = [r.name for r in query(database_url, steps, w="delayed")]
+    assert names == ["sleep", "cv.add", "cv.mul"]
+
+
+def test_eta_start_replaces_the_first_links_own_countdown(
+    durable: Durable, tasks: SimpleNamespace, database_url: str
+) -> None:
+    t = tasks
+    at = datetime.now(UTC) + timedelta(days=1)
+    canvas = durable.chain(t.add.s(1, 2).set(countdown=60), t.mul.s(10))
+    with TestEnv(durable) as env:
+        run = canvas.apply_async(eta=at, task_id="at-eta")
+        assert run.id == "at-eta"
+        assert env.result(run, timeout=30) == 30
+    assert 86400 - 120 <= env.skipped <= 86400 + 120
+    sql = "SELECT name FROM durable_steps WHERE workflow_id = 'at-eta' ORDER BY seq"
+    assert [r.name for r in query(database_url, sql)] == ["sleep", "cv.add", "cv.mul"]
+
+
+def test_apply_async_routes_the_first_link_as_celery_does(
+    durable: Durable, tasks: SimpleNamespace, database_url: str
+) -> None:
+    t = tasks
+    canvas = durable.chain(t.add.s(1, 2).set(queue="slow"), t.mul.s(10))
+    canvas.apply_async(workflow_id="routed", queue="payments", priority=4, time_limit=30)
+    assert activate(durable, "routed") == "suspended"  # no worker: each step run by hand
+    assert execute_step(durable, "routed", 1) == "completed"
+    assert execute_step(durable, "routed", 2) == "completed"
+    assert durable.run("routed").get(timeout=10) == 30
+    sql = "SELECT options FROM durable_steps WHERE workflow_id = 'routed' ORDER BY seq"
+    first, second = (r.options for r in query(database_url, sql))
+    assert (first["queue"], first["priority"], first["timeout"]) == ("payments", 4, 30.0)
+    assert (second["queue"], second.get("priority")) == ("celery", None)
+
+
+def test_apply_async_refuses_what_durable_cannot_honour(
+    durable: Durable, tasks: SimpleNamespace
+) -> None:
+    canvas = durable.chain(tasks.add.s(1, 2))
+    for option, reason in [
+        ("link", "run the task as the next link"),
+        ("link_error", "catches StepFailed"),
+        ("expires", "every link"),
+    ]:
+        with pytest.raises(ValueError, match=f"option '{option}' is refused: .*{reason}"):
+            canvas.apply_async(**{option: 10})
+    with pytest.raises(ValueError, match="not two different ids"):
+        canvas.apply_async(workflow_id="a", task_id="b")
+
+
 def test_a_chain_stored_before_groups_existed_still_runs(
     durable: Durable, tasks: SimpleNamespace, results_worker: Any
 ) -> None:

@@ -92,6 +92,24 @@ def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:
     return conn.execute(select(workflows).where(workflows.c.id == workflow_id)).first()
 
 
+# The run's row, and whether work has begun: a step (a task, a local step, a child) started.
+_STATE = statement(
+    """
+    SELECT w.status, w.result, w.error,
+           EXISTS (SELECT 1 FROM durable_steps s
+                    WHERE s.workflow_id = w.id AND s.kind IN ('task', 'local', 'child')
+                      AND s.started_at IS NOT NULL) AS begun
+      FROM durable_workflows w
+     WHERE w.id = :id
+    """
+)
+
+
+def get_run_state(conn: Connection, workflow_id: str) -> Row[Any] | None:
+    """The run's ``status``, ``result``, ``error`` and ``begun`` (a step started), or None."""
+    return conn.execute(_STATE, {"id": workflow_id}).first()
+
+
 @dataclass(frozen=True)
 class Activation:
     """What replay needs, read under the run's lease in one statement."""
