@@ -54,12 +54,21 @@ _WRAPPED = "__durable_wrapped__"
 
 
 class StepRetry(Retry):
-    """``self.retry()`` inside a step: a durable retry after ``delay`` seconds."""
+    """``self.retry()`` inside a step: a durable retry after ``when`` seconds.
 
-    def __init__(self, exc: Exception | None, delay: float) -> None:
-        when: Any = delay  # Celery takes seconds or a datetime
-        super().__init__(exc=exc, when=when)
-        self.durable_delay = max(float(delay), 0.0)
+    Built as Celery's ``Retry`` is, so that it pickles the same way (a prefork child sends
+    the exception to its parent).
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        exc: Exception | None = None,
+        when: Any = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(message, exc, when, **options)
+        self.durable_delay = max(float(when or 0), 0.0)
 
 
 def install(core: Core) -> None:
@@ -191,7 +200,7 @@ def _durable_retry(
         delay = float(countdown)
     else:
         delay = float(task.default_retry_delay or 0)
-    raise StepRetry(exc, delay)
+    raise StepRetry(exc=exc, when=delay)
 
 
 def fail_expired(core: Core, kwargs: Any) -> None:
