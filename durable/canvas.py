@@ -33,10 +33,13 @@ Options on signatures:
   whole group; not on a group's member);
 - ``time_limit`` and ``soft_time_limit`` become the step's ``timeout`` (the smaller one);
   the members of a group must agree on it;
-- ``link``, ``link_error`` and ``expires`` are refused with ``ValueError``: durable cannot
-  honour them as Celery does; so are the options above on a nested chain or on a chord
-  itself (set them on its parts). Every other option (``task_id``, ``serializer``, ``headers``,
-  ``ignore_result``...) shapes Celery's message, and durable sends its own: it is ignored.
+- ``expires`` on a link counts, as in Celery, from when that link is sent (its step is
+  scheduled): a link not started by then is not run and fails with ``TaskExpired``;
+- ``link`` and ``link_error`` are refused with ``ValueError``: durable cannot honour them as
+  Celery does; so are the options above on a nested chain or on a chord itself (set them on
+  its parts), and ``expires`` as a call option of ``apply_async``. Every other option
+  (``task_id``, ``serializer``, ``headers``, ``ignore_result``...) shapes Celery's
+  message, and durable sends its own: it is ignored.
 
 ``apply_async`` takes Celery's call options too: ``task_id`` (the workflow id),
 ``countdown`` and ``eta`` (a durable delayed start: the run begins with a durable sleep, a
@@ -69,7 +72,10 @@ CHAIN_WORKFLOW = "durable.chain"
 REFUSED_OPTIONS = {
     "link": "a callback; run the task as the next link instead",
     "link_error": "an error callback; write a workflow that catches StepFailed instead",
-    "expires": "durable runs every link of a chain it started",
+}
+CALL_REFUSED = {
+    **REFUSED_OPTIONS,
+    "expires": "set it on the links: each counts from when its step is scheduled",
 }
 TIME_LIMITS = ("time_limit", "soft_time_limit")
 # Celery's built-in tasks behind ``task.map``, ``task.starmap`` and ``task.chunks``.
@@ -174,10 +180,11 @@ class DurableChain:
             **options: ``queue``, ``routing_key``, ``exchange``, ``priority``,
                 ``time_limit`` and ``soft_time_limit`` apply to the first link, as Celery
                 applies a chain's call options to its first task. ``link``, ``link_error``
-                and ``expires`` are refused with ``ValueError``; every other option shapes
+                and ``expires`` (set it on the links) are refused with ``ValueError``; every
+                other option shapes
                 Celery's message, and durable sends its own: it is ignored.
         """
-        for option, reason in REFUSED_OPTIONS.items():
+        for option, reason in CALL_REFUSED.items():
             if options.get(option):
                 raise ValueError(f"durable.chain: option {option!r} is refused: {reason}")
         if workflow_id and task_id and workflow_id != task_id:
@@ -223,11 +230,15 @@ def describe_task(signature: Signature[Any], where: str) -> Link:
     if signature.get("subtask_type") or str(signature.task) in CELERY_CANVAS_TASKS:
         kind = signature.get("subtask_type") or str(signature.task)
         raise ValueError(f"durable.chain: {where}: Celery's {kind} signatures are not supported")
+    options = routing_options(signature.options)
+    expires = signature.options.get("expires")
+    if expires is not None:  # Celery's, counted when the link's step is scheduled
+        options["expires"] = expires.isoformat() if isinstance(expires, datetime) else expires
     link: Link = {
         "task": str(signature.task),
         "args": list(signature.args),
         "kwargs": dict(signature.kwargs),
-        "options": routing_options(signature.options),
+        "options": options,
         "immutable": bool(signature.immutable),
     }
     return {**link, **_timing(signature.options, f"{where} ({signature.task})")}

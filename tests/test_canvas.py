@@ -256,7 +256,7 @@ def test_apply_async_refuses_what_durable_cannot_honour(
     for option, reason in [
         ("link", "run the task as the next link"),
         ("link_error", "catches StepFailed"),
-        ("expires", "every link"),
+        ("expires", "set it on the links"),
     ]:
         with pytest.raises(ValueError, match=f"option '{option}' is refused: .*{reason}"):
             canvas.apply_async(**{option: 10})
@@ -340,7 +340,6 @@ def test_what_durable_cannot_honour_is_refused(durable: Durable, tasks: SimpleNa
     linked = t.add.s(1, 2)
     linked.link(t.mul.s(2))
     refused: list[tuple[Callable[[], Any], str]] = [
-        (lambda: durable.chain(t.add.s(1, 2).set(expires=10)), "option 'expires'"),
         (lambda: durable.chain(linked), "option 'link'"),
         (lambda: durable.chain(t.add.s(1, 2).on_error(t.mul.s(0))), "option 'link_error'"),
         (lambda: durable.group(t.add.s(1, 1) | t.mul.s(2)), "must be task signatures"),
@@ -422,3 +421,18 @@ def test_sigkill_mid_chain_never_reruns_a_committed_link(
         (3, "canvas.slow", 2),
         (4, "canvas.total", 1),
     ]
+
+
+def test_a_links_expires_counts_from_when_its_step_is_scheduled(
+    durable: Durable, tasks: SimpleNamespace, results_worker: Any, database_url: str
+) -> None:
+    run = durable.chain(tasks.add.s(1, 2), tasks.add.s(3).set(expires=3600)).apply_async()
+    assert run.get(timeout=30) == 6
+    rows = query(
+        database_url,
+        "SELECT seq, (options->>'expires')::float - extract(epoch FROM created_at) AS left"
+        " FROM durable_steps WHERE workflow_id = :w AND kind = 'task' ORDER BY seq",
+        w=run.id,
+    )
+    assert rows[0].left is None  # the first link has none
+    assert 3590 < rows[1].left <= 3600  # seconds from when the second link was scheduled
