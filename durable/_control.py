@@ -21,7 +21,3 @@ class NeedsActivation(BaseException):
     anything else (a local step, a sleep, an event, a signal taken, a child started) or
     reading a time not yet committed needs the real activation, which then runs as before.
     """
-
-
-SETTLING_NOW = "settling"
-"""The ``completed_at`` of the step being settled in an in-memory replay: not known yet."""

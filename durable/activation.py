@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from durable._control import SETTLING_NOW, NeedsActivation, Suspend
+from durable._control import NeedsActivation, Suspend
 from durable.context import WorkflowContext
 from durable.effects import Effects
 from durable.errors import (
@@ -33,6 +33,7 @@ from durable.errors import (
 from durable.serialization import describe_exception
 from durable.store import runs
 from durable.store import steps as step_queries
+from durable.store.records import StepRecord
 
 if TYPE_CHECKING:
     from durable.core import Core
@@ -120,7 +121,7 @@ class Replayed:
 
     effects: Effects
     """The remote steps it schedules (``effects.schedules``) and their messages."""
-    steps: list[dict[str, Any]]
+    steps: list[StepRecord]
     """The history it replayed, the settled step's outcome included."""
     result: str | None = None
     """The workflow's result (JSON text) when it returned: the run ends, completed."""
@@ -162,16 +163,16 @@ def _replay_settled(
     fn = core.registry.get(run.name)
     if fn is None:
         return None
-    outcome = {
-        "status": "completed" if error is None else "failed",
-        "result": None if result is None else json.loads(result),
-        "error": error,
-        "attempts": attempts,
-        "completed_at": SETTLING_NOW,
-    }
-    steps = [{**record, **outcome} if record["seq"] == seq else record for record in run.steps]
-    if not any(record["seq"] == seq for record in run.steps):
+    if not any(record.seq == seq for record in run.steps):
         return None  # the history does not hold this step: only a fresh read can be trusted
+    status = "completed" if error is None else "failed"
+    value = None if result is None else json.loads(result)
+    steps = [
+        replace(record, status=status, result=value, error=error, attempts=attempts, settling=True)
+        if record.seq == seq
+        else record
+        for record in run.steps
+    ]
     return _run_in_memory(core, fn, replace(run, steps=steps), now_known=True)
 
 

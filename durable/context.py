@@ -35,6 +35,7 @@ from durable.store import local as local_queries
 from durable.store import signals as signal_queries
 from durable.store import steps as step_queries
 from durable.store import tree as tree_queries
+from durable.store.records import StepRecord
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
@@ -109,12 +110,12 @@ class WorkflowContext(Replay):
             raise ValueError("ctx.step: timeout= applies to remote steps, not to local=True")
         kind = "local" if local else "task"
         seq, record = self._take(kind, _step_name(task))
-        if record is not None and not (local and record["status"] == "ready"):
+        if record is not None and not (local and record.status == "ready"):
             return self._settled(seq, record)  # replay: nothing else to work out
         name, call_args, call_kwargs, options = self._describe(task, args, kwargs)
         policy = retry.to_dict() if retry is not None else NO_RETRY
         if local:
-            attempts = int(record["attempts"]) if record else 0
+            attempts = record.attempts if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)
         self._schedule(seq, name, call_args, call_kwargs, options, policy, _timeout(timeout))
         raise Suspend()
@@ -263,9 +264,9 @@ class WorkflowContext(Replay):
         """
         seq, record = self._take("signal", name)
         if record is not None:
-            if record["status"] == "timeout":
+            if record.status == "timeout":
                 raise SignalTimeout(self.workflow_id, name)
-            if record["status"] != "waiting":
+            if record.status != "waiting":
                 return self._settled(seq, record)
         self.require_activation()
         wait, wid, first, base = _timeout(timeout), self.workflow_id, record is None, self.now()
@@ -315,7 +316,7 @@ class WorkflowContext(Replay):
         """
         policy = retry.to_dict() if retry is not None else NO_RETRY
         limit = _timeout(timeout)
-        records: list[tuple[int, dict[str, Any] | None]] = []
+        records: list[tuple[int, StepRecord | None]] = []
         described = []
         # Every position of the batch is taken before a cancellation can be delivered, so
         # that compensation after it never lands on a position of the batch.
@@ -329,7 +330,7 @@ class WorkflowContext(Replay):
         for (seq, record), (name, args, kwargs, options) in zip(records, described, strict=True):
             if record is None:
                 self._schedule(seq, name, args, kwargs, options, policy, limit)
-        if any(r is None or r["status"] in PENDING for _, r in records):
+        if any(r is None or r.status in PENDING for _, r in records):
             raise Suspend()
         return [self._settled(seq, record) for seq, record in records if record is not None]
 

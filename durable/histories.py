@@ -24,10 +24,9 @@ import threading
 from collections import OrderedDict
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
-from durable._control import SETTLING_NOW
 from durable.effects import Effects
+from durable.store.records import StepRecord
 from durable.store.runs import Activation
 from durable.store.steps import NewStep
 
@@ -69,7 +68,7 @@ class HistoryCache:
     def keep_advanced(
         self,
         run: Activation,
-        steps: list[dict[str, Any]],
+        steps: list[StepRecord],
         new: list[NewStep],
         settled_at: datetime | None,
         first: bool = True,
@@ -85,7 +84,7 @@ class HistoryCache:
         history = [_with_time(record, settled_at) for record in steps]
         history.extend(_scheduled(step) for step in new)
         kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
-        sole = first and len(new) == 1 and all(r["status"] in _SETTLED for r in steps)
+        sole = first and len(new) == 1 and all(r.status in _SETTLED for r in steps)
         self._keep(kept, new[0] if sole else None)
 
     def keep_at_rest(self, run: Activation, effects: Effects) -> bool:
@@ -102,9 +101,9 @@ class HistoryCache:
             return False
         if effects.timers or effects.activations or run.cancel_requested:
             return False
-        if not all(record["status"] in _SETTLED for record in run.steps):
+        if not all(record.status in _SETTLED for record in run.steps):
             return False
-        if new[0].seq != max((record["seq"] for record in run.steps), default=0) + 1:
+        if new[0].seq != max((record.seq for record in run.steps), default=0) + 1:
             return False
         history = [_with_time(record, None) for record in run.steps]
         history.append(_scheduled(new[0]))
@@ -145,25 +144,13 @@ class HistoryCache:
             self._fresh.pop(workflow_id, None)
 
 
-def _scheduled(step: NewStep) -> dict[str, Any]:
+def _scheduled(step: NewStep) -> StepRecord:
     """The history record of a remote step just scheduled."""
-    return {
-        "seq": step.seq,
-        "kind": "task",
-        "name": step.name,
-        "status": "scheduled",
-        "attempts": 0,
-        "result": None,
-        "error": None,
-        "completed_at": None,
-    }
+    return StepRecord(step.seq, "task", step.name, "scheduled")
 
 
-def _with_time(record: dict[str, Any], settled_at: datetime | None) -> dict[str, Any]:
-    """``record`` with its commit time as a ``datetime``, parsed once for every later replay."""
-    done = record.get("completed_at")
-    if done == SETTLING_NOW:
-        return {**record, "completed_at": settled_at}
-    if isinstance(done, str):
-        return {**record, "completed_at": datetime.fromisoformat(done)}
+def _with_time(record: StepRecord, settled_at: datetime | None) -> StepRecord:
+    """``record`` with its commit time, once the statement settling it has committed."""
+    if record.settling:
+        return replace(record, completed_at=settled_at, settling=False)
     return record

@@ -31,21 +31,16 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from durable._control import PENDING, SETTLING_NOW, NeedsActivation, Suspend
+from durable._control import PENDING, NeedsActivation, Suspend
 from durable.effects import Effects
 from durable.errors import LimitExceeded, NonDeterminismError, StepFailed, WorkflowCancelled
 from durable.store import runs as run_queries
 from durable.store import tree as tree_queries
+from durable.store.records import StepRecord
 
 if TYPE_CHECKING:
     from durable.core import Core
     from durable.store.runs import Activation
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value))
 
 
 class Replay:
@@ -71,7 +66,7 @@ class Replay:
         """Set when an in-memory replay met something only an activation may do."""
         self._now_unknown = not now_known  # a run not started yet: its start time is ahead
         self._owner = owner
-        self._records: dict[int, dict[str, Any]] = {int(s["seq"]): s for s in activation.steps}
+        self._records: dict[int, StepRecord] = {s.seq: s for s in activation.steps}
         self._last_recorded = max(self._records, default=0)
         self._seq = 0
         self._now: datetime = activation.created_at
@@ -156,31 +151,31 @@ class Replay:
 
     def _take(
         self, kind: str, name: str, check_cancel: bool = True
-    ) -> tuple[int, dict[str, Any] | None]:
+    ) -> tuple[int, StepRecord | None]:
         self._seq += 1
         seq = self._seq
         record = self._records.get(seq)
         if record is None and seq > self._core.settings.max_steps:
             raise LimitExceeded(self.workflow_id, "max_steps", self._core.settings.max_steps)
-        if record is not None and (record["kind"] != kind or record["name"] != name):
+        if record is not None and (record.kind != kind or record.name != name):
             self.nondeterminism = NonDeterminismError(
-                self.workflow_id, seq, f"{kind} {name}", f"{record['kind']} {record['name']}"
+                self.workflow_id, seq, f"{kind} {name}", f"{record.kind} {record.name}"
             )
             raise self.nondeterminism
         if check_cancel:
             self._check_cancel(seq, record)
-        if record is not None and record.get("completed_at"):
-            if record["completed_at"] == SETTLING_NOW:
+        if record is not None and record.settled:
+            if record.settling:
                 self._now_unknown = True  # the step being settled: its commit time is ahead
             else:
-                self.advance_now(_parse_time(record["completed_at"]))
+                self.advance_now(record.completed_at)
         return seq, record
 
-    def check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
+    def check_cancel(self, seq: int, record: StepRecord | None) -> None:
         """Deliver a requested cancellation at ``seq`` if that is where it lands."""
         self._check_cancel(seq, record)
 
-    def _check_cancel(self, seq: int, record: dict[str, Any] | None) -> None:
+    def _check_cancel(self, seq: int, record: StepRecord | None) -> None:
         """Raise WorkflowCancelled where the cancellation is (or now gets) delivered."""
         if self.cancel_delivered:
             return
@@ -188,7 +183,7 @@ class Replay:
             self.cancel_delivered = True
             raise WorkflowCancelled(self.workflow_id)
         if self._cancel_requested and self._cancelled_at is None:
-            if record is not None and record["status"] not in PENDING:
+            if record is not None and record.status not in PENDING:
                 return  # settled before the cancel: replays as it happened
             self.require_activation()
             wid, owner = self.workflow_id, self._owner
@@ -205,20 +200,20 @@ class Replay:
                 self.workflow_id,
                 self._seq + 1,
                 "the end of the workflow",
-                f"{record['kind']} {record['name']}",
+                f"{record.kind} {record.name}",
             )
 
-    def _settled(self, seq: int, record: dict[str, Any]) -> Any:
-        if record["status"] == "completed":
-            return self._core.decode(record["result"])
-        if record["status"] == "failed":
+    def _settled(self, seq: int, record: StepRecord) -> Any:
+        if record.status == "completed":
+            return self._core.decode(record.result)
+        if record.status == "failed":
             raise StepFailed(
                 self.workflow_id,
                 seq,
-                record["name"],
-                record.get("error") or "",
-                int(record.get("attempts") or 0),
+                record.name,
+                record.error or "",
+                record.attempts,
             )
-        if record["status"] == "cancelled":
+        if record.status == "cancelled":
             raise WorkflowCancelled(self.workflow_id)
         raise Suspend()

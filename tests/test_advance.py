@@ -61,7 +61,7 @@ def _next(seq: int) -> step_queries.NewStep:
 def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) -> None:
     (claimed,) = _run_with_claimed_steps(durable, "adv-1", (1,))
     assert claimed.rest_wake is not None and claimed.run is not None
-    assert [s["seq"] for s in claimed.run.steps] == [1]
+    assert [s.seq for s in claimed.run.steps] == [1]
     with durable.connect() as conn:
         settled = step_queries.settle_step(
             conn, "adv-1", 1, result='"one"', owner="w1#1", ttl=30, acquire=True,
@@ -90,7 +90,7 @@ def test_a_run_woken_since_the_claim_is_not_advanced(durable: Durable, database_
     assert settled.settled and not settled.advanced
     # The plain settle instead: the run is leased to the settling worker with a fresh read.
     assert settled.activation is not None
-    assert [s["seq"] for s in settled.activation.steps] == [1]
+    assert [s.seq for s in settled.activation.steps] == [1]
     assert query(database_url, "SELECT count(*) AS n FROM durable_steps WHERE seq = 2")[0].n == 0
 
 
@@ -190,7 +190,7 @@ def test_replay_in_memory_schedules_remote_steps_and_writes_nothing(
     effects, steps = replayed.effects, replayed.steps
     assert replayed.result is None
     assert [(s.seq, s.name) for s in effects.schedules] == [(2, "t.then"), (3, "t.then")]
-    assert [s["status"] for s in steps] == ["completed"]
+    assert [s.status for s in steps] == ["completed"]
 
 
 def test_replay_in_memory_leaves_everything_else_to_an_activation(

@@ -333,7 +333,7 @@ def test_no_wake_up_is_lost_when_two_steps_settle_at_once(
     waiter.join(10)
     leased = outcome["settled"].activation
     assert leased is not None
-    seen = {s["seq"]: s["status"] for s in leased.steps}
+    seen = {s.seq: s.status for s in leased.steps}
     assert seen[1] == "started"  # its snapshot predates the first settle's commit ...
     with durable.connect() as conn:
         # ... so releasing on it must fail, and the activation must read again.

@@ -23,6 +23,7 @@ from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
 from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
+from durable.store.records import StepRecord
 from durable.store.runs import Activation
 from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
 from tests.store_helpers import schedule_step
@@ -53,7 +54,7 @@ def test_the_kept_step_is_offered_once_and_only_alone() -> None:
         workflow_id="w", name="wf", args=[], kwargs={}, wake_seq=3,
         created_at=datetime.now(UTC), steps=[],
     )  # fmt: skip
-    done = [{"seq": 1, "status": "completed", "completed_at": None}]
+    done = [StepRecord(1, "task", "t.first", "completed", attempts=1, settling=True)]
     nxt = step_queries.NewStep(2, "t.next", "[1]", "{}", "{}")
     cache.keep_advanced(run, done, [nxt], None)
     assert cache.take_fresh("w", 3) is None  # another step: nothing, and forgotten
@@ -65,7 +66,7 @@ def test_the_kept_step_is_offered_once_and_only_alone() -> None:
     other = step_queries.NewStep(3, "t.other", "[]", "{}", "{}")
     cache.keep_advanced(run, done, [nxt, other], None)  # a parallel batch
     assert cache.take_fresh("w", 2) is None
-    still_open = [*done, {"seq": 2, "status": "started", "completed_at": None}]
+    still_open = [*done, StepRecord(2, "task", "t.next", "started", attempts=1)]
     cache.keep_advanced(run, still_open, [other], None)  # another step still running
     assert cache.take_fresh("w", 3) is None
     cache.keep_advanced(run, done, [nxt], None, first=False)  # the row was there already

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from durable.store.models import workflows
+from durable.store.records import StepRecord, records_from_json
 from durable.store.statement import insert_new_steps, statement
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -122,7 +122,7 @@ class Activation:
     """As stored: a JSON object, or a codec's envelope."""
     wake_seq: int
     created_at: datetime
-    steps: list[dict[str, Any]]
+    steps: list[StepRecord]
     cancel_requested: bool = False
     cancelled_at_seq: int | None = None
     patches: tuple[str, ...] = ()
@@ -187,7 +187,7 @@ def activation_from_row(row: Any, own_wakes: int = 0) -> Activation:
     Its ``wake_seq`` is the snapshot's (``snapshot_wake_seq``) plus ``own_wakes``, the
     increments the statement itself made: see ``SNAPSHOT_WAKE``.
     """
-    steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
+    steps = records_from_json(row.steps)
     return Activation(
         workflow_id=row.id,
         name=row.name,

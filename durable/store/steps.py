@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -441,9 +441,10 @@ def settle_step(
     if row.steps is None:
         return Settled(True, None)
     activation = activation_from_row(row, own_wakes=1)
-    for record in activation.steps:
-        if record["seq"] == seq:
-            record.update(
+    for index, record in enumerate(activation.steps):
+        if record.seq == seq:
+            activation.steps[index] = replace(
+                record,
                 status=status,
                 result=None if result is None else json.loads(result),
                 error=error,
