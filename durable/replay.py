@@ -216,7 +216,7 @@ class Replay:
                 self.workflow_id,
                 seq,
                 record["name"],
-                record.get("error") or "",
+                self._core.open_error(record.get("error") or ""),
                 int(record.get("attempts") or 0),
             )
         if record["status"] == "cancelled":
