@@ -15,7 +15,15 @@ from cryptography.fernet import Fernet as KeyMaker
 
 from durable import Durable, StepFailed, WorkflowFailed
 from durable.cli import cli
-from durable.codec import Fernet
+from durable.codec import Compression, Fernet
+from durable.errors import CodecUnavailable
+from durable.serialization import (
+    describe_exception,
+    mask_error,
+    open_error,
+    readable_error,
+    seal_error,
+)
 from tests.conftest import clean_keys, clean_tables, make_app, query
 
 CARD = "4111111111111111"
@@ -180,3 +188,25 @@ def test_without_a_codec_or_with_encode_errors_off_messages_stay_plain(
     hidden = shown(database_url)
     assert [s["error"] for s in hidden["steps"] if s["error"]] == [message] * 2
     assert hidden["error"] == run.error
+
+
+def test_an_error_keeps_its_type_and_prefix_through_sealing() -> None:
+    key = KeyMaker.generate_key().decode()
+    codec = Compression(min_size=10_000) | Fernet(keys=[key])
+    error = describe_exception(CardDeclined(f"card {CARD} declined\nsecond line"))
+    assert error == f"{DECLINED}: card {CARD} declined"
+    sealed = seal_error(error, codec)
+    assert sealed.startswith(f'{DECLINED}: {{"$durable":"fernet","data":"') and CARD not in sealed
+    assert open_error(sealed, codec) == error
+    # A child's error reaches its parent's step as "failed: <the child's error>".
+    assert open_error(f"failed: {sealed}", codec) == f"failed: {error}"
+    assert mask_error(f"failed: {sealed}") == f"failed: {DECLINED}: <encrypted>"
+    assert readable_error(sealed, None) == f"{DECLINED}: <encrypted>"
+    assert readable_error(sealed, Fernet(keys=[KeyMaker.generate_key()])) == mask_error(sealed)
+    with pytest.raises(CodecUnavailable):
+        open_error(sealed, None)
+    # Nothing to encode: no message, no codec, or a codec that declines a short message.
+    assert seal_error(DECLINED, codec) == DECLINED
+    assert seal_error(error, None) == error
+    assert seal_error(error, Compression(min_size=10_000)) == error
+    assert open_error(error, codec) == mask_error(error) == error
