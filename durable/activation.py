@@ -30,7 +30,7 @@ from durable.errors import (
     UnknownWorkflow,
     WorkflowCancelled,
 )
-from durable.serialization import describe_exception
+from durable.serialization import describe_exception, mask_error
 from durable.store import runs
 from durable.store import steps as step_queries
 from durable.store.records import StepRecord
@@ -271,7 +271,7 @@ def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, E
     except (NonDeterminismError, PayloadError) as exc:
         status, error = "failed", str(exc)
     except Exception as exc:
-        status, error = "failed", describe_exception(exc)
+        status, error = "failed", core.seal_error(describe_exception(exc))
     if ctx.nondeterminism is not None:
         # Raised at a position even if the code caught it (``except Exception``): the run's
         # history no longer matches its code, so it must not go on as if it did.
@@ -285,5 +285,5 @@ def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, E
         if ended.parent_name:
             ctx.effects.names[ended.parent_id] = ended.parent_name
     if status == "failed":
-        log.warning("durable: workflow %s failed: %s", wid, error)
+        log.warning("durable: workflow %s failed: %s", wid, mask_error(error or ""))
     return status, ctx.effects

@@ -207,7 +207,7 @@ class WorkflowRun:
             if row.status == "completed":
                 return self._core.decode(row.result)
             if row.status == "failed":
-                raise WorkflowFailed(self.id, row.error or "")
+                raise WorkflowFailed(self.id, self._core.readable_error(row.error or ""))
             if row.status == "cancelled":
                 raise WorkflowCancelled(self.id)
             if deadline is not None and time.monotonic() >= deadline:
@@ -281,7 +281,7 @@ class WorkflowRun:
         if row.status == "completed":
             return self._core.decode(row.result)
         if row.status == "failed":
-            return WorkflowFailed(self.id, row.error or "")
+            return WorkflowFailed(self.id, self._core.readable_error(row.error or ""))
         if row.status == "cancelled":
             return WorkflowCancelled(self.id)
         return None
@@ -293,7 +293,8 @@ class WorkflowRun:
         Durable stores why a run failed, not a Python traceback: the worker's log has that.
         """
         row = self._row()
-        return str(row.error) if row.status == "failed" and row.error else None
+        failed = row.status == "failed" and row.error
+        return self._core.readable_error(str(row.error)) if failed else None
 
     def revoke(
         self,

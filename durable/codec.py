@@ -2,10 +2,11 @@
 
 A codec turns the JSON text of a value into bytes and back. ``Durable(app, codec=...)``
 applies it to workflow arguments and results, step arguments and results, signal payloads
-and event values (not to names, ids, step options or error messages). An encoded value is
-stored as a small JSON envelope ``{"$durable": "<codec names>", "data": "<base64>"}``, so
-PostgreSQL and Redis only ever hold ciphertext, and a reader without the key sees that the
-value is encoded instead of garbage.
+and event values, and to the messages of errors (whose type stays readable: see
+``durable.serialization.seal_error`` and the ``encode_errors`` setting); not to names, ids
+or step options. An encoded value is stored as a small JSON envelope
+``{"$durable": "<codec names>", "data": "<base64>"}``, so PostgreSQL and Redis only ever hold
+ciphertext, and a reader without the key sees that the value is encoded instead of garbage.
 
 Example::
 
@@ -172,6 +173,12 @@ def open_(value: Any, codec: Any) -> bytes | None:
             raise CodecUnavailable(f"it is encoded with {name!r}, which is not configured")
         data = member.decode(data)
     return data
+
+
+def placeholder(value: dict[str, Any]) -> str:
+    """``<encrypted>``, or ``<encoded: NAME>``: what an envelope no codec opens shows as."""
+    names = str(value[ENVELOPE])
+    return "<encrypted>" if "fernet" in names.split("+") else f"<encoded: {names}>"
 
 
 if __name__ == "__main__":  # pragma: no cover

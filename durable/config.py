@@ -90,6 +90,9 @@ class Settings:
     (used when ``Durable(app, codec=...)`` is not given)."""
     compress_min_bytes: int = 0
     """Compress payloads of at least this many bytes (0: never; used without ``codec=``)."""
+    encode_errors: bool = True
+    """With a codec, encode the message of every error a step or workflow raised, as stored
+    and logged (its exception's type stays readable); false keeps messages in plain text."""
 
     def __repr__(self) -> str:
         shown = []
@@ -131,7 +134,7 @@ _POSITIVE = {
     "max_signals",
     "max_signals_per_minute",
 }
-_BOOLS = {"inline_activation", "eager_start"}
+_BOOLS = {"inline_activation", "eager_start", "encode_errors"}
 _STRINGS = {"database_url", "redis_url", "key_prefix", "workflow_queue", "encryption_keys"}
 _URLS = {"database_url", "redis_url"}
 _SECRETS = {"encryption_keys"}

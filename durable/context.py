@@ -214,7 +214,8 @@ class WorkflowContext(Replay):
     def _local_failed(
         self, seq: int, name: str, exc: Exception, policy: dict[str, Any], attempt: int
     ) -> Any:
-        error = describe_exception(exc)
+        plain = describe_exception(exc)
+        error = self._core.seal_error(plain)
         delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
         with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
@@ -229,7 +230,7 @@ class WorkflowContext(Replay):
                     self.effects.timers.append(timer)
         if delay is not None:
             raise Suspend()
-        raise StepFailed(self.workflow_id, seq, name, error, attempt) from exc
+        raise StepFailed(self.workflow_id, seq, name, plain, attempt) from exc
 
     def sleep(self, duration: timedelta | float) -> None:
         """Pause the workflow durably: the wait survives restarts, deploys and Redis loss.

@@ -32,7 +32,7 @@ from durable.effects import Effects
 from durable.errors import ConfigurationError, UnknownWorkflow
 from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
-from durable.serialization import decode, encode
+from durable.serialization import decode, encode, open_error, readable_error, seal_error
 from durable.store import engine as store_engine
 from durable.store import runs
 from durable.timer_index import TimerIndex
@@ -90,6 +90,18 @@ class Core:
     def decode(self, value: Any) -> Any:
         """A stored value as read back, opened if the codec encoded it."""
         return decode(value, self.codec)
+
+    def seal_error(self, error: str) -> str:
+        """An error as stored: its message encoded when a codec is set and ``encode_errors``."""
+        return seal_error(error, self.codec if self.settings.encode_errors else None)
+
+    def open_error(self, error: str) -> str:
+        """A stored error with its message opened; ``CodecUnavailable`` if it cannot be."""
+        return open_error(error, self.codec)
+
+    def readable_error(self, error: str) -> str:
+        """A stored error opened if this process can, else with ``<encrypted>`` for its message."""
+        return readable_error(error, self.codec)
 
     @property
     def histories(self) -> HistoryCache:

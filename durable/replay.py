@@ -211,7 +211,7 @@ class Replay:
                 self.workflow_id,
                 seq,
                 record.name,
-                record.error or "",
+                self._core.open_error(record.error or ""),
                 record.attempts,
             )
         if record.status == "cancelled":

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from durable import activation
 from durable.errors import CodecUnavailable, StoreError, TaskExpired
 from durable.retry import NO_RETRY, is_retryable, retry_delay
-from durable.serialization import describe_exception
+from durable.serialization import describe_exception, mask_error
 from durable.step_info import StepInfo, step_context
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
@@ -347,7 +347,9 @@ def _settle_failure(
         cause = getattr(exc, "exc", None)
         error = describe_exception(cause) if isinstance(cause, Exception) else error
         delay = requested
-    log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, error)
+    error = core.seal_error(error)
+    # The message only where it is stored (encoded with a codec): never in durable's own log.
+    log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, mask_error(error))
     if delay is None:
         return _settle(core, claimed, owner, error=error)
     timer = core.store(lambda c: step_queries.schedule_retry(c, wid, seq, error, delay))

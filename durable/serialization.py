@@ -8,6 +8,11 @@ then by their UTF-8 bytes), so a value reads back with its keys in the same orde
 way it comes: from a ``jsonb`` column, from a codec's envelope, or straight from the text
 just written (a local step's result, a step's outcome replayed in memory). A workflow that
 iterates over a dict result therefore takes the same path on every replay.
+
+Errors are one line, ``"<module.Type>: <message>"`` (:func:`describe_exception`). With a codec,
+the message is encoded and the type stays readable (:func:`seal_error`):
+``"myapp.CardDeclined: {"$durable":"fernet","data":"..."}"``; :func:`open_error` gives the
+message back to a process with the key, :func:`mask_error` shows ``<encrypted>`` in its place.
 """
 
 from __future__ import annotations
@@ -16,13 +21,19 @@ import json
 import re
 from typing import Any
 
-from durable.codec import open_, seal
+from durable.codec import ENVELOPE, is_sealed, open_, placeholder, seal
 from durable.errors import PayloadError
 
 # A NUL character as JSON writes it: "\u0000" after an even number of backslashes (an odd
 # number would make it the text "\u0000" after a literal backslash). PostgreSQL's jsonb
 # refuses it, and a value refused there would fail at the commit, not at the call.
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+# An error's encoded message: the envelope ``seal`` writes, at the end of the error's text
+# (a child's error reaches its parent's step with a prefix, ``failed: ``).
+_SEALED_MESSAGE = re.compile(
+    r'\{"' + re.escape(ENVELOPE) + r'":"[^"]+","data":"[A-Za-z0-9+/=]*"\}\Z'
+)
 
 
 def _jsonb_key(key: str) -> tuple[int, bytes]:
@@ -93,3 +104,53 @@ def describe_exception(exc: BaseException) -> str:
     # PostgreSQL's text cannot hold NUL: written as text, the error can always be stored.
     message = message.replace("\x00", "\\x00")
     return f"{name}: {message}" if message else name
+
+
+def seal_error(error: str, codec: Any) -> str:
+    """``error`` (from :func:`describe_exception`) with its message encoded by ``codec``.
+
+    The type before ``": "`` stays readable; an error without a message, or one the codec
+    declines to encode (a short one, under compression only), is returned as it is.
+    """
+    name, sep, message = error.partition(": ")
+    if codec is None or not sep or not message:
+        return error
+    text = json.dumps(message, ensure_ascii=False)
+    sealed = seal(text, codec)
+    return error if sealed == text else f"{name}: {sealed}"
+
+
+def _sealed_message(error: str) -> tuple[str, dict[str, Any]] | None:
+    """The text before an encoded message and its envelope, or None if it has none."""
+    found = _SEALED_MESSAGE.search(error)
+    if found is None:
+        return None
+    envelope = json.loads(found.group(0))
+    return (error[: found.start()], envelope) if is_sealed(envelope) else None
+
+
+def open_error(error: str, codec: Any) -> str:
+    """``error`` with its encoded message opened by ``codec``; unchanged if not encoded.
+
+    Raises:
+        CodecUnavailable: the message is encoded and ``codec`` cannot open it.
+    """
+    sealed = _sealed_message(error)
+    if sealed is None:
+        return error
+    data = open_(sealed[1], codec)
+    return sealed[0] + str(json.loads(data or b'""'))
+
+
+def mask_error(error: str) -> str:
+    """``error`` with an encoded message shown as ``<encrypted>`` (or ``<encoded: NAME>``)."""
+    sealed = _sealed_message(error)
+    return error if sealed is None else sealed[0] + placeholder(sealed[1])
+
+
+def readable_error(error: str, codec: Any) -> str:
+    """``error`` opened by ``codec`` where it can be, else with its message masked."""
+    try:
+        return open_error(error, codec)
+    except Exception:  # a wrong key, a codec not configured here: never guessed at
+        return mask_error(error)

@@ -3,7 +3,8 @@
 A header, its steps and their attempts, its timers, signals and events, and the timeline of
 its history. Values a payload codec encoded are opened first (:class:`Opener`) when the
 command was given the codec (``--app``) or the keys (``--key``); otherwise they show as
-``<encrypted>`` (or ``<encoded: NAME>``), never as ciphertext.
+``<encrypted>`` (or ``<encoded: NAME>``), never as ciphertext. An error whose message was
+encoded keeps its type: ``myapp.CardDeclined: <encrypted>``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from durable.cli._common import SafeTable, compact, make_table, status_text, when
-from durable.codec import ENVELOPE, Compression, is_sealed, open_
+from durable.codec import Compression, is_sealed, open_, placeholder
+from durable.serialization import mask_error, open_error
 
 
 class Opener:
@@ -47,22 +49,42 @@ class Opener:
         self.hidden += 1
         return placeholder(value)
 
+    def open_error(self, error: str | None) -> str | None:
+        """``error`` with its encoded message opened, or shown as ``<encrypted>``."""
+        if not error:
+            return error
+        for codec in self.codecs:
+            try:
+                return open_error(error, codec)
+            except Exception:  # a wrong key, a codec not configured here: try the next one
+                continue
+        self.hidden += 1
+        return mask_error(error)
+
+    def _step(self, step: dict[str, Any]) -> dict[str, Any]:
+        attempts = [{**a, "error": self.open_error(a["error"])} for a in step["attempt_history"]]
+        return {
+            **step,
+            **{k: self.open(step[k]) for k in ("args", "kwargs", "result")},
+            "error": self.open_error(step["error"]),
+            "attempt_history": attempts,
+        }
+
+    def _history(self, event: dict[str, Any]) -> dict[str, Any]:
+        detail = event["detail"]
+        if not isinstance(detail, dict) or not isinstance(detail.get("error"), str):
+            return event
+        return {**event, "detail": {**detail, "error": self.open_error(detail["error"])}}
+
     def reveal(self, run: dict[str, Any]) -> dict[str, Any]:
         """``run`` (as ``admin.describe_run`` gives it) with its encoded values opened."""
         shown = {**run, **{k: self.open(run[k]) for k in ("args", "kwargs", "result")}}
-        shown["steps"] = [
-            {**s, **{k: self.open(s[k]) for k in ("args", "kwargs", "result")}}
-            for s in run["steps"]
-        ]
+        shown["error"] = self.open_error(run["error"])
+        shown["steps"] = [self._step(s) for s in run["steps"]]
+        shown["history"] = [self._history(h) for h in run["history"]]
         shown["signals"] = [{**s, "payload": self.open(s["payload"])} for s in run["signals"]]
         shown["events"] = {key: self.open(value) for key, value in run["events"].items()}
         return shown
-
-
-def placeholder(value: dict[str, Any]) -> str:
-    """``<encrypted>``, or ``<encoded: NAME>``: what an encoded value no codec opens shows as."""
-    names = str(value[ENVELOPE])
-    return "<encrypted>" if "fernet" in names.split("+") else f"<encoded: {names}>"
 
 
 def duration(seconds: float | None) -> str:
