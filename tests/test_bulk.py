@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +24,8 @@ from durable.cli import cli
 from durable.store import bulk as queries
 from durable.store import runs
 from tests.conftest import query
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The Durable of the running test, loaded by the command as --app tests.test_bulk:CURRENT.
 CURRENT: Durable | None = None
@@ -295,3 +303,53 @@ def test_the_single_id_forms_are_unchanged(
     ended = durable_cli(spec, "resume", "c-1")
     assert ended.exit_code == 1 and "already completed" in one_line_error(ended)
     assert cancel_requested(database_url) == {"a-1"}
+
+
+def on_a_terminal(answer: str, *args: str) -> tuple[int, str]:
+    """Run ``durable ARGS`` on a pseudo-terminal, answer its question; its exit code and output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "durable.cli", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=ROOT,
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 30
+    answered = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            if not answered and b"[y/N]" in output:
+                os.write(master, answer.encode() + b"\n")
+                answered = True
+            if proc.poll() is not None and not ready:
+                break
+        return proc.wait(timeout=10), output.decode()
+    finally:
+        os.close(master)
+
+
+def test_on_a_terminal_it_asks_first_showing_the_count(
+    durable: Durable, mixed: None, database_url: str
+) -> None:
+    args = ("purge", "--name", "bk.a", "--database-url", database_url)
+    code, output = on_a_terminal("n", *args)
+    assert code == 1 and "Purge 3 run(s)? [y/N]" in output and "not confirmed" in output
+    assert len(query(database_url, "SELECT id FROM durable_workflows")) == 8
+    code, output = on_a_terminal("y", *args)
+    assert code == 0, output
+    assert "purged 3 run(s)" in output
+    assert len(query(database_url, "SELECT id FROM durable_workflows")) == 5
