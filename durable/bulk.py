@@ -251,7 +251,8 @@ def act(
     batch = Batch(number, [], [], {})
     with _transaction(target) as conn:
         locked = queries.lock_matching(conn, action, criteria, ids)
-        batch.skipped.extend(wid for wid in ids if wid not in set(locked))
+        still = set(locked)
+        batch.skipped.extend(wid for wid in ids if wid not in still)
         if action == "purge":
             queries.purge_ids(conn, locked)
             batch.acted.extend(locked)
