@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("engine", {"activation", "deadlines"}),
     ("step runner and client", {"client", "runner", "stepmessage"}),
     ("canvas", {"builtin_workflows", "canvas"}),
-    ("operations", {"admin", "reconcile", "schedule_import", "scheduler"}),
+    ("operations", {"admin", "bulk", "reconcile", "schedule_import", "scheduler"}),
     ("facade", {"runtime"}),
     ("processes", {"beat", "metrics", "testing"}),
     ("entry points", {"__init__", "cli"}),

@@ -9,7 +9,8 @@ A failing command prints one line, ``durable: <reason>``, on stderr and exits 1;
 given bad options or arguments exits 2 the same way.
 
 One module per concept: ``_common`` (options, loading the app, reaching the store, output),
-``db``, ``beat``, ``runs`` (start, list, show, signal, cancel; ``_show`` prints a run),
+``db``, ``beat``, ``runs`` (start, list, show, signal, cancel; ``_show`` prints a run;
+``_bulk`` holds list's filters and the bulk forms of cancel, resume, retry and purge),
 ``repair`` (resume, retry, fork, purge), ``timers`` and ``reconcile``; this module holds the
 group and registers their commands.
 """

@@ -5,15 +5,15 @@ Start runs, inspect them, and talk to running ones.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
 from rich.text import Text
 
 from durable import admin
+from durable.cli._bulk import bulk_options, check_form, filter_options, run_bulk, run_filter
 from durable.cli._common import (
-    STATUSES,
     Globals,
     app_option,
     check_id_option,
@@ -96,25 +96,6 @@ def start(
     echo(run.id)
 
 
-def _since_callback(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> datetime | timedelta | None:
-    if value is None:
-        return None
-    try:
-        return admin.parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither a duration (90s, 30m, 12h, 7d) nor an ISO-8601 time",
-            param=param,
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _waiting_text(waiting: dict[str, Any] | None) -> Text:
     if waiting is None:
         return Text("")
@@ -128,23 +109,7 @@ def _waiting_text(waiting: dict[str, Any] | None) -> Text:
 
 
 @click.command("list")
-@click.option(
-    "--status", type=click.Choice(STATUSES), show_envvar=True, help="Only runs in this status."
-)
-@click.option("--name", show_envvar=True, help="Only runs of this workflow.")
-@click.option(
-    "--since",
-    callback=_since_callback,
-    metavar="WHEN",
-    show_envvar=True,
-    help="Only runs started since WHEN: a duration ago (90s, 30m, 12h, 7d) or an ISO-8601 time.",
-)
-@click.option(
-    "--waiting",
-    type=click.Choice(admin.WAITING),
-    show_envvar=True,
-    help="Only running runs waiting on a step, a timer or a signal.",
-)
+@filter_options
 @limit_option(50, "Most runs to show, newest first.")
 @json_option("list")
 @app_option
@@ -261,14 +226,31 @@ def signal_command(
 
 
 @click.command()
-@click.argument("workflow_id", metavar="ID", callback=check_id_option)
+@click.argument("workflow_id", metavar="[ID]", required=False, callback=check_id_option)
+@filter_options
+@bulk_options
+@json_option("cancel", "a line of text")
 @app_option
 @click.pass_context
-def cancel(ctx: click.Context, workflow_id: str, app: str | None) -> None:
-    """Cancel running workflow ID and its child workflows.
+def cancel(
+    ctx: click.Context, /, workflow_id: str | None, as_json: bool, app: str | None, **params: Any
+) -> None:
+    """Cancel running workflow ID and its child workflows; or every run the filters select.
 
     The workflow receives WorkflowCancelled at its next step, sleep or signal wait, may
     compensate, and ends cancelled. Cancelling twice is harmless.
+
+    Without ID, cancels the running runs that --status, --name, --since and --waiting
+    select (as 'durable list' does), or with --all every running run: --dry-run prints how
+    many and a sample; otherwise it asks first (--yes does not), then acts --batch-size runs
+    per transaction. Interrupted, run it again: the runs already cancelled no longer match.
     """
+    if check_form("cancel", workflow_id, params):
+        run_bulk(require_app(ctx, app), "cancel", run_filter(params), params, as_json)
+        return
+    assert workflow_id is not None
     require_app(ctx, app).cancel(workflow_id)
+    if as_json:
+        print_json({"id": workflow_id, "cancel_requested": True})
+        return
     echo(f"cancellation of {workflow_id} requested")

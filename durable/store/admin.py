@@ -40,6 +40,30 @@ WAITING_FILTERS = {
 }
 
 
+def run_conditions(
+    *,
+    status: str | None = None,
+    name: str | None = None,
+    since: datetime | None = None,
+    waiting: str | None = None,
+) -> list[str]:
+    """The SQL conditions on ``durable_workflows w`` that ``durable list``'s filters make.
+
+    They read the parameters ``:status``, ``:name`` and ``:since``; the bulk forms of cancel,
+    retry, resume and purge select with the same conditions (:mod:`durable.store.bulk`).
+    """
+    where = ["true"]
+    if status:
+        where.append("w.status = :status")
+    if name:
+        where.append("w.name = :name")
+    if since:
+        where.append("w.created_at >= :since")
+    if waiting:
+        where.append(f"w.status = 'running' AND {WAITING_FILTERS[waiting]}")
+    return where
+
+
 def list_runs(
     conn: Connection,
     *,
@@ -59,15 +83,7 @@ def list_runs(
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
         limit: Most rows returned.
     """
-    where = ["true"]
-    if status:
-        where.append("w.status = :status")
-    if name:
-        where.append("w.name = :name")
-    if since:
-        where.append("w.created_at >= :since")
-    if waiting:
-        where.append(f"w.status = 'running' AND {WAITING_FILTERS[waiting]}")
+    where = run_conditions(status=status, name=name, since=since, waiting=waiting)
     query = f"""
         SELECT w.id, w.name, w.status, w.created_at, w.updated_at, w.finished_at,
                w.wake_seq > w.run_seq AS owed,
