@@ -317,7 +317,8 @@ def test_the_tasks_rate_limit_spaces_its_steps(
     assert durable.start("m.limited_wf", workflow_id="rate-1").result(timeout=30) == [0, 1, 2]
     at = [s["at"] for s in recorder.of(kind="limited")]
     # 120/m: one token every 0.5 s; the worker holds the next message until it has one.
-    assert all(later - earlier >= 0.45 for earlier, later in itertools.pairwise(at))
+    # (0.3 s at least: the worker's timers are coarse; unlimited, they come milliseconds apart)
+    assert all(later - earlier >= 0.3 for earlier, later in itertools.pairwise(at))
 
 
 def test_a_worker_without_durable_never_runs_the_body(

@@ -316,6 +316,14 @@ class Tour:
             self.seen.setdefault((order_id, status), now)
 
 
+def still_started(durable: Durable, step: InFlight) -> bool:
+    """Whether ``step`` is still started (its worker died holding it), not settled."""
+    query = text("SELECT status FROM durable_steps WHERE workflow_id = :wid AND seq = :seq")
+    with durable.connect() as conn:
+        row = conn.execute(query, {"wid": step.workflow_id, "seq": step.seq}).first()
+    return row is not None and row.status == "started"
+
+
 def steps_in_flight(durable: Durable, processes: Processes) -> list[InFlight]:
     """Steps running now, with the worker running each."""
     query = text(
@@ -340,12 +348,21 @@ def chaos(tour: Tour) -> None:
         victim = next((s.worker for s in in_flight if s.name.endswith("charge_card")), None)
         if victim is None:
             return
-        tour.cut_off = [step for step in in_flight if step.worker is victim]
+        running = [step for step in in_flight if step.worker is victim]
         tour.processes.kill(victim)
+        # A step may have settled between the look and the kill: only those still started
+        # under the dead worker's lease were cut off.
+        tour.cut_off = [step for step in running if still_started(tour.durable, step)]
+        replacement = tour.processes.start_worker()
+        if not tour.cut_off:  # try again on the next charge
+            tour.say(
+                f"Killed worker {victim.name}, whose steps had just settled; started "
+                f"{replacement.name} in its place"
+            )
+            return
         tour.killed_at = time.monotonic()
         steps = ", ".join(map(str, tour.cut_off))
         tour.say(f"[bold red]Killed worker[/] {victim.name} (SIGKILL) while it ran {steps}")
-        replacement = tour.processes.start_worker()
         tour.say(f"Started worker {replacement.name} in its place")
     elif not tour.redis_restarted and "delivered" in tour.statuses.values():
         # Now durable timers are pending in the index: returns windows, a payment window.
