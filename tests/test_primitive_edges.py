@@ -1,5 +1,6 @@
 """The edges of the primitives: empty batches, negative sleeps, repeated and late cancels,
-cancelling only a child, the total signal limit, a workflow no worker has registered."""
+cancelling only a child, a parent timing out, the total signal limit, a workflow no worker
+has registered."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from durable import Durable, LimitExceeded, StepFailed, WorkflowCancelled, WorkflowNotRunning
+from durable import (
+    Durable,
+    LimitExceeded,
+    StepFailed,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowNotRunning,
+)
 from durable.activation import activate
 from tests.conftest import clean_tables, make_app, query, wait_until
 
@@ -175,3 +183,28 @@ def test_a_workflow_no_worker_has_registered_waits_for_one_that_has(
     # A process that has the workflow takes the run once that lease has expired.
     wait_until(lambda: activate(client, "orphan-1") == "completed", what="the lease to expire")
     assert run.result(timeout=5) == "adopted"
+
+
+def test_a_parents_execution_timeout_cancels_its_children(
+    durable: Durable, worker: Any, beat: Any, database_url: str
+) -> None:
+    @durable.workflow("wf.patient_child")
+    def child(ctx: Any) -> str:
+        try:
+            return str(ctx.wait_for_signal("never"))
+        except WorkflowCancelled:
+            ctx.set_event("compensated", True)
+            raise
+
+    @durable.workflow("wf.hasty_parent", execution_timeout=timedelta(seconds=1))
+    def parent(ctx: Any) -> str:
+        return str(ctx.child("wf.patient_child"))
+
+    run = durable.start("wf.hasty_parent", workflow_id="hasty-1")
+    with pytest.raises(WorkflowFailed) as info:
+        run.result(timeout=20)
+    assert info.value.error == "execution timeout exceeded"
+    kid = durable.run("hasty-1/1")
+    with pytest.raises(WorkflowCancelled):
+        kid.result(timeout=20)
+    assert durable.get_event("hasty-1/1", "compensated") is True
