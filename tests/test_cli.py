@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import redis
 from click.testing import CliRunner, Result
@@ -261,6 +262,36 @@ def test_start_registers_the_workflows_the_app_includes(database_url: str, redis
     with store_engine.autocommit(normalise_database_url(database_url)).connect() as conn:
         row = runs.get_run(conn, "cli-include")
     assert row is not None and row.name == "orders.fulfill"
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_command_that_shows_something_has_json() -> None:
+    # `durable beat` runs until stopped and shows only its log; every other command prints.
+    found = {" ".join(path) for path in _commands(cli)}
+    assert {"start", "signal", "cancel", "db upgrade", "schedule trigger"} <= found
+    for path in found - {"beat"}:
+        result = invoke(*path.split(), "--help")
+        assert result.exit_code == 0, result.output
+        assert "--json" in result.stdout, f"durable {path} has no --json"
+
+
+def test_start_signal_cancel_and_db_upgrade_print_json(database_url: str) -> None:
+    app = {"DURABLE_APP": "tests.cli_app"}
+    started = invoke("start", "cli.greet", "--id", "cli-json", "--json", **app)
+    assert (started.exit_code, json.loads(started.stdout)) == (0, {"id": "cli-json"})
+    sent = invoke("signal", "cli-json", "go", "--json", **app)
+    assert json.loads(sent.stdout) == {"workflow_id": "cli-json", "signal": "go"}
+    cancelled = invoke("cancel", "cli-json", "--json", **app)
+    assert json.loads(cancelled.stdout) == {"workflow_id": "cli-json", "cancel_requested": True}
+    upgraded = invoke("db", "upgrade", "--database-url", database_url, "--json")
+    assert json.loads(upgraded.stdout)["up_to_date"] is True
 
 
 def test_start_unknown_workflow(database_url: str) -> None:

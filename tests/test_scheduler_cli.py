@@ -110,6 +110,25 @@ def test_unknown_names_fail_with_one_line(store: str) -> None:
         assert one_line_error(result) == "durable: no schedule named 'ghost'"
 
 
+def test_schedule_commands_print_json(store: str) -> None:
+    every = ("--workflow", "ops.ping", "--every", "30", "--json")
+    added = invoke(store, "schedule", "add", "tick", *every)
+    assert added.exit_code == 0, added.output
+    assert (json.loads(added.stdout)["name"], json.loads(added.stdout)["every"]) == ("tick", 30.0)
+    paused = json.loads(invoke(store, "schedule", "pause", "tick", "--json").stdout)
+    assert paused["paused"] is True
+    resumed = json.loads(invoke(store, "schedule", "resume", "tick", "--json").stdout)
+    assert resumed["paused"] is False and resumed["next_fire_at"] is not None
+    removed = invoke(store, "schedule", "remove", "tick", "--json")
+    assert json.loads(removed.stdout) == {"name": "tick", "removed": True}
+    crontab = "*/5 * * * * celery call shop.sync\n0 3 * * * /opt/run.sh\n"
+    imported = invoke(store, "schedule", "import-crontab", "-", "--json", stdin=crontab)
+    assert imported.exit_code == 1
+    report = json.loads(imported.stdout)
+    assert (report["added"], report["updated"], report["unchanged"]) == (["shop.sync"], [], [])
+    assert [problem[:7] for problem in report["problems"]] == ["line 2:"]
+
+
 def test_import_crontab_adds_what_it_can_and_reports_each_other_line(store: str) -> None:
     crontab = (
         "MAILTO=ops@example.com\n"

@@ -332,6 +332,14 @@ def echo(message: str, err: bool = False) -> None:
     click.echo(escape(message), err=err)
 
 
+def report(as_json: bool, line: str, data: Any) -> None:
+    """Print ``data`` as JSON under ``--json``, else the one ``line`` that says it."""
+    if as_json:
+        print_json(data)
+    else:
+        echo(line)
+
+
 def _safe(cell: Any) -> Any:
     if isinstance(cell, str):
         return escape(cell)

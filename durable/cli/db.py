@@ -8,8 +8,9 @@ from durable.cli._common import (
     DurableGroup,
     app_option,
     database_option,
-    echo,
     engine_url,
+    json_option,
+    report,
     store_url,
 )
 from durable.store import engine as store_engine
@@ -24,10 +25,14 @@ def db() -> None:
 @db.command("upgrade")
 @app_option
 @database_option
+@json_option("db upgrade", "a line")
 @click.pass_context
-def db_upgrade(ctx: click.Context, app: str | None, database_url: str | None) -> None:
+def db_upgrade(
+    ctx: click.Context, app: str | None, database_url: str | None, as_json: bool
+) -> None:
     """Apply the store's migrations (safe to run again, and from several hosts at once)."""
     url, attempts = store_url(ctx, app, database_url)
     target = engine_url(url)
     store_engine.with_retry(url, lambda: migrate.upgrade(target), attempts)
-    echo(f"store at {store_engine.redact(url)} is up to date")
+    shown = store_engine.redact(url)
+    report(as_json, f"store at {shown} is up to date", {"store": shown, "up_to_date": True})

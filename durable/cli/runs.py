@@ -20,13 +20,13 @@ from durable.cli._common import (
     connect,
     console,
     database_option,
-    echo,
     json_option,
     limit_option,
     load_durable,
     make_table,
     parse_json,
     print_json,
+    report,
     require_app,
     status_text,
     when,
@@ -80,6 +80,7 @@ def _kwargs_callback(
     show_envvar=True,
     help="Keyword arguments as a JSON object.",
 )
+@json_option("start", "the id alone")
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -88,12 +89,13 @@ def start(
     workflow_id: str | None,
     args: list[Any],
     kwargs: dict[str, Any],
+    as_json: bool,
 ) -> None:
     """Start workflow NAME and print its id (alone, for scripts to capture)."""
     if workflow_id == "":
         raise click.BadParameter("must not be empty", ctx, param_hint="'--id'")
     run = require_app(ctx, app).start(name, *args, workflow_id=workflow_id, **kwargs)
-    echo(run.id)
+    report(as_json, run.id, {"id": run.id})
 
 
 def _waiting_text(waiting: dict[str, Any] | None) -> Text:
@@ -216,13 +218,15 @@ def _payload_callback(ctx: click.Context, param: click.Parameter, value: str | N
     help="The signal's payload, any JSON value (default: null).",
 )
 @app_option
+@json_option("signal", "a line")
 @click.pass_context
 def signal_command(
-    ctx: click.Context, workflow_id: str, name: str, payload: Any, app: str | None
+    ctx: click.Context, workflow_id: str, name: str, payload: Any, app: str | None, as_json: bool
 ) -> None:
     """Send signal NAME to running workflow ID; it is stored before this returns."""
     require_app(ctx, app).signal(workflow_id, name, payload)
-    echo(f"sent {name!r} to {workflow_id}")
+    sent = {"workflow_id": workflow_id, "signal": name}
+    report(as_json, f"sent {name!r} to {workflow_id}", sent)
 
 
 @click.command()
@@ -250,7 +254,5 @@ def cancel(
         return
     assert workflow_id is not None
     require_app(ctx, app).cancel(workflow_id)
-    if as_json:
-        print_json({"id": workflow_id, "cancel_requested": True})
-        return
-    echo(f"cancellation of {workflow_id} requested")
+    requested = {"workflow_id": workflow_id, "cancel_requested": True}
+    report(as_json, f"cancellation of {workflow_id} requested", requested)

@@ -28,6 +28,7 @@ from durable.cli._common import (
     make_table,
     parse_json,
     print_json,
+    report,
     require_app,
     status_text,
     store_url,
@@ -131,6 +132,7 @@ def with_policies(fn: Any) -> Any:
 @with_policies
 @app_option
 @database_option
+@json_option("schedule add", "a line")
 @click.pass_context
 def add(
     ctx: click.Context,
@@ -145,6 +147,7 @@ def add(
     timezone: str,
     app: str | None,
     database_url: str | None,
+    as_json: bool,
 ) -> None:
     """Create schedule NAME, or redefine it (a paused schedule stays paused).
 
@@ -163,7 +166,7 @@ def add(
         catchup=catchup,
         overlap=overlap,
     )
-    echo(_describe(info))
+    report(as_json, _describe(info), info.as_json())
 
 
 @schedule.command("list")
@@ -200,14 +203,18 @@ def _name_command(verb: str, doc: str) -> click.Command:
     @click.argument("name")
     @app_option
     @database_option
+    @json_option(f"schedule {verb}", "a line")
     @click.pass_context
-    def command(ctx: click.Context, name: str, app: str | None, database_url: str | None) -> None:
+    def command(
+        ctx: click.Context, name: str, app: str | None, database_url: str | None, as_json: bool
+    ) -> None:
         schedules = open_schedules(ctx, app, database_url)
         if verb == "remove":
             schedules.remove(name)
-            echo(f"schedule {name}: removed")
+            report(as_json, f"schedule {name}: removed", {"name": name, "removed": True})
         else:
-            echo(_describe(getattr(schedules, verb)(name)))
+            info = getattr(schedules, verb)(name)
+            report(as_json, _describe(info), info.as_json())
 
     command.__doc__ = doc
     return schedule.command(verb)(command)
@@ -221,10 +228,12 @@ remove = _name_command("remove", "Delete schedule NAME (the runs it started are 
 @schedule.command("trigger")
 @click.argument("name")
 @app_option
+@json_option("schedule trigger", "the id alone")
 @click.pass_context
-def trigger(ctx: click.Context, name: str, app: str | None) -> None:
+def trigger(ctx: click.Context, name: str, app: str | None, as_json: bool) -> None:
     """Start one run of schedule NAME now and print its id (needs the app)."""
-    echo(Schedules(require_app(ctx, app)).trigger(name).id)
+    run_id = Schedules(require_app(ctx, app)).trigger(name).id
+    report(as_json, run_id, {"id": run_id})
 
 
 @schedule.command("import-crontab")
@@ -232,6 +241,7 @@ def trigger(ctx: click.Context, name: str, app: str | None) -> None:
 @with_policies
 @app_option
 @database_option
+@json_option("schedule import-crontab", "lines")
 @click.pass_context
 def import_crontab(
     ctx: click.Context,
@@ -241,6 +251,7 @@ def import_crontab(
     timezone: str,
     app: str | None,
     database_url: str | None,
+    as_json: bool,
 ) -> None:
     """Turn the lines of crontab FILE ('-': stdin) that start a workflow or task into schedules.
 
@@ -253,11 +264,16 @@ def import_crontab(
     except UnicodeDecodeError:
         raise CommandFailed(f"{file.name} is not a text file (not valid UTF-8)") from None
     schedules = open_schedules(ctx, app, database_url)
-    report = schedules.import_crontab(text, timezone=timezone, catchup=catchup, overlap=overlap)
-    for outcome in ("added", "updated", "unchanged"):
-        for name in getattr(report, outcome):
-            echo(f"schedule {name}: {outcome}")
-    for problem in report.problems:
-        echo(f"cannot map {problem}", err=True)
-    if report.problems:
-        raise CommandFailed(f"{len(report.problems)} crontab line(s) could not be mapped")
+    imported = schedules.import_crontab(text, timezone=timezone, catchup=catchup, overlap=overlap)
+    outcomes = ("added", "updated", "unchanged")
+    if as_json:
+        found = {outcome: list(getattr(imported, outcome)) for outcome in outcomes}
+        print_json({**found, "problems": [str(p) for p in imported.problems]})
+    else:
+        for outcome in outcomes:
+            for name in getattr(imported, outcome):
+                echo(f"schedule {name}: {outcome}")
+        for problem in imported.problems:
+            echo(f"cannot map {problem}", err=True)
+    if imported.problems:
+        raise CommandFailed(f"{len(imported.problems)} crontab line(s) could not be mapped")
