@@ -41,7 +41,7 @@ from celery.schedules import crontab
 from durable import client, deadlines
 from durable.cadence import Cadence, fire_id, plan_fires
 from durable.core import Core
-from durable.errors import DurableError, WorkflowIdConflict
+from durable.errors import DurableError, UnknownWorkflow, WorkflowIdConflict
 from durable.leader import LeaderLock
 from durable.scheduler import (
     RETRY_AFTER,
@@ -323,6 +323,16 @@ class ScheduleRunner:
             try:
                 started += self.fire(name)
                 self._retry_at.pop(name, None)
+            except UnknownWorkflow as exc:
+                # Trying again cannot help until a deploy registers it: pause, loudly.
+                log.error(
+                    "durable beat: schedule %s starts %s, which this app does not register; "
+                    "paused (durable schedule resume %s once a deploy registers it)",
+                    name,
+                    exc.name,
+                    name,
+                )
+                self._pause(name)
             except Exception as exc:
                 log.error(
                     "durable beat: schedule %s could not fire (%s); retrying in %gs",
@@ -334,6 +344,14 @@ class ScheduleRunner:
                 self._retry_at[name] = time.monotonic() + RETRY_AFTER
                 self._postpone(name)
         return started
+
+    def _pause(self, name: str) -> None:
+        with self.durable.connect() as conn:
+            schedule_queries.pause(conn, name)
+        try:
+            self.index.set(name, None)
+        except redis.RedisError:  # the sweep's rebuild leaves a paused schedule out anyway
+            log.warning("durable beat: could not drop paused schedule %s from the index", name)
 
     def _postpone(self, name: str) -> None:
         # Behind the other due entries, so that one broken schedule does not hold them up.
