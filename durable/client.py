@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from durable import activation
 from durable.durations import seconds
@@ -25,6 +25,7 @@ from durable.errors import (
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.store import notices
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from durable.core import Core
+
+T = TypeVar("T")
 
 
 def start(
@@ -119,19 +122,64 @@ def get_event(
 
     With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
     """
-    wait = seconds(timeout)
-    deadline = None if wait is None else time.monotonic() + wait
-    delay = 0.01
-    while True:
+
+    def read() -> tuple[Any] | None:
         row = core.store(lambda c: signal_queries.get_event(c, workflow_id, key))
         if row is not None:
-            return core.decode(row.value)
+            return (core.decode(row.value),)
         if core.store(lambda c: run_queries.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
-        if deadline is None or time.monotonic() >= deadline:
-            return None
-        time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
-        delay = min(delay * 1.5, 0.25)
+        return None
+
+    found = wait_for(core, notices.EVENT, workflow_id, read, seconds(timeout) or 0.0)
+    return None if found is None else found[0]
+
+
+def wait_for(
+    core: Core,
+    channel: str,
+    workflow_id: str,
+    read: Callable[[], T | None],
+    timeout: float | None,
+) -> T | None:
+    """Call ``read`` until it returns something (returned) or ``timeout`` passes (None).
+
+    Between reads the wait sleeps until PostgreSQL notifies ``channel`` about
+    ``workflow_id`` (``durable.store.notices``), re-reading every ``notices.RECHECK``
+    seconds all the same; where LISTEN does not work it polls with back-off (5 ms up to
+    250 ms). A first read that finds what it waits for opens no listener.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    found = read()
+    if found is not None or timeout == 0:
+        return found
+    delay = 0.005
+    with notices.waiter(core.settings.database_url, channel, workflow_id) as waiter:
+        while True:
+            found = read()
+            if found is not None:
+                return found
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            pause = notices.RECHECK if waiter.pushed else delay
+            delay = min(delay * 1.5, 0.25)
+            waiter.wait(pause if left is None else min(pause, left))
+
+
+def wait_for_end(core: Core, workflow_id: str, timeout: float | None) -> Any:
+    """The run's row once it has ended, or as it is when ``timeout`` seconds have passed."""
+    last: list[Any] = []
+
+    def read() -> Any:
+        row = core.store(lambda c: run_queries.get_run(c, workflow_id))
+        if row is None:
+            raise WorkflowNotFound(workflow_id)
+        last[:] = [row]
+        return row if row.status != "running" else None
+
+    ended = wait_for(core, notices.ENDED, workflow_id, read, timeout)
+    return ended if ended is not None else last[0]
 
 
 def cancel(core: Core, workflow_id: str) -> list[str]:
@@ -181,18 +229,11 @@ class WorkflowRun:
         did not complete, and :class:`~durable.errors.ResultTimeout` (a ``TimeoutError``)
         after ``timeout`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            row = self._row()
-            if row.status == "completed":
-                return self._core.decode(row.result)
-            if row.status == "failed":
-                raise WorkflowFailed(self.id, row.error or "")
-            if row.status == "cancelled":
-                raise WorkflowCancelled(self.id)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(self.id, float(timeout or 0), row.status)
-            pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
-            time.sleep(pause)
-            delay = min(delay * 1.5, 0.25)
+        row = wait_for_end(self._core, self.id, timeout)
+        if row.status == "completed":
+            return self._core.decode(row.result)
+        if row.status == "failed":
+            raise WorkflowFailed(self.id, row.error or "")
+        if row.status == "cancelled":
+            raise WorkflowCancelled(self.id)
+        raise ResultTimeout(self.id, float(timeout or 0), row.status)

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from durable.store.models import workflows
+from durable.store.notices import ENDED, notify_sql
 from durable.store.statement import insert_new_steps, statement
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -233,6 +234,7 @@ RUN_END = """
 # A run's end also settles its parent's position waiting for it (child workflows), in the
 # same statement, so a parent can never miss its child's outcome. Whatever the run left
 # unstarted (steps of a cancelled batch, a pending sleep) is cancelled and its timers retired.
+# The NOTIFY wakes the waits on the run's result (``durable.store.notices``) at the commit.
 _FINISH = statement(
     """
     WITH w AS (
@@ -248,9 +250,11 @@ _FINISH = statement(
         SELECT id, :status, jsonb_build_object('error', CAST(:error AS text)) FROM w
     ), """
     + RUN_END.format(ended="w")
-    + """
+    + """, nt AS (SELECT """
+    + notify_sql(ENDED, "id")
+    + """ FROM w)
     SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id,
-           (SELECT name FROM pw) AS parent_name
+           (SELECT name FROM pw) AS parent_name, (SELECT count(*) FROM nt) AS notified
     """
 )
 

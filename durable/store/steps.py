@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, TextClause, select
 
 from durable.store.models import steps
+from durable.store.notices import ENDED, notify_sql
 from durable.store.runs import (
     HISTORY_JSON,
     RUN_COLUMNS,
@@ -241,9 +242,11 @@ def _settle_statement(ending: bool) -> TextClause:
         end_ctes = (
             ", ended AS (SELECT id, parent_id, parent_seq FROM w WHERE w.ended), "
             + RUN_END.format(ended="ended")
+            + f", nt AS (SELECT {notify_sql(ENDED, 'id')} FROM ended)"
         )
         woken_parent = (
-            "(SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name"
+            "(SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name,"
+            " (SELECT count(*) FROM nt) AS notified"
         )
     return statement(
         """
