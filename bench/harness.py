@@ -65,7 +65,7 @@ class Bench:
         self.worker: common.Child | None = None
         self._app: Celery | None = None
         self._durable: Durable | None = None
-        self._eager: Durable | None = None
+        self._activated: Durable | None = None
         self._add: Task | None = None
 
     @property
@@ -79,10 +79,10 @@ class Bench:
         return self._durable
 
     @property
-    def eager(self) -> Durable:
-        """The same workflows on the caller's side with ``eager_start`` on."""
-        assert self._eager is not None, "set_up() first"
-        return self._eager
+    def activated(self) -> Durable:
+        """The same workflows on the caller's side with ``eager_start`` off."""
+        assert self._activated is not None, "set_up() first"
+        return self._activated
 
     @property
     def add(self) -> Task:
@@ -99,8 +99,8 @@ class Bench:
         self._app, self._durable, self._add = build(
             self.database_url, self.services.redis_url, self.prefix
         )
-        _, self._eager, _ = build(
-            self.database_url, self.services.redis_url, self.prefix, eager_start=True
+        _, self._activated, _ = build(
+            self.database_url, self.services.redis_url, self.prefix, eager_start=False
         )
         self.listener = psycopg.connect(psycopg_url(self.database_url), autocommit=True)
         self.listener.execute(f"LISTEN {CHANNEL}")

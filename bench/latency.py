@@ -8,8 +8,9 @@ For N = 1, 10 and 100, after one warm-up run of each kind, runs are timed interl
 - the workflow ``for _ in range(N): x = ctx.step(add, x, 1)``: its last step pushes its time
   like the chain's last link (same signal), and PostgreSQL notifies the caller when the run's
   result is committed;
-- the same workflow started with ``eager_start`` (its first step scheduled by ``start()``
-  itself, no first activation): until its result is committed.
+- the same workflow started with ``eager_start`` off (its first step scheduled by a first
+  activation on the worker; by default ``start()`` schedules it itself): until its result
+  is committed.
 
 Then a workflow of local steps is timed, and (on the solo worker) PostgreSQL's work for one
 100-step run is counted.
@@ -44,7 +45,7 @@ class Samples:
     backend: dict[int, list[float]] = field(default_factory=dict)
     durable_last: dict[int, list[float]] = field(default_factory=dict)
     durable_done: dict[int, list[float]] = field(default_factory=dict)
-    eager_done: dict[int, list[float]] = field(default_factory=dict)
+    activated_done: dict[int, list[float]] = field(default_factory=dict)
     local: list[float] = field(default_factory=list)
 
     def add(self, kind: str, n: int, seconds: float) -> None:
@@ -98,16 +99,16 @@ def backend(bench: Bench, n: int) -> float:
 
 
 def durable_run(
-    bench: Bench, n: int, check: bool = True, eager: bool = False
+    bench: Bench, n: int, check: bool = True, activated: bool = False
 ) -> tuple[float, float]:
     """The workflow: (its last step has pushed, its result is committed).
 
-    With ``check`` its result is read back and checked (one more query); with ``eager`` it
-    is started with ``eager_start``.
+    With ``check`` its result is read back and checked (one more query); with ``activated`` it
+    is started with ``eager_start`` off.
     """
     key = bench.key()
     started = time.time()
-    run = (bench.eager if eager else bench.durable).start(STEPS_WORKFLOW, n, key)
+    run = (bench.activated if activated else bench.durable).start(STEPS_WORKFLOW, n, key)
     finished = bench.wait_finished([run.id])
     last_step = float(bench.blpop(key))
     if check and (value := run.result(timeout=5)) != n:
@@ -130,7 +131,7 @@ def measure(bench: Bench, samples: Samples) -> None:
     plain(bench, 10)
     backend(bench, 10)
     durable_run(bench, 10)
-    durable_run(bench, 10, eager=True)
+    durable_run(bench, 10, activated=True)
     local_run(bench, 20)
     for n, runs in SIZES:
         for i in range(runs):
@@ -138,7 +139,9 @@ def measure(bench: Bench, samples: Samples) -> None:
                 lambda n=n: samples.add("plain", n, plain(bench, n)),
                 lambda n=n: samples.add("backend", n, backend(bench, n)),
                 lambda n=n: _add_durable(bench, samples, n),
-                lambda n=n: samples.add("eager_done", n, durable_run(bench, n, eager=True)[1]),
+                lambda n=n: samples.add(
+                    "activated_done", n, durable_run(bench, n, activated=True)[1]
+                ),
             ]
             for variant in order[i % 4 :] + order[: i % 4]:  # rotate: no variant always first
                 variant()

@@ -71,7 +71,7 @@ def report_latency(results: dict[str, Samples]) -> None:
         "plain\n+backend",
         "durable\nlast step",
         "durable\ncommitted",
-        "eager start\ncommitted",
+        "activation\nstart\ncommitted",
         "last step\n÷ plain",
         "committed\n÷ +backend",
     )
@@ -82,7 +82,11 @@ def report_latency(results: dict[str, Samples]) -> None:
             plain, backend = samples.ms_per_step("plain", n), samples.ms_per_step("backend", n)
             last = samples.ms_per_step("durable_last", n)
             done = samples.ms_per_step("durable_done", n)
-            eager = samples.ms_per_step("eager_done", n) if n in samples.eager_done else math.nan
+            activated = (
+                samples.ms_per_step("activated_done", n)
+                if n in samples.activated_done
+                else math.nan
+            )
             table.add_row(
                 POOL_LABELS[pool],
                 str(n),
@@ -90,7 +94,7 @@ def report_latency(results: dict[str, Samples]) -> None:
                 f"{backend:.2f}",
                 f"{last:.2f}",
                 f"{done:.2f}",
-                f"{eager:.2f}",
+                f"{activated:.2f}",
                 _x(last / plain),
                 _x(done / backend),
             )
@@ -99,8 +103,8 @@ def report_latency(results: dict[str, Samples]) -> None:
         "Each run is timed from just before apply_async() / start() until: the last link /"
         " step (the same task)\npushed its time to a Redis list (plain no backend, durable last"
         " step); .get() returned (plain +backend);\nthe caller got the PostgreSQL NOTIFY of the"
-        " commit of the run's result (durable committed; eager start: the same workflow"
-        " started with eager_start)."
+        " commit of the run's result (durable committed, started eagerly, the default;"
+        " activation start:\nthe same workflow started with eager_start off)."
     )
     added = _table(
         "(a) Each added remote step, ms: (total at N=100 - at N=10) / 90",

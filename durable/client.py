@@ -57,10 +57,11 @@ def start(
     committed before its first message is sent; if the broker cannot be reached the
     run still starts, sent again by ``durable beat``'s recovery sweep.
 
-    With the setting ``eager_start`` the workflow's code runs here, in memory, up to its
-    first durable operation; if that is one or more remote steps they are scheduled in
-    the statement that creates the run and sent at once, saving the first activation's
-    broker hop (anything else starts the run as usual).
+    With the setting ``eager_start`` (the default) the workflow's code runs here, in memory,
+    up to its first durable operation; if that is one or more remote steps they are
+    scheduled in the statement that creates the run and sent at once, saving the first
+    activation's broker hop (a local step, a sleep, a wait, ``ctx.now()`` or a workflow not
+    registered in this process start the run as usual, with an activation).
     """
     name = core.workflow_name(name_or_fn)
     args_json = core.encode(list(args), f"arguments of workflow {name}")

@@ -155,8 +155,12 @@ def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
 
 
 def test_a_first_step_runs_unclaimed_unless_the_activation_did_more(
-    durable: Durable, app: Celery, database_url: str
+    database_url: str, redis_url: str, prefix: str
 ) -> None:
+    # Started by an activation, not eagerly: the activation schedules the first step.
+    clean_tables(database_url)
+    app, durable = make_app(database_url, redis_url, prefix, eager_start=False)
+
     @app.task(name="t.plain", shared=False)
     def plain(x: int) -> int:
         return x + 1
