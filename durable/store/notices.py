@@ -38,6 +38,8 @@ ENDED = "durable_ended"
 EVENT = "durable_event"
 """Channel of events set; the payload is the workflow id."""
 
+APPLICATION_NAME = "durable-listener"
+"""``application_name`` of the listener's connection."""
 PROBE_TIMEOUT = 2.0
 """Seconds the listener waits for its own probe notice before deciding LISTEN cannot work."""
 RECHECK = 1.0
@@ -171,6 +173,8 @@ def _probe(conn: psycopg.Connection[Any]) -> bool:
 
 def _conninfo(url: str) -> str:
     parsed = make_url(url).set(drivername="postgresql")
+    # Named, so that operators (and the bench) tell it apart in pg_stat_activity.
+    parsed = parsed.update_query_dict({"application_name": APPLICATION_NAME})
     return parsed.render_as_string(hide_password=False)
 
 
