@@ -27,7 +27,15 @@ from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.store.migrate import upgrade
 from durable.store.statement import on_statement
-from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import (
+    HISTORY_ROWS,
+    Background,
+    clean_keys,
+    clean_tables,
+    make_app,
+    query,
+    wait_until,
+)
 from tests.store_helpers import schedule_step
 
 
@@ -74,7 +82,7 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
     assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "scheduled")]
     events = query(
         database_url,
-        "SELECT seq, event FROM durable_history WHERE seq IS NOT NULL ORDER BY id",
+        "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE seq IS NOT NULL ORDER BY pos",
     )
     assert [(e.seq, e.event) for e in events][-2:] == [(1, "step completed"), (2, "step scheduled")]
 
@@ -304,7 +312,9 @@ def test_a_sequential_run_costs_one_statement_per_step(
     assert (run.status, run.result, run.lease_owner) == ("completed", 20, None)
     events = query(
         database_url,
-        "SELECT event FROM durable_history WHERE workflow_id = 'seq-1' ORDER BY id DESC LIMIT 2",
+        "SELECT event FROM "
+        + HISTORY_ROWS
+        + " WHERE workflow_id = 'seq-1' ORDER BY pos DESC LIMIT 2",
     )
     assert [e.event for e in events] == ["completed", "step completed"]
     steps = query(
@@ -315,10 +325,24 @@ def test_a_sequential_run_costs_one_statement_per_step(
     assert [(s.attempts, s.ordered) for s in steps] == [(1, True)] * 20
     started = query(
         database_url,
-        "SELECT seq, detail FROM durable_history "
+        "SELECT seq, detail FROM " + HISTORY_ROWS + " "
         "WHERE workflow_id = 'seq-1' AND event = 'step started' ORDER BY seq",
     )
     assert [(e.seq, e.detail["attempt"]) for e in started] == [(i, 1) for i in range(1, 21)]
+    # The steps' rows are their history: only the run's start and end are written as rows,
+    # and the history reads as before, step by step.
+    written = query(database_url, "SELECT event FROM durable_history WHERE workflow_id = 'seq-1'")
+    assert sorted(r.event for r in written) == ["completed", "started"]
+    events = query(
+        database_url,
+        "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'seq-1' ORDER BY pos",
+    )
+    step = ["step scheduled", "step started", "step completed"]
+    assert [(e.seq, e.event) for e in events] == [
+        (None, "started"),
+        *[(i, event) for i in range(1, 21) for event in step],
+        (None, "completed"),
+    ]
 
 
 def test_a_kept_history_is_not_used_once_the_run_moved_on(

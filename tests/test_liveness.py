@@ -9,7 +9,7 @@ import redis
 from celery.contrib.testing.worker import start_worker
 
 from durable.beat import Beat
-from tests.conftest import Background, clean_keys, clean_tables, make_app, query
+from tests.conftest import HISTORY_ROWS, Background, clean_keys, clean_tables, make_app, query
 
 
 def test_a_step_longer_than_its_lease_is_not_run_twice(
@@ -44,7 +44,7 @@ def test_a_step_longer_than_its_lease_is_not_run_twice(
     events = [
         r.event
         for r in query(
-            database_url, "SELECT event FROM durable_history WHERE workflow_id = 'long-1'"
+            database_url, "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'long-1'"
         )
     ]
     assert "step lease expired" not in events

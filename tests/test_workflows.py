@@ -18,7 +18,7 @@ from durable import (
 )
 from durable.errors import ResultTimeout
 from durable.testing import TestEnv
-from tests.conftest import query
+from tests.conftest import HISTORY_ROWS, query
 
 
 class CardDeclined(Exception):
@@ -136,11 +136,35 @@ def test_retry_policy_retries_with_durable_timers(
         r.event
         for r in query(
             database_url,
-            "SELECT event FROM durable_history WHERE workflow_id = 'retry-1' ORDER BY id",
+            "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'retry-1' ORDER BY pos",
         )
     ]
     assert events.count("retry scheduled") == 2
     assert events[0] == "started" and events[-1] == "completed"
+    # The history reads attempt by attempt, each start before its end, though only the
+    # step row's current attempt is not written as rows.
+    attempts = [
+        (r.event, r.detail.get("attempt"))
+        for r in query(
+            database_url,
+            "SELECT event, detail FROM " + HISTORY_ROWS + " WHERE workflow_id = 'retry-1'"
+            " AND event IN ('step started', 'retry scheduled', 'step completed') ORDER BY pos",
+        )
+    ]
+    assert attempts == [
+        ("step started", 1),
+        ("retry scheduled", 1),
+        ("step started", 2),
+        ("retry scheduled", 2),
+        ("step started", 3),
+        ("step completed", 3),
+    ]
+    written = query(
+        database_url,
+        "SELECT event FROM durable_history WHERE workflow_id = 'retry-1'"
+        " AND event IN ('step started', 'step completed', 'step scheduled') ORDER BY id",
+    )
+    assert [r.event for r in written] == ["step started", "step started"]  # attempts 1, 2
 
 
 def test_exhausted_step_raises_step_failed_and_workflow_compensates(

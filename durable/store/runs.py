@@ -31,11 +31,9 @@ _INSERT = statement(
     ), n AS ("""
     + insert_new_steps("w.id", source="w, ")
     + """), h AS (
-        -- One INSERT, so the history reads in order: the start, then the steps it scheduled.
+        -- The steps' 'step scheduled' events are their rows (durable.store.history).
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
-        UNION ALL
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
         SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
