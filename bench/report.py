@@ -13,7 +13,7 @@ from bench.common import POOL_LABELS, console, median
 from bench.dbos_steps import Dbos
 from bench.latency import Counts, Samples
 from bench.replay import Replay
-from bench.throughput import START_THREADS, Starts, Throughput
+from bench.throughput import MANY, START_THREADS, Starts, Throughput
 from bench.timers import Lateness
 
 
@@ -196,6 +196,12 @@ def report_starts(result: Starts) -> None:
         plain, durable = result.rate("plain", threads), result.rate("durable", threads)
         table.add_row(str(threads), f"{plain:.0f}", f"{durable:.0f}", _x(durable / plain))
     console.print(table)
+    if result.many:
+        many, plain = median(result.many), result.rate("plain", 1)
+        console.print(
+            f"(c) durable.start_many, {MANY} runs a call, one caller thread: {many:.0f} starts/s,"
+            f" {_x(many / plain)} plain apply_async"
+        )
 
 
 def report_timers(results: list[Lateness]) -> None:

@@ -31,7 +31,7 @@ from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from durable.core import Core
 
@@ -88,6 +88,66 @@ def start(
     elif created:
         core.send_activation(wid, name)
     return WorkflowRun(core, wid)
+
+
+def start_many(
+    core: Core,
+    name_or_fn: str | Callable[..., Any],
+    args_list: Sequence[Sequence[Any]],
+    *,
+    workflow_ids: Sequence[str | None] | None = None,
+    kwargs_list: Sequence[dict[str, Any]] | None = None,
+) -> list[WorkflowRun]:
+    """Start many runs of one workflow: one statement, then their messages on one producer.
+
+    Example::
+
+        runs = durable.start_many("orders.fulfill", [("o-1",), ("o-2",)],
+                                  workflow_ids=["order-o-1", "order-o-2"])
+
+    Each run is what ``start(name_or_fn, *args, workflow_id=..., **kwargs)`` makes of it,
+    eager start included: an id that exists returns its run and writes nothing (or raises
+    :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
+    payload error raises before anything is written. Returns the runs in order.
+    """
+    name = core.workflow_name(name_or_fn)
+    count = len(args_list)
+    ids = list(workflow_ids) if workflow_ids is not None else [None] * count
+    kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
+    if len(ids) != count or len(kwargs_each) != count:
+        raise ValueError("start_many: args_list, workflow_ids and kwargs_list differ in length")
+    new: list[run_queries.NewRun] = []
+    eager: dict[str, Any] = {}
+    for args, kwargs, given in zip(args_list, kwargs_each, ids, strict=True):
+        args_json = core.encode(list(args), f"arguments of workflow {name}")
+        kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
+        wid = given or uuid.uuid4().hex
+        found = None
+        if core.settings.eager_start:
+            found = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+        steps = None
+        if found is not None:
+            eager[wid] = found.effects
+            steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
+        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
+    timeout = core.execution_timeouts.get(name)
+    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
+    core.index_timers(timers)
+    core.apply_many(
+        [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],
+        [
+            (r.workflow_id, name)
+            for r in new
+            if r.workflow_id in created and r.workflow_id not in eager
+        ],
+    )
+    existing = [r.workflow_id for r in new if r.workflow_id not in created]
+    if existing:
+        names = core.store(lambda c: run_queries.run_names(c, existing))
+        for wid in existing:
+            if names.get(wid, name) != name:
+                raise WorkflowIdConflict(wid, names[wid], name)
+    return [WorkflowRun(core, r.workflow_id) for r in new]
 
 
 def run(core: Core, workflow_id: str) -> WorkflowRun:

@@ -86,6 +86,88 @@ def insert_run(
     return Inserted(bool(row.created), timer)
 
 
+# Many runs of one workflow in one statement (``durable.start_many``), each as ``_INSERT``
+# writes one; the runs arrive as one JSON array of {id, args, kwargs, steps}, ``steps`` being
+# an eager start's first remote steps (as ``insert_new_steps`` takes them) or null.
+_INSERT_MANY = statement(
+    """
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:runs AS jsonb))
+               AS r(id text, args jsonb, kwargs jsonb, steps jsonb)
+    ), w AS (
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq)
+        SELECT id, :name, 'running', args, kwargs,
+               now() + make_interval(secs => CAST(:timeout AS float8)),
+               CASE WHEN steps IS NULL THEN 0 ELSE 1 END
+          FROM r
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id, deadline_at
+    ), n AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
+                                   dispatched_at, dispatch_count)
+        SELECT w.id, s.seq, 'task', s.name, 'scheduled', s.args, s.kwargs, s.options, now(), 1
+          FROM w JOIN r ON r.id = w.id,
+               jsonb_to_recordset(r.steps)
+               AS s(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
+         WHERE r.steps IS NOT NULL
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
+    ), t AS (
+        INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
+        SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
+        RETURNING id, fire_at
+    ), stale AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)
+    )
+    SELECT (SELECT coalesce(jsonb_agg(id), '[]') FROM w) AS created,
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(id, extract(epoch FROM fire_at))), '[]')
+              FROM t) AS timers
+    """
+)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to create: its id, arguments as JSON text, and an eager start's first steps."""
+
+    workflow_id: str
+    args: str
+    kwargs: str
+    steps: str | None = None
+    """A JSON array of ``{seq, name, args, kwargs, options}``, or None (an activation)."""
+
+    def as_json(self) -> str:
+        """The run as one JSON object, embedding the encoded parts as they are."""
+        return (
+            f'{{"id":{json.dumps(self.workflow_id)},"args":{self.args},'
+            f'"kwargs":{self.kwargs},"steps":{self.steps or "null"}}}'
+        )
+
+
+def insert_runs(
+    conn: Connection, name: str, new: list[NewRun], timeout: float | None = None
+) -> tuple[set[str], list[tuple[int, float]]]:
+    """Create runs of ``name`` in one statement, each like :func:`insert_run`.
+
+    Returns the ids created (an id that exists is left alone) and their execution-timeout
+    timers (id, fire time as epoch), to index.
+    """
+    params = {
+        "runs": "[" + ",".join(run.as_json() for run in new) + "]",
+        "name": name,
+        "timeout": timeout,
+    }
+    row = conn.execute(_INSERT_MANY, params).one()
+    return set(row.created), [(int(i), float(at)) for i, at in row.timers]
+
+
+def run_names(conn: Connection, workflow_ids: list[str]) -> dict[str, str]:
+    """The workflow name of each run among ``workflow_ids`` that exists."""
+    query = select(workflows.c.id, workflows.c.name).where(workflows.c.id.in_(workflow_ids))
+    return {row.id: row.name for row in conn.execute(query)}
+
+
 def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:
     """The run's row, or None."""
     return conn.execute(select(workflows).where(workflows.c.id == workflow_id)).first()
