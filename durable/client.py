@@ -229,11 +229,11 @@ def wait_for(
 
 
 def wait_for_end(core: Core, workflow_id: str, timeout: float | None) -> Any:
-    """The run's row once it has ended, or as it is when ``timeout`` seconds have passed."""
+    """The run's status, result and error once it has ended, or when ``timeout`` has passed."""
     last: list[Any] = []
 
     def read() -> Any:
-        row = core.store(lambda c: run_queries.get_run(c, workflow_id))
+        row = core.store(lambda c: run_queries.get_outcome(c, workflow_id))
         if row is None:
             raise WorkflowNotFound(workflow_id)
         last[:] = [row]

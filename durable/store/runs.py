@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Row, select
 
 from durable.store.models import workflows
 from durable.store.notices import ENDED, notify_sql
-from durable.store.statement import insert_new_steps, statement
+from durable.store.statement import first_row, insert_new_steps, statement
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -166,6 +166,16 @@ def run_names(conn: Connection, workflow_ids: list[str]) -> dict[str, str]:
     """The workflow name of each run among ``workflow_ids`` that exists."""
     query = select(workflows.c.id, workflows.c.name).where(workflows.c.id.in_(workflow_ids))
     return {row.id: row.name for row in conn.execute(query)}
+
+
+# What a result wait reads, on the driver's cursor (``first_row``): after the notice of the
+# run's end this read is most of the wait's cost, and SQLAlchemy's result objects doubled it.
+_OUTCOME = statement("SELECT status, result, error FROM durable_workflows WHERE id = :id")
+
+
+def get_outcome(conn: Connection, workflow_id: str) -> Any | None:
+    """The run's ``status``, ``result`` and ``error``, or None when there is no such run."""
+    return first_row(conn, _OUTCOME, {"id": workflow_id})
 
 
 def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:

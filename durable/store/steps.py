@@ -401,10 +401,11 @@ def settle_step(
 
     With ``unclaimed`` the step was run without a claim (its first delivery, see
     ``durable.runner``): it settles only if it was never claimed, in the run created at
-    ``run_created``, as attempt 1 started at ``started_at``, and its ``step started`` event
-    is written too. A step cancellation marked ``cancelled`` meanwhile (it had not been
-    claimed) is settled all the same: its body did run, and its outcome is kept, as that of
-    any step that was running when the cancellation came.
+    ``run_created``, as attempt 1 started at ``started_at`` by ``owner`` (the row's
+    ``worker`` and ``unclaimed``, from which its ``step started`` event is read). A step
+    cancellation marked ``cancelled`` meanwhile (it had not been claimed) is settled all the
+    same: its body did run, and its outcome is kept, as that of any step that was running
+    when the cancellation came.
     """
     status = "completed" if error is None else "failed"
     params = {
