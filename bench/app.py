@@ -106,8 +106,8 @@ def build(
 ) -> tuple[Celery, Durable, Task]:
     """The app, its tasks and workflows, every Redis key under ``prefix``; returns ``add``.
 
-    ``settings`` go to ``Durable`` (the bench's caller starts eager runs with a second app
-    built with ``eager_start=True``).
+    ``settings`` go to ``Durable`` (the bench's caller starts runs by an activation with a
+    second app built with ``eager_start=False``).
     """
     app = Celery(f"bench-{prefix}", broker=redis_url, backend=redis_url, set_as_current=False)
     app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:"}

@@ -24,12 +24,14 @@ from durable.store.migrate import upgrade
 RUN_TIMEOUT = 60.0  # one run, or one batch of runs
 CHANNEL = "bench_finished"
 
-# The bench database only: NOTIFY the caller, with '<id> <status>', when a run ends. The
-# trigger fires once per run, in the transaction that commits its end.
+# The bench database only: NOTIFY the caller, with '<id> <status> <epoch>', when a run ends.
+# The trigger fires once per run, in the transaction that commits its end; <epoch> is the
+# server's clock then, just before the commit (the bench and the server share a clock).
 TRIGGER = f"""
 CREATE FUNCTION bench_notify_finished() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('{CHANNEL}', NEW.id || ' ' || NEW.status);
+    PERFORM pg_notify('{CHANNEL}', NEW.id || ' ' || NEW.status || ' '
+                      || extract(epoch FROM clock_timestamp()));
     RETURN NULL;
 END $$;
 CREATE TRIGGER bench_notify_finished AFTER UPDATE OF status ON durable_workflows
@@ -62,10 +64,12 @@ class Bench:
         self.database_url = ""
         self.redis = redis.Redis.from_url(services.redis_url)
         self.listener: psycopg.Connection[Any] | None = None
+        self.ended_at: dict[str, float] = {}
+        """Each run's end as the server's clock read it in the ending transaction (epoch)."""
         self.worker: common.Child | None = None
         self._app: Celery | None = None
         self._durable: Durable | None = None
-        self._eager: Durable | None = None
+        self._activated: Durable | None = None
         self._add: Task | None = None
 
     @property
@@ -79,10 +83,10 @@ class Bench:
         return self._durable
 
     @property
-    def eager(self) -> Durable:
-        """The same workflows on the caller's side with ``eager_start`` on."""
-        assert self._eager is not None, "set_up() first"
-        return self._eager
+    def activated(self) -> Durable:
+        """The same workflows on the caller's side with ``eager_start`` off."""
+        assert self._activated is not None, "set_up() first"
+        return self._activated
 
     @property
     def add(self) -> Task:
@@ -99,8 +103,8 @@ class Bench:
         self._app, self._durable, self._add = build(
             self.database_url, self.services.redis_url, self.prefix
         )
-        _, self._eager, _ = build(
-            self.database_url, self.services.redis_url, self.prefix, eager_start=True
+        _, self._activated, _ = build(
+            self.database_url, self.services.redis_url, self.prefix, eager_start=False
         )
         self.listener = psycopg.connect(psycopg_url(self.database_url), autocommit=True)
         self.listener.execute(f"LISTEN {CHANNEL}")
@@ -185,9 +189,10 @@ class Bench:
             if self.worker is not None:
                 self.worker.check()
             for note in self.listener.notifies(timeout=min(left, 1.0), stop_after=len(waiting)):
-                wid, _, status = note.payload.partition(" ")
+                wid, status, ended = note.payload.split(" ")
                 if wid not in waiting:
                     continue
+                self.ended_at[wid] = float(ended)
                 if status != "completed":
                     raise self.stuck(f"workflow {wid} ended {status}")
                 waiting.discard(wid)

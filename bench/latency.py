@@ -8,8 +8,9 @@ For N = 1, 10 and 100, after one warm-up run of each kind, runs are timed interl
 - the workflow ``for _ in range(N): x = ctx.step(add, x, 1)``: its last step pushes its time
   like the chain's last link (same signal), and PostgreSQL notifies the caller when the run's
   result is committed;
-- the same workflow started with ``eager_start`` (its first step scheduled by ``start()``
-  itself, no first activation): until its result is committed.
+- the same workflow started with ``eager_start`` off (its first step scheduled by a first
+  activation on the worker; by default ``start()`` schedules it itself): until its result
+  is committed.
 
 Then a workflow of local steps is timed, and (on the solo worker) PostgreSQL's work for one
 100-step run is counted.
@@ -17,12 +18,14 @@ Then a workflow of local steps is timed, and (on the solo worker) PostgreSQL's w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
 import psycopg
 from celery import chain
 
@@ -34,6 +37,8 @@ from durable.store import engine as store_engine
 SIZES = ((1, 5), (10, 5), (100, 3))  # (steps per run, measured runs after the warm-up)
 LOCAL_STEPS, LOCAL_RUNS = 200, 3
 COUNT_STEPS = 100
+# durable's result-wait listener in the bench's process (durable.store.notices).
+LISTENER_NAME = "durable-listener"
 
 
 @dataclass
@@ -44,7 +49,11 @@ class Samples:
     backend: dict[int, list[float]] = field(default_factory=dict)
     durable_last: dict[int, list[float]] = field(default_factory=dict)
     durable_done: dict[int, list[float]] = field(default_factory=dict)
-    eager_done: dict[int, list[float]] = field(default_factory=dict)
+    activated_done: dict[int, list[float]] = field(default_factory=dict)
+    durable_result: dict[int, list[float]] = field(default_factory=dict)
+    """Until ``run.result()`` returned in the caller (which waited from its start)."""
+    result_wait: list[float] = field(default_factory=list)
+    """Seconds from the commit that ended a run to its ``run.result()`` returning."""
     local: list[float] = field(default_factory=list)
 
     def add(self, kind: str, n: int, seconds: float) -> None:
@@ -68,6 +77,12 @@ class Counts:
 
     transactions: int
     """``xact_commit`` of the bench database over the run."""
+    rows: int
+    """Rows inserted, updated and deleted in durable's tables over the run."""
+    wal_bytes: int
+    """WAL the server wrote over the run (the whole server: other databases are idle)."""
+    server_cpu: float
+    """CPU seconds of the PostgreSQL server's processes over the run."""
     statements: dict[str, int]
     """Statements the worker sent, by label (``runs.finish``: ``_FINISH`` of the store)."""
     seconds: dict[str, float]
@@ -98,21 +113,25 @@ def backend(bench: Bench, n: int) -> float:
 
 
 def durable_run(
-    bench: Bench, n: int, check: bool = True, eager: bool = False
-) -> tuple[float, float]:
-    """The workflow: (its last step has pushed, its result is committed).
+    bench: Bench, n: int, check: bool = True, activated: bool = False
+) -> tuple[float, float, float]:
+    """The workflow: (its last step has pushed, its result is committed, result() returned).
 
-    With ``check`` its result is read back and checked (one more query); with ``eager`` it
-    is started with ``eager_start``.
+    The caller waits in ``run.result()`` from the start (with ``check`` the value is
+    checked); the commit is the server's clock in the ending transaction (the bench's
+    NOTIFY). With ``activated`` it is started with ``eager_start`` off.
     """
     key = bench.key()
     started = time.time()
-    run = (bench.eager if eager else bench.durable).start(STEPS_WORKFLOW, n, key)
-    finished = bench.wait_finished([run.id])
+    run = (bench.activated if activated else bench.durable).start(STEPS_WORKFLOW, n, key)
+    value = run.result(timeout=bench.left(RUN_TIMEOUT))
+    returned = time.time()
+    bench.wait_finished([run.id])
+    committed = bench.ended_at.pop(run.id)
     last_step = float(bench.blpop(key))
-    if check and (value := run.result(timeout=5)) != n:
+    if check and value != n:
         raise BenchError(f"the workflow of {n} steps returned {value!r}")
-    return last_step - started, finished - started
+    return last_step - started, committed - started, returned - started
 
 
 def local_run(bench: Bench, n: int) -> float:
@@ -130,7 +149,7 @@ def measure(bench: Bench, samples: Samples) -> None:
     plain(bench, 10)
     backend(bench, 10)
     durable_run(bench, 10)
-    durable_run(bench, 10, eager=True)
+    durable_run(bench, 10, activated=True)
     local_run(bench, 20)
     for n, runs in SIZES:
         for i in range(runs):
@@ -138,7 +157,9 @@ def measure(bench: Bench, samples: Samples) -> None:
                 lambda n=n: samples.add("plain", n, plain(bench, n)),
                 lambda n=n: samples.add("backend", n, backend(bench, n)),
                 lambda n=n: _add_durable(bench, samples, n),
-                lambda n=n: samples.add("eager_done", n, durable_run(bench, n, eager=True)[1]),
+                lambda n=n: samples.add(
+                    "activated_done", n, durable_run(bench, n, activated=True)[1]
+                ),
             ]
             for variant in order[i % 4 :] + order[: i % 4]:  # rotate: no variant always first
                 variant()
@@ -147,9 +168,11 @@ def measure(bench: Bench, samples: Samples) -> None:
 
 
 def _add_durable(bench: Bench, samples: Samples, n: int) -> None:
-    last, done = durable_run(bench, n)
+    last, done, returned = durable_run(bench, n)
     samples.add("durable_last", n, last)
     samples.add("durable_done", n, done)
+    samples.add("durable_result", n, returned)
+    samples.result_wait.append(returned - done)
 
 
 def count(bench: Bench) -> Counts:
@@ -164,10 +187,45 @@ def count(bench: Bench) -> Counts:
     bench.listener.execute("SELECT pg_stat_force_next_flush()")
     _flush_worker(bench)
     before = _settled_commits(bench)
+    rows, wal, cpu = _rows_written(bench), _wal_lsn(bench), _server_cpu(bench)
     durable_run(bench, COUNT_STEPS, check=False)
+    # Before the worker's connections close: a backend's CPU is counted while it lives.
+    cpu, wal = _server_cpu(bench) - cpu, _wal_lsn(bench) - wal
     statements, seconds = _flush_worker(bench)
     after = _settled_commits(bench)
-    return Counts(after - before, statements, seconds)
+    rows = _rows_written(bench) - rows
+    return Counts(after - before, rows, wal, cpu, statements, seconds)
+
+
+def _rows_written(bench: Bench) -> int:
+    """Rows inserted, updated and deleted so far in durable's tables (published stats)."""
+    assert bench.listener is not None
+    bench.listener.execute("SELECT pg_stat_clear_snapshot()")
+    row = bench.listener.execute(
+        "SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_user_tables"
+        " WHERE relname LIKE 'durable%'"
+    ).fetchone()
+    return int(row[0] or 0) if row else 0
+
+
+def _wal_lsn(bench: Bench) -> int:
+    assert bench.listener is not None
+    row = bench.listener.execute(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _server_cpu(bench: Bench) -> float:
+    """CPU seconds (user + system) of the server's processes alive now."""
+    assert bench.listener is not None
+    postmaster = psutil.Process(bench.listener.info.backend_pid).parent()
+    total = 0.0
+    for proc in [postmaster, *postmaster.children()] if postmaster else []:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def _flush_worker(bench: Bench) -> tuple[dict[str, int], dict[str, float]]:
@@ -189,8 +247,8 @@ def _settled_commits(bench: Bench) -> int:
         while time.monotonic() < end:
             others = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> %s"
-                " AND backend_type = 'client backend'",
-                (bench.db_name, mine),
+                " AND backend_type = 'client backend' AND application_name <> %s",
+                (bench.db_name, mine, LISTENER_NAME),
             ).fetchone()
             if others is not None and others[0] == 0:
                 break

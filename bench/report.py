@@ -13,7 +13,7 @@ from bench.common import POOL_LABELS, console, median
 from bench.dbos_steps import Dbos
 from bench.latency import Counts, Samples
 from bench.replay import Replay
-from bench.throughput import START_THREADS, Starts, Throughput
+from bench.throughput import MANY, START_THREADS, Starts, Throughput
 from bench.timers import Lateness
 
 
@@ -71,9 +71,10 @@ def report_latency(results: dict[str, Samples]) -> None:
         "plain\n+backend",
         "durable\nlast step",
         "durable\ncommitted",
-        "eager start\ncommitted",
+        "durable\nresult()",
+        "activation\nstart\ncommitted",
         "last step\n÷ plain",
-        "committed\n÷ +backend",
+        "result()\n÷ +backend",
     )
     for pool, samples in results.items():
         for n, _ in lat.SIZES:
@@ -82,7 +83,12 @@ def report_latency(results: dict[str, Samples]) -> None:
             plain, backend = samples.ms_per_step("plain", n), samples.ms_per_step("backend", n)
             last = samples.ms_per_step("durable_last", n)
             done = samples.ms_per_step("durable_done", n)
-            eager = samples.ms_per_step("eager_done", n) if n in samples.eager_done else math.nan
+            returned = samples.ms_per_step("durable_result", n)
+            activated = (
+                samples.ms_per_step("activated_done", n)
+                if n in samples.activated_done
+                else math.nan
+            )
             table.add_row(
                 POOL_LABELS[pool],
                 str(n),
@@ -90,17 +96,19 @@ def report_latency(results: dict[str, Samples]) -> None:
                 f"{backend:.2f}",
                 f"{last:.2f}",
                 f"{done:.2f}",
-                f"{eager:.2f}",
+                f"{returned:.2f}",
+                f"{activated:.2f}",
                 _x(last / plain),
-                _x(done / backend),
+                _x(returned / backend),
             )
     console.print(table)
     console.print(
         "Each run is timed from just before apply_async() / start() until: the last link /"
         " step (the same task)\npushed its time to a Redis list (plain no backend, durable last"
-        " step); .get() returned (plain +backend);\nthe caller got the PostgreSQL NOTIFY of the"
-        " commit of the run's result (durable committed; eager start: the same workflow"
-        " started with eager_start)."
+        " step); .get() returned (plain +backend);\nthe transaction committing the run's result"
+        " read the server's clock (durable committed, started eagerly, the default; activation"
+        " start:\nthe same workflow started with eager_start off); run.result(), waiting from"
+        " the start, returned (durable result())."
     )
     added = _table(
         "(a) Each added remote step, ms: (total at N=100 - at N=10) / 90",
@@ -132,6 +140,13 @@ def report_latency(results: dict[str, Samples]) -> None:
 
 def report_counts(counts: Counts) -> None:
     per_step = counts.transactions / lat.COUNT_STEPS
+    n = lat.COUNT_STEPS
+    console.print(
+        f"(f) PostgreSQL per durable step: {counts.rows / n:.2f} rows written (inserted,"
+        f" updated or deleted in durable's tables), {counts.wal_bytes / n:,.0f} bytes of WAL,"
+        f" {counts.server_cpu / n * 1000:.2f} ms of the server's CPU (psutil over its"
+        " processes)."
+    )
     console.print(
         f"(f) PostgreSQL per durable step: {per_step:.2f} transactions: xact_commit of the bench"
         f" database before and after\none {lat.COUNT_STEPS}-step run on the solo worker, divided"
@@ -181,6 +196,12 @@ def report_starts(result: Starts) -> None:
         plain, durable = result.rate("plain", threads), result.rate("durable", threads)
         table.add_row(str(threads), f"{plain:.0f}", f"{durable:.0f}", _x(durable / plain))
     console.print(table)
+    if result.many:
+        many, plain = median(result.many), result.rate("plain", 1)
+        console.print(
+            f"(c) durable.start_many, {MANY} runs a call, one caller thread: {many:.0f} starts/s,"
+            f" {_x(many / plain)} plain apply_async"
+        )
 
 
 def report_timers(results: list[Lateness]) -> None:
@@ -259,9 +280,33 @@ def _targets(results: Results) -> list[tuple[str, str, bool | None]]:
             rows.append(
                 (f"added remote step ≤ 1.15x a plain hop ({pool})", _x(ratio), ratio <= 1.15)
             )
+    for pool, samples in results.latency.items():
+        for n, most in ((1, 2.0), (10, 1.3)):
+            if n in samples.durable_result:
+                ratio = samples.total("durable_result", n) / samples.total("backend", n)
+                what = "a task's" if n == 1 else "the chain's"
+                rows.append(
+                    (
+                        f"{n}-step start()→result() ≤ {most}x {what} .get() ({pool})",
+                        _x(ratio),
+                        ratio <= most,
+                    )
+                )
+        if samples.result_wait:
+            ms = median(samples.result_wait) * 1000
+            rows.append(
+                (f"result() ≤ 1 ms after the ending commit ({pool})", f"{ms:.2f} ms", ms <= 1.0)
+            )
     if results.throughput is not None:
         ratio = median(results.throughput.durable_done) / median(results.throughput.plain)
+        rows.append(("throughput ≥ 0.7x plain Celery (issue 19)", _x(ratio), ratio >= 0.7))
         rows.append(("throughput ≥ 0.8x plain Celery (committed)", _x(ratio), ratio >= 0.8))
+    if results.counts is not None:
+        n = lat.COUNT_STEPS
+        cpu = results.counts.server_cpu / n * 1000
+        rows.append(("PostgreSQL CPU per step ≤ 0.6 ms", f"{cpu:.2f} ms", cpu <= 0.6))
+        written = results.counts.rows / n
+        rows.append(("rows written per step ≤ 3", f"{written:.2f}", written <= 3))
     for pool, samples in results.latency.items():
         if samples.local:
             ms = median(samples.local) / lat.LOCAL_STEPS * 1000

@@ -28,6 +28,7 @@ from bench.harness import Bench
 
 FLOWS, STEPS, THROUGHPUT_RUNS = 200, 10, 3
 STARTS, START_RUNS = 400, 3
+MANY = 100  # runs per durable.start_many call
 START_THREADS = (1, 8)
 
 
@@ -46,6 +47,8 @@ class Starts:
 
     plain: dict[int, list[float]] = field(default_factory=dict)
     durable: dict[int, list[float]] = field(default_factory=dict)
+    many: list[float] = field(default_factory=list)
+    """Starts per second of ``durable.start_many`` (one caller thread, ``MANY`` at a time)."""
 
     def rate(self, kind: str, threads: int) -> float:
         return median(getattr(self, kind).get(threads, []))
@@ -120,6 +123,12 @@ def measure_starts(bench: Bench, result: Starts) -> None:
         wid = f"start-{batch}-{run[0]}-{i}"
         return bench.durable.start(NOOP_WORKFLOW, i, workflow_id=wid)
 
+    def many(i: int, r: int) -> object:
+        ids = [f"many-{batch}-{r}-{i}-{j}" for j in range(MANY)]
+        return bench.durable.start_many(
+            NOOP_WORKFLOW, [(j,) for j in range(MANY)], workflow_ids=ids
+        )
+
     try:
         _rate(50, 1, send)  # warm up: connections, pools
         _rate(50, 1, lambda i: start(i, [-1]))
@@ -129,6 +138,7 @@ def measure_starts(bench: Bench, result: Starts) -> None:
                 result.plain.setdefault(threads, []).append(_rate(STARTS, threads, send))
                 rate = _rate(STARTS, threads, lambda i, run=run: start(i, run))
                 result.durable.setdefault(threads, []).append(rate)
+            result.many.append(MANY * _rate(STARTS // MANY, 1, lambda i, r=r: many(i, r)))
     finally:
         bench.purge_queue()
         bench.sql(

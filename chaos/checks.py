@@ -3,7 +3,9 @@
 1. **Every workflow finished**, ``completed``, with the result its input implies.
 2. **Each step committed exactly once**: every task or local position of a finished run has
    exactly one ``step completed`` (or, for the step meant to fail, one ``step failed``)
-   history row; positions run 1..n without gaps, n as the workflow's shape implies.
+   history event (a written row, or the one a remote step's row stands for, as ``durable
+   show`` reads them: ``durable.store.history``); positions run 1..n without gaps, n as the
+   workflow's shape implies.
 3. **Each side effect applied once**: every committed step with a side effect has exactly
    one ``chaos_effects`` row under its idempotency key, whose token is the step's committed
    result; no effect row belongs to a step that did not commit.
@@ -28,6 +30,7 @@ from typing import Any
 import psycopg
 
 from chaos.app import ORDER, SCHEDULE, TICK, TICK_EVERY, expected
+from durable.store.history import events_sql
 
 SHOWN = 8  # problems printed per check
 
@@ -111,7 +114,9 @@ def check_steps(conn: psycopg.Connection[Any], started: dict[str, int]) -> Check
         WITH h AS (
             SELECT workflow_id, seq, count(*) FILTER (WHERE event = 'step completed') AS c,
                    count(*) FILTER (WHERE event = 'step failed') AS f
-              FROM durable_history WHERE seq IS NOT NULL GROUP BY workflow_id, seq)
+              FROM ("""
+        + events_sql("")
+        + """) AS e WHERE seq IS NOT NULL GROUP BY workflow_id, seq)
         SELECT s.workflow_id, s.seq, s.kind, s.name, s.status,
                coalesce(h.c, 0), coalesce(h.f, 0)
           FROM durable_steps s LEFT JOIN h USING (workflow_id, seq)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from durable import activation
 from durable.durations import seconds
@@ -25,14 +25,17 @@ from durable.errors import (
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.store import notices
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from durable.core import Core
+
+T = TypeVar("T")
 
 
 def start(
@@ -54,10 +57,11 @@ def start(
     committed before its first message is sent; if the broker cannot be reached the
     run still starts, sent again by ``durable beat``'s recovery sweep.
 
-    With the setting ``eager_start`` the workflow's code runs here, in memory, up to its
-    first durable operation; if that is one or more remote steps they are scheduled in
-    the statement that creates the run and sent at once, saving the first activation's
-    broker hop (anything else starts the run as usual).
+    With the setting ``eager_start`` (the default) the workflow's code runs here, in memory,
+    up to its first durable operation; if that is one or more remote steps they are
+    scheduled in the statement that creates the run and sent at once, saving the first
+    activation's broker hop (a local step, a sleep, a wait, ``ctx.now()`` or a workflow not
+    registered in this process start the run as usual, with an activation).
     """
     name = core.workflow_name(name_or_fn)
     args_json = core.encode(list(args), f"arguments of workflow {name}")
@@ -84,6 +88,66 @@ def start(
     elif created:
         core.send_activation(wid, name)
     return WorkflowRun(core, wid)
+
+
+def start_many(
+    core: Core,
+    name_or_fn: str | Callable[..., Any],
+    args_list: Sequence[Sequence[Any]],
+    *,
+    workflow_ids: Sequence[str | None] | None = None,
+    kwargs_list: Sequence[dict[str, Any]] | None = None,
+) -> list[WorkflowRun]:
+    """Start many runs of one workflow: one statement, then their messages on one producer.
+
+    Example::
+
+        runs = durable.start_many("orders.fulfill", [("o-1",), ("o-2",)],
+                                  workflow_ids=["order-o-1", "order-o-2"])
+
+    Each run is what ``start(name_or_fn, *args, workflow_id=..., **kwargs)`` makes of it,
+    eager start included: an id that exists returns its run and writes nothing (or raises
+    :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
+    payload error raises before anything is written. Returns the runs in order.
+    """
+    name = core.workflow_name(name_or_fn)
+    count = len(args_list)
+    ids = list(workflow_ids) if workflow_ids is not None else [None] * count
+    kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
+    if len(ids) != count or len(kwargs_each) != count:
+        raise ValueError("start_many: args_list, workflow_ids and kwargs_list differ in length")
+    new: list[run_queries.NewRun] = []
+    eager: dict[str, Any] = {}
+    for args, kwargs, given in zip(args_list, kwargs_each, ids, strict=True):
+        args_json = core.encode(list(args), f"arguments of workflow {name}")
+        kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
+        wid = given or uuid.uuid4().hex
+        found = None
+        if core.settings.eager_start:
+            found = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+        steps = None
+        if found is not None:
+            eager[wid] = found.effects
+            steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
+        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
+    timeout = core.execution_timeouts.get(name)
+    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
+    core.index_timers(timers)
+    core.apply_many(
+        [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],
+        [
+            (r.workflow_id, name)
+            for r in new
+            if r.workflow_id in created and r.workflow_id not in eager
+        ],
+    )
+    existing = [r.workflow_id for r in new if r.workflow_id not in created]
+    if existing:
+        names = core.store(lambda c: run_queries.run_names(c, existing))
+        for wid in existing:
+            if names.get(wid, name) != name:
+                raise WorkflowIdConflict(wid, names[wid], name)
+    return [WorkflowRun(core, r.workflow_id) for r in new]
 
 
 def run(core: Core, workflow_id: str) -> WorkflowRun:
@@ -119,19 +183,64 @@ def get_event(
 
     With ``timeout`` (seconds or a timedelta) wait up to that long for the key to be set.
     """
-    wait = seconds(timeout)
-    deadline = None if wait is None else time.monotonic() + wait
-    delay = 0.01
-    while True:
+
+    def read() -> tuple[Any] | None:
         row = core.store(lambda c: signal_queries.get_event(c, workflow_id, key))
         if row is not None:
-            return core.decode(row.value)
+            return (core.decode(row.value),)
         if core.store(lambda c: run_queries.get_run(c, workflow_id)) is None:
             raise WorkflowNotFound(workflow_id)
-        if deadline is None or time.monotonic() >= deadline:
-            return None
-        time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
-        delay = min(delay * 1.5, 0.25)
+        return None
+
+    found = wait_for(core, notices.EVENT, workflow_id, read, seconds(timeout) or 0.0)
+    return None if found is None else found[0]
+
+
+def wait_for(
+    core: Core,
+    channel: str,
+    workflow_id: str,
+    read: Callable[[], T | None],
+    timeout: float | None,
+) -> T | None:
+    """Call ``read`` until it returns something (returned) or ``timeout`` passes (None).
+
+    Between reads the wait sleeps until PostgreSQL notifies ``channel`` about
+    ``workflow_id`` (``durable.store.notices``), re-reading every ``notices.RECHECK``
+    seconds all the same; where LISTEN does not work it polls with back-off (5 ms up to
+    250 ms). A first read that finds what it waits for opens no listener.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    found = read()
+    if found is not None or timeout == 0:
+        return found
+    delay = 0.005
+    with notices.waiter(core.settings.database_url, channel, workflow_id) as waiter:
+        while True:
+            found = read()
+            if found is not None:
+                return found
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            pause = notices.RECHECK if waiter.pushed else delay
+            delay = min(delay * 1.5, 0.25)
+            waiter.wait(pause if left is None else min(pause, left))
+
+
+def wait_for_end(core: Core, workflow_id: str, timeout: float | None) -> Any:
+    """The run's status, result and error once it has ended, or when ``timeout`` has passed."""
+    last: list[Any] = []
+
+    def read() -> Any:
+        row = core.store(lambda c: run_queries.get_outcome(c, workflow_id))
+        if row is None:
+            raise WorkflowNotFound(workflow_id)
+        last[:] = [row]
+        return row if row.status != "running" else None
+
+    ended = wait_for(core, notices.ENDED, workflow_id, read, timeout)
+    return ended if ended is not None else last[0]
 
 
 def cancel(core: Core, workflow_id: str) -> list[str]:
@@ -200,21 +309,14 @@ class WorkflowRun:
         did not complete, and :class:`~durable.errors.ResultTimeout` (a ``TimeoutError``)
         after ``timeout`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            row = self._row()
-            if row.status == "completed":
-                return self._core.decode(row.result)
-            if row.status == "failed":
-                raise WorkflowFailed(self.id, self._core.readable_error(row.error or ""))
-            if row.status == "cancelled":
-                raise WorkflowCancelled(self.id)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(self.id, float(timeout or 0), row.status)
-            pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
-            time.sleep(pause)
-            delay = min(delay * 1.5, 0.25)
+        row = wait_for_end(self._core, self.id, timeout)
+        if row.status == "completed":
+            return self._core.decode(row.result)
+        if row.status == "failed":
+            raise WorkflowFailed(self.id, self._core.readable_error(row.error or ""))
+        if row.status == "cancelled":
+            raise WorkflowCancelled(self.id)
+        raise ResultTimeout(self.id, float(timeout or 0), row.status)
 
     # -- as Celery's AsyncResult -----------------------------------------------------------------
 

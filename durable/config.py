@@ -60,10 +60,11 @@ class Settings:
     """Queue of workflow activations (``None``: Celery's default queue)."""
     inline_activation: bool = True
     """Continue the workflow in the process that finished its step (saves a broker hop)."""
-    eager_start: bool = False
+    eager_start: bool = True
     """``start()`` runs the workflow's code in the caller, in memory, up to its first
-    durable operation, and schedules its first remote steps with the run: one broker hop
-    fewer (see ``Durable.start``)."""
+    durable operation, and schedules its first remote steps with the run: one statement and
+    one message per start, no activation hop (see ``Durable.start``). Off: the first
+    activation, on a worker, runs the code up to there."""
     history_cache_size: int = 256
     """Runs whose history a worker process keeps between two of their steps, so that the
     next step's claim need not read it again (0: keep none; see ``durable.histories``)."""

@@ -218,6 +218,35 @@ class Core:
         label = {dispatch.STEP_KWARG: dispatch.step_label(workflow_id, seq)}
         self._send(name, [], send, label)
 
+    def apply_many(self, effects: list[Effects], activations: list[tuple[str, str]]) -> None:
+        """Send the messages of many starts at once, on one producer (one broker connection).
+
+        ``effects``: eager starts' first steps; ``activations``: (workflow id, name) of runs
+        started by an activation.
+        """
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for each in effects:
+                    for pending in each.dispatches:
+                        options = dispatch.step_options(
+                            each.workflow_id, pending.seq, pending.name, pending.options, False
+                        )
+                        label = {
+                            dispatch.STEP_KWARG: dispatch.step_label(each.workflow_id, pending.seq)
+                        }
+                        self._send(pending.name, [], {**options, "producer": producer}, label)
+                for workflow_id, name in activations:
+                    options = dispatch.activation_options(
+                        workflow_id, name, self.settings.workflow_queue
+                    )
+                    self._send(
+                        dispatch.ACTIVATE_TASK, [workflow_id], {**options, "producer": producer}
+                    )
+        except Exception:  # no broker connection: the runs are committed; recovery sends them
+            log.exception(
+                "durable: could not send the messages of %d starts", len(effects) + len(activations)
+            )
+
     def _send(
         self,
         task: str,

@@ -12,7 +12,7 @@ workflows, and it forwards the public verbs to the modules that implement them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -131,6 +131,27 @@ class Durable(Core):
         if workflow_id is not None:
             ids.check_id(workflow_id)
         return client.start(self, name_or_fn, *args, workflow_id=workflow_id, **kwargs)
+
+    def start_many(
+        self,
+        name_or_fn: str | Callable[..., Any],
+        args_list: Sequence[Sequence[Any]],
+        *,
+        workflow_ids: Sequence[str | None] | None = None,
+        kwargs_list: Sequence[dict[str, Any]] | None = None,
+    ) -> list[WorkflowRun]:
+        """Start many runs of one workflow in one statement; idempotent per id like ``start``.
+
+        Example::
+
+            runs = durable.start_many("orders.fulfill", [("o-1",), ("o-2",)],
+                                      workflow_ids=["order-o-1", "order-o-2"])
+
+        See :func:`durable.client.start_many`.
+        """
+        return client.start_many(
+            self, name_or_fn, args_list, workflow_ids=workflow_ids, kwargs_list=kwargs_list
+        )
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""

@@ -27,6 +27,7 @@ from durable import Durable
 from durable.beat import Beat
 from durable.dev.services import Services, create_database, drop_database, ensure_services
 from durable.store import engine as store_engine
+from durable.store.history import events_sql
 from durable.store.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,11 @@ class Workers:
         for proc in self.procs:
             if proc.poll() is None:
                 self.kill(proc)
+
+
+HISTORY_ROWS = f"({events_sql('')}) AS durable_history"
+"""Every run's history as ``durable show`` reads it, the events step rows stand for
+included, as a relation to select from (columns of ``durable_history``; order by ``pos``)."""
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from durable import Durable, RetryPolicy
 from durable.admin import list_runs, parse_duration
 from durable.cli import cli
-from tests.conftest import query, wait_until
+from tests.conftest import HISTORY_ROWS, query, wait_until
 
 # The Durable of the running test, loaded by the command as --app tests.test_admin:CURRENT.
 CURRENT: Durable | None = None
@@ -236,7 +236,7 @@ def test_resume_resends_a_lost_step_and_the_activation(
     assert "no-such-run" in one_line_error(unknown)
 
 
-HISTORY = "SELECT event FROM durable_history WHERE workflow_id = :id ORDER BY id"
+HISTORY = "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = :id ORDER BY pos"
 
 
 def test_retry_runs_a_failed_run_again_from_its_failed_step(
@@ -341,7 +341,7 @@ def test_a_run_started_under_a_deleted_run_s_id_shows_only_its_own_history(
     durable.start("adm.three", "h", workflow_id="h-1").result(timeout=20)
     # Deleted by hand (as TRUNCATE ... CASCADE would): the history has no foreign key.
     query(database_url, "DELETE FROM durable_workflows WHERE id = 'h-1' RETURNING id")
-    assert query(database_url, HISTORY, id="h-1")
+    assert query(database_url, "SELECT 1 FROM durable_history WHERE workflow_id = 'h-1'")
     durable.start("adm.three", "h", workflow_id="h-1").result(timeout=20)
     events = [r.event for r in query(database_url, HISTORY, id="h-1")]
     assert events.count("started") == 1 and events.count("completed") == 1, events

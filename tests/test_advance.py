@@ -27,7 +27,15 @@ from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.store.migrate import upgrade
 from durable.store.statement import on_statement
-from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import (
+    HISTORY_ROWS,
+    Background,
+    clean_keys,
+    clean_tables,
+    make_app,
+    query,
+    wait_until,
+)
 from tests.store_helpers import schedule_step
 
 
@@ -74,7 +82,7 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
     assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "scheduled")]
     events = query(
         database_url,
-        "SELECT seq, event FROM durable_history WHERE seq IS NOT NULL ORDER BY id",
+        "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE seq IS NOT NULL ORDER BY pos",
     )
     assert [(e.seq, e.event) for e in events][-2:] == [(1, "step completed"), (2, "step scheduled")]
 
@@ -292,19 +300,21 @@ def test_a_sequential_run_costs_one_statement_per_step(
         stop_counting()
     claims = [s for s in seen if "SET status = 'started'" in s]
     settles = [s for s in seen if "AS settled_attempts" in s]
-    # The first step is scheduled by the activation that started the run (its lease and
-    # history read, its release), every other step by a settle; this process kept the run
-    # each time, so every step runs unclaimed; the last settle ends the run: no activation,
-    # no finish statement.
-    assert len(claims) == 0 and len(settles) == 20
+    # The first step is scheduled by the start's own statement (an eager start, the
+    # default), and claimed by the worker, which did not schedule it; every other step is
+    # scheduled by a settle in the process that runs it, so it runs unclaimed; the last
+    # settle ends the run: no activation, no finish statement.
+    assert len(claims) == 1 and len(settles) == 20
     start = [s for s in seen if "INSERT INTO durable_workflows" in s]
     others = [s for s in seen if s not in claims and s not in settles and s not in start]
-    assert len(start) == 1 and len(others) == 2, others
+    assert len(start) == 1 and len(others) == 0, others
     run = query(database_url, "SELECT status, result, lease_owner FROM durable_workflows")[0]
     assert (run.status, run.result, run.lease_owner) == ("completed", 20, None)
     events = query(
         database_url,
-        "SELECT event FROM durable_history WHERE workflow_id = 'seq-1' ORDER BY id DESC LIMIT 2",
+        "SELECT event FROM "
+        + HISTORY_ROWS
+        + " WHERE workflow_id = 'seq-1' ORDER BY pos DESC LIMIT 2",
     )
     assert [e.event for e in events] == ["completed", "step completed"]
     steps = query(
@@ -315,10 +325,24 @@ def test_a_sequential_run_costs_one_statement_per_step(
     assert [(s.attempts, s.ordered) for s in steps] == [(1, True)] * 20
     started = query(
         database_url,
-        "SELECT seq, detail FROM durable_history "
+        "SELECT seq, detail FROM " + HISTORY_ROWS + " "
         "WHERE workflow_id = 'seq-1' AND event = 'step started' ORDER BY seq",
     )
     assert [(e.seq, e.detail["attempt"]) for e in started] == [(i, 1) for i in range(1, 21)]
+    # The steps' rows are their history: only the run's start and end are written as rows,
+    # and the history reads as before, step by step.
+    written = query(database_url, "SELECT event FROM durable_history WHERE workflow_id = 'seq-1'")
+    assert sorted(r.event for r in written) == ["completed", "started"]
+    events = query(
+        database_url,
+        "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'seq-1' ORDER BY pos",
+    )
+    step = ["step scheduled", "step started", "step completed"]
+    assert [(e.seq, e.event) for e in events] == [
+        (None, "started"),
+        *[(i, event) for i in range(1, 21) for event in step],
+        (None, "completed"),
+    ]
 
 
 def test_a_kept_history_is_not_used_once_the_run_moved_on(
@@ -613,3 +637,45 @@ def test_steps_find_their_run_by_key_on_a_database_without_statistics(
         clean_keys(redis_url, prefix)
         store_engine.dispose_all()
         drop_database(services.database_url, name)
+
+
+def test_a_start_by_default_writes_the_first_step_and_any_first_action_still_works(
+    durable: Durable, app: Celery, worker: Any, beat: Any, database_url: str
+) -> None:
+    """Eager start is the default: the start's statement schedules the first remote step;
+    a workflow that begins with a local step, a sleep or a signal wait starts as before."""
+
+    @app.task(name="t.add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @durable.workflow("wf.first_remote")
+    def first_remote(ctx: Any) -> int:
+        return int(ctx.step(add, 1, 2))
+
+    def one() -> int:
+        return 1
+
+    @durable.workflow("wf.first_other")
+    def first_other(ctx: Any, first: str) -> str:
+        if first == "local":
+            ctx.step(one, local=True)
+        elif first == "sleep":
+            ctx.sleep(0.1)
+        else:
+            return str(ctx.wait_for_signal("go", timeout=30))
+        return first
+
+    run = durable.start("wf.first_remote", workflow_id="first-remote")
+    steps = query(database_url, "SELECT status FROM durable_steps")
+    assert [r.status for r in steps] == ["scheduled"]  # no activation: the start wrote it
+    assert run.result(timeout=20) == 3
+    for first in ("local", "sleep"):
+        assert durable.start("wf.first_other", first).result(timeout=20) == first
+    waiting = durable.start("wf.first_other", "wait", workflow_id="first-wait")
+    wait_until(
+        lambda: query(database_url, "SELECT 1 FROM durable_steps WHERE workflow_id = 'first-wait'"),
+        what="the wait recorded",
+    )
+    durable.signal("first-wait", "go", "went")
+    assert waiting.result(timeout=20) == "went"

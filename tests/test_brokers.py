@@ -29,7 +29,7 @@ from durable import Durable
 from durable.beat import Beat
 from durable.dev.services import find_rabbitmq
 from tests.apps.rabbit_app import build
-from tests.conftest import Background, clean_keys, clean_tables, query, wait_until
+from tests.conftest import HISTORY_ROWS, Background, clean_keys, clean_tables, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +201,9 @@ def test_a_sigkilled_worker_step_runs_again_with_the_same_key(
         # began unclaimed, on its first delivery, and is claimed half-way to the redispatch).
         claims = query(
             database_url,
-            "SELECT count(*) AS n FROM durable_history WHERE workflow_id = 'kill-1' AND seq = 1"
+            "SELECT count(*) AS n FROM "
+            + HISTORY_ROWS
+            + " WHERE workflow_id = 'kill-1' AND seq = 1"
             " AND event = 'step started' AND detail->>'unclaimed' IS NULL",
         )[0].n
         assert step.status == "completed" and step.attempts == claims >= 1

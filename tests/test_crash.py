@@ -14,7 +14,16 @@ import redis
 from durable import Durable
 from durable.beat import Beat
 from tests.apps.crash_app import build
-from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, query, wait_until
+from tests.conftest import (
+    HISTORY_ROWS,
+    ROOT,
+    Background,
+    Workers,
+    clean_keys,
+    clean_tables,
+    query,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -133,7 +142,7 @@ def test_sigkilled_step_runs_again_with_the_same_key(
         r.event
         for r in query(
             database_url,
-            "SELECT event FROM durable_history WHERE workflow_id = 'kill-step' ORDER BY id",
+            "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'kill-step' ORDER BY pos",
         )
     ]
     assert events.count("step lease expired") == 1
@@ -175,8 +184,8 @@ def test_sigkilled_unclaimed_step_runs_again_with_the_same_key(
     assert (step.status, step.attempts, step.result) == ("completed", 1, "done on run 2")
     events = query(
         database_url,
-        "SELECT event FROM durable_history WHERE workflow_id = 'kill-unclaimed' AND seq = 2 "
-        "ORDER BY id",
+        "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'kill-unclaimed' AND seq = 2 "
+        "ORDER BY pos",
     )
     assert [e.event for e in events] == ["step scheduled", "step started", "step completed"]
     assert count(client, prefix, "slow") == 2
@@ -218,7 +227,7 @@ def test_sigterm_lets_the_running_step_finish_once(
     events = [
         r.event
         for r in query(
-            database_url, "SELECT event FROM durable_history WHERE workflow_id = 'term-step'"
+            database_url, "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'term-step'"
         )
     ]
     assert "step lease expired" not in events

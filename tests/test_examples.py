@@ -14,16 +14,20 @@ from sqlalchemy import create_engine, make_url, text
 
 from durable.config import normalise_database_url
 from durable.dev.services import Services, drop_database
+from durable.store.history import events_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Every call of a step's body, with its step's attempts, status and commits. The shop's
 # effects are unique on (kind, idempotency key), so a body that ran again commits nothing
 # new: only ``shop_calls`` (one row per call, committed or not) shows a repeated run.
-CALLS = """
+CALLS = (
+    """
     WITH done AS (
         SELECT workflow_id || ':' || seq AS key, min(at) AS first_at, count(*) AS commits
-          FROM durable_history WHERE event = 'step completed' GROUP BY workflow_id, seq
+          FROM ("""
+    + events_sql("")
+    + """) AS h WHERE event = 'step completed' GROUP BY workflow_id, seq
     )
     SELECT c.idempotency_key AS key, count(*) AS calls,
            count(*) FILTER (WHERE c.at > done.first_at) AS after_commit,
@@ -33,6 +37,7 @@ CALLS = """
       LEFT JOIN done ON done.key = c.idempotency_key
      GROUP BY c.idempotency_key
 """
+)
 
 
 def read_calls(server_url: str, database: str) -> list[Any]:

@@ -83,7 +83,8 @@ def test_flower_shows_steps_as_the_users_tasks(
     # Flower only sees the tasks whose events it receives: wait until it knows the worker.
     wait_until(lambda: get(f"{api}/workers?refresh=1"), timeout=60, what="Flower and the worker")
 
-    _, durable = build(database_url, redis_url, prefix)
+    # Started by activations (not eagerly), so that Flower has an activation to show.
+    _, durable = build(database_url, redis_url, prefix, eager_start=False)
     run = durable.start("crash.step", 0.1, workflow_id="order-7")
     assert run.result(timeout=30) == ["done on run 1", "after"]
 

@@ -12,7 +12,15 @@ from durable.beat import Beat
 from durable.liveness import Heartbeat
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
-from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import (
+    HISTORY_ROWS,
+    Background,
+    clean_keys,
+    clean_tables,
+    make_app,
+    query,
+    wait_until,
+)
 from tests.store_helpers import schedule_step
 
 
@@ -48,7 +56,7 @@ def test_a_step_longer_than_its_lease_is_not_run_twice(
     events = [
         r.event
         for r in query(
-            database_url, "SELECT event FROM durable_history WHERE workflow_id = 'long-1'"
+            database_url, "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'long-1'"
         )
     ]
     assert "step lease expired" not in events

@@ -23,7 +23,7 @@ from durable import (
     current_step,
 )
 from durable.activation import activate
-from tests.conftest import query, wait_until
+from tests.conftest import HISTORY_ROWS, query, wait_until
 from tests.store_helpers import schedule_step
 
 
@@ -149,7 +149,7 @@ def test_cancel_during_a_sleep_runs_compensation(
     events = [
         r.event
         for r in query(
-            database_url, "SELECT event FROM durable_history WHERE workflow_id = 'cancel-1'"
+            database_url, "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'cancel-1'"
         )
     ]
     assert "timer fired" not in events and "cancelled" in events, events

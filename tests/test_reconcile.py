@@ -23,7 +23,7 @@ from durable import Durable
 from durable.beat import Beat
 from durable.cli import cli
 from tests.apps.crash_app import build
-from tests.conftest import clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import HISTORY_ROWS, clean_keys, clean_tables, make_app, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACE = "0.5"
@@ -223,7 +223,7 @@ STEP_DONE = (1, "step completed")
 
 
 def events(database_url: str) -> list[tuple[int, str]]:
-    rows = query(database_url, "SELECT seq, event FROM durable_history ORDER BY id")
+    rows = query(database_url, "SELECT seq, event FROM " + HISTORY_ROWS + " ORDER BY pos")
     return [(r.seq, r.event) for r in rows]
 
 

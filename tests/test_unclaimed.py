@@ -25,15 +25,23 @@ from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
 from durable.store.records import StepRecord
 from durable.store.runs import Activation
-from tests.conftest import Background, clean_keys, clean_tables, make_app, query, wait_until
+from tests.conftest import (
+    HISTORY_ROWS,
+    Background,
+    clean_keys,
+    clean_tables,
+    make_app,
+    query,
+    wait_until,
+)
 from tests.store_helpers import schedule_step
 
 
 def _events(database_url: str, wid: str, seq: int) -> list[str]:
     rows = query(
         database_url,
-        f"SELECT event FROM durable_history WHERE workflow_id = '{wid}' AND seq = {seq} "
-        "ORDER BY id",
+        "SELECT event FROM " + HISTORY_ROWS + f" WHERE workflow_id = '{wid}' AND seq = {seq} "
+        "ORDER BY pos",
     )
     return [r.event for r in rows]
 
@@ -144,8 +152,8 @@ def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
     ]
     start, end = query(
         database_url,
-        "SELECT detail, at FROM durable_history WHERE workflow_id = 'unc-1' AND seq = 2 "
-        "AND event IN ('step started', 'step completed') ORDER BY id",
+        "SELECT detail, at FROM " + HISTORY_ROWS + " WHERE workflow_id = 'unc-1' AND seq = 2 "
+        "AND event IN ('step started', 'step completed') ORDER BY pos",
     )
     assert start.detail["unclaimed"] is True and start.at == step.started_at <= end.at
     assert durable.run("unc-1").result(timeout=5) == 2
@@ -156,8 +164,12 @@ def test_a_step_scheduled_here_runs_unclaimed_and_a_duplicate_does_not(
 
 
 def test_a_first_step_runs_unclaimed_unless_the_activation_did_more(
-    durable: Durable, app: Celery, database_url: str
+    database_url: str, redis_url: str, prefix: str
 ) -> None:
+    # Started by an activation, not eagerly: the activation schedules the first step.
+    clean_tables(database_url)
+    app, durable = make_app(database_url, redis_url, prefix, eager_start=False)
+
     @app.task(name="t.plain", shared=False)
     def plain(x: int) -> int:
         return x + 1
@@ -176,7 +188,7 @@ def test_a_first_step_runs_unclaimed_unless_the_activation_did_more(
     def started(wid: str, seq: int) -> dict[str, Any]:
         (row,) = query(
             database_url,
-            f"SELECT detail FROM durable_history WHERE workflow_id = '{wid}' AND seq = {seq} "
+            "SELECT detail FROM " + HISTORY_ROWS + f" WHERE workflow_id = '{wid}' AND seq = {seq} "
             "AND event = 'step started'",
         )
         return dict(row.detail)
@@ -247,7 +259,7 @@ def test_a_step_with_a_timeout_is_claimed_even_on_its_first_delivery(
     assert execute_step(durable, "unc-6", 2, fresh=time.time()) == "completed"
     (start,) = query(
         database_url,
-        "SELECT detail FROM durable_history WHERE workflow_id = 'unc-6' AND seq = 2 "
+        "SELECT detail FROM " + HISTORY_ROWS + " WHERE workflow_id = 'unc-6' AND seq = 2 "
         "AND event = 'step started'",
     )
     assert "unclaimed" not in start.detail

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from sqlalchemy import event
 
 from durable import (
     Durable,
@@ -16,9 +17,10 @@ from durable import (
     WorkflowFailed,
     current_step,
 )
-from durable.errors import ResultTimeout
+from durable.errors import ResultTimeout, WorkflowIdConflict
+from durable.store import engine as store_engine
 from durable.testing import TestEnv
-from tests.conftest import query
+from tests.conftest import HISTORY_ROWS, query
 
 
 class CardDeclined(Exception):
@@ -136,11 +138,35 @@ def test_retry_policy_retries_with_durable_timers(
         r.event
         for r in query(
             database_url,
-            "SELECT event FROM durable_history WHERE workflow_id = 'retry-1' ORDER BY id",
+            "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'retry-1' ORDER BY pos",
         )
     ]
     assert events.count("retry scheduled") == 2
     assert events[0] == "started" and events[-1] == "completed"
+    # The history reads attempt by attempt, each start before its end, though only the
+    # step row's current attempt is not written as rows.
+    attempts = [
+        (r.event, r.detail.get("attempt"))
+        for r in query(
+            database_url,
+            "SELECT event, detail FROM " + HISTORY_ROWS + " WHERE workflow_id = 'retry-1'"
+            " AND event IN ('step started', 'retry scheduled', 'step completed') ORDER BY pos",
+        )
+    ]
+    assert attempts == [
+        ("step started", 1),
+        ("retry scheduled", 1),
+        ("step started", 2),
+        ("retry scheduled", 2),
+        ("step started", 3),
+        ("step completed", 3),
+    ]
+    written = query(
+        database_url,
+        "SELECT event FROM durable_history WHERE workflow_id = 'retry-1'"
+        " AND event IN ('step started', 'step completed', 'step scheduled') ORDER BY id",
+    )
+    assert [r.event for r in written] == ["step started", "step started"]  # attempts 1, 2
 
 
 def test_exhausted_step_raises_step_failed_and_workflow_compensates(
@@ -394,3 +420,52 @@ def test_without_inline_activation_each_step_sends_an_activation(
             assert durable.start("wf.no_inline", workflow_id="noinl-1").result(timeout=20) == 3
     finally:
         clean_keys(redis_url, prefix)
+
+
+def test_start_many_starts_runs_in_one_statement_idempotent_per_id(
+    app: Celery, durable: Durable, worker: Any, beat: Any, database_url: str
+) -> None:
+    @app.task(name="t.double", shared=False)
+    def double(x: int) -> int:
+        return 2 * x
+
+    @durable.workflow("wf.many")
+    def wf(ctx: Any, x: int, plus: int = 0) -> int:
+        return int(ctx.step(double, x)) + plus
+
+    @durable.workflow("wf.many_sleep")
+    def sleepy(ctx: Any, x: int) -> int:
+        ctx.sleep(0)
+        return x
+
+    inserts: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "INSERT INTO durable_workflows" in statement:
+            inserts.append(statement)
+
+    engines = store_engine.engines(database_url)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        ids = [f"many-{i}" for i in range(20)]
+        runs = durable.start_many(
+            "wf.many", [(i,) for i in range(20)], workflow_ids=ids, kwargs_list=[{"plus": 1}] * 20
+        )
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
+    assert len(inserts) == 1  # twenty runs and their first steps: one statement
+    assert [r.id for r in runs] == ids
+    assert [r.result(timeout=30) for r in runs] == [2 * i + 1 for i in range(20)]
+    # Again, with the same ids and one new: the existing runs are returned, nothing doubled.
+    again = durable.start_many("wf.many", [(5,), (7,)], workflow_ids=["many-5", "many-new"])
+    assert [r.result(timeout=30) for r in again] == [11, 14]
+    steps = query(
+        database_url, "SELECT count(*) AS n FROM durable_steps WHERE workflow_id = 'many-5'"
+    )
+    assert steps[0].n == 1
+    with pytest.raises(WorkflowIdConflict):
+        durable.start_many("wf.many_sleep", [(1,), (2,)], workflow_ids=["many-sleep", "many-1"])
+    # A first action that is not a remote step: started by an activation, as start() does.
+    assert durable.run("many-sleep").result(timeout=30) == 1

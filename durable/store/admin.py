@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row
 
+from durable.store.history import DERIVED_EVENTS
 from durable.store.statement import statement
 
 # What a run waits on: the first position that has not settled, and its next unfired timer.
@@ -235,7 +236,13 @@ _RETRY = statement(
     ), d AS (
         DELETE FROM durable_steps
          WHERE workflow_id IN (SELECT id FROM w) AND seq >= (SELECT seq FROM f)
-        RETURNING seq
+        RETURNING *
+    ), dh2 AS (
+        -- The deleted steps' own events (their rows were their history) are kept as rows.
+        INSERT INTO durable_history (workflow_id, seq, event, detail, at)
+        SELECT workflow_id, seq, event, detail, at FROM ("""
+    + DERIVED_EVENTS.format(steps="d", alias="d")
+    + """) AS e
     ), t AS (
         DELETE FROM durable_timers
          WHERE workflow_id IN (SELECT id FROM w) AND seq >= (SELECT seq FROM f)

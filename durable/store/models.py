@@ -134,6 +134,11 @@ class Step(Base):
     completed_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # Start-to-close limit of the current attempt (``ctx.step(..., timeout=...)``).
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Who ran the current attempt (the claim's or the unclaimed settle's lease token), and
+    # whether it ran without a claim: with the times above, the step row is its own history
+    # (``durable.store.history``); only earlier attempts are written to durable_history.
+    worker: Mapped[str | None] = mapped_column(Text)
+    unclaimed: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         Index(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from durable.store.models import workflows
+from durable.store.notices import ENDED, notify_sql
 from durable.store.records import StepRecord, records_from_json
-from durable.store.statement import insert_new_steps, statement
+from durable.store.statement import first_row, insert_new_steps, statement
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -30,11 +32,9 @@ _INSERT = statement(
     ), n AS ("""
     + insert_new_steps("w.id", source="w, ")
     + """), h AS (
-        -- One INSERT, so the history reads in order: the start, then the steps it scheduled.
+        -- The steps' 'step scheduled' events are their rows (durable.store.history).
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
-        UNION ALL
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM n
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
         SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
@@ -85,6 +85,98 @@ def insert_run(
     row = conn.execute(_INSERT, params).one()
     timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
     return Inserted(bool(row.created), timer)
+
+
+# Many runs of one workflow in one statement (``durable.start_many``), each as ``_INSERT``
+# writes one; the runs arrive as one JSON array of {id, args, kwargs, steps}, ``steps`` being
+# an eager start's first remote steps (as ``insert_new_steps`` takes them) or null.
+_INSERT_MANY = statement(
+    """
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:runs AS jsonb))
+               AS r(id text, args jsonb, kwargs jsonb, steps jsonb)
+    ), w AS (
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq)
+        SELECT id, :name, 'running', args, kwargs,
+               now() + make_interval(secs => CAST(:timeout AS float8)),
+               CASE WHEN steps IS NULL THEN 0 ELSE 1 END
+          FROM r
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id, deadline_at
+    ), n AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
+                                   dispatched_at, dispatch_count)
+        SELECT w.id, s.seq, 'task', s.name, 'scheduled', s.args, s.kwargs, s.options, now(), 1
+          FROM w JOIN r ON r.id = w.id,
+               jsonb_to_recordset(r.steps)
+               AS s(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
+         WHERE r.steps IS NOT NULL
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
+    ), t AS (
+        INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
+        SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
+        RETURNING id, fire_at
+    ), stale AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)
+    )
+    SELECT (SELECT coalesce(jsonb_agg(id), '[]') FROM w) AS created,
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(id, extract(epoch FROM fire_at))), '[]')
+              FROM t) AS timers
+    """
+)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to create: its id, arguments as JSON text, and an eager start's first steps."""
+
+    workflow_id: str
+    args: str
+    kwargs: str
+    steps: str | None = None
+    """A JSON array of ``{seq, name, args, kwargs, options}``, or None (an activation)."""
+
+    def as_json(self) -> str:
+        """The run as one JSON object, embedding the encoded parts as they are."""
+        return (
+            f'{{"id":{json.dumps(self.workflow_id)},"args":{self.args},'
+            f'"kwargs":{self.kwargs},"steps":{self.steps or "null"}}}'
+        )
+
+
+def insert_runs(
+    conn: Connection, name: str, new: list[NewRun], timeout: float | None = None
+) -> tuple[set[str], list[tuple[int, float]]]:
+    """Create runs of ``name`` in one statement, each like :func:`insert_run`.
+
+    Returns the ids created (an id that exists is left alone) and their execution-timeout
+    timers (id, fire time as epoch), to index.
+    """
+    params = {
+        "runs": "[" + ",".join(run.as_json() for run in new) + "]",
+        "name": name,
+        "timeout": timeout,
+    }
+    row = conn.execute(_INSERT_MANY, params).one()
+    return set(row.created), [(int(i), float(at)) for i, at in row.timers]
+
+
+def run_names(conn: Connection, workflow_ids: list[str]) -> dict[str, str]:
+    """The workflow name of each run among ``workflow_ids`` that exists."""
+    query = select(workflows.c.id, workflows.c.name).where(workflows.c.id.in_(workflow_ids))
+    return {row.id: row.name for row in conn.execute(query)}
+
+
+# What a result wait reads, on the driver's cursor (``first_row``): after the notice of the
+# run's end this read is most of the wait's cost, and SQLAlchemy's result objects doubled it.
+_OUTCOME = statement("SELECT status, result, error FROM durable_workflows WHERE id = :id")
+
+
+def get_outcome(conn: Connection, workflow_id: str) -> Any | None:
+    """The run's ``status``, ``result`` and ``error``, or None when there is no such run."""
+    return first_row(conn, _OUTCOME, {"id": workflow_id})
 
 
 def get_run(conn: Connection, workflow_id: str) -> Row[Any] | None:
@@ -251,6 +343,7 @@ RUN_END = """
 # A run's end also settles its parent's position waiting for it (child workflows), in the
 # same statement, so a parent can never miss its child's outcome. Whatever the run left
 # unstarted (steps of a cancelled batch, a pending sleep) is cancelled and its timers retired.
+# The NOTIFY wakes the waits on the run's result (``durable.store.notices``) at the commit.
 _FINISH = statement(
     """
     WITH w AS (
@@ -266,9 +359,11 @@ _FINISH = statement(
         SELECT id, :status, jsonb_build_object('error', CAST(:error AS text)) FROM w
     ), """
     + RUN_END.format(ended="w")
-    + """
+    + """, nt AS (SELECT """
+    + notify_sql(ENDED, "id")
+    + """ FROM w)
     SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id,
-           (SELECT name FROM pw) AS parent_name
+           (SELECT name FROM pw) AS parent_name, (SELECT count(*) FROM nt) AS notified
     """
 )
 

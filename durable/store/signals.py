@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from durable.store.models import events, signals
+from durable.store.notices import EVENT, notify_sql
 from durable.store.statement import statement
 
 # Kept and woken in one statement: a signal sent while no worker runs at all is in PostgreSQL,
@@ -177,6 +178,8 @@ def wait_for_signal(
     return Consumed(bool(row.consumed), row.payload, row.completed_at, timer)
 
 
+# The NOTIFY wakes ``durable.get_event`` waits on this run at the commit (see
+# ``durable.store.notices``).
 _SET_EVENT = statement(
     """
     WITH s AS (
@@ -193,8 +196,12 @@ _SET_EVENT = statement(
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT :wid, :seq, 'event set', jsonb_build_object('key', CAST(:key AS text)) FROM s
+    ), nt AS (
+        SELECT """
+    + notify_sql(EVENT, "CAST(:wid AS text)")
+    + """ FROM s
     )
-    SELECT completed_at FROM s
+    SELECT completed_at, (SELECT count(*) FROM nt) AS notified FROM s
     """
 )
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, TextClause, select
 
 from durable.store.models import steps
+from durable.store.notices import ENDED, notify_sql
 from durable.store.runs import (
     HISTORY_JSON,
     RUN_COLUMNS,
@@ -27,15 +28,13 @@ from durable.store.runs import (
 from durable.store.statement import first_row, insert_new_steps, statement
 
 # New remote steps (one, or a parallel batch) are written in the statement that releases the
-# run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}.
+# run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}. Their
+# 'step scheduled' events are their rows (``durable.store.history``).
 _SCHEDULE = statement(
     """
     WITH s AS ("""
     + insert_new_steps(":wid", tail="ON CONFLICT (workflow_id, seq) DO NOTHING")
-    + """), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name) FROM s
-    ), r AS (
+    + """), r AS (
         UPDATE durable_workflows
            SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq,
                updated_at = now()
@@ -119,23 +118,34 @@ class ClaimedStep:
 # (:cached_wake): what the worker needs to work out the run's next move in memory once the
 # step is done (see ``settle_step``'s ``expect_wake``). The run is read through a plain
 # subquery, like the history, so both come from the statement's one snapshot.
+#
+# The step row records the attempt's start (started_at, attempts, worker): its 'step started'
+# event is derived from it (``durable.store.history``). Only when this claim starts a later
+# attempt is the previous attempt's start, which the row is about to forget, written out (p:
+# the row as the statement's snapshot saw it, the attempt before the one s took).
 _CLAIM = statement(
     """
-    WITH s AS (
+    WITH p AS (
+        SELECT attempts, started_at, worker, unclaimed FROM durable_steps
+         WHERE workflow_id = :wid AND seq = :seq AND attempts > 0 AND worker IS NOT NULL
+    ), s AS (
         UPDATE durable_steps st
            SET status = 'started', attempts = st.attempts + 1, started_at = now(),
                lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :ttl),
                deadline_at = now() + make_interval(
-                   secs => CAST(st.options ->> 'timeout' AS float8))
+                   secs => CAST(st.options ->> 'timeout' AS float8)),
+               worker = :owner, unclaimed = false
           FROM durable_workflows w
          WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
            AND w.id = st.workflow_id AND (w.status = 'running') IS TRUE
         RETURNING st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options, st.attempts
     ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT workflow_id, seq, 'step started',
-               jsonb_build_object('attempt', attempts, 'worker', CAST(:owner AS text))
-          FROM s
+        INSERT INTO durable_history (workflow_id, seq, event, detail, at)
+        SELECT s.workflow_id, s.seq, 'step started',
+               jsonb_build_object('attempt', p.attempts, 'worker', p.worker)
+               || CASE WHEN p.unclaimed THEN '{"unclaimed": true}'::jsonb ELSE '{}'::jsonb END,
+               p.started_at
+          FROM s, p WHERE p.attempts = s.attempts - 1
     ), w AS (
         SELECT """
     + RUN_COLUMNS
@@ -234,16 +244,18 @@ def _settle_statement(ending: bool) -> TextClause:
             f" result = CASE WHEN {_ADVANCE} THEN CAST(:end_result AS jsonb) ELSE result END,"
             f" finished_at = CASE WHEN {_ADVANCE} THEN now() ELSE finished_at END,"
         )
-        end_history = """
-        UNION ALL
-        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL), now()
-          FROM w WHERE w.ended"""
+        end_history = """, h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended
+    )"""
         end_ctes = (
             ", ended AS (SELECT id, parent_id, parent_seq FROM w WHERE w.ended), "
             + RUN_END.format(ended="ended")
+            + f", nt AS (SELECT {notify_sql(ENDED, 'id')} FROM ended)"
         )
         woken_parent = (
-            "(SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name"
+            "(SELECT id FROM pw) AS woken_parent_id, (SELECT name FROM pw) AS woken_parent_name,"
+            " (SELECT count(*) FROM nt) AS notified"
         )
     return statement(
         """
@@ -255,7 +267,9 @@ def _settle_statement(ending: bool) -> TextClause:
                attempts = CASE WHEN :unclaimed THEN 1 ELSE attempts END,
                started_at = CASE WHEN :unclaimed
                                  THEN least(CAST(:started_at AS timestamptz), now())
-                            ELSE started_at END
+                            ELSE started_at END,
+               worker = CASE WHEN :unclaimed THEN :owner ELSE coalesce(worker, :owner) END,
+               unclaimed = CASE WHEN :unclaimed THEN true ELSE unclaimed END
          WHERE workflow_id = :wid AND seq = :seq
            AND CASE WHEN :unclaimed THEN status IN ('scheduled', 'cancelled') AND attempts = 0
                          AND EXISTS (SELECT 1 FROM durable_workflows r WHERE r.id = :wid
@@ -295,25 +309,8 @@ def _settle_statement(ending: bool) -> TextClause:
             tail="""WHERE EXISTS (SELECT 1 FROM w WHERE w.advanced)
                     ON CONFLICT (workflow_id, seq) DO NOTHING""",
         )
-        + """), h AS (
-        -- One INSERT, so the history reads in order: the step's start if it was not
-        -- claimed, its end, then what it led to.
-        INSERT INTO durable_history (workflow_id, seq, event, detail, at)
-        SELECT workflow_id, seq, 'step started',
-               jsonb_build_object('attempt', 1, 'worker', CAST(:owner AS text),
-                                  'unclaimed', true),
-               least(CAST(:started_at AS timestamptz), now())
-          FROM s WHERE :unclaimed
-        UNION ALL
-        SELECT workflow_id, seq, :event,
-               jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text)), now()
-          FROM s
-        UNION ALL
-        SELECT workflow_id, seq, 'step scheduled', jsonb_build_object('name', name), now()
-          FROM n"""
+        + ")"
         + end_history
-        + """
-    )"""
         + end_ctes
         + """
     SELECT s.attempts AS settled_attempts, s.completed_at AS settled_at,
@@ -404,10 +401,11 @@ def settle_step(
 
     With ``unclaimed`` the step was run without a claim (its first delivery, see
     ``durable.runner``): it settles only if it was never claimed, in the run created at
-    ``run_created``, as attempt 1 started at ``started_at``, and its ``step started`` event
-    is written too. A step cancellation marked ``cancelled`` meanwhile (it had not been
-    claimed) is settled all the same: its body did run, and its outcome is kept, as that of
-    any step that was running when the cancellation came.
+    ``run_created``, as attempt 1 started at ``started_at`` by ``owner`` (the row's
+    ``worker`` and ``unclaimed``, from which its ``step started`` event is read). A step
+    cancellation marked ``cancelled`` meanwhile (it had not been claimed) is settled all the
+    same: its body did run, and its outcome is kept, as that of any step that was running
+    when the cancellation came.
     """
     status = "completed" if error is None else "failed"
     params = {
@@ -416,7 +414,6 @@ def settle_step(
         "status": status,
         "result": result,
         "error": error,
-        "event": f"step {status}",
         "owner": owner,
         "ttl": ttl,
         "acquire": acquire,

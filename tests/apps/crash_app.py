@@ -18,8 +18,10 @@ from celery.signals import task_postrun
 from durable import Durable, StepFailed, current_step
 
 
-def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durable]:
-    """The app, its tasks and workflows, all keyed under ``prefix``."""
+def build(
+    database_url: str, redis_url: str, prefix: str, **settings: Any
+) -> tuple[Celery, Durable]:
+    """The app, its tasks and workflows, all keyed under ``prefix``; ``settings`` to Durable."""
     app = Celery(f"crash-{prefix}", broker=redis_url, set_as_current=False)
     app.conf.broker_transport_options = {
         "global_keyprefix": f"{prefix}:",
@@ -33,7 +35,9 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     app.conf.task_acks_late = True
     app.conf.worker_prefetch_multiplier = 1
     app.conf.broker_connection_retry_on_startup = True
-    durable = Durable(app, database_url=database_url, redis_url=redis_url, key_prefix=prefix)
+    durable = Durable(
+        app, database_url=database_url, redis_url=redis_url, key_prefix=prefix, **settings
+    )
     client = redis.Redis.from_url(redis_url, decode_responses=True)
 
     def note_redelivery(
