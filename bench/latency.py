@@ -103,6 +103,7 @@ def plain(bench: Bench, n: int) -> float:
 def backend(bench: Bench, n: int) -> float:
     """The chain with the Redis result backend; done when ``.get()`` returns."""
     links = [bench.add.s(0, 1)] + [bench.add.s(1) for _ in range(n - 1)]
+    links = [link.set(ignore_result=False) for link in links]  # bench.add ignores by default
     started = time.time()
     result = chain(*links).apply_async()
     value = result.get(timeout=bench.left(RUN_TIMEOUT))
