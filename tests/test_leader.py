@@ -80,9 +80,11 @@ def test_release_deletes_only_the_own_lock(client: redis.Redis, prefix: str) -> 
 
 
 def test_local_validity_ends_before_the_key_expires(client: redis.Redis, prefix: str) -> None:
-    a = lock(client, prefix, ttl=3.0, name="a")
+    # A 10 s TTL: the holder stops at 9 s, a second before Redis drops the key, a margin no
+    # stall of a busy machine between the two checks below comes near.
+    a = lock(client, prefix, ttl=10.0, name="a")
     assert a.tick() and a.held()
-    wait_until(lambda: not a.held(), timeout=10, what="the local validity to end")  # no renewal
+    wait_until(lambda: not a.held(), timeout=20, what="the local validity to end")  # no renewal
     # Redis still shows it, for about a tenth of the TTL; the holder already stopped.
     assert client.get(a.key) == b"a"
     assert int(client.pttl(a.key)) > 0
