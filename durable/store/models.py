@@ -85,6 +85,9 @@ class Workflow(Base):
     # Change ids that ``ctx.patched`` found new code for in this run.
     patches: Mapped[Any | None] = mapped_column(JSONB)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The trace context the run's spans continue (W3C traceparent/tracestate): the start's,
+    # or the parent run's for a child; NULL when tracing was off (durable.tracing).
+    trace_context: Mapped[Any | None] = mapped_column(JSONB)
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
