@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from durable import tracing
 from durable._control import NeedsActivation, Suspend
 from durable.context import WorkflowContext
 from durable.effects import Effects
@@ -177,29 +178,44 @@ def _replay_settled(
 
 
 def replay_new_run(
-    core: Core, workflow_id: str, name: str, args: str, kwargs: str
+    core: Core,
+    workflow_id: str,
+    name: str,
+    args: str,
+    kwargs: str,
+    trace: dict[str, str] | None = None,
 ) -> Replayed | None:
     """Run a workflow not started yet in memory, up to its first remote steps (eager start).
 
-    ``args`` and ``kwargs`` are as they will be stored. Returns what it found when the
+    ``args`` and ``kwargs`` are as they will be stored; ``trace`` is the trace context the
+    run will record (:mod:`durable.tracing`). Returns what it found when the
     workflow's first durable operations are remote steps (``effects.schedules``); None for
     anything else, ``ctx.now()`` included (the run's start time is not known yet): the run's
     first activation does that, as without an eager start. A failure is logged: the run
     then starts as usual.
     """
     try:
-        return _replay_new(core, workflow_id, name, args, kwargs)
+        return _replay_new(core, workflow_id, name, args, kwargs, trace)
     except Exception:
         log.exception("durable: eager start of %s failed; activating it", workflow_id)
         return None
 
 
-def _replay_new(core: Core, workflow_id: str, name: str, args: str, kwargs: str) -> Replayed | None:
+def _replay_new(
+    core: Core, workflow_id: str, name: str, args: str, kwargs: str, trace: dict[str, str] | None
+) -> Replayed | None:
     fn = core.registry.get(name)
     if fn is None:
         return None
     run = runs.Activation(
-        workflow_id, name, json.loads(args), json.loads(kwargs), 1, datetime.now(UTC), []
+        workflow_id,
+        name,
+        json.loads(args),
+        json.loads(kwargs),
+        1,
+        datetime.now(UTC),
+        [],
+        trace_context=trace,
     )
     found = _run_in_memory(core, fn, run, now_known=False)
     if found is None or found.result is not None or not found.effects.schedules:
@@ -208,6 +224,17 @@ def _replay_new(core: Core, workflow_id: str, name: str, args: str, kwargs: str)
 
 
 def _run_in_memory(
+    core: Core, fn: Callable[..., Any], run: runs.Activation, now_known: bool
+) -> Replayed | None:
+    with tracing.activation_span(run.name, run.workflow_id, run.trace_context, True) as span:
+        found = _run_in_memory_traced(core, fn, run, now_known)
+        # None: the run's next move is left to a real activation (its own span).
+        outcome = "handed-over" if found is None else "suspended"
+        span.outcome("completed" if found is not None and found.result is not None else outcome)
+        return found
+
+
+def _run_in_memory_traced(
     core: Core, fn: Callable[..., Any], run: runs.Activation, now_known: bool
 ) -> Replayed | None:
     steps = run.steps
@@ -231,6 +258,14 @@ def _run_in_memory(
 
 
 def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
+    wid, name, trace = activation.workflow_id, activation.name, activation.trace_context
+    with tracing.activation_span(name, wid, trace, False) as span:
+        outcome, effects = _replay_traced(core, activation, owner)
+        span.outcome(outcome)
+        return outcome, effects
+
+
+def _replay_traced(core: Core, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
     ctx = WorkflowContext(core, activation, owner)
     fn = core.registry.get(activation.name)
     result: str | None = None

@@ -9,12 +9,13 @@ up at that moment.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable import activation
+from durable import activation, tracing
 from durable.durations import seconds
 from durable.errors import (
     LimitExceeded,
@@ -67,15 +68,31 @@ def start(
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
+    with tracing.start_span(name, wid) as carrier:
+        _start(core, wid, name, args_json, kwargs_json, carrier)
+    return WorkflowRun(core, wid)
+
+
+def _start(
+    core: Core,
+    wid: str,
+    name: str,
+    args_json: str,
+    kwargs_json: str,
+    carrier: tracing.Carrier | None,
+) -> None:
     timeout = core.execution_timeouts.get(name)
     eager = None
     if core.settings.eager_start:
-        eager = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+        eager = activation.replay_new_run(core, wid, name, args_json, kwargs_json, carrier)
     steps = None
     if eager is not None:
         steps = "[" + ",".join(step.as_json() for step in eager.effects.schedules) + "]"
+    trace = json.dumps(carrier) if carrier else None
     inserted = core.store(
-        lambda c: run_queries.insert_run(c, wid, name, args_json, kwargs_json, timeout, steps)
+        lambda c: run_queries.insert_run(
+            c, wid, name, args_json, kwargs_json, timeout, steps, trace
+        )
     )
     created = inserted.created
     if inserted.timer:
@@ -87,7 +104,6 @@ def start(
         core.apply_effects(eager.effects)  # the first steps' messages, no activation
     elif created:
         core.send_activation(wid, name)
-    return WorkflowRun(core, wid)
 
 
 def start_many(
@@ -112,10 +128,22 @@ def start_many(
     """
     name = core.workflow_name(name_or_fn)
     count = len(args_list)
-    ids = list(workflow_ids) if workflow_ids is not None else [None] * count
+    ids: list[str | None] = list(workflow_ids) if workflow_ids is not None else [None] * count
     kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
     if len(ids) != count or len(kwargs_each) != count:
         raise ValueError("start_many: args_list, workflow_ids and kwargs_list differ in length")
+    with tracing.start_span(name) as carrier:
+        return _start_many(core, name, args_list, ids, kwargs_each, carrier)
+
+
+def _start_many(
+    core: Core,
+    name: str,
+    args_list: Sequence[Sequence[Any]],
+    ids: list[str | None],
+    kwargs_each: list[dict[str, Any]],
+    carrier: tracing.Carrier | None,
+) -> list[WorkflowRun]:
     new: list[run_queries.NewRun] = []
     eager: dict[str, Any] = {}
     for args, kwargs, given in zip(args_list, kwargs_each, ids, strict=True):
@@ -124,14 +152,15 @@ def start_many(
         wid = given or uuid.uuid4().hex
         found = None
         if core.settings.eager_start:
-            found = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+            found = activation.replay_new_run(core, wid, name, args_json, kwargs_json, carrier)
         steps = None
         if found is not None:
             eager[wid] = found.effects
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
         new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
     timeout = core.execution_timeouts.get(name)
-    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
+    trace = json.dumps(carrier) if carrier else None
+    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout, trace))
     core.index_timers(timers)
     core.apply_many(
         [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],

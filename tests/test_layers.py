@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "step_info",
             "store",
             "timer_index",
+            "tracing",
         },
     ),
     ("core", {"core", "effects", "histories"}),
