@@ -63,25 +63,36 @@ def activate(
             activation = core.store(lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False)
         if activation is None:
             return "busy-or-finished"
-        core.heartbeat.hold(owner)
-        try:
-            outcome, effects = _replay(core, activation, owner)
-        finally:
-            core.heartbeat.release(owner)
-        if outcome in ("unknown-workflow", "undecodable"):
-            # Keep the lease: it expires, and the recovery sweep sends the activation again,
-            # maybe to a worker that has the workflow's module.
+        wid, name, trace = activation.workflow_id, activation.name, activation.trace_context
+        # The span covers the replay, its commit and the messages it sends (so that a tracing
+        # Celery instrumentation puts those messages in the run's trace).
+        with tracing.activation_span(name, wid, trace, False) as span:
+            outcome = _activate_leased(core, activation, owner)
+            span.outcome(outcome or "woken")
+        if outcome is not None:
             return outcome
-        if outcome != "suspended":
-            core.apply_effects(effects)
-            return outcome
-        released, wrote_all = _release(core, effects, owner, activation.wake_seq)
-        first = released and wrote_all and core.histories.keep_at_rest(activation, effects)
-        core.apply_effects(effects, first=first)
-        if released:
-            return "suspended"
     # Woken again and again while replaying: leave it to the next message or the sweep.
     return "yielded"
+
+
+def _activate_leased(core: Core, activation: runs.Activation, owner: str) -> str | None:
+    """Replay a leased run, commit and send what it did; None: woken meanwhile, replay again."""
+    core.heartbeat.hold(owner)
+    try:
+        outcome, effects = _replay(core, activation, owner)
+    finally:
+        core.heartbeat.release(owner)
+    if outcome in ("unknown-workflow", "undecodable"):
+        # Keep the lease: it expires, and the recovery sweep sends the activation again,
+        # maybe to a worker that has the workflow's module.
+        return outcome
+    if outcome != "suspended":
+        core.apply_effects(effects)
+        return outcome
+    released, wrote_all = _release(core, effects, owner, activation.wake_seq)
+    first = released and wrote_all and core.histories.keep_at_rest(activation, effects)
+    core.apply_effects(effects, first=first)
+    return "suspended" if released else None
 
 
 def continue_workflow(
@@ -258,14 +269,6 @@ def _run_in_memory_traced(
 
 
 def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
-    wid, name, trace = activation.workflow_id, activation.name, activation.trace_context
-    with tracing.activation_span(name, wid, trace, False) as span:
-        outcome, effects = _replay_traced(core, activation, owner)
-        span.outcome(outcome)
-        return outcome, effects
-
-
-def _replay_traced(core: Core, activation: runs.Activation, owner: str) -> tuple[str, Effects]:
     ctx = WorkflowContext(core, activation, owner)
     fn = core.registry.get(activation.name)
     result: str | None = None

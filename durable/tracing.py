@@ -11,10 +11,11 @@ instrumented library. The tracer is named ``durable``.
   child workflow inherits its parent run's context.
 - Each run of the workflow's code (an activation, or the in-memory replay of an eager start
   or of a worker settling a step) is a span ``durable.activation <workflow>``, and each step
-  attempt (remote, or ``local=True``) a span ``durable.step <step>``; both are children of
-  the run's recorded context, so a run is one trace however many workers and crashes it
-  spans. A step's span is the current span while its body runs: what the task traces nests
-  under it.
+  attempt (remote, or ``local=True``) a span ``durable.step <step>``. Their parent is the
+  run's recorded context, or the current span where that is already in the run's trace (a
+  local step's activation, the step whose settle replays the run, Celery's instrumentation
+  of the message), so a run is one trace however many workers and crashes it spans. A
+  step's span is the current span while its body runs: what the task traces nests under it.
 """
 
 from __future__ import annotations
@@ -81,10 +82,22 @@ class Span:
 
 
 def _context(carrier: Mapping[str, str] | None) -> Any:
-    """The parent context a run's spans take: the run's recorded one, else the current one."""
+    """The parent of a run's span (None: the current span).
+
+    The current span if it is in the run's trace, else the run's recorded context; the
+    current span when the run recorded none. So a span nests under what already traces the
+    same run in this process (a step's span under Celery's instrumentation of its message,
+    a local step under its activation), and starts from the run's own context anywhere else
+    (a worker after a crash).
+    """
     if trace is None or not carrier:
         return None
-    return propagate.extract(dict(carrier))
+    recorded = propagate.extract(dict(carrier))
+    run_trace = trace.get_current_span(recorded).get_span_context()
+    current = trace.get_current_span().get_span_context()
+    if current.is_valid and current.trace_id == run_trace.trace_id:
+        return None
+    return recorded
 
 
 def current_carrier() -> Carrier | None:

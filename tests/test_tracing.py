@@ -86,8 +86,14 @@ def trace_of(database_url: str, workflow_id: str) -> Any:
 
 
 @pytest.fixture
+def worker_env() -> dict[str, str]:
+    """What the worker processes' environment adds (a test may add to it first)."""
+    return {}
+
+
+@pytest.fixture
 def traced_workers(
-    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path, worker_env: dict[str, str]
 ) -> Iterator[tuple[Durable, Workers, Path]]:
     clean_tables(database_url)
     spans_file = tmp_path / "spans.jsonl"
@@ -98,6 +104,7 @@ def traced_workers(
         "CRASH_PREFIX": prefix,
         "OTEL_SPANS_FILE": str(spans_file),
         "PYTHONPATH": str(ROOT),
+        **worker_env,
     }
     _, durable = build(database_url, redis_url, prefix)
     workers = Workers(env, tmp_path, "tests.apps.otel_app")
@@ -167,9 +174,22 @@ def test_one_trace_from_start_through_every_step_and_the_rerun_after_a_sigkill(
     found = local_spans(spans) + file_spans(spans_file)
     durable_spans = [s for s in found if s["name"].startswith("durable.")]
     assert {s["trace_id"] for s in found if s["name"] != "caller"} == {trace_id}
-    # Every span of the run and of its child hangs from the start span.
+    # The run's spans hang from the start span: directly where nothing of the run's trace
+    # was current (a worker taking a message), else under the span that was (a local step
+    # under its activation, the in-memory replay of a settle under its step).
+    by_id = {span["span_id"]: span for span in durable_spans}
     for span in durable_spans:
-        if span["span_id"] != start["span_id"]:
+        parent = by_id.get(span["parent_id"])
+        attributes = span["attributes"]
+        if span["span_id"] == start["span_id"]:
+            continue
+        if attributes.get("durable.step.kind") == "local":
+            assert parent is not None and parent["name"] == "durable.activation otel.flow"
+            assert parent["attributes"]["durable.activation.in_memory"] is False
+        elif attributes.get("durable.activation.in_memory") and parent != start:
+            assert parent is not None and parent["name"].startswith("durable.step "), span
+            assert parent["pid"] == span["pid"]
+        else:
             assert span["parent_id"] == start["span_id"], span
 
     (traced,) = step_spans(found, "traced", 1)
@@ -208,6 +228,58 @@ def test_one_trace_from_start_through_every_step_and_the_rerun_after_a_sigkill(
     by_run = {(s["attributes"]["durable.workflow.id"]) for s in activations}
     assert by_run == {"traced", "traced/4"}
     assert len([s for s in activations if ended(s)]) == 1
+
+
+@pytest.fixture
+def celery_instrumented(worker_env: dict[str, str]) -> Iterator[None]:
+    """Celery's own OpenTelemetry instrumentation, here and in the worker processes."""
+    instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.celery",
+        reason="opentelemetry-instrumentation-celery is not installed",
+    )
+    worker_env["OTEL_CELERY"] = "1"
+    instrumentor = instrumentation.CeleryInstrumentor()
+    instrumentor.instrument()
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_celery_instrumentation_and_the_steps_nest_in_one_trace(
+    celery_instrumented: None,
+    traced_workers: tuple[Durable, Workers, Path],
+    spans: InMemorySpanExporter,
+) -> None:
+    durable, workers, spans_file = traced_workers
+    workers.start("instrumented")
+    with trace.get_tracer("tests.caller").start_as_current_span("caller") as caller:
+        run = durable.start("otel.pair", "o-2", workflow_id="pair")
+    assert run.result(timeout=60) == ["traced o-2", "leaf o-2"]
+    # Celery's span of the last step's message ends after the step's settle ended the run.
+    wait_until(
+        lambda: named(file_spans(spans_file), "run/otel.leaf"), what="Celery's last task span"
+    )
+    found = local_spans(spans) + file_spans(spans_file)
+    assert {s["trace_id"] for s in found} == {f"{caller.get_span_context().trace_id:032x}"}
+
+    def one(name: str) -> dict[str, Any]:
+        (span,) = named(found, name)
+        return span
+
+    start = one("durable.start otel.pair")
+    # The first step's message is published under the start span (Celery's instrumentation
+    # in the caller), its run in the worker under that, and the step's span under its run;
+    # what the task traces under the step's span.
+    assert one("apply_async/otel.traced")["parent_id"] == start["span_id"]
+    assert one("run/otel.traced")["parent_id"] == one("apply_async/otel.traced")["span_id"]
+    assert one("durable.step otel.traced")["parent_id"] == one("run/otel.traced")["span_id"]
+    assert one("inside the task")["parent_id"] == one("durable.step otel.traced")["span_id"]
+    # The next step is sent by the first one's settle, inside its span.
+    traced_step = one("durable.step otel.traced")
+    assert one("apply_async/otel.leaf")["parent_id"] == traced_step["span_id"]
+    assert one("run/otel.leaf")["parent_id"] == one("apply_async/otel.leaf")["span_id"]
+    assert one("durable.step otel.leaf")["parent_id"] == one("run/otel.leaf")["span_id"]
 
 
 def failing_workflows(app: Celery, durable: Durable, redis_url: str, prefix: str) -> None:

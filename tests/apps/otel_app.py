@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import worker_process_init
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -56,7 +57,7 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     """The crash tests' app (its ``crash.slow`` step runs long the first time) and:
 
     ``otel.flow``: a task that makes a span of its own, a local step, the slow step (the one
-    a test kills), then a child workflow with one step.
+    a test kills), then a child workflow with one step. ``otel.pair``: two remote steps.
     """
     app, durable = build_crash_app(database_url, redis_url, prefix)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -81,6 +82,10 @@ def build(database_url: str, redis_url: str, prefix: str) -> tuple[Celery, Durab
     def child(ctx: Any, order: str) -> str:
         return str(ctx.step(leaf, order))
 
+    @durable.workflow("otel.pair")
+    def pair(ctx: Any, order: str) -> list[str]:
+        return [ctx.step(traced, order), ctx.step(leaf, order)]
+
     @durable.workflow("otel.flow")
     def flow(ctx: Any, order: str, seconds: float) -> list[str]:
         done = [ctx.step(traced, order), ctx.step(local_part, order, local=True)]
@@ -98,9 +103,18 @@ def install_exporter(path: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+def instrument_celery(**_: Any) -> None:
+    """Celery's own OpenTelemetry instrumentation, in each pool process as its docs say."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    CeleryInstrumentor().instrument()
+
+
 if os.environ.get("CRASH_PREFIX"):
     if os.environ.get("OTEL_SPANS_FILE"):
         install_exporter(os.environ["OTEL_SPANS_FILE"])
+    if os.environ.get("OTEL_CELERY"):
+        worker_process_init.connect(instrument_celery, weak=False)
     app, durable = build(
         os.environ["DURABLE_DATABASE_URL"],
         os.environ["DURABLE_REDIS_URL"],
