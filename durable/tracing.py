@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 try:
@@ -81,6 +82,12 @@ class Span:
             self._span.record_exception(exc)
 
 
+@cache
+def _tracer() -> Any:
+    """The ``durable`` tracer, made once: the API's proxy follows a provider set later."""
+    return trace.get_tracer(TRACER_NAME)
+
+
 def _context(carrier: Mapping[str, str] | None) -> Any:
     """The parent of a run's span (None: the current span).
 
@@ -118,8 +125,7 @@ def start_span(workflow_name: str, workflow_id: str | None = None) -> Iterator[C
     attributes: dict[str, str] = {WORKFLOW_NAME: workflow_name}
     if workflow_id is not None:
         attributes[WORKFLOW_ID] = workflow_id
-    tracer = trace.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(f"durable.start {workflow_name}", attributes=attributes):
+    with _tracer().start_as_current_span(f"durable.start {workflow_name}", attributes=attributes):
         yield current_carrier()
 
 
@@ -131,13 +137,12 @@ def activation_span(
     if trace is None:
         yield Span()
         return
-    tracer = trace.get_tracer(TRACER_NAME)
     attributes: dict[str, Any] = {
         WORKFLOW_NAME: workflow_name,
         WORKFLOW_ID: workflow_id,
         ACTIVATION_IN_MEMORY: in_memory,
     }
-    with tracer.start_as_current_span(
+    with _tracer().start_as_current_span(
         f"durable.activation {workflow_name}",
         context=_context(carrier),
         attributes=attributes,
@@ -160,7 +165,6 @@ def step_span(
     if trace is None:
         yield Span()
         return
-    tracer = trace.get_tracer(TRACER_NAME)
     attributes: dict[str, Any] = {
         WORKFLOW_ID: workflow_id,
         STEP_SEQ: seq,
@@ -172,7 +176,7 @@ def step_span(
         attributes[WORKFLOW_NAME] = workflow_name
     # An exception leaving the block is not recorded: the caller records the body's own
     # (``Span.exception``, which honours sealed errors) and sets the status from the outcome.
-    with tracer.start_as_current_span(
+    with _tracer().start_as_current_span(
         f"durable.step {step_name}",
         context=_context(carrier),
         attributes=attributes,
