@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from durable import Durable, RetryPolicy, StepFailed
@@ -142,6 +143,10 @@ def test_one_trace_from_start_through_every_step_and_the_rerun_after_a_sigkill(
     assert recorded["traceparent"].startswith(f"00-{trace_id}-{start['span_id']}-")
 
     # Kill the worker while the slow step (position 3) runs, once it holds a claim.
+    slow_runs = redis.Redis.from_url(redis_url, decode_responses=True)
+    wait_until(
+        lambda: slow_runs.get(f"{prefix}:count:slow") == "1", timeout=60, what="the slow step"
+    )
     wait_until(
         lambda: query(
             database_url,
@@ -284,8 +289,6 @@ def test_celery_instrumentation_and_the_steps_nest_in_one_trace(
 
 def failing_workflows(app: Celery, durable: Durable, redis_url: str, prefix: str) -> None:
     """``tr.flaky`` (fails its first attempt, then succeeds) and ``tr.fail`` (always fails)."""
-    import redis
-
     client = redis.Redis.from_url(redis_url, decode_responses=True)
 
     @app.task(name="tr.flaky", shared=False)
