@@ -153,7 +153,8 @@ class _Unclaimed:
 
         def claim() -> int | None:
             claimed = core.store(
-                lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl), flush=False
+                lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl, running=True),
+                flush=False,
             )
             return None if claimed is None else claimed.attempt
 
@@ -248,7 +249,9 @@ def _run_claimed(
         plain = replace(claimed, run=None, rest_wake=None, rest_created_at=None)
         if unclaimed is not None:  # never claimed: claim it to record the failure
             ttl = core.settings.lease_ttl.total_seconds()
-            taken = core.store(lambda c: step_queries.claim_step(c, wid, seq, owner, ttl))
+            taken = core.store(
+                lambda c: step_queries.claim_step(c, wid, seq, owner, ttl, running=True)
+            )
             if taken is None:
                 return "superseded", None
             plain = replace(plain, attempt=taken.attempt)

@@ -123,6 +123,10 @@ class ClaimedStep:
 # event is derived from it (``durable.store.history``). Only when this claim starts a later
 # attempt is the previous attempt's start, which the row is about to forget, written out (p:
 # the row as the statement's snapshot saw it, the attempt before the one s took).
+#
+# A step of a paused run is not claimed (its message is acknowledged and dropped; unpause
+# sends it again), unless :running: the claim deferred for a body already running unclaimed
+# when the pause came, whose outcome is kept as any running step's is.
 _CLAIM = statement(
     """
     WITH p AS (
@@ -138,6 +142,7 @@ _CLAIM = statement(
           FROM durable_workflows w
          WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
            AND w.id = st.workflow_id AND (w.status = 'running') IS TRUE
+           AND (:running OR NOT w.paused)
         RETURNING st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options, st.attempts
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail, at)
@@ -174,8 +179,12 @@ def claim_step(
     ttl: float,
     with_history: bool = False,
     cached_wake: int | None = None,
+    running: bool = False,
 ) -> ClaimedStep | None:
     """Take a scheduled step for ``owner``; None when it is not (or no longer) scheduled.
+
+    A step of a paused run is not taken, unless ``running``: its body already runs (a first
+    delivery that ran unclaimed), and its outcome must be recorded.
 
     With ``with_history`` the claimed step also carries its run's wake counter if the run is
     at rest, and the run with its history (``ClaimedStep.run``) unless the counter is
@@ -188,6 +197,7 @@ def claim_step(
         "ttl": ttl,
         "with_history": with_history,
         "cached_wake": cached_wake,
+        "running": running,
     }
     row = first_row(conn, _CLAIM, params)
     if row is None:
@@ -222,9 +232,11 @@ def claim_step(
     )
 
 
-_ADVANCE = """(wake_seq = :expect_wake AND run_seq = :expect_wake
+# A paused run neither advances nor is taken: the settle records the step's outcome and the
+# wake-up, which the activation that ``durable unpause`` sends replays.
+_ADVANCE = """(wake_seq = :expect_wake AND run_seq = :expect_wake AND NOT paused
                AND (lease_owner IS NULL OR lease_expires_at < now()))"""
-_TAKE = """(:acquire AND (lease_owner IS NULL OR lease_expires_at < now()))"""
+_TAKE = """(:acquire AND NOT paused AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 
 
 def _settle_statement(ending: bool) -> TextClause:

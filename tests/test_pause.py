@@ -1,0 +1,338 @@
+"""Pause and unpause: a paused run does nothing (no step dispatched or claimed, no timer
+fired, left alone by the sweeps, signals kept) until it is unpaused, and then goes on where
+it stopped; the bulk forms; the metric; bad input.
+
+Real PostgreSQL, Redis and in-process workers; the beat's timer firing and sweeps are
+called directly, so that "it did not fire" is a fact of a finished call, not of elapsed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from click.testing import CliRunner, Result
+
+from durable import Durable, WorkflowNotFound, WorkflowNotRunning, bulk, reconcile
+from durable.activation import activate
+from durable.beat import Beat
+from durable.cli import cli
+from durable.metrics import StoreCollector
+from durable.runner import execute_step
+from durable.store import recovery
+from tests.conftest import HISTORY_ROWS, query, wait_until
+
+# The Durable of the running test, loaded by the command as --app tests.test_pause:CURRENT.
+CURRENT: Durable | None = None
+
+
+@pytest.fixture
+def spec(durable: Durable) -> Iterator[str]:
+    global CURRENT
+    CURRENT = durable
+    yield f"{__name__}:CURRENT"
+    CURRENT = None
+
+
+def durable_cli(spec: str, *args: str) -> Result:
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("DURABLE_")}
+    return CliRunner().invoke(cli, ["-A", spec, *args], env=clean, catch_exceptions=False)
+
+
+def threads_worker(app: Celery) -> Any:
+    return start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
+    )
+
+
+def paused(database_url: str, wid: str) -> bool:
+    rows = query(database_url, "SELECT paused FROM durable_workflows WHERE id = :id", id=wid)
+    return bool(rows and rows[0].paused)
+
+
+def step_rows(database_url: str, wid: str) -> list[Any]:
+    sql = "SELECT seq, kind, status, attempts FROM durable_steps WHERE workflow_id = :id"
+    return query(database_url, sql + " ORDER BY seq", id=wid)
+
+
+def events(database_url: str, wid: str) -> list[Any]:
+    sql = f"SELECT event, detail FROM {HISTORY_ROWS} WHERE workflow_id = :id ORDER BY pos"
+    return query(database_url, sql, id=wid)
+
+
+def test_a_paused_sleep_fires_only_after_unpause(durable: Durable, database_url: str) -> None:
+    @durable.workflow("pz.nap")
+    def nap(ctx: Any) -> str:
+        ctx.sleep(timedelta(seconds=0.5))
+        return "woke"
+
+    beat = Beat(durable)
+    with threads_worker(durable.app):
+        run = durable.start("pz.nap", workflow_id="nap-1")
+        wait_until(lambda: step_rows(database_url, "nap-1"), what="the sleep recorded")
+        assert durable.pause("nap-1") is True
+        assert durable.pause("nap-1") is False  # paused already: nothing changes
+        # Past its fire time and past the overdue sweep's grace, by PostgreSQL's clock.
+        due = "SELECT now() > fire_at + interval '1.5 seconds' AS due FROM durable_timers"
+        wait_until(lambda: query(database_url, due)[0].due, what="the timer overdue")
+        assert beat.fire_due() == 0  # claimed from the index, not fired
+        beat.sweep()
+        timer = query(database_url, "SELECT fired_at FROM durable_timers")[0]
+        assert timer.fired_at is None
+        assert [r.status for r in step_rows(database_url, "nap-1")] == ["waiting"]
+        assert run.status() == "running"
+
+        assert durable.unpause("nap-1") is True
+        assert durable.unpause("nap-1") is False  # not paused any more
+        assert beat.fire_due() == 1  # put back in the index by the unpause, due at once
+        assert run.result(timeout=30) == "woke"
+    names = [e.event for e in events(database_url, "nap-1")]
+    assert names.index("paused") < names.index("unpaused") < names.index("timer fired")
+
+
+def test_a_run_paused_between_steps_keeps_its_signal_and_schedules_nothing(
+    durable: Durable, database_url: str
+) -> None:
+    app = durable.app
+
+    @app.task(name="pz.add", shared=False)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @durable.workflow("pz.between")
+    def between(ctx: Any) -> int:
+        first = int(ctx.step(add, 1, 2))
+        more = int(ctx.wait_for_signal("more"))
+        return int(ctx.step(add, first, more))
+
+    with threads_worker(app):
+        run = durable.start("pz.between", workflow_id="btw-1")
+        wait_until(
+            lambda: (
+                [r.status for r in step_rows(database_url, "btw-1")] == ["completed", "waiting"]
+            ),
+            what="the run waiting for its signal",
+        )
+        durable.pause("btw-1")
+        durable.signal("btw-1", "more", 5)
+        # What the activation the signal sent does, whichever worker gets it: nothing.
+        assert activate(durable, "btw-1") == "busy-or-finished"
+        # The sweep does not send it either, however long it has been owed.
+        query(
+            database_url,
+            "UPDATE durable_workflows SET woken_at = now() - interval '1 hour' "
+            "WHERE id = 'btw-1' RETURNING id",
+        )
+        with durable.connect() as conn:
+            owed = recovery.owed_activations(conn, after=1.0)
+        assert "btw-1" not in [wid for wid, _ in owed]
+        assert not [f for f in reconcile.find(durable) if f.workflow_id == "btw-1"]
+        signal = query(database_url, "SELECT consumed_seq FROM durable_signals")[0]
+        assert signal.consumed_seq is None  # kept
+        assert len(step_rows(database_url, "btw-1")) == 2  # the next step was not scheduled
+        assert run.status() == "running"
+
+        durable.unpause("btw-1")
+        assert run.result(timeout=30) == 8
+    signal = query(database_url, "SELECT consumed_seq FROM durable_signals")[0]
+    assert signal.consumed_seq == 2
+
+
+def test_a_step_message_of_a_paused_run_is_not_claimed(
+    durable: Durable, spec: str, database_url: str, redis_url: str, prefix: str
+) -> None:
+    app = durable.app
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="pz.count", shared=False)
+    def count() -> int:
+        return int(client.incr(f"{prefix}:count:pz"))
+
+    @durable.workflow("pz.held")
+    def held(ctx: Any) -> int:
+        return int(ctx.step(count))
+
+    # No worker yet: the step is scheduled and its message waits in the broker.
+    run = durable.start("pz.held", workflow_id="held-1")
+    assert [r.status for r in step_rows(database_url, "held-1")] == ["scheduled"]
+    durable.pause("held-1")
+    # What a worker does with that message now: the claim refuses it, the body never runs.
+    assert execute_step(durable, "held-1", 1) == "ignored"
+    assert client.get(f"{prefix}:count:pz") is None
+    assert [(r.status, r.attempts) for r in step_rows(database_url, "held-1")] == [("scheduled", 0)]
+    with durable.connect() as conn:  # nor does the unclaimed-step sweep send it again
+        assert not recovery.stale_scheduled_steps(conn, after=0.0)
+
+    with threads_worker(app):
+        unpaused = durable_cli(spec, "unpause", "held-1", "--json")
+        assert unpaused.exit_code == 0, unpaused.output
+        assert json.loads(unpaused.stdout)["steps_sent"] == [1]
+        assert run.result(timeout=30) == 1
+    assert client.get(f"{prefix}:count:pz") == b"1"  # ran once
+
+
+def test_bulk_pause_by_filter_with_a_dry_run_then_unpause(
+    durable: Durable, spec: str, database_url: str
+) -> None:
+    @durable.workflow("pz.wait")
+    def wait(ctx: Any) -> Any:
+        return ctx.wait_for_signal("go")
+
+    @durable.workflow("pz.other")
+    def other(ctx: Any) -> Any:
+        return ctx.wait_for_signal("go")
+
+    with threads_worker(durable.app):
+        for n in range(3):
+            durable.start("pz.wait", workflow_id=f"bw-{n}")
+        durable.start("pz.other", workflow_id="bo-1")
+        waiting = "SELECT count(*) AS n FROM durable_steps WHERE status = 'waiting'"
+        wait_until(lambda: query(database_url, waiting)[0].n == 4, what="all four waiting")
+
+        dry = durable_cli(spec, "pause", "--name", "pz.wait", "--dry-run", "--json")
+        assert dry.exit_code == 0, dry.output
+        assert json.loads(dry.stdout) == {
+            "action": "pause",
+            "dry_run": True,
+            "matched": 3,
+            "sample": ["bw-0", "bw-1", "bw-2"],
+        }
+        assert not query(database_url, "SELECT id FROM durable_workflows WHERE paused")
+
+        done = durable_cli(spec, "pause", "--name", "pz.wait", "--yes", "--batch-size", "2")
+        assert done.exit_code == 0, done.output
+        assert "paused 3 run(s)" in done.stdout
+        rows = query(database_url, "SELECT id FROM durable_workflows WHERE paused ORDER BY id")
+        assert [r.id for r in rows] == ["bw-0", "bw-1", "bw-2"]
+        listed = durable_cli(spec, "list", "--paused", "--json")
+        assert sorted(r["id"] for r in json.loads(listed.stdout)) == ["bw-0", "bw-1", "bw-2"]
+        assert all(r["paused"] and r["status"] == "running" for r in json.loads(listed.stdout))
+        # Paused again: they no longer match.
+        assert bulk.preview(durable, "pause", bulk.RunFilter(name="pz.wait")).matched == 0
+
+        for n in range(3):
+            durable.signal(f"bw-{n}", "go", n)
+        unpaused = durable_cli(spec, "unpause", "--paused", "--yes", "--json")
+        assert json.loads(unpaused.stdout)["acted"] == 3
+        assert [durable.run(f"bw-{n}").result(timeout=30) for n in range(3)] == [0, 1, 2]
+    assert not query(database_url, "SELECT id FROM durable_workflows WHERE paused")
+
+
+def test_cancel_lifts_the_pause_and_cancels(durable: Durable, database_url: str) -> None:
+    @durable.workflow("pz.cancel")
+    def cancelled(ctx: Any) -> Any:
+        return ctx.wait_for_signal("never")
+
+    with threads_worker(durable.app):
+        run = durable.start("pz.cancel", workflow_id="cx-1")
+        wait_until(lambda: step_rows(database_url, "cx-1"), what="the wait recorded")
+        durable.pause("cx-1")
+        durable.cancel("cx-1")
+        wait_until(lambda: run.status() == "cancelled", what="the cancellation")
+    assert not paused(database_url, "cx-1")
+    assert [e.detail for e in events(database_url, "cx-1") if e.event == "unpaused"] == [
+        {"by": "cancel"}
+    ]
+
+
+def test_the_paused_gauge(durable: Durable, database_url: str) -> None:
+    @durable.workflow("pz.gauge")
+    def gauge(ctx: Any) -> Any:
+        return ctx.wait_for_signal("go")
+
+    for n in range(3):
+        durable.start("pz.gauge", workflow_id=f"g-{n}")
+    durable.pause("g-0")
+    durable.pause("g-2")
+
+    def paused_gauge() -> dict[str, float]:
+        for family in StoreCollector(durable).collect():
+            if family.name == "durable_workflows_paused":
+                return {s.labels["workflow"]: s.value for s in family.samples}
+        raise AssertionError("no durable_workflows_paused metric")
+
+    assert paused_gauge() == {"pz.gauge": 2.0}
+    durable.unpause("g-2")
+    assert paused_gauge() == {"pz.gauge": 1.0}
+
+
+def test_bad_input_is_one_line_and_changes_nothing(
+    durable: Durable, spec: str, database_url: str
+) -> None:
+    @durable.workflow("pz.quick")
+    def quick(ctx: Any) -> int:
+        return 1
+
+    with pytest.raises(WorkflowNotFound):
+        durable.pause("no-such-run")
+    with pytest.raises(WorkflowNotFound):
+        durable.unpause("no-such-run")
+    with threads_worker(durable.app):
+        assert durable.start("pz.quick", workflow_id="q-1").result(timeout=30) == 1
+    before = query(database_url, "SELECT count(*) AS n FROM durable_history")[0].n
+    with pytest.raises(WorkflowNotRunning, match="cannot pause workflow 'q-1': it is already"):
+        durable.pause("q-1")
+    with pytest.raises(WorkflowNotRunning, match="cannot unpause workflow 'q-1'"):
+        durable.unpause("q-1")
+    for verb in ("pause", "unpause"):
+        for wid, reason in (("q-1", "already completed"), ("nope", "nope")):
+            result = durable_cli(spec, verb, wid)
+            assert result.exit_code == 1
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("durable: "), result.stderr
+            assert reason in lines[0]
+    assert query(database_url, "SELECT count(*) AS n FROM durable_history")[0].n == before
+    assert not paused(database_url, "q-1")
+    mixed = durable_cli(spec, "pause", "q-1", "--name", "pz.quick")
+    assert mixed.exit_code == 2 and "not both" in mixed.stderr
+
+
+def test_a_step_running_when_the_pause_lands_commits_and_the_run_waits(
+    durable: Durable, database_url: str, redis_url: str, prefix: str
+) -> None:
+    app = durable.app
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="pz.slow", shared=False)
+    def slow(n: int) -> int:
+        client.rpush(f"{prefix}:began", n)
+        assert client.blpop([f"{prefix}:go"], timeout=30), "never let go"
+        return n * 10
+
+    @durable.workflow("pz.running")
+    def running(ctx: Any) -> list[int]:
+        return [int(ctx.step(slow, 1)), int(ctx.step(slow, 2))]
+
+    with threads_worker(app):
+        run = durable.start("pz.running", workflow_id="run-1")
+        assert client.blpop([f"{prefix}:began"], timeout=30) == (f"{prefix}:began".encode(), b"1")
+        durable.pause("run-1")
+        client.rpush(f"{prefix}:go", 1)
+        done = (
+            "SELECT result FROM durable_steps WHERE workflow_id = 'run-1' AND seq = 1 "
+            "AND status = 'completed'"
+        )
+        assert wait_until(lambda: query(database_url, done), what="step 1's result")[0].result == 10
+        # Its settle neither advanced the run nor took it: no step 2, and nothing holds it.
+        wait_until(
+            lambda: query(
+                database_url,
+                "SELECT 1 FROM durable_workflows WHERE id = 'run-1' AND lease_owner IS NULL",
+            ),
+            what="the lease free",
+        )
+        assert len(step_rows(database_url, "run-1")) == 1
+        assert activate(durable, "run-1") == "busy-or-finished"
+        assert len(step_rows(database_url, "run-1")) == 1
+        assert run.status() == "running"
+
+        durable.unpause("run-1")
+        client.rpush(f"{prefix}:go", 2)
+        assert run.result(timeout=30) == [10, 20]
