@@ -1,6 +1,6 @@
 """Pause and unpause: a paused run does nothing (no step dispatched or claimed, no timer
 fired, left alone by the sweeps, signals kept) until it is unpaused, and then goes on where
-it stopped; the bulk forms; the metric; bad input.
+it stopped; ``RetryPolicy(on_exhausted="pause")``; the bulk forms; the metric; bad input.
 
 Real PostgreSQL, Redis and in-process workers; the beat's timer firing and sweeps are
 called directly, so that "it did not fire" is a fact of a finished call, not of elapsed time.
@@ -20,7 +20,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner, Result
 
-from durable import Durable, WorkflowNotFound, WorkflowNotRunning, bulk, reconcile
+from durable import Durable, RetryPolicy, WorkflowNotFound, WorkflowNotRunning, bulk, reconcile
 from durable.activation import activate
 from durable.beat import Beat
 from durable.cli import cli
@@ -176,6 +176,66 @@ def test_a_step_message_of_a_paused_run_is_not_claimed(
         assert json.loads(unpaused.stdout)["steps_sent"] == [1]
         assert run.result(timeout=30) == 1
     assert client.get(f"{prefix}:count:pz") == b"1"  # ran once
+
+
+def test_on_exhausted_pause_pauses_the_run_and_unpause_tries_the_step_again(
+    durable: Durable, database_url: str, redis_url: str, prefix: str
+) -> None:
+    app = durable.app
+    client = redis.Redis.from_url(redis_url)
+    fixed = f"{prefix}:fixed"
+
+    @app.task(name="pz.partner", shared=False)
+    def partner(order: str) -> str:
+        client.incr(f"{prefix}:count:partner")
+        if not client.exists(fixed):
+            raise ConnectionError("partner API answers 500 since the deploy")
+        return f"sent {order}"
+
+    @durable.workflow("pz.exhausted")
+    def exhausted(ctx: Any, order: str) -> list[str]:
+        policy = RetryPolicy(max_attempts=2, initial_interval=0.0, on_exhausted="pause")
+        sent = str(ctx.step(partner, order, retry=policy))
+        return [sent, str(ctx.step(partner, order + "-again"))]
+
+    beat = Beat(durable)
+    with threads_worker(app):
+        run = durable.start("pz.exhausted", "o-7", workflow_id="exh-1")
+        # The beat fires the first retry's timer; the second failure pauses the run.
+        wait_until(lambda: beat.fire_due() >= 0 and paused(database_url, "exh-1"), what="the pause")
+        assert run.status() == "running"
+        [step] = step_rows(database_url, "exh-1")
+        assert (step.status, step.attempts) == ("waiting", 2)  # not failed: held for a retry
+        pause_event = [e for e in events(database_url, "exh-1") if e.event == "paused"]
+        assert pause_event[0].detail["by"] == "on_exhausted"
+        assert "ConnectionError" in pause_event[0].detail["error"]
+        # The beat runs meanwhile: the retry's timer, due at once, stays unfired while paused.
+        unfired = "SELECT id FROM durable_timers WHERE fired_at IS NULL"
+        wait_until(
+            lambda: query(database_url, unfired + " AND fire_at < now() - interval '1.5 s'"),
+            what="the retry's timer overdue",
+        )
+        assert beat.fire_due() == 0
+        beat.sweep()
+        assert len(query(database_url, unfired)) == 1
+        assert client.get(f"{prefix}:count:partner") == b"2"
+
+        client.set(fixed, "1")  # the fix is deployed
+        durable.unpause("exh-1")
+        assert beat.fire_due() == 1  # the retry, indexed again by the unpause
+        assert run.result(timeout=30) == ["sent o-7", "sent o-7-again"]
+    steps = step_rows(database_url, "exh-1")
+    assert [(r.status, r.attempts) for r in steps] == [("completed", 3), ("completed", 1)]
+    assert client.get(f"{prefix}:count:partner") == b"4"
+
+
+def test_on_exhausted_is_checked_and_stored() -> None:
+    with pytest.raises(ValueError, match="on_exhausted must be one of 'fail', 'pause'"):
+        RetryPolicy(on_exhausted="retry")
+    policy = RetryPolicy(max_attempts=2, on_exhausted="pause")
+    assert RetryPolicy.from_dict(policy.to_dict()) == policy
+    assert "on_exhausted" not in RetryPolicy().to_dict()  # the default stores as before
+    assert RetryPolicy.from_dict(RetryPolicy().to_dict()).on_exhausted == "fail"
 
 
 def test_bulk_pause_by_filter_with_a_dry_run_then_unpause(
@@ -336,3 +396,68 @@ def test_a_step_running_when_the_pause_lands_commits_and_the_run_waits(
         durable.unpause("run-1")
         client.rpush(f"{prefix}:go", 2)
         assert run.result(timeout=30) == [10, 20]
+
+
+def test_a_local_step_exhausting_its_retries_pauses_the_run_too(
+    durable: Durable, database_url: str, redis_url: str, prefix: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    fixed = f"{prefix}:fixed"
+
+    def lookup(order: str) -> str:
+        if not client.exists(fixed):
+            raise KeyError(order)
+        return f"found {order}"
+
+    @durable.workflow("pz.local")
+    def local(ctx: Any) -> str:
+        policy = RetryPolicy(max_attempts=1, on_exhausted="pause")
+        return str(ctx.step(lookup, "o-9", local=True, retry=policy))
+
+    beat = Beat(durable)
+    with threads_worker(durable.app):
+        run = durable.start("pz.local", workflow_id="loc-1")
+        wait_until(lambda: paused(database_url, "loc-1"), what="the pause")
+        assert [(r.status, r.attempts) for r in step_rows(database_url, "loc-1")] == [
+            ("waiting", 1)
+        ]
+        client.set(fixed, "1")
+        durable.unpause("loc-1")
+        assert beat.fire_due() == 1
+        assert run.result(timeout=30) == "found o-9"
+
+
+def test_a_step_timing_out_on_its_last_attempt_pauses_the_run(
+    durable: Durable, database_url: str, redis_url: str, prefix: str
+) -> None:
+    app = durable.app
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name="pz.hangs_once", shared=False)
+    def hangs_once() -> str:
+        if client.incr(f"{prefix}:count:hangs") == 1:
+            client.blpop([f"{prefix}:go"], timeout=30)  # past its timeout
+            return "late"
+        return "on time"
+
+    @durable.workflow("pz.deadline")
+    def deadline(ctx: Any) -> str:
+        policy = RetryPolicy(max_attempts=1, on_exhausted="pause")
+        return str(ctx.step(hangs_once, timeout=timedelta(seconds=0.5), retry=policy))
+
+    beat = Beat(durable)
+    with threads_worker(app):
+        run = durable.start("pz.deadline", workflow_id="dl-1")
+        past = (
+            "SELECT 1 FROM durable_steps WHERE workflow_id = 'dl-1' AND status = 'started' "
+            "AND deadline_at < now()"
+        )
+        wait_until(lambda: query(database_url, past), what="the step past its timeout")
+        beat.sweep()  # the deadline sweep fails the last attempt: the run is paused
+        assert paused(database_url, "dl-1")
+        detail = [e.detail for e in events(database_url, "dl-1") if e.event == "paused"]
+        assert detail[0]["error"] == "TimeoutError: attempt 1 ran past its timeout"
+        client.rpush(f"{prefix}:go", 1)  # the hung body ends: its late result is dropped
+        durable.unpause("dl-1")
+        assert beat.fire_due() == 1
+        assert run.result(timeout=30) == "on time"

@@ -481,6 +481,17 @@ _RETRY = statement(
                jsonb_build_object('attempt', s.attempts, 'error', CAST(:error AS text),
                                   'delay', CAST(:delay AS float8), 'timer', t.id)
           FROM s, t
+    ), p AS (
+        UPDATE durable_workflows
+           SET paused = true, wake_seq = wake_seq + 1, woken_at = now(), updated_at = now()
+         WHERE id = :wid AND :pause AND (status = 'running') IS TRUE AND NOT paused
+           AND EXISTS (SELECT 1 FROM t)
+        RETURNING id
+    ), ph AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, :seq, 'paused',
+               jsonb_build_object('by', 'on_exhausted', 'error', CAST(:error AS text))
+          FROM p
     )
     SELECT id, fire_at FROM t
     """
@@ -488,10 +499,28 @@ _RETRY = statement(
 
 
 def schedule_retry(
-    conn: Connection, wid: str, seq: int, error: str, delay: float, from_status: str = "started"
+    conn: Connection,
+    wid: str,
+    seq: int,
+    error: str,
+    delay: float,
+    from_status: str = "started",
+    pause: bool = False,
 ) -> tuple[int, float] | None:
-    """Park a failed step behind a retry timer; returns (timer id, fire time as epoch)."""
-    params = {"wid": wid, "seq": seq, "error": error, "delay": delay, "from_status": from_status}
+    """Park a failed step behind a retry timer; returns (timer id, fire time as epoch).
+
+    With ``pause`` (its retries are exhausted and its policy says ``on_exhausted="pause"``)
+    the same statement pauses the run: the timer, due after ``delay``, fires only once the
+    run is unpaused, and the step is then tried again.
+    """
+    params = {
+        "wid": wid,
+        "seq": seq,
+        "error": error,
+        "delay": delay,
+        "from_status": from_status,
+        "pause": pause,
+    }
     row = conn.execute(_RETRY, params).first()
     return (int(row.id), row.fire_at.timestamp()) if row else None
 
