@@ -274,6 +274,11 @@ def test_bulk_pause_by_filter_with_a_dry_run_then_unpause(
         listed = durable_cli(spec, "list", "--paused", "--json")
         assert sorted(r["id"] for r in json.loads(listed.stdout)) == ["bw-0", "bw-1", "bw-2"]
         assert all(r["paused"] and r["status"] == "running" for r in json.loads(listed.stdout))
+        table = durable_cli(spec, "list", "--name", "pz.wait")
+        assert table.stdout.count("running, paused") == 3, table.stdout
+        shown = durable_cli(spec, "show", "bw-0")
+        assert "paused: durable unpause lets it go on" in shown.stdout
+        assert json.loads(durable_cli(spec, "show", "bo-1", "--json").stdout)["paused"] is False
         # Paused again: they no longer match.
         assert bulk.preview(durable, "pause", bulk.RunFilter(name="pz.wait")).matched == 0
 
