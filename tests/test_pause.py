@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,16 @@ from durable.cli import cli
 from durable.metrics import StoreCollector
 from durable.runner import execute_step
 from durable.store import recovery
-from tests.conftest import HISTORY_ROWS, query, wait_until
+from tests.apps.crash_app import build
+from tests.conftest import (
+    HISTORY_ROWS,
+    ROOT,
+    Workers,
+    clean_keys,
+    clean_tables,
+    query,
+    wait_until,
+)
 
 # The Durable of the running test, loaded by the command as --app tests.test_pause:CURRENT.
 CURRENT: Durable | None = None
@@ -466,3 +476,52 @@ def test_a_step_timing_out_on_its_last_attempt_pauses_the_run(
         durable.unpause("dl-1")
         assert beat.fire_due() == 1
         assert run.result(timeout=30) == "on time"
+
+
+@pytest.fixture
+def processes(
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> Iterator[tuple[Durable, Workers, redis.Redis]]:
+    """Worker processes of ``tests/apps/crash_app.py``; no beat (the test drives one)."""
+    clean_tables(database_url)
+    env = {
+        **os.environ,
+        "DURABLE_DATABASE_URL": database_url,
+        "DURABLE_REDIS_URL": redis_url,
+        "CRASH_PREFIX": prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    _, durable = build(database_url, redis_url, prefix)
+    workers = Workers(env, tmp_path, "tests.apps.crash_app")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield durable, workers, client
+    finally:
+        workers.stop_all()
+        clean_keys(redis_url, prefix)
+
+
+def test_a_step_whose_worker_died_while_paused_runs_again_after_unpause(
+    processes: Any, database_url: str, prefix: str
+) -> None:
+    durable, workers, client = processes
+    first = workers.start("first")
+    run = durable.start("crash.step", 30, workflow_id="kp-1")
+    step = "SELECT status FROM durable_steps WHERE workflow_id = 'kp-1' AND seq = 1"
+    wait_until(
+        lambda: query(database_url, step)[0].status == "started", timeout=30, what="the claim"
+    )
+    durable.pause("kp-1")
+    workers.kill(first)  # SIGKILL mid-step
+    expired = step + " AND lease_expires_at < now()"
+    wait_until(lambda: query(database_url, expired), timeout=30, what="the lease expired")
+    Beat(durable).sweep()  # the expired-lease sweep leaves the paused run's step alone
+    assert query(database_url, step)[0].status == "started"
+    assert not [f for f in reconcile.find(durable, grace=0.0) if f.workflow_id == "kp-1"]
+
+    workers.start("second")
+    assert durable.unpause("kp-1")  # reschedules the step and sends it
+    assert run.result(timeout=60) == ["done on run 2", "after"]
+    assert client.lrange(f"{prefix}:keys:slow", 0, -1) == ["kp-1:1", "kp-1:1"]
+    lost = [e.detail for e in events(database_url, "kp-1") if e.event == "step lease expired"]
+    assert lost == [{"by": "operator"}]
