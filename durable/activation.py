@@ -56,12 +56,16 @@ def activate(
     """
     owner = owner or core.heartbeat.token()
     ttl = core.settings.lease_ttl.total_seconds()
+    held = False
     for _ in range(MAX_REPLAYS):
         activation, leased = leased, None
         if activation is None:
             activation = core.store(lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False)
         if activation is None:
+            if held:  # still ours after a failed release, and not acquired: paused meanwhile
+                core.store(lambda c: runs.let_go(c, workflow_id, owner), flush=False)
             return "busy-or-finished"
+        held = True
         core.heartbeat.hold(owner)
         try:
             outcome, effects = _replay(core, activation, owner)

@@ -1,7 +1,8 @@
 """The operator's tools as library functions; the ``durable`` command calls these.
 
 Reading (``list_runs``, ``describe_run``, ``list_timers``) and deleting (``purge``) take a
-connection to the store; repairing (``resume``, ``retry``, ``fork``) takes the ``Durable``,
+connection to the store; repairing (``resume``, ``retry``, ``fork``) and holding
+(``pause``, ``unpause``) take the ``Durable``,
 because it sends the activation once the store is written. Every write is one statement.
 
 Example::
@@ -95,6 +96,7 @@ def list_runs(
     name: str | None = None,
     since: datetime | timedelta | None = None,
     waiting: str | None = None,
+    paused: bool = False,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Runs, newest first, each with what it waits on (``waiting``, None once finished).
@@ -105,6 +107,7 @@ def list_runs(
         name: Only runs of this workflow.
         since: Only runs created at or after this time, or within this long before now.
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        paused: Only paused runs (``durable pause``).
         limit: Most runs returned.
     """
     if waiting is not None and waiting not in WAITING:
@@ -112,7 +115,7 @@ def list_runs(
     if isinstance(since, timedelta):
         since = datetime.now(UTC) - since
     rows = queries.list_runs(
-        conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+        conn, status=status, name=name, since=since, waiting=waiting, paused=paused, limit=limit
     )
     return [{**summary(row), "waiting": _waiting(row)} for row in rows]
 
@@ -123,6 +126,7 @@ def summary(row: Any) -> dict[str, Any]:
         "id": row.id,
         "name": row.name,
         "status": row.status,
+        "paused": bool(row.paused),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "finished_at": row.finished_at,
@@ -279,9 +283,10 @@ class Resumed:
 def resume(durable: Core, workflow_id: str) -> Resumed:
     """Re-dispatch a running run: wake it and send its activation again.
 
-    Its scheduled steps are sent again too (a step whose worker died is first put back to
-    scheduled) and its unfired timers re-indexed in Redis. Duplicates are harmless: a step
-    message for a claimed step and an activation of a leased run do nothing.
+    A paused run is unpaused (see :func:`unpause`). Its scheduled steps are sent again
+    too (a step whose worker died is first put back to scheduled) and its unfired timers
+    re-indexed in Redis. Duplicates are harmless: a step message for a claimed step and an
+    activation of a leased run do nothing.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -292,6 +297,51 @@ def resume(durable: Core, workflow_id: str) -> Resumed:
         raise WorkflowNotFound(workflow_id)
     if not done.woken:
         raise WorkflowNotRunning(workflow_id, done.status, "resume")
+    durable.index_timers(done.timers)
+    for step in done.steps:
+        durable.send_step(workflow_id, step["seq"], step["name"], step["options"] or {})
+    durable.send_activation(workflow_id, done.name)
+    return Resumed(workflow_id, sorted(s["seq"] for s in done.steps), len(done.timers))
+
+
+def pause(durable: Core, workflow_id: str) -> bool:
+    """Pause a running run: nothing moves it until :func:`unpause`.
+
+    Its steps are not dispatched (a step already running finishes and its result is kept),
+    its timers do not fire, the sweeps leave it alone, and signals sent to it are kept. Its
+    status stays ``running``. Returns False when it was paused already (nothing changes).
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowNotRunning: the run has ended.
+    """
+    done = durable.store(lambda c: queries.pause_run(c, workflow_id))
+    durable.histories.drop(workflow_id)  # no step of it runs unclaimed from this process
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if done.status != "running":
+        raise WorkflowNotRunning(workflow_id, done.status, "pause")
+    return done.changed
+
+
+def unpause(durable: Core, workflow_id: str) -> Resumed | None:
+    """Let a paused run go on where it stopped; None when it was not paused (nothing changes).
+
+    What came due while it was paused is dispatched now: its unfired timers are put back in
+    the Redis index (a due one fires at once), its scheduled steps are sent (a step whose
+    worker died is rescheduled first), and its activation replays what it was sent meanwhile.
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowNotRunning: the run has ended.
+    """
+    done = durable.store(lambda c: queries.resume_run(c, workflow_id, unpause=True))
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if done.status != "running":
+        raise WorkflowNotRunning(workflow_id, done.status, "unpause")
+    if not done.woken:
+        return None
     durable.index_timers(done.timers)
     for step in done.steps:
         durable.send_step(workflow_id, step["seq"], step["name"], step["options"] or {})

@@ -28,7 +28,7 @@ from durable.effects import PendingDispatch
 from durable.errors import SignalTimeout, StepFailed, WorkflowIdConflict
 from durable.ids import check_id
 from durable.replay import Replay
-from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
+from durable.retry import NO_RETRY, RetryPolicy, is_retryable, next_attempt
 from durable.serialization import describe_exception, dumps, encode
 from durable.step_info import StepInfo, step_context
 from durable.store import local as local_queries
@@ -216,7 +216,7 @@ class WorkflowContext(Replay):
     ) -> Any:
         plain = describe_exception(exc)
         error = self._core.seal_error(plain)
-        delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
+        delay, pause = next_attempt(policy, attempt, is_retryable(policy, exc))
         with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
             local_queries.record_local(
@@ -224,9 +224,9 @@ class WorkflowContext(Replay):
             )
             if delay is not None:
                 timer = step_queries.schedule_retry(
-                    conn, self.workflow_id, seq, error, delay, from_status="waiting"
+                    conn, self.workflow_id, seq, error, delay, from_status="waiting", pause=pause
                 )
-                if timer:
+                if timer and not pause:  # a paused run's timer is indexed by its unpause
                     self.effects.timers.append(timer)
         if delay is not None:
             raise Suspend()

@@ -6,8 +6,9 @@ app's own tasks run the step messages sent under their names (:mod:`durable.step
 keeps ``durable.step`` for step messages of earlier versions, registers the built-in
 workflows, and it forwards the public verbs to the modules that implement them:
 :mod:`durable.client` (``start``, ``run``, ``signal``, ``get_event``, ``cancel``),
-:mod:`durable.canvas` (``chain``, ``group``, ``chord``) and :mod:`durable.scheduler`
-(``schedules``). Nothing below this module imports it.
+:mod:`durable.canvas` (``chain``, ``group``, ``chord``), :mod:`durable.admin` (``pause``,
+``unpause``) and :mod:`durable.scheduler` (``schedules``). Nothing below this module imports
+it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from celery.canvas import Signature
 
 from durable import (
     activation,
+    admin,
     builtin_workflows,
     client,
     deadlines,
@@ -218,6 +220,32 @@ class Durable(Core):
         """
         ids.check_id(workflow_id)
         client.cancel(self, workflow_id)
+
+    def pause(self, workflow_id: str) -> bool:
+        """Pause a running workflow: nothing moves it until :meth:`unpause`.
+
+        Example::
+
+            durable.pause("order-o-1")     # deploy the fix, then:
+            durable.unpause("order-o-1")
+
+        Its steps are not dispatched (one already running finishes and its result is kept),
+        its timers do not fire, and signals sent to it are kept; its status stays
+        ``running``. Returns False if it was paused already. A :meth:`cancel` lifts the pause.
+        Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
+        """
+        ids.check_id(workflow_id)
+        return admin.pause(self, workflow_id)
+
+    def unpause(self, workflow_id: str) -> bool:
+        """Let a paused workflow go on where it stopped; False if it was not paused.
+
+        What came due while it was paused is dispatched now: due timers fire, steps it held
+        back are sent, and signals and results that arrived meanwhile are replayed.
+        Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
+        """
+        ids.check_id(workflow_id)
+        return admin.unpause(self, workflow_id) is not None
 
     # -- what the beat drives ------------------------------------------------------------------
 

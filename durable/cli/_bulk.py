@@ -1,4 +1,4 @@
-"""What ``list`` and the bulk forms of ``cancel``, ``retry``, ``resume`` and ``purge`` share.
+"""What ``list`` and the bulk forms of cancel, retry, resume, purge, pause and unpause share.
 
 ``filter_options`` are ``durable list``'s filters; the bulk forms take the same ones, plus
 ``--all``, ``--dry-run``, ``--yes`` and ``--batch-size`` (``bulk_options``), and
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-FILTERS = ("status", "name", "since", "waiting")
+FILTERS = ("status", "name", "since", "waiting", "paused")
 MAX_BATCH = 10_000
 
 
@@ -48,7 +48,7 @@ def _since_callback(
 
 
 def filter_options(fn: F) -> F:
-    """``durable list``'s filters: ``--status``, ``--name``, ``--since``, ``--waiting``."""
+    """``durable list``'s filters: --status, --name, --since, --waiting and --paused."""
     options = [
         click.option(
             "--status",
@@ -70,6 +70,12 @@ def filter_options(fn: F) -> F:
             type=click.Choice(admin.WAITING),
             show_envvar=True,
             help="Only running runs waiting on a step, a timer or a signal.",
+        ),
+        click.option(
+            "--paused",
+            is_flag=True,
+            show_envvar=True,
+            help="Only paused runs (durable pause).",
         ),
     ]
     for option in reversed(options):
@@ -112,7 +118,9 @@ def bulk_options(fn: F) -> F:
 
 def run_filter(params: dict[str, Any], older_than: timedelta | None = None) -> bulk.RunFilter:
     """The :class:`~durable.bulk.RunFilter` of a command's filter options."""
-    return bulk.RunFilter(**{k: params[k] for k in FILTERS}, older_than=older_than)
+    values = {k: params[k] for k in FILTERS}
+    values["paused"] = bool(values["paused"])
+    return bulk.RunFilter(**values, older_than=older_than)
 
 
 def check_form(
@@ -122,7 +130,7 @@ def check_form(
 
     The bulk form has no ID; it needs a filter or ``--all``.
     """
-    bulk_given = [k for k in (*FILTERS, "older_than") if params.get(k) is not None]
+    bulk_given = [k for k in (*FILTERS, "older_than") if params.get(k) not in (None, False)]
     bulk_given += [k for k in ("all", "dry_run") if params.get(k)]
     if workflow_id is not None:
         if bulk_given:
@@ -132,8 +140,8 @@ def check_form(
     if not params.get("all") and not [k for k in bulk_given if k != "dry_run"]:
         an_id = "" if extra else "an ID, or "
         raise click.UsageError(
-            f"give {an_id}filters (--status, --name, --since, --waiting{extra}) to {action} "
-            f"the runs they select, or --all to {action} every run it applies to"
+            f"give {an_id}filters (--status, --name, --since, --waiting, --paused{extra}) to "
+            f"{action} the runs they select, or --all to {action} every run it applies to"
         )
     return True
 

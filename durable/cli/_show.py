@@ -119,6 +119,8 @@ def _header(run: dict[str, Any], hidden: int) -> Table:
     header.add_row("workflow", Text(run["id"]))
     header.add_row("name", Text(run["name"]))
     header.add_row("status", status_text(run["status"]))
+    if run.get("paused") and run["status"] == "running":
+        header.add_row("", Text("paused: durable unpause lets it go on", style="yellow"))
     if run.get("cancel_requested") and run["status"] == "running":
         header.add_row("", Text("cancellation requested", style="magenta"))
     if run.get("parent_id"):

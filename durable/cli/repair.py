@@ -191,7 +191,7 @@ def purge(
     runs per transaction. Interrupted, run it again: the runs deleted are gone.
     """
     check_form("purge", None, {**params, "older_than": older_than}, ", --older-than")
-    if any(params[k] is not None for k in FILTERS) or params["all"]:
+    if any(params[k] not in (None, False) for k in FILTERS) or params["all"]:
         target = engine_url(store_url(ctx, app, database_url)[0])
         where = run_filter(params, older_than)
         run_bulk(target, "purge", where, params, as_json)

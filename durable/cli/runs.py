@@ -110,6 +110,13 @@ def _waiting_text(waiting: dict[str, Any] | None) -> Text:
     return Text(" ".join(parts), style="red" if on == "nothing" else "")
 
 
+def _status_cell(row: dict[str, Any]) -> Text:
+    cell = status_text(row["status"])
+    if row["paused"]:
+        cell.append(", paused", style="yellow")
+    return cell
+
+
 @click.command("list")
 @filter_options
 @limit_option(50, "Most runs to show, newest first.")
@@ -123,15 +130,25 @@ def list_command(
     name: str | None,
     since: datetime | timedelta | None,
     waiting: str | None,
+    paused: bool,
     limit: int,
     as_json: bool,
     app: str | None,
     database_url: str | None,
 ) -> None:
-    """List workflow runs, newest first, with what each running one waits on."""
+    """List workflow runs, newest first, with what each running one waits on.
+
+    A paused run (durable pause) is shown as 'running, paused'; --paused lists only those.
+    """
     with connect(ctx, app, database_url) as conn:
         rows = admin.list_runs(
-            conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+            conn,
+            status=status,
+            name=name,
+            since=since,
+            waiting=waiting,
+            paused=paused,
+            limit=limit,
         )
     if as_json:
         print_json(rows)
@@ -141,7 +158,7 @@ def list_command(
         table.add_row(
             Text(row["id"]),
             Text(row["name"]),
-            status_text(row["status"]),
+            _status_cell(row),
             _waiting_text(row["waiting"]),
             when(row["created_at"]),
             when(row["updated_at"]),

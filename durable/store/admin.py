@@ -47,11 +47,13 @@ def run_conditions(
     name: str | None = None,
     since: datetime | None = None,
     waiting: str | None = None,
+    paused: bool = False,
 ) -> list[str]:
     """The SQL conditions on ``durable_workflows w`` that ``durable list``'s filters make.
 
     They read the parameters ``:status``, ``:name`` and ``:since``; the bulk forms of cancel,
-    retry, resume and purge select with the same conditions (:mod:`durable.store.bulk`).
+    retry, resume, purge, pause and unpause select with the same conditions
+    (:mod:`durable.store.bulk`). ``paused`` keeps only paused runs.
     """
     where = ["true"]
     if status:
@@ -62,6 +64,8 @@ def run_conditions(
         where.append("w.created_at >= :since")
     if waiting:
         where.append(f"w.status = 'running' AND {WAITING_FILTERS[waiting]}")
+    if paused:
+        where.append("w.paused")
     return where
 
 
@@ -72,6 +76,7 @@ def list_runs(
     name: str | None = None,
     since: datetime | None = None,
     waiting: str | None = None,
+    paused: bool = False,
     limit: int = 50,
 ) -> list[Row[Any]]:
     """Runs, newest first, with what each running one waits on (``pending``, ``next_timer``).
@@ -82,11 +87,12 @@ def list_runs(
         name: Only runs of this workflow.
         since: Only runs created at or after this time.
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        paused: Only paused runs.
         limit: Most rows returned.
     """
-    where = run_conditions(status=status, name=name, since=since, waiting=waiting)
+    where = run_conditions(status=status, name=name, since=since, waiting=waiting, paused=paused)
     query = f"""
-        SELECT w.id, w.name, w.status, w.created_at, w.updated_at, w.finished_at,
+        SELECT w.id, w.name, w.status, w.paused, w.created_at, w.updated_at, w.finished_at,
                w.wake_seq > w.run_seq AS owed,
                CASE WHEN w.status = 'running' THEN {_PENDING_STEP} END AS pending,
                CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
@@ -122,24 +128,71 @@ def list_timers(
     return list(conn.execute(query, {"wid": workflow_id, "limit": limit}))
 
 
-# -- resume ------------------------------------------------------------------------------------
+# -- pause, unpause and resume -----------------------------------------------------------------
+
+# Pausing a running run sets its flag and wakes it (wake_seq + 1): a settle whose worker
+# replayed the run in memory before the pause then finds the counter moved and does not
+# advance it, and an activation replaying it meanwhile fails its release. Nothing is sent.
+_PAUSE = statement(
+    """
+    WITH r AS (
+        SELECT id, status, paused FROM durable_workflows WHERE id = :id
+    ), w AS (
+        UPDATE durable_workflows
+           SET paused = true, wake_seq = wake_seq + 1, woken_at = now(), updated_at = now()
+         WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused
+        RETURNING id
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT id, 'paused', jsonb_build_object('by', 'operator') FROM w
+    )
+    SELECT r.status, r.paused, (SELECT count(*) FROM w) AS changed FROM r
+    """
+)
+
+
+@dataclass(frozen=True)
+class PauseChange:
+    """What :func:`pause_run` found: the run's status, and whether this call paused it."""
+
+    status: str
+    was_paused: bool
+    changed: bool
+
+
+def pause_run(conn: Connection, wid: str) -> PauseChange | None:
+    """Pause a running run (a no-op if it already is); None when there is no run."""
+    row = conn.execute(_PAUSE, {"id": wid}).first()
+    return None if row is None else PauseChange(row.status, bool(row.paused), bool(row.changed))
+
 
 # Resuming a running run wakes it (wake_seq + 1, so the activation replays even if the last
 # one released the lease cleanly) and takes back what may have been lost around it: a step
 # whose worker died (lease expired) goes back to scheduled, and every scheduled step is marked
 # re-sent. The caller sends the activation and those steps, and re-indexes the unfired timers
-# returned; duplicates of any of them are harmless.
+# returned; duplicates of any of them are harmless. Resuming lifts a pause (history:
+# 'unpaused', by 'resume'). Unpausing (:unpause) is the same statement for a paused run only:
+# what came due while it was paused (timers, steps whose claim it refused, a step whose
+# worker died) is dispatched now, and its activation replays what it was sent meanwhile
+# (signals, settled steps, a child's end).
 _RESUME = statement(
     """
     WITH r AS (
-        SELECT id, name, status FROM durable_workflows WHERE id = :id
+        SELECT id, name, status, paused FROM durable_workflows WHERE id = :id
     ), w AS (
-        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id = :id AND (status = 'running') IS TRUE
+        UPDATE durable_workflows
+           SET wake_seq = wake_seq + 1, woken_at = now(), paused = false,
+               updated_at = CASE WHEN paused THEN now() ELSE updated_at END
+         WHERE id = :id AND (status = 'running') IS TRUE AND (paused OR NOT :unpause)
         RETURNING id
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
-        SELECT id, 'resumed', jsonb_build_object('by', 'operator') FROM w
+        SELECT id, 'resumed', jsonb_build_object('by', 'operator') FROM w WHERE NOT :unpause
+    ), hp AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT w.id, 'unpaused',
+               jsonb_build_object('by', CASE WHEN :unpause THEN 'operator' ELSE 'resume' END)
+          FROM w, r WHERE r.paused
     ), e AS (
         UPDATE durable_steps st
            SET status = 'scheduled', lease_owner = NULL, lease_expires_at = NULL,
@@ -157,7 +210,7 @@ _RESUME = statement(
          WHERE st.workflow_id = w.id AND st.status = 'scheduled'
         RETURNING st.seq, st.name, st.options
     )
-    SELECT r.name, r.status, (SELECT count(*) FROM w) AS woken,
+    SELECT r.name, r.status, r.paused, (SELECT count(*) FROM w) AS woken,
            (SELECT coalesce(json_agg(json_build_object('seq', seq, 'name', name,
                                                        'options', options)), '[]')
               FROM (SELECT * FROM e UNION ALL SELECT * FROM s) AS sent) AS steps,
@@ -182,11 +235,17 @@ class RunToResume:
     """The steps to send again: ``seq``, ``name``, ``options``."""
     timers: list[tuple[int, float]]
     """The run's unfired timers as (id, fire time as epoch), to index again."""
+    was_paused: bool = False
+    """Whether the run was paused before the call (and so is no longer)."""
 
 
-def resume_run(conn: Connection, wid: str) -> RunToResume | None:
-    """Wake a running run and mark its scheduled steps re-sent; None when there is no run."""
-    row = conn.execute(_RESUME, {"id": wid}).first()
+def resume_run(conn: Connection, wid: str, unpause: bool = False) -> RunToResume | None:
+    """Wake a running run and mark its scheduled steps re-sent; None when there is no run.
+
+    A paused run is unpaused. With ``unpause`` only a paused run is woken (``woken`` is False
+    for one that is not).
+    """
+    row = conn.execute(_RESUME, {"id": wid, "unpause": unpause}).first()
     if row is None:
         return None
     steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
@@ -197,6 +256,7 @@ def resume_run(conn: Connection, wid: str) -> RunToResume | None:
         bool(row.woken),
         list(steps),
         [(int(t[0]), float(t[1])) for t in timers],
+        bool(row.paused),
     )
 
 

@@ -1,4 +1,4 @@
-"""Queries of the bulk forms of cancel, retry, resume and purge: select runs, lock a batch.
+"""Queries of the bulk forms of cancel, retry, resume, purge, pause and unpause.
 
 A bulk operation selects runs with the filters of ``durable list``
 (:func:`durable.store.admin.run_conditions`) and the condition its action needs (a run to
@@ -26,6 +26,8 @@ ELIGIBLE = {
     "resume": "w.status = 'running'",
     "retry": "w.status = 'failed'",
     "purge": FINISHED,
+    "pause": "w.status = 'running' AND NOT w.paused",
+    "unpause": "w.status = 'running' AND w.paused",
 }
 
 
@@ -39,11 +41,15 @@ class Criteria:
     waiting: str | None = None
     older_than: float | None = None
     """Seconds since the run finished (only finished runs match)."""
+    paused: bool = False
+    """Only paused runs."""
 
 
 def _where(action: str, criteria: Criteria) -> tuple[str, dict[str, Any]]:
     c = criteria
-    where = run_conditions(status=c.status, name=c.name, since=c.since, waiting=c.waiting)
+    where = run_conditions(
+        status=c.status, name=c.name, since=c.since, waiting=c.waiting, paused=c.paused
+    )
     where.append(ELIGIBLE[action])
     if c.older_than is not None:
         where.append(f"{FINISHED} AND w.finished_at < now() - make_interval(secs => :older)")

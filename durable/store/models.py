@@ -2,7 +2,7 @@
 
 Tables (all prefixed ``durable_``):
 
-- ``workflows``: one row per run; its lease (one writer) and its wake counters.
+- ``workflows``: one row per run; its lease (one writer), its wake counters, its pause.
 - ``steps``: one row per position in a run's history, unique on (workflow id, step number):
   remote steps, local steps and sleeps alike; the result is committed here.
 - ``timers``: durable timers (sleeps and retry back-offs); PostgreSQL is the truth, the Redis
@@ -85,9 +85,13 @@ class Workflow(Base):
     # Change ids that ``ctx.patched`` found new code for in this run.
     patches: Mapped[Any | None] = mapped_column(JSONB)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Held by ``durable pause`` (or a step's ``RetryPolicy(on_exhausted="pause")``): the run
+    # stays 'running' but nothing moves it until ``durable unpause``.
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
+        Index("ix_durable_workflows_paused", "name", postgresql_where=text("paused")),
         Index("ix_durable_workflows_name", "name"),
         Index(
             "ix_durable_workflows_parent_id",

@@ -243,7 +243,8 @@ RUN_COLUMNS = (
 )
 
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
-# statement: replay costs one round trip whatever the number of steps. Step rows are
+# statement: replay costs one round trip whatever the number of steps. A paused run is not
+# acquired: its activation ends there, and ``durable unpause`` sends it again. Step rows are
 # aggregated into a single JSON value so the run's arguments are not repeated per row.
 _ACQUIRE = statement(
     """
@@ -251,7 +252,7 @@ _ACQUIRE = statement(
         UPDATE durable_workflows
            SET lease_owner = :owner,
                lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE id = :id AND (status = 'running') IS TRUE
+         WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING """
     + RUN_COLUMNS
@@ -307,6 +308,23 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
     """Give the lease back; False when the run was woken meanwhile (replay again)."""
     params = {"id": workflow_id, "owner": owner, "wake_seq": wake_seq}
     return conn.execute(_RELEASE, params).rowcount == 1
+
+
+_LET_GO = statement(
+    """
+    UPDATE durable_workflows SET lease_owner = NULL, lease_expires_at = NULL
+     WHERE id = :id AND lease_owner = :owner
+    """
+)
+
+
+def let_go(conn: Connection, workflow_id: str, owner: str) -> bool:
+    """Drop ``owner``'s lease on the run without marking anything handled.
+
+    For an activation that cannot replay again (the run was paused while it replayed): the
+    run stays owed, and whoever unpauses it finds the lease free.
+    """
+    return conn.execute(_LET_GO, {"id": workflow_id, "owner": owner}).rowcount == 1
 
 
 # What a run's end does besides marking the run, as CTEs for the statement that ends it

@@ -36,11 +36,15 @@ class FiredTimer:
 #   local  -> ready (a local step's retry is due: replay runs it)
 #   signal -> timeout (the wait raises SignalTimeout on replay)
 # A 'deadline' timer (position 0) is a run's execution timeout; the caller ends the run.
+# A timer of a paused run does not fire: it stays unfired in PostgreSQL (the index may have
+# dropped it) and ``durable unpause`` indexes it again.
 _FIRE = statement(
     """
     WITH t AS (
         UPDATE durable_timers SET fired_at = now()
          WHERE id = ANY(:ids) AND fired_at IS NULL
+           AND NOT coalesce((SELECT pw.paused FROM durable_workflows pw
+                              WHERE pw.id = durable_timers.workflow_id), false)
         RETURNING id, workflow_id, seq, purpose, fire_at
     ), s AS (
         UPDATE durable_steps st
@@ -113,11 +117,14 @@ def timers_due_by(
     return [int(r.id) for r in conn.execute(_DUE_BY, params)]
 
 
+# A paused run's timers are not overdue: they wait for its unpause.
 _OVERDUE = statement(
     """
-    SELECT id FROM durable_timers
-     WHERE fired_at IS NULL AND fire_at <= now() - make_interval(secs => :grace)
-     ORDER BY fire_at LIMIT :limit
+    SELECT t.id FROM durable_timers t
+     WHERE t.fired_at IS NULL AND t.fire_at <= now() - make_interval(secs => :grace)
+       AND NOT coalesce((SELECT w.paused FROM durable_workflows w WHERE w.id = t.workflow_id),
+                        false)
+     ORDER BY t.fire_at LIMIT :limit
     """
 )
 

@@ -11,21 +11,29 @@ from durable.store.statement import statement
 
 # Cancelling a run cancels its descendants too (child workflows): each gets the flag and a
 # wake-up; replay delivers WorkflowCancelled at the first position that has not settled.
+# A cancel lifts a pause (history: 'unpaused', by 'cancel'), so that the cancellation can be
+# delivered and the workflow's compensation run; cancelling a paused run that was already
+# asked to stop lifts its pause the same way.
 _CANCEL = statement(
     """
     WITH RECURSIVE tree AS (
-        SELECT id FROM durable_workflows WHERE id = :id AND status = 'running'
+        SELECT id, paused FROM durable_workflows WHERE id = :id AND status = 'running'
         UNION
-        SELECT c.id FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
+        SELECT c.id, c.paused FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
          WHERE c.status = 'running'
     ), w AS (
         UPDATE durable_workflows
-           SET cancel_requested = true, wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id IN (SELECT id FROM tree) AND NOT cancel_requested
+           SET cancel_requested = true, paused = false, wake_seq = wake_seq + 1,
+               woken_at = now()
+         WHERE id IN (SELECT id FROM tree) AND (NOT cancel_requested OR paused)
         RETURNING id, name
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, 'cancel requested', jsonb_build_object('by', CAST(:id AS text)) FROM w
+    ), hp AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT w.id, 'unpaused', jsonb_build_object('by', 'cancel')
+          FROM w JOIN tree ON tree.id = w.id WHERE tree.paused
     )
     SELECT id, name FROM w
     """
