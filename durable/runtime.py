@@ -13,7 +13,7 @@ workflows, and it forwards the public verbs to the modules that implement them:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -116,6 +116,10 @@ class Durable(Core):
         name_or_fn: str | Callable[..., Any],
         *args: Any,
         workflow_id: str | None = None,
+        start_at: datetime | None = None,
+        countdown: timedelta | float | None = None,
+        debounce: timedelta | float | None = None,
+        debounce_max: timedelta | float | None = None,
         **kwargs: Any,
     ) -> WorkflowRun:
         """Start a workflow, or return the existing run when ``workflow_id`` is taken.
@@ -123,14 +127,41 @@ class Durable(Core):
         Example::
 
             run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+            durable.start("reports.build", "acme", countdown=timedelta(hours=1))
+            durable.start("search.reindex", "acme", workflow_id="reindex-acme",
+                          debounce=timedelta(seconds=30))
 
         Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
-        :class:`~durable.errors.PayloadError` is raised and nothing is written. See
-        :func:`durable.client.start`.
+        :class:`~durable.errors.PayloadError` is raised and nothing is written.
+
+        Args:
+            name_or_fn: The workflow's registered name, or its function.
+            *args: Its positional arguments.
+            workflow_id: The run's id (default: random); an id that exists returns its run.
+            start_at: Start at this time (timezone-aware), by a durable timer.
+            countdown: Start this long from now (seconds or a timedelta), likewise.
+            debounce: Start this long after the last call with this ``workflow_id``: a call
+                while the run waits for its start replaces its arguments and pushes the start
+                back; once it has started or ended, the call returns it unchanged.
+            debounce_max: With ``debounce``: start at the latest this long after the first
+                call, however often it is pushed back.
+            **kwargs: Its keyword arguments.
+
+        See :func:`durable.client.start` and :mod:`durable.delayed`.
         """
         if workflow_id is not None:
             ids.check_id(workflow_id)
-        return client.start(self, name_or_fn, *args, workflow_id=workflow_id, **kwargs)
+        return client.start(
+            self,
+            name_or_fn,
+            *args,
+            workflow_id=workflow_id,
+            start_at=start_at,
+            countdown=countdown,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            **kwargs,
+        )
 
     def start_many(
         self,

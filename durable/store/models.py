@@ -85,6 +85,9 @@ class Workflow(Base):
     # Change ids that ``ctx.patched`` found new code for in this run.
     patches: Mapped[Any | None] = mapped_column(JSONB)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # A delayed or debounced start not yet due: no activation runs the workflow until its
+    # 'start' timer fires and clears this (``durable.store.runs``).
+    start_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),

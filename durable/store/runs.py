@@ -244,14 +244,15 @@ RUN_COLUMNS = (
 
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
 # statement: replay costs one round trip whatever the number of steps. Step rows are
-# aggregated into a single JSON value so the run's arguments are not repeated per row.
+# aggregated into a single JSON value so the run's arguments are not repeated per row. A run
+# waiting for its delayed start (``start_at`` set) is not taken: its code must not run yet.
 _ACQUIRE = statement(
     """
     WITH w AS (
         UPDATE durable_workflows
            SET lease_owner = :owner,
                lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE id = :id AND (status = 'running') IS TRUE
+         WHERE id = :id AND (status = 'running') IS TRUE AND start_at IS NULL
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING """
     + RUN_COLUMNS
