@@ -6,6 +6,7 @@ private Redis, flushed) for the debounce and for surviving a flush and a beat re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -458,3 +459,71 @@ def test_real_processes_a_delayed_start_survives_a_redis_flush_and_a_beat_restar
     assert run.result(timeout=60) == "hello flushed!", procs.logs()
     assert seen(procs.redis_url, prefix) == ["flushed"]
     client.close()
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def durable_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "durable.cli", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_start_takes_countdown_start_at_and_debounce(
+    delay: tuple[Celery, Durable], database_url: str, redis_url: str, prefix: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
+    env.update(
+        DURABLE_DATABASE_URL=database_url,
+        DURABLE_REDIS_URL=redis_url,
+        DELAY_PREFIX=prefix,
+        DURABLE_APP="tests.apps.delay_app",
+        PYTHONPATH=str(ROOT),
+    )
+    done = durable_cli(
+        env, "start", "delay.greet", "--id", "cli-1", "--args", '["z"]', "--countdown", "2h"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cli-1"
+    row = run_row(database_url, "cli-1")
+    assert row.start_at - row.created_at == timedelta(hours=2)
+
+    at = "2100-01-01T09:00:00Z"
+    done = durable_cli(
+        env, "start", "delay.greet", "--id", "cli-2", "--args", '["y"]', "--start-at", at
+    )
+    assert done.returncode == 0, done.stderr
+    assert run_row(database_url, "cli-2").start_at == datetime(2100, 1, 1, 9, tzinfo=UTC)
+
+    for args in (["w"], ["v"]):
+        done = durable_cli(
+            env,
+            "start",
+            "delay.greet",
+            "--id",
+            "cli-3",
+            "--args",
+            f'["{args[0]}"]',
+            "--debounce",
+            "10m",
+        )
+        assert done.returncode == 0, done.stderr
+    assert run_row(database_url, "cli-3").args == ["v"]
+
+    shown = durable_cli(env, "show", "cli-2")
+    assert shown.returncode == 0, shown.stderr
+    assert "waiting for its start at 2100-01-01 09:00:00" in shown.stdout
+    listed = durable_cli(env, "list", "--json")
+    waits = {r["id"]: r["waiting"]["on"] for r in json.loads(listed.stdout)}
+    assert waits == {"cli-1": "start", "cli-2": "start", "cli-3": "start"}
+
+    for bad, says in (
+        (["--start-at", "2100-01-01T09:00:00"], "time zone"),
+        (["--countdown", "soon"], "not a duration"),
+        (["--debounce", "5m"], "needs a workflow_id"),
+    ):
+        failed = durable_cli(env, "start", "delay.greet", *bad)
+        assert failed.returncode != 0
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], failed.stderr
+    assert len(query(database_url, "SELECT id FROM durable_workflows")) == 3
