@@ -163,6 +163,41 @@ def test_start_at_is_a_moment_and_the_test_clock_skips_to_it(
     assert env.skipped > 0
 
 
+def test_a_start_at_in_the_past_starts_at_the_beats_next_tick(
+    running: Durable, redis_url: str, prefix: str
+) -> None:
+    durable = running
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    run = durable.start("delay.greet", "late", workflow_id="overdue", start_at=past)
+    assert run.result(timeout=30) == "hello late!"
+    assert seen(redis_url, prefix) == ["late"]
+
+
+def test_the_execution_timeout_counts_from_the_start_and_moves_with_a_debounce(
+    delay: tuple[Celery, Durable], database_url: str
+) -> None:
+    _, durable = delay
+
+    def deadlines() -> list[Any]:
+        return query(
+            database_url,
+            "SELECT fire_at, fired_at FROM durable_timers "
+            "WHERE workflow_id = 'bounded' AND purpose = 'deadline' ORDER BY id",
+        )
+
+    durable.start("delay.bounded", "a", workflow_id="bounded", debounce=HOUR)
+    first = run_row(database_url, "bounded")
+    assert first.deadline_at == first.start_at + 2 * HOUR
+    assert [d.fire_at for d in deadlines()] == [first.deadline_at]
+    durable.start("delay.bounded", "b", workflow_id="bounded", debounce=HOUR)
+    second = run_row(database_url, "bounded")
+    assert second.deadline_at == second.start_at + 2 * HOUR
+    assert [(d.fire_at, d.fired_at is None) for d in deadlines()] == [
+        (first.deadline_at, False),
+        (second.deadline_at, True),
+    ]
+
+
 def test_a_second_delayed_start_of_an_id_returns_the_run_unchanged(
     delay: tuple[Celery, Durable], database_url: str
 ) -> None:

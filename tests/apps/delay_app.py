@@ -9,6 +9,7 @@ Redis under the prefix, so a test can count runs and read the arguments they saw
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -40,6 +41,10 @@ def build(
     @durable.workflow("delay.greet")
     def greet(ctx: Any, name: str, punctuation: str = "!") -> str:
         return str(ctx.step(record, name)) + punctuation
+
+    @durable.workflow("delay.bounded", execution_timeout=timedelta(hours=2))
+    def bounded(ctx: Any, name: str) -> str:
+        return str(ctx.step(record, name))
 
     @durable.workflow("delay.wait")
     def wait(ctx: Any) -> Any:
