@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from durable import Durable, activation
+from durable import Durable, activation, bulk
 from durable.beat import Beat
 from durable.dev.services import start_private_redis
 from durable.errors import InvalidDuration, WorkflowCancelled, WorkflowIdConflict
@@ -268,6 +268,30 @@ def test_cancel_before_the_start_ends_the_run_and_its_timer_never_starts_it(
     # Its (retired) timer reaching the beat now changes nothing.
     assert durable.store(lambda c: timer_queries.fire_timers(c, [timer.id])) == []
     assert step_count(database_url, "called-off") == 0 and seen(redis_url, prefix) == []
+
+
+def test_a_bulk_cancel_ends_the_runs_not_started_and_flags_the_others(
+    delay: tuple[Celery, Durable], database_url: str
+) -> None:
+    _, durable = delay
+    durable.start("delay.greet", "p", workflow_id="pending-1", countdown=HOUR)
+    durable.start("delay.greet", "q", workflow_id="pending-2", debounce=HOUR)
+    durable.start("delay.wait", workflow_id="begun")
+    done = bulk.run(durable, "cancel", bulk.RunFilter(status="running"))
+    assert (done.acted, done.skipped) == (3, 0)
+    rows = query(database_url, "SELECT id, status, cancel_requested FROM durable_workflows")
+    assert sorted(rows) == [
+        ("begun", "running", True),
+        ("pending-1", "cancelled", True),
+        ("pending-2", "cancelled", True),
+    ]
+    assert (
+        query(
+            database_url,
+            "SELECT id FROM durable_timers WHERE workflow_id LIKE 'pending-%' AND fired_at IS NULL",
+        )
+        == []
+    )
 
 
 def test_a_signal_sent_before_the_start_is_kept_for_the_run(
