@@ -112,6 +112,8 @@ def start_many(
     *,
     workflow_ids: Sequence[str | None] | None = None,
     kwargs_list: Sequence[dict[str, Any]] | None = None,
+    start_at: datetime | None = None,
+    countdown: timedelta | float | None = None,
 ) -> list[WorkflowRun]:
     """Start many runs of one workflow: one statement, then their messages on one producer.
 
@@ -124,7 +126,11 @@ def start_many(
     eager start included: an id that exists returns its run and writes nothing (or raises
     :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
     payload error raises before anything is written. Returns the runs in order.
+
+    ``start_at`` or ``countdown`` delays every run to that one start time, as ``start``
+    does (one statement still; no message is sent until the beat starts them).
     """
+    timing = delayed.start_time(None, start_at, countdown)
     name = core.workflow_name(name_or_fn)
     count = len(args_list)
     ids = list(workflow_ids) if workflow_ids is not None else [None] * count
@@ -138,7 +144,7 @@ def start_many(
         kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = given or uuid.uuid4().hex
         found = None
-        if core.settings.eager_start:
+        if core.settings.eager_start and timing is None:
             found = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
         steps = None
         if found is not None:
@@ -146,7 +152,13 @@ def start_many(
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
         new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
     timeout = core.execution_timeouts.get(name)
-    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
+    if timing is not None:
+        rows = "[" + ",".join(r.as_json() for r in new) + "]"
+        created, timers = core.store(
+            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, timing.when())
+        )
+    else:
+        created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
     core.index_timers(timers)
     core.apply_many(
         [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],

@@ -170,6 +170,8 @@ class Durable(Core):
         *,
         workflow_ids: Sequence[str | None] | None = None,
         kwargs_list: Sequence[dict[str, Any]] | None = None,
+        start_at: datetime | None = None,
+        countdown: timedelta | float | None = None,
     ) -> list[WorkflowRun]:
         """Start many runs of one workflow in one statement; idempotent per id like ``start``.
 
@@ -178,10 +180,17 @@ class Durable(Core):
             runs = durable.start_many("orders.fulfill", [("o-1",), ("o-2",)],
                                       workflow_ids=["order-o-1", "order-o-2"])
 
-        See :func:`durable.client.start_many`.
+        ``start_at`` or ``countdown`` delays every run to that one start time, as
+        :meth:`start` does. See :func:`durable.client.start_many`.
         """
         return client.start_many(
-            self, name_or_fn, args_list, workflow_ids=workflow_ids, kwargs_list=kwargs_list
+            self,
+            name_or_fn,
+            args_list,
+            workflow_ids=workflow_ids,
+            kwargs_list=kwargs_list,
+            start_at=start_at,
+            countdown=countdown,
         )
 
     def run(self, workflow_id: str) -> WorkflowRun:

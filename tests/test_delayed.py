@@ -213,6 +213,31 @@ def test_a_second_delayed_start_of_an_id_returns_the_run_unchanged(
         durable.start("delay.wait", workflow_id="once", countdown=HOUR)
 
 
+def test_start_many_delays_every_run_to_one_start_time(
+    running: Durable, database_url: str, redis_url: str, prefix: str
+) -> None:
+    durable = running
+    durable.start("delay.greet", "kept", workflow_id="many-2", countdown=2 * HOUR)
+    runs = durable.start_many(
+        "delay.greet",
+        [("a",), ("b",), ("c",)],
+        workflow_ids=["many-1", "many-2", None],
+        countdown=HOUR,
+    )
+    rows = {r.id: r for r in query(database_url, "SELECT * FROM durable_workflows")}
+    assert len(rows) == 3 and rows["many-2"].args == ["kept"]
+    assert rows["many-1"].start_at == rows[runs[2].id].start_at
+    assert rows["many-1"].start_at - rows["many-1"].created_at == HOUR
+    assert all(step_count(database_url, wid) == 0 for wid in rows)
+    assert seen(redis_url, prefix) == []
+    for run in runs:
+        make_due(database_url, redis_url, prefix, run.id)
+    assert [r.result(timeout=30) for r in runs] == ["hello a!", "hello kept!", "hello c!"]
+    with pytest.raises(InvalidDuration):
+        durable.start_many("delay.greet", [("x",)], workflow_ids=["never"], countdown=-5)
+    assert run_row(database_url, "never") is None
+
+
 @pytest.mark.parametrize(
     ("options", "error", "says"),
     [

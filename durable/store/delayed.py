@@ -74,6 +74,38 @@ _INSERT = statement(
     + _TIMERS_JSON
 )
 
+# Many delayed runs of one workflow, all due at one start time (``durable.start_many``); the
+# runs arrive as one JSON array of {id, args, kwargs}, as ``runs.insert_runs`` takes them.
+_INSERT_MANY = statement(
+    """
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:runs AS jsonb))
+               AS r(id text, args jsonb, kwargs jsonb)
+    ), s AS (SELECT """
+    + _START_AT.format(created="now()")
+    + """ AS at
+    ), w AS (
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, start_at, deadline_at,
+                                       wake_seq, run_seq)
+        SELECT r.id, :name, 'running', r.args, r.kwargs, s.at,
+               s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0
+          FROM r, s
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id, start_at, deadline_at
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'start delayed',
+               jsonb_build_object('name', CAST(:name AS text), 'start_at', start_at)
+          FROM w
+    ), """
+    + _TIMERS
+    + """, stale AS (
+        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)
+    )
+    SELECT (SELECT coalesce(jsonb_agg(id), '[]') FROM w) AS created, """
+    + _TIMERS_JSON
+)
+
 # Take the pending run's unfired timers first (the firing's own first lock, so the two
 # serialize there, in the same order), then move the run: new arguments, new start time, new
 # timers. Nothing is written unless the run still waits for its start under this name.
@@ -159,6 +191,31 @@ def insert_delayed_run(
     params = _params(workflow_id, name, args, kwargs, timeout, when)
     row = conn.execute(_INSERT, params).one()
     return Delayed(bool(row.created), [(int(i), float(at)) for i, at in row.timers])
+
+
+def insert_delayed_runs(
+    conn: Connection,
+    name: str,
+    runs: str,
+    timeout: float | None,
+    when: tuple[object | None, float | None, float | None],
+) -> tuple[set[str], list[tuple[int, float]]]:
+    """Create runs of ``name`` waiting for one start time, in one statement.
+
+    ``runs`` is a JSON array of ``{id, args, kwargs}``. Returns the ids created (an id that
+    exists is left alone) and their timers (id, fire time as epoch), to index.
+    """
+    start_at, delay, cap = when
+    params = {
+        "runs": runs,
+        "name": name,
+        "timeout": timeout,
+        "start_at": start_at,
+        "delay": delay,
+        "cap": cap,
+    }
+    row = conn.execute(_INSERT_MANY, params).one()
+    return set(row.created), [(int(i), float(at)) for i, at in row.timers]
 
 
 def debounce_run(
