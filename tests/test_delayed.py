@@ -401,19 +401,54 @@ def test_a_debounce_racing_the_firing_loses_to_it_when_the_firing_commits_first(
     delay: tuple[Celery, Durable], database_url: str
 ) -> None:
     _, durable = delay
-    durable.start("delay.greet", "a", workflow_id="race", debounce=HOUR)
+    durable.start("delay.bounded", "a", workflow_id="race", debounce=HOUR)
     (timer,) = start_timers(database_url, "race")
+    when = (None, 3600.0, None)
     with durable.transaction() as conn:
         fired = timer_queries.fire_timers(conn, [timer.id])
         assert [f.kind for f in fired] == ["start"]
         late = Background(
-            lambda: durable.start("delay.greet", "b", workflow_id="race", debounce=HOUR)
+            lambda: durable.store(
+                lambda c: delayed_queries.debounce_run(
+                    c, "race", "delay.bounded", '["b"]', "{}", 7200.0, when
+                )
+            )
         )
         wait_until(lambda: waiting_on_lock(database_url), what="the debounce to wait")
-    assert late.join().id == "race"
+    assert not late.join().written
+    # Called again, start reads the run, sees it started, and returns it.
+    assert durable.start("delay.bounded", "b", workflow_id="race", debounce=HOUR).id == "race"
     row = run_row(database_url, "race")
     assert row.args == ["a"] and row.start_at is None
     assert "start debounced" not in events(database_url, "race")
+    assert unfired(database_url, "race") == ["deadline"]  # the started run keeps its timeout
+
+
+def unfired(database_url: str, wid: str) -> list[str]:
+    """The purposes of the run's unfired timers."""
+    rows = query(
+        database_url,
+        "SELECT purpose FROM durable_timers WHERE workflow_id = :wid AND fired_at IS NULL "
+        "ORDER BY id",
+        wid=wid,
+    )
+    return [r.purpose for r in rows]
+
+
+def test_a_cancel_racing_the_firing_flags_the_started_run_when_the_firing_commits_first(
+    delay: tuple[Celery, Durable], database_url: str
+) -> None:
+    _, durable = delay
+    durable.start("delay.bounded", "a", workflow_id="race", countdown=HOUR)
+    (timer,) = start_timers(database_url, "race")
+    with durable.transaction() as conn:
+        assert [f.kind for f in timer_queries.fire_timers(conn, [timer.id])] == ["start"]
+        cancel = Background(lambda: durable.cancel("race"))
+        wait_until(lambda: waiting_on_lock(database_url), what="the cancel to wait")
+    cancel.join()
+    row = run_row(database_url, "race")
+    assert (row.status, row.cancel_requested, row.start_at) == ("running", True, None)
+    assert unfired(database_url, "race") == ["deadline"]
 
 
 def test_a_firing_racing_a_debounce_fires_nothing_when_the_debounce_commits_first(

@@ -8,9 +8,11 @@ writes ``started`` and wakes the run, and the beat sends its first activation.
 
 A debounce and the start timer's firing serialize on the timer's row: both begin by setting
 its ``fired_at`` where it is NULL, so whichever commits first wins and the other finds no
-unfired timer. A debounce that wins retires the old timers and writes new ones (the old ids
-may still sit in the Redis index: claimed, they fire nothing). Cancelling a run that has not
-started takes the same row first.
+unfired timer. Only a debounce that took it moves the run, then retires its other timer
+(the execution timeout's) and writes new ones (the old ids may still sit in the Redis
+index: claimed, they fire nothing); one that lost leaves every timer alone, so a run the
+firing started keeps its deadline. Cancelling a run that has not started takes the same row
+first, the same way.
 """
 
 from __future__ import annotations
@@ -113,8 +115,7 @@ _DEBOUNCE = statement(
     """
     WITH old AS (
         UPDATE durable_timers SET fired_at = now()
-         WHERE workflow_id = :id AND seq = 0 AND purpose IN ('start', 'deadline')
-           AND fired_at IS NULL
+         WHERE workflow_id = :id AND seq = 0 AND purpose = 'start' AND fired_at IS NULL
            AND EXISTS (SELECT 1 FROM durable_workflows d
                         WHERE d.id = :id AND d.name = :name AND d.status = 'running'
                           AND d.start_at IS NOT NULL)
@@ -131,6 +132,11 @@ _DEBOUNCE = statement(
          WHERE wf.id = :id AND wf.status = 'running' AND wf.start_at IS NOT NULL
            AND EXISTS (SELECT 1 FROM old WHERE purpose = 'start')
         RETURNING wf.id, wf.start_at, wf.deadline_at
+    ), old_deadline AS (
+        -- Only once the start timer is taken and the run moved: a firing that won keeps it.
+        UPDATE durable_timers SET fired_at = now()
+         WHERE workflow_id = (SELECT id FROM w) AND seq = 0 AND purpose = 'deadline'
+           AND fired_at IS NULL
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT id, NULL, 'start debounced', jsonb_build_object('start_at', start_at) FROM w
@@ -244,7 +250,7 @@ _CANCEL_PENDING = statement(
     """
     WITH old AS (
         UPDATE durable_timers SET fired_at = now()
-         WHERE workflow_id = :id AND fired_at IS NULL
+         WHERE workflow_id = :id AND seq = 0 AND purpose = 'start' AND fired_at IS NULL
            AND EXISTS (SELECT 1 FROM durable_workflows d
                         WHERE d.id = :id AND d.status = 'running' AND d.start_at IS NOT NULL)
         RETURNING purpose
@@ -253,8 +259,12 @@ _CANCEL_PENDING = statement(
            SET status = 'cancelled', error = 'cancelled', cancel_requested = true,
                start_at = NULL, finished_at = now(), updated_at = now(), run_seq = wake_seq
          WHERE id = :id AND status = 'running' AND start_at IS NOT NULL
-           AND EXISTS (SELECT 1 FROM old WHERE purpose = 'start')
+           AND EXISTS (SELECT 1 FROM old)
         RETURNING id
+    ), rest AS (
+        -- Its other timers (the execution timeout's), only once it is cancelled here.
+        UPDATE durable_timers SET fired_at = now()
+         WHERE workflow_id = (SELECT id FROM w) AND fired_at IS NULL
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT id, NULL, e.event, e.detail FROM w,
