@@ -69,11 +69,14 @@ def parse_duration(text: str) -> timedelta:
 def _waiting(row: Any) -> dict[str, Any] | None:
     """What a running run waits on; None once it has finished.
 
-    One of ``step``, ``timer``, ``signal``, ``child``, ``activation`` (woken, not replayed
-    yet) or ``nothing`` (stuck: see ``durable reconcile``).
+    One of ``start`` (a delayed start, ``until`` its time), ``step``, ``timer``, ``signal``,
+    ``child``, ``activation`` (woken, not replayed yet) or ``nothing`` (stuck: see
+    ``durable reconcile``).
     """
     if row.status != "running":
         return None
+    if row.start_at is not None:
+        return {"on": "start", "seq": None, "name": None, "until": row.start_at}
     pending = row.pending
     if pending is None:
         on = "activation" if row.owed else ("timer" if row.next_timer else "nothing")
@@ -193,9 +196,10 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         workflow_id: The run's id.
 
     Returns:
-        The run's fields; its ``steps`` (each with ``attempts``, ``duration`` in seconds,
-        ``result``, ``error`` and an ``attempt_history``); ``events`` (key to latest value);
-        ``signals``; ``timers`` (with ``lateness`` in seconds once fired); and ``history``.
+        The run's fields (``start_at`` while a delayed start is not due yet); its ``steps``
+        (each with ``attempts``, ``duration`` in seconds, ``result``, ``error`` and an
+        ``attempt_history``); ``events`` (key to latest value); ``signals``; ``timers``
+        (with ``lateness`` in seconds once fired); and ``history``.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -213,6 +217,7 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         "error": row.error,
         "parent_id": row.parent_id,
         "cancel_requested": row.cancel_requested,
+        "start_at": row.start_at,
         "steps": [_step(s, attempts.get(s.seq, [])) for s in steps.list_steps(conn, row.id)],
         "events": signals.list_events(conn, row.id),
         "signals": [

@@ -34,8 +34,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from durable.admin import WAITING
 from durable.store import admin as admin_queries
 from durable.store import bulk as queries
+from durable.store import delayed, tree
 from durable.store import engine as store_engine
-from durable.store import tree
 
 if TYPE_CHECKING:
     from durable.core import Core
@@ -170,6 +170,8 @@ Send = Callable[["Core"], None]
 
 
 def _cancel(conn: Connection, wid: str) -> Send | None:
+    if delayed.cancel_pending(conn, wid):  # not started yet: ended at once, nothing to send
+        return lambda core: None
     flagged = tree.request_cancel(conn, wid)
 
     def send(core: Core) -> None:

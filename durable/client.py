@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable import activation
+from durable import activation, delayed
 from durable.durations import seconds
 from durable.errors import (
     LimitExceeded,
@@ -25,6 +25,7 @@ from durable.errors import (
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.store import delayed as delayed_queries
 from durable.store import notices
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
@@ -44,6 +45,10 @@ def start(
     /,
     *args: Any,
     workflow_id: str | None = None,
+    start_at: datetime | None = None,
+    countdown: timedelta | float | None = None,
+    debounce: timedelta | float | None = None,
+    debounce_max: timedelta | float | None = None,
     **kwargs: Any,
 ) -> WorkflowRun:
     """Start a workflow, or return the existing run when ``workflow_id`` is taken.
@@ -62,11 +67,21 @@ def start(
     scheduled in the statement that creates the run and sent at once, saving the first
     activation's broker hop (a local step, a sleep, a wait, ``ctx.now()`` or a workflow not
     registered in this process start the run as usual, with an activation).
+
+    ``start_at`` (an aware datetime) or ``countdown`` (seconds or a timedelta) delays the
+    start with a durable timer; ``debounce`` (with a ``workflow_id``) starts the run that
+    long after the last call, each call inside the window replacing its arguments, and
+    ``debounce_max`` bounds how long after the first call it may wait: see
+    :mod:`durable.delayed`.
     """
+    timing = delayed.start_time(workflow_id, start_at, countdown, debounce, debounce_max)
     name = core.workflow_name(name_or_fn)
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
+    if timing is not None:
+        delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing)
+        return WorkflowRun(core, wid)
     timeout = core.execution_timeouts.get(name)
     eager = None
     if core.settings.eager_start:
@@ -97,6 +112,8 @@ def start_many(
     *,
     workflow_ids: Sequence[str | None] | None = None,
     kwargs_list: Sequence[dict[str, Any]] | None = None,
+    start_at: datetime | None = None,
+    countdown: timedelta | float | None = None,
 ) -> list[WorkflowRun]:
     """Start many runs of one workflow: one statement, then their messages on one producer.
 
@@ -109,7 +126,11 @@ def start_many(
     eager start included: an id that exists returns its run and writes nothing (or raises
     :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
     payload error raises before anything is written. Returns the runs in order.
+
+    ``start_at`` or ``countdown`` delays every run to that one start time, as ``start``
+    does (one statement still; no message is sent until the beat starts them).
     """
+    timing = delayed.start_time(None, start_at, countdown)
     name = core.workflow_name(name_or_fn)
     count = len(args_list)
     ids = list(workflow_ids) if workflow_ids is not None else [None] * count
@@ -123,7 +144,7 @@ def start_many(
         kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = given or uuid.uuid4().hex
         found = None
-        if core.settings.eager_start:
+        if core.settings.eager_start and timing is None:
             found = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
         steps = None
         if found is not None:
@@ -131,7 +152,13 @@ def start_many(
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
         new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
     timeout = core.execution_timeouts.get(name)
-    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
+    if timing is not None:
+        rows = "[" + ",".join(r.as_json() for r in new) + "]"
+        created, timers = core.store(
+            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, timing.when())
+        )
+    else:
+        created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
     core.index_timers(timers)
     core.apply_many(
         [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],
@@ -249,7 +276,10 @@ def cancel(core: Core, workflow_id: str) -> list[str]:
     The workflow gets :class:`~durable.errors.WorkflowCancelled` at its next step, sleep or
     signal wait, may compensate in ``except``/``finally``, and ends ``cancelled``. A step
     already running finishes and its result is recorded. Cancelling twice is harmless.
+    A run still waiting for its delayed start ends ``cancelled`` at once.
     """
+    if core.store(lambda c: delayed_queries.cancel_pending(c, workflow_id)):
+        return [workflow_id]  # it had not started: ended at once, nothing to deliver
     flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
     if not flagged:
         row = core.store(lambda c: run_queries.get_run(c, workflow_id))

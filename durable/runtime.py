@@ -14,7 +14,7 @@ it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -118,6 +118,10 @@ class Durable(Core):
         name_or_fn: str | Callable[..., Any],
         *args: Any,
         workflow_id: str | None = None,
+        start_at: datetime | None = None,
+        countdown: timedelta | float | None = None,
+        debounce: timedelta | float | None = None,
+        debounce_max: timedelta | float | None = None,
         **kwargs: Any,
     ) -> WorkflowRun:
         """Start a workflow, or return the existing run when ``workflow_id`` is taken.
@@ -125,14 +129,41 @@ class Durable(Core):
         Example::
 
             run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+            durable.start("reports.build", "acme", countdown=timedelta(hours=1))
+            durable.start("search.reindex", "acme", workflow_id="reindex-acme",
+                          debounce=timedelta(seconds=30))
 
         Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
-        :class:`~durable.errors.PayloadError` is raised and nothing is written. See
-        :func:`durable.client.start`.
+        :class:`~durable.errors.PayloadError` is raised and nothing is written.
+
+        Args:
+            name_or_fn: The workflow's registered name, or its function.
+            *args: Its positional arguments.
+            workflow_id: The run's id (default: random); an id that exists returns its run.
+            start_at: Start at this time (timezone-aware), by a durable timer.
+            countdown: Start this long from now (seconds or a timedelta), likewise.
+            debounce: Start this long after the last call with this ``workflow_id``: a call
+                while the run waits for its start replaces its arguments and pushes the start
+                back; once it has started or ended, the call returns it unchanged.
+            debounce_max: With ``debounce``: start at the latest this long after the first
+                call, however often it is pushed back.
+            **kwargs: Its keyword arguments.
+
+        See :func:`durable.client.start` and :mod:`durable.delayed`.
         """
         if workflow_id is not None:
             ids.check_id(workflow_id)
-        return client.start(self, name_or_fn, *args, workflow_id=workflow_id, **kwargs)
+        return client.start(
+            self,
+            name_or_fn,
+            *args,
+            workflow_id=workflow_id,
+            start_at=start_at,
+            countdown=countdown,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            **kwargs,
+        )
 
     def start_many(
         self,
@@ -141,6 +172,8 @@ class Durable(Core):
         *,
         workflow_ids: Sequence[str | None] | None = None,
         kwargs_list: Sequence[dict[str, Any]] | None = None,
+        start_at: datetime | None = None,
+        countdown: timedelta | float | None = None,
     ) -> list[WorkflowRun]:
         """Start many runs of one workflow in one statement; idempotent per id like ``start``.
 
@@ -149,10 +182,17 @@ class Durable(Core):
             runs = durable.start_many("orders.fulfill", [("o-1",), ("o-2",)],
                                       workflow_ids=["order-o-1", "order-o-2"])
 
-        See :func:`durable.client.start_many`.
+        ``start_at`` or ``countdown`` delays every run to that one start time, as
+        :meth:`start` does. See :func:`durable.client.start_many`.
         """
         return client.start_many(
-            self, name_or_fn, args_list, workflow_ids=workflow_ids, kwargs_list=kwargs_list
+            self,
+            name_or_fn,
+            args_list,
+            workflow_ids=workflow_ids,
+            kwargs_list=kwargs_list,
+            start_at=start_at,
+            countdown=countdown,
         )
 
     def run(self, workflow_id: str) -> WorkflowRun:

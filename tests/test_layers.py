@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("replay", {"replay"}),
     ("workflow context", {"context"}),
     ("engine", {"activation", "deadlines"}),
-    ("step runner and client", {"client", "runner", "stepmessage"}),
+    ("step runner and client", {"client", "delayed", "runner", "stepmessage"}),
     ("canvas", {"builtin_workflows", "canvas"}),
     ("operations", {"admin", "bulk", "reconcile", "schedule_import", "scheduler"}),
     ("facade", {"runtime"}),

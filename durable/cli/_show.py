@@ -123,6 +123,8 @@ def _header(run: dict[str, Any], hidden: int) -> Table:
         header.add_row("", Text("paused: durable unpause lets it go on", style="yellow"))
     if run.get("cancel_requested") and run["status"] == "running":
         header.add_row("", Text("cancellation requested", style="magenta"))
+    if run.get("start_at") and run["status"] == "running":
+        header.add_row("", Text(f"waiting for its start at {when(run['start_at'])}", style="cyan"))
     if run.get("parent_id"):
         header.add_row("parent", Text(run["parent_id"]))
     header.add_row("created", when(run["created_at"]))

@@ -33,10 +33,17 @@ from durable.cli._common import (
 )
 from durable.cli._show import Opener, render_run
 from durable.codec import Compression, Fernet
-from durable.errors import ConfigurationError
+from durable.errors import ConfigurationError, DurableError
 
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
-RESERVED_KWARGS = ("name_or_fn", "workflow_id")
+RESERVED_KWARGS = (
+    "name_or_fn",
+    "workflow_id",
+    "start_at",
+    "countdown",
+    "debounce",
+    "debounce_max",
+)
 
 
 def _args_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any]:
@@ -51,6 +58,31 @@ def _kwargs_callback(
     if clash:
         raise click.BadParameter(f"cannot pass {', '.join(clash)} as keywords", param=param)
     return data
+
+
+def _duration_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return admin.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _moment_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value[:40]!r} is not an ISO 8601 time", param=param) from None
+    if moment.tzinfo is None:
+        raise click.BadParameter("give a time zone: 2030-01-31T09:00:00Z or +01:00", param=param)
+    return moment
 
 
 @click.command()
@@ -80,6 +112,37 @@ def _kwargs_callback(
     show_envvar=True,
     help="Keyword arguments as a JSON object.",
 )
+@click.option(
+    "--countdown",
+    callback=_duration_callback,
+    metavar="DURATION",
+    show_envvar=True,
+    help="Start this long from now (90s, 30m, 12h, 1d12h), by a durable timer.",
+)
+@click.option(
+    "--start-at",
+    "start_at",
+    callback=_moment_callback,
+    metavar="TIME",
+    show_envvar=True,
+    help="Start at this ISO 8601 time with a time zone (2030-01-31T09:00:00Z).",
+)
+@click.option(
+    "--debounce",
+    callback=_duration_callback,
+    metavar="DURATION",
+    show_envvar=True,
+    help="Start this long after the last such call for --id; a call while the run waits "
+    "replaces its arguments and pushes its start back.",
+)
+@click.option(
+    "--debounce-max",
+    "debounce_max",
+    callback=_duration_callback,
+    metavar="DURATION",
+    show_envvar=True,
+    help="With --debounce: start at the latest this long after the first call.",
+)
 @json_option("start", "the id alone")
 @click.pass_context
 def start(
@@ -89,12 +152,35 @@ def start(
     workflow_id: str | None,
     args: list[Any],
     kwargs: dict[str, Any],
+    countdown: timedelta | None,
+    start_at: datetime | None,
+    debounce: timedelta | None,
+    debounce_max: timedelta | None,
     as_json: bool,
 ) -> None:
-    """Start workflow NAME and print its id (alone, for scripts to capture)."""
+    """Start workflow NAME and print its id (alone, for scripts to capture).
+
+    With --countdown, --start-at or --debounce the run is written now and waits for its
+    start (`durable show` says until when); `durable beat` starts it.
+    """
     if workflow_id == "":
         raise click.BadParameter("must not be empty", ctx, param_hint="'--id'")
-    run = require_app(ctx, app).start(name, *args, workflow_id=workflow_id, **kwargs)
+    durable = require_app(ctx, app)
+    try:
+        run = durable.start(
+            name,
+            *args,
+            workflow_id=workflow_id,
+            start_at=start_at,
+            countdown=countdown,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            **kwargs,
+        )
+    except ValueError as exc:
+        if isinstance(exc, DurableError):
+            raise
+        raise click.UsageError(str(exc), ctx) from None
     report(as_json, run.id, {"id": run.id})
 
 

@@ -93,7 +93,7 @@ def list_runs(
     where = run_conditions(status=status, name=name, since=since, waiting=waiting, paused=paused)
     query = f"""
         SELECT w.id, w.name, w.status, w.paused, w.created_at, w.updated_at, w.finished_at,
-               w.wake_seq > w.run_seq AS owed,
+               w.wake_seq > w.run_seq AS owed, w.start_at,
                CASE WHEN w.status = 'running' THEN {_PENDING_STEP} END AS pending,
                CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
           FROM durable_workflows w

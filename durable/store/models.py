@@ -88,6 +88,9 @@ class Workflow(Base):
     # Held by ``durable pause`` (or a step's ``RetryPolicy(on_exhausted="pause")``): the run
     # stays 'running' but nothing moves it until ``durable unpause``.
     paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # A delayed or debounced start not yet due: no activation runs the workflow until its
+    # 'start' timer fires and clears this (``durable.store.runs``).
+    start_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),

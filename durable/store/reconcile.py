@@ -40,7 +40,7 @@ FINDERS = {
          ORDER BY st.lease_expires_at LIMIT :limit
     """,
     # Woken (a step settled, a timer fired, a signal came) but no activation replayed it: the
-    # message was lost, or the process replaying it died.
+    # message was lost, or the process replaying it died. Not a run before its delayed start.
     "workflow-not-resumed": """
         SELECT w.id AS workflow_id, last.seq, coalesce(last.name, w.name) AS name,
                w.woken_at AS since, last.status AS info
@@ -50,6 +50,7 @@ FINDERS = {
                  WHERE s.workflow_id = w.id AND s.completed_at IS NOT NULL
                  ORDER BY s.completed_at DESC, s.seq DESC LIMIT 1) last ON true
          WHERE w.status = 'running' AND NOT w.paused AND w.wake_seq > w.run_seq
+           AND w.start_at IS NULL
            AND w.woken_at < now() - make_interval(secs => :grace)
            AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
          ORDER BY w.woken_at LIMIT :limit
@@ -157,7 +158,7 @@ _TOUCH_OWED = statement(
     """
     UPDATE durable_workflows SET woken_at = now()
      WHERE id = ANY(CAST(:ids AS text[])) AND status = 'running' AND NOT paused
-       AND wake_seq > run_seq
+       AND wake_seq > run_seq AND start_at IS NULL
        AND woken_at < now() - make_interval(secs => :grace)
        AND (lease_owner IS NULL OR lease_expires_at < now())
     RETURNING id, name

@@ -244,15 +244,17 @@ RUN_COLUMNS = (
 
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
 # statement: replay costs one round trip whatever the number of steps. A paused run is not
-# acquired: its activation ends there, and ``durable unpause`` sends it again. Step rows are
-# aggregated into a single JSON value so the run's arguments are not repeated per row.
+# acquired: its activation ends there, and ``durable unpause`` sends it again. A run waiting
+# for its delayed start (``start_at`` set) is not taken either: its code must not run yet.
+# Step rows are aggregated into a single JSON value so the run's arguments are not repeated
+# per row.
 _ACQUIRE = statement(
     """
     WITH w AS (
         UPDATE durable_workflows
            SET lease_owner = :owner,
                lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused
+         WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused AND start_at IS NULL
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING """
     + RUN_COLUMNS

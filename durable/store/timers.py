@@ -19,7 +19,8 @@ class FiredTimer:
     workflow_id: str
     seq: int
     kind: str
-    """``task``: send the step again; ``deadline``: end the run; else activate the run."""
+    """``task``: send the step again; ``deadline``: end the run; else (a sleep, a local step's
+    retry, a signal wait's timeout, a delayed ``start``) activate the run."""
     name: str
     options: dict[str, Any]
     lateness: float
@@ -38,6 +39,7 @@ class FiredTimer:
 # A 'deadline' timer (position 0) is a run's execution timeout; the caller ends the run.
 # A timer of a paused run does not fire: it stays unfired in PostgreSQL (the index may have
 # dropped it) and ``durable unpause`` indexes it again.
+# A 'start' timer (position 0) starts a delayed run: 'started', woken; the caller activates it.
 _FIRE = statement(
     """
     WITH t AS (
@@ -68,6 +70,17 @@ _FIRE = statement(
         UPDATE durable_workflows wf SET wake_seq = wake_seq + 1, woken_at = now()
          WHERE wf.status = 'running'
            AND wf.id IN (SELECT workflow_id FROM s WHERE kind <> 'task')
+    ), begun AS (
+        -- A delayed start is due: the run may now be activated (durable.store.delayed).
+        UPDATE durable_workflows wf
+           SET start_at = NULL, wake_seq = wake_seq + 1, woken_at = now(), updated_at = now()
+          FROM t
+         WHERE t.purpose = 'start' AND wf.id = t.workflow_id AND wf.status = 'running'
+           AND wf.start_at IS NOT NULL
+        RETURNING wf.id, wf.name
+    ), bh AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'started', jsonb_build_object('name', name) FROM begun
     )
     SELECT t.id, t.workflow_id, t.seq, t.purpose,
            coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, '') AS name, s.options,
@@ -75,6 +88,7 @@ _FIRE = statement(
       FROM t LEFT JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
       JOIN durable_workflows wf ON wf.id = t.workflow_id AND wf.status = 'running'
      WHERE s.seq IS NOT NULL OR t.purpose = 'deadline'
+        OR (t.purpose = 'start' AND t.workflow_id IN (SELECT id FROM begun))
     """
 )
 

@@ -188,7 +188,7 @@ _IN_FLIGHT = statement(
         OR EXISTS (
                SELECT 1 FROM durable_workflows
                 WHERE id IN (SELECT id FROM tree) AND status = 'running'
-                  AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
+                  AND start_at IS NULL AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
     """
 )
 
