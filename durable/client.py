@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from durable import activation
+from durable import attributes as attribute_rules
 from durable.durations import seconds
 from durable.errors import (
     LimitExceeded,
@@ -31,7 +32,7 @@ from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from durable.core import Core
 
@@ -44,13 +45,20 @@ def start(
     /,
     *args: Any,
     workflow_id: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> WorkflowRun:
     """Start a workflow, or return the existing run when ``workflow_id`` is taken.
 
     Example::
 
-        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1",
+                            attributes={"customer": 42})
+
+    ``attributes`` are the run's searchable attributes (:mod:`durable.attributes`), written
+    by the statement that creates the run; bad ones raise
+    :class:`~durable.errors.InvalidAttributes` and nothing is written. A run that existed
+    keeps its own.
 
     Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
     :class:`~durable.errors.PayloadError` is raised and nothing is written. The run is
@@ -64,6 +72,7 @@ def start(
     registered in this process start the run as usual, with an activation).
     """
     name = core.workflow_name(name_or_fn)
+    attributes_json = attribute_rules.to_json(attribute_rules.check(attributes or {}))
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
@@ -75,7 +84,9 @@ def start(
     if eager is not None:
         steps = "[" + ",".join(step.as_json() for step in eager.effects.schedules) + "]"
     inserted = core.store(
-        lambda c: run_queries.insert_run(c, wid, name, args_json, kwargs_json, timeout, steps)
+        lambda c: run_queries.insert_run(
+            c, wid, name, args_json, kwargs_json, timeout, steps, attributes_json
+        )
     )
     created = inserted.created
     if inserted.timer:
@@ -97,6 +108,7 @@ def start_many(
     *,
     workflow_ids: Sequence[str | None] | None = None,
     kwargs_list: Sequence[dict[str, Any]] | None = None,
+    attributes_list: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[WorkflowRun]:
     """Start many runs of one workflow: one statement, then their messages on one producer.
 
@@ -108,17 +120,22 @@ def start_many(
     Each run is what ``start(name_or_fn, *args, workflow_id=..., **kwargs)`` makes of it,
     eager start included: an id that exists returns its run and writes nothing (or raises
     :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
-    payload error raises before anything is written. Returns the runs in order.
+    payload error or bad attributes (``attributes_list``, one mapping or None per run) raise
+    before anything is written. Returns the runs in order.
     """
     name = core.workflow_name(name_or_fn)
     count = len(args_list)
     ids = list(workflow_ids) if workflow_ids is not None else [None] * count
     kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
-    if len(ids) != count or len(kwargs_each) != count:
-        raise ValueError("start_many: args_list, workflow_ids and kwargs_list differ in length")
+    attrs_each = list(attributes_list) if attributes_list is not None else [None] * count
+    if len(ids) != count or len(kwargs_each) != count or len(attrs_each) != count:
+        raise ValueError(
+            "start_many: args_list, workflow_ids, kwargs_list and attributes_list differ in length"
+        )
     new: list[run_queries.NewRun] = []
     eager: dict[str, Any] = {}
-    for args, kwargs, given in zip(args_list, kwargs_each, ids, strict=True):
+    for args, kwargs, given, attrs in zip(args_list, kwargs_each, ids, attrs_each, strict=True):
+        attributes_json = attribute_rules.to_json(attribute_rules.check(attrs or {}))
         args_json = core.encode(list(args), f"arguments of workflow {name}")
         kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = given or uuid.uuid4().hex
@@ -129,7 +146,7 @@ def start_many(
         if found is not None:
             eager[wid] = found.effects
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
-        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
+        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps, attributes_json))
     timeout = core.execution_timeouts.get(name)
     created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
     core.index_timers(timers)

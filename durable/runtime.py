@@ -12,8 +12,8 @@ workflows, and it forwards the public verbs to the modules that implement them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -21,6 +21,7 @@ from celery.canvas import Signature
 
 from durable import (
     activation,
+    admin,
     builtin_workflows,
     client,
     deadlines,
@@ -30,6 +31,8 @@ from durable import (
     runner,
     stepmessage,
 )
+from durable.admin import RunInfo
+from durable.attributes import AttributeFilter
 from durable.canvas import DurableChain
 from durable.client import WorkflowRun
 from durable.config import check_names
@@ -38,6 +41,9 @@ from durable.scheduler import Schedules
 from durable.store.timers import FiredTimer
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+STATUSES = ("running", "completed", "failed", "cancelled")
+"""The statuses a run can be in."""
 
 
 class Durable(Core):
@@ -116,21 +122,27 @@ class Durable(Core):
         name_or_fn: str | Callable[..., Any],
         *args: Any,
         workflow_id: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> WorkflowRun:
         """Start a workflow, or return the existing run when ``workflow_id`` is taken.
 
         Example::
 
-            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1",
+                                attributes={"customer": 42})
 
         Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
-        :class:`~durable.errors.PayloadError` is raised and nothing is written. See
-        :func:`durable.client.start`.
+        :class:`~durable.errors.PayloadError` is raised and nothing is written.
+        ``attributes`` (JSON scalars under keys, see :mod:`durable.attributes`) are stored
+        on the run for ``list_runs`` and ``durable list --attr`` to find it by; bad ones
+        raise :class:`~durable.errors.InvalidAttributes`. See :func:`durable.client.start`.
         """
         if workflow_id is not None:
             ids.check_id(workflow_id)
-        return client.start(self, name_or_fn, *args, workflow_id=workflow_id, **kwargs)
+        return client.start(
+            self, name_or_fn, *args, workflow_id=workflow_id, attributes=attributes, **kwargs
+        )
 
     def start_many(
         self,
@@ -139,6 +151,7 @@ class Durable(Core):
         *,
         workflow_ids: Sequence[str | None] | None = None,
         kwargs_list: Sequence[dict[str, Any]] | None = None,
+        attributes_list: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[WorkflowRun]:
         """Start many runs of one workflow in one statement; idempotent per id like ``start``.
 
@@ -150,13 +163,59 @@ class Durable(Core):
         See :func:`durable.client.start_many`.
         """
         return client.start_many(
-            self, name_or_fn, args_list, workflow_ids=workflow_ids, kwargs_list=kwargs_list
+            self,
+            name_or_fn,
+            args_list,
+            workflow_ids=workflow_ids,
+            kwargs_list=kwargs_list,
+            attributes_list=attributes_list,
         )
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
         ids.check_id(workflow_id)
         return client.run(self, workflow_id)
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        since: datetime | timedelta | None = None,
+        waiting: str | None = None,
+        attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None,
+        limit: int = 50,
+    ) -> list[RunInfo]:
+        """Runs, newest first, as ``durable list`` shows them: the same filters, typed records.
+
+        Example::
+
+            for run in durable.list_runs(status="running", attributes={"customer": 42}):
+                print(run.id, run.attributes, run.waiting)
+            big = durable.list_runs(attributes=["amount>=100", "due<2026-12-01T00:00"])
+
+        ``attributes`` is a mapping (equality on each key) or filters
+        (:func:`durable.attributes.parse_filter`); every filter must hold. Equalities are
+        answered from the attributes' GIN index; see :func:`durable.admin.list_runs`.
+
+        Raises:
+            ValueError: a filter is malformed (:class:`~durable.errors.InvalidAttributes`
+                for attributes); nothing is read.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        rows = self.store(
+            lambda c: admin.list_runs(
+                c,
+                status=status,
+                name=name,
+                since=since,
+                waiting=waiting,
+                attributes=attributes,
+                limit=limit,
+            )
+        )
+        return [RunInfo.of(row) for row in rows]
 
     @property
     def schedules(self) -> Schedules:

@@ -5,6 +5,7 @@ Start runs, inspect them, and talk to running ones.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,11 +13,13 @@ import click
 from rich.text import Text
 
 from durable import admin
+from durable.attributes import AttributeFilter, parse_filter
 from durable.cli._bulk import bulk_options, check_form, filter_options, run_bulk, run_filter
 from durable.cli._common import (
     Globals,
     app_option,
     check_id_option,
+    compact,
     connect,
     console,
     database_option,
@@ -33,10 +36,10 @@ from durable.cli._common import (
 )
 from durable.cli._show import Opener, render_run
 from durable.codec import Compression, Fernet
-from durable.errors import ConfigurationError
+from durable.errors import ConfigurationError, InvalidAttributes
 
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
-RESERVED_KWARGS = ("name_or_fn", "workflow_id")
+RESERVED_KWARGS = ("name_or_fn", "workflow_id", "attributes")
 
 
 def _args_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any]:
@@ -51,6 +54,21 @@ def _kwargs_callback(
     if clash:
         raise click.BadParameter(f"cannot pass {', '.join(clash)} as keywords", param=param)
     return data
+
+
+def _start_attr_callback(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for text in value:
+        try:
+            found = parse_filter(text)
+        except InvalidAttributes as exc:
+            raise click.BadParameter(exc.reason, ctx, param) from None
+        if found.op != "=":
+            raise click.BadParameter(f"{text[:60]!r} is not KEY=VALUE", ctx, param)
+        attributes[found.key] = found.value
+    return attributes
 
 
 @click.command()
@@ -80,6 +98,16 @@ def _kwargs_callback(
     show_envvar=True,
     help="Keyword arguments as a JSON object.",
 )
+@click.option(
+    "--attr",
+    "attributes",
+    multiple=True,
+    callback=_start_attr_callback,
+    metavar="KEY=VALUE",
+    show_envvar=True,
+    help="A searchable attribute of the run (VALUE read as JSON if it is a JSON scalar, "
+    "else as text); repeat it for several.",
+)
 @json_option("start", "the id alone")
 @click.pass_context
 def start(
@@ -89,12 +117,15 @@ def start(
     workflow_id: str | None,
     args: list[Any],
     kwargs: dict[str, Any],
+    attributes: dict[str, Any],
     as_json: bool,
 ) -> None:
     """Start workflow NAME and print its id (alone, for scripts to capture)."""
     if workflow_id == "":
         raise click.BadParameter("must not be empty", ctx, param_hint="'--id'")
-    run = require_app(ctx, app).start(name, *args, workflow_id=workflow_id, **kwargs)
+    run = require_app(ctx, app).start(
+        name, *args, workflow_id=workflow_id, attributes=attributes, **kwargs
+    )
     report(as_json, run.id, {"id": run.id})
 
 
@@ -123,30 +154,53 @@ def list_command(
     name: str | None,
     since: datetime | timedelta | None,
     waiting: str | None,
+    attributes: tuple[AttributeFilter, ...] | None,
     limit: int,
     as_json: bool,
     app: str | None,
     database_url: str | None,
 ) -> None:
-    """List workflow runs, newest first, with what each running one waits on."""
+    """List workflow runs, newest first, with what each running one waits on.
+
+    --attr finds runs by their attributes: customer=42 (equality, answered from the
+    attributes' index; several are one lookup), amount>=100 or due<2026-12-01T00:00
+    (bounds of a range, checked on the runs the other filters select).
+    """
     with connect(ctx, app, database_url) as conn:
         rows = admin.list_runs(
-            conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+            conn,
+            status=status,
+            name=name,
+            since=since,
+            waiting=waiting,
+            attributes=attributes,
+            limit=limit,
         )
     if as_json:
         print_json(rows)
         return
-    table = make_table("id", "name", "status", "waiting on", "created", "updated")
+    headers = ["id", "name", "status", "waiting on", "created", "updated"]
+    tagged = any(row["attributes"] for row in rows)
+    table = make_table(*headers, *(["attributes"] if tagged else []))
     for row in rows:
-        table.add_row(
+        cells: list[Text | str] = [
             Text(row["id"]),
             Text(row["name"]),
             status_text(row["status"]),
             _waiting_text(row["waiting"]),
             when(row["created_at"]),
             when(row["updated_at"]),
-        )
+        ]
+        if tagged:
+            cells.append(Text(_attributes_text(row["attributes"])))
+        table.add_row(*cells)
     console().print(table)
+
+
+def _attributes_text(attributes: dict[str, Any]) -> str:
+    return compact(
+        " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in attributes.items()), 60
+    )
 
 
 def _keys_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
@@ -244,8 +298,8 @@ def cancel(
     The workflow receives WorkflowCancelled at its next step, sleep or signal wait, may
     compensate, and ends cancelled. Cancelling twice is harmless.
 
-    Without ID, cancels the running runs that --status, --name, --since and --waiting
-    select (as 'durable list' does), or with --all every running run: --dry-run prints how
+    Without ID, cancels the running runs that --status, --name, --since, --waiting and
+    --attr select (as 'durable list' does), or with --all every running run: --dry-run prints how
     many and a sample; otherwise it asks first (--yes does not), then acts --batch-size runs
     per transaction. Interrupted, run it again: the runs already cancelled no longer match.
     """

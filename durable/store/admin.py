@@ -9,12 +9,15 @@ in :mod:`durable.store.reconcile`, the aggregates metrics read in
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Row
 
+from durable.attributes import AttributeFilter
+from durable.errors import InvalidAttributes
 from durable.store.history import DERIVED_EVENTS
 from durable.store.statement import statement
 
@@ -39,6 +42,64 @@ WAITING_FILTERS = {
     "signal": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
                      AND s.kind = 'signal' AND s.status = 'waiting')""",
 }
+
+
+# A time held in an attribute: an ISO-8601 date or date and time, with an offset (first) or
+# without one (read as UTC). Only strings of these shapes are cast, in a CASE, so that a
+# string that is not a time never makes the cast fail; it just does not match.
+_TIME_WITH_OFFSET = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):[0-5]\d"
+    r"(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$"
+)
+_TIME_WITHOUT_OFFSET = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?)?$"
+)
+_AS_TIME = """
+    (CASE WHEN w.attributes ->> :{k} ~ :attr_time_tz
+          THEN CAST(w.attributes ->> :{k} AS timestamptz)
+          WHEN w.attributes ->> :{k} ~ :attr_time
+          THEN CAST(w.attributes ->> :{k} AS timestamp) AT TIME ZONE 'UTC' END)"""
+
+
+def attribute_conditions(
+    filters: Sequence[AttributeFilter],
+) -> tuple[list[str], dict[str, Any]]:
+    """The SQL conditions on ``w.attributes`` of ``filters``, and their parameters.
+
+    Every equality becomes one containment (``w.attributes @> '{"customer": 42, ...}'``),
+    which the GIN index serves; each bound of a range is a comparison of the value under
+    its key, a number with numbers (``jsonb`` compares numbers by value) and a time with the
+    strings that hold a time.
+
+    Raises:
+        InvalidAttributes: one key is given two different values to be equal to.
+    """
+    equal: dict[str, Any] = {}
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    for i, f in enumerate(filters):
+        if f.op == "=":
+            if f.key in equal and equal[f.key] != f.value:
+                raise InvalidAttributes(f"{f.key!r} is given two values to be equal to")
+            equal[f.key] = f.value
+            continue
+        k, v = f"attr_k{i}", f"attr_v{i}"
+        params[k] = f.key
+        if isinstance(f.value, datetime):
+            params[v] = f.value
+            params["attr_time_tz"], params["attr_time"] = _TIME_WITH_OFFSET, _TIME_WITHOUT_OFFSET
+            where.append(f"{_AS_TIME.format(k=k)} {f.op} :{v}")
+        else:
+            params[v] = json.dumps(f.value)
+            where.append(
+                f"jsonb_typeof(w.attributes -> :{k}) = 'number'"
+                f" AND w.attributes -> :{k} {f.op} CAST(:{v} AS jsonb)"
+            )
+    if equal:
+        params["attr_eq"] = json.dumps(equal, separators=(",", ":"))
+        where.insert(0, "w.attributes @> CAST(:attr_eq AS jsonb)")
+    return where, params
 
 
 def run_conditions(
@@ -72,6 +133,7 @@ def list_runs(
     name: str | None = None,
     since: datetime | None = None,
     waiting: str | None = None,
+    attributes: Sequence[AttributeFilter] = (),
     limit: int = 50,
 ) -> list[Row[Any]]:
     """Runs, newest first, with what each running one waits on (``pending``, ``next_timer``).
@@ -82,12 +144,15 @@ def list_runs(
         name: Only runs of this workflow.
         since: Only runs created at or after this time.
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        attributes: Only runs whose attributes pass every one of these filters.
         limit: Most rows returned.
     """
     where = run_conditions(status=status, name=name, since=since, waiting=waiting)
+    on_attributes, attribute_params = attribute_conditions(attributes)
+    where += on_attributes
     query = f"""
         SELECT w.id, w.name, w.status, w.created_at, w.updated_at, w.finished_at,
-               w.wake_seq > w.run_seq AS owed,
+               w.attributes, w.wake_seq > w.run_seq AS owed,
                CASE WHEN w.status = 'running' THEN {_PENDING_STEP} END AS pending,
                CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
           FROM durable_workflows w
@@ -95,7 +160,7 @@ def list_runs(
          ORDER BY w.created_at DESC LIMIT :limit
     """
     params = {"status": status, "name": name, "since": since, "limit": limit}
-    return list(conn.execute(statement(query), params))
+    return list(conn.execute(statement(query), {**params, **attribute_params}))
 
 
 _TIMERS = """

@@ -2,7 +2,8 @@
 
 Tables (all prefixed ``durable_``):
 
-- ``workflows``: one row per run; its lease (one writer) and its wake counters.
+- ``workflows``: one row per run; its lease (one writer), its wake counters and its
+  searchable attributes.
 - ``steps``: one row per position in a run's history, unique on (workflow id, step number):
   remote steps, local steps and sleeps alike; the result is committed here.
 - ``timers``: durable timers (sleeps and retry back-offs); PostgreSQL is the truth, the Redis
@@ -85,9 +86,18 @@ class Workflow(Base):
     # Change ids that ``ctx.patched`` found new code for in this run.
     patches: Mapped[Any | None] = mapped_column(JSONB)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Searchable attributes (``durable.attributes``): JSON scalars under string keys, set at
+    # the start and merged by ``ctx.set_attributes``; the GIN index serves containment (@>).
+    attributes: Mapped[Any] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
+        Index(
+            "ix_durable_workflows_attributes",
+            "attributes",
+            postgresql_using="gin",
+            postgresql_ops={"attributes": "jsonb_path_ops"},
+        ),
         Index("ix_durable_workflows_name", "name"),
         Index(
             "ix_durable_workflows_parent_id",
