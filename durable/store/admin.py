@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection, Row, TextClause
 
 from durable.attributes import AttributeFilter
 from durable.errors import InvalidAttributes
@@ -147,6 +147,36 @@ def list_runs(
         attributes: Only runs whose attributes pass every one of these filters.
         limit: Most rows returned.
     """
+    query, params = list_runs_query(
+        status=status, name=name, since=since, waiting=waiting, attributes=attributes, limit=limit
+    )
+    return list(conn.execute(query, params))
+
+
+def _newest_first(attribute_params: dict[str, Any]) -> str:
+    """The listing's order; with an attribute equality, one no index on time can give.
+
+    The planner's estimate of a containment's selectivity swings with ANALYZE's sample
+    (from a few rows to one percent of the table). Estimated high, it walks the (status,
+    created_at) index newest first and tests every run's attributes until the limit is
+    filled, through all the runs of that status when few match. Ordered by an expression,
+    the runs come from the GIN index and only the matches are sorted.
+    """
+    if "attr_eq" in attribute_params:
+        return "w.created_at + interval '0 seconds' DESC"
+    return "w.created_at DESC"
+
+
+def list_runs_query(
+    *,
+    status: str | None = None,
+    name: str | None = None,
+    since: datetime | None = None,
+    waiting: str | None = None,
+    attributes: Sequence[AttributeFilter] = (),
+    limit: int = 50,
+) -> tuple[TextClause, dict[str, Any]]:
+    """The statement :func:`list_runs` sends, and its parameters (to EXPLAIN it too)."""
     where = run_conditions(status=status, name=name, since=since, waiting=waiting)
     on_attributes, attribute_params = attribute_conditions(attributes)
     where += on_attributes
@@ -157,10 +187,10 @@ def list_runs(
                CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
           FROM durable_workflows w
          WHERE {" AND ".join(where)}
-         ORDER BY w.created_at DESC LIMIT :limit
+         ORDER BY {_newest_first(attribute_params)} LIMIT :limit
     """
     params = {"status": status, "name": name, "since": since, "limit": limit}
-    return list(conn.execute(statement(query), {**params, **attribute_params}))
+    return statement(query), {**params, **attribute_params}
 
 
 _TIMERS = """
