@@ -390,9 +390,9 @@ def fork(
 ) -> tuple[str, int]:
     """Start a new run of the same workflow and arguments, reusing results before ``from_step``.
 
-    Completed positions before ``from_step`` are copied with their results; the new run
-    executes everything from ``from_step`` on. Returns the new id (``<id>-fork-<random>``
-    unless given) and how many positions were copied.
+    Completed positions before ``from_step`` are copied with their results, and the run's
+    attributes as they are; the new run executes everything from ``from_step`` on. Returns
+    the new id (``<id>-fork-<random>`` unless given) and how many positions were copied.
 
     Raises:
         WorkflowNotFound: no run has this id.

@@ -418,3 +418,35 @@ def test_start_command_takes_attributes(durable: Durable, spec: str) -> None:
     line = one_line_error(durable_cli(spec, "start", "at.idle", "--kwargs", '{"attributes": 1}'))
     assert "cannot pass attributes as keywords" in line
     assert len(durable.list_runs()) == 1
+
+
+def test_a_fork_starts_with_the_attributes_of_its_source(
+    app: Celery, durable: Durable, worker: Any, database_url: str
+) -> None:
+    from durable import admin
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    @durable.workflow("at.forked")
+    def forked(ctx: Any) -> int:
+        ctx.set_attributes(stage="one")
+        value = ctx.step(double, 2, local=True)
+        ctx.set_attributes(stage="two", value=value)
+        return int(value)
+
+    run = durable.start("at.forked", workflow_id="fk-src", attributes={"customer": 9})
+    assert run.result(timeout=30) == 4
+    new_id, copied = admin.fork(durable, "fk-src", from_step=3, new_id="fk-new")
+    assert copied == 2
+    assert durable.run(new_id).result(timeout=30) == 4
+    found = {r.id: r.attributes for r in durable.list_runs(attributes={"customer": 9})}
+    assert found == {
+        "fk-src": {"customer": 9, "stage": "two", "value": 4},
+        "fk-new": {"customer": 9, "stage": "two", "value": 4},
+    }
+    events = query(
+        database_url,
+        "SELECT seq FROM durable_history WHERE workflow_id = 'fk-new' AND event = 'attributes set'",
+    )
+    assert [e.seq for e in events] == [3]  # position 1 was copied, not run again

@@ -383,15 +383,17 @@ def retry_run(conn: Connection, wid: str) -> Retried | None:
 
 # A new run of the same workflow and arguments that reuses the completed positions before
 # ``from_step``: their rows are copied with their results and times (so ``ctx.now()`` replays
-# the same), as are the events those positions published. Everything from ``from_step`` on
+# the same), as are the events those positions published. The attributes are copied as the
+# source holds them (its ``set_attributes`` positions before ``from_step`` are not run again;
+# those from there on merge again when the fork runs them). Everything from ``from_step`` on
 # runs again when the new run is activated.
 _FORK = statement(
     """
     WITH src AS (
-        SELECT id, name, args, kwargs FROM durable_workflows WHERE id = :src
+        SELECT id, name, args, kwargs, attributes FROM durable_workflows WHERE id = :src
     ), w AS (
-        INSERT INTO durable_workflows (id, name, status, args, kwargs)
-        SELECT :new, name, 'running', args, kwargs FROM src
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, attributes)
+        SELECT :new, name, 'running', args, kwargs, attributes FROM src
         ON CONFLICT (id) DO NOTHING
         RETURNING id, name
     ), s AS (
