@@ -450,3 +450,53 @@ def test_a_fork_starts_with_the_attributes_of_its_source(
         "SELECT seq FROM durable_history WHERE workflow_id = 'fk-new' AND event = 'attributes set'",
     )
     assert [e.seq for e in events] == [3]  # position 1 was copied, not run again
+
+
+def time_of(database_url: str, stored: str) -> Any:
+    """What a time bound compares a run's attribute ``due`` = ``stored`` as (None: no time)."""
+    from durable.store.admin import AS_TIME, TIME_WITH_OFFSET, TIME_WITHOUT_OFFSET
+
+    sql = (
+        f"SELECT {AS_TIME.format(k='k')} AS moment"
+        " FROM (SELECT jsonb_build_object('due', CAST(:v AS text)) AS attributes) w"
+    )
+    params = {"k": "due", "v": stored, "attr_time_tz": TIME_WITH_OFFSET}
+    return query(database_url, sql, **params, attr_time=TIME_WITHOUT_OFFSET)[0].moment
+
+
+@pytest.mark.parametrize(
+    ("stored", "read"),
+    [
+        ("2026-12-01", datetime(2026, 12, 1, tzinfo=UTC)),
+        ("2026-12-01T10:00", datetime(2026, 12, 1, 10, tzinfo=UTC)),
+        ("2026-12-01 10:00:30.25Z", datetime(2026, 12, 1, 10, 0, 30, 250000, tzinfo=UTC)),
+        ("2026-12-01T10:00+0130", datetime(2026, 12, 1, 8, 30, tzinfo=UTC)),
+        ("2024-02-29T00:00+00:00", datetime(2024, 2, 29, tzinfo=UTC)),
+        ("2000-02-29", datetime(2000, 2, 29, tzinfo=UTC)),
+        ("2026-02-29", None),
+        ("1900-02-29", None),
+        ("2026-04-31", None),
+        ("0000-01-01", None),
+        ("2026-01-01T24:00", None),
+        ("2026-01-01T00:00+16:00", None),
+        ("2026-1-1", None),
+        ("soon", None),
+    ],
+)
+def test_only_strings_holding_a_time_compare_as_times(
+    database_url: str, stored: str, read: datetime | None
+) -> None:
+    assert time_of(database_url, stored) == read
+
+
+date_like = st.from_regex(
+    r"\A\d{4}-[01]\d-[0-3]\d([T ][0-2]\d:[0-6]\d(:[0-6]\d(\.\d{1,7})?)?)?"
+    r"(Z|[+-][0-2]\d(:?[0-6]\d)?)?\Z"
+)
+
+
+@given(date_like)
+def test_no_stored_string_makes_a_time_bound_fail(database_url: str, stored: str) -> None:
+    """Whatever a run holds under the key, the comparison reads a time or nothing."""
+    found = time_of(database_url, stored)
+    assert found is None or found.tzinfo is not None

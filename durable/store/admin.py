@@ -46,16 +46,19 @@ WAITING_FILTERS = {
 
 # A time held in an attribute: an ISO-8601 date or date and time, with an offset (first) or
 # without one (read as UTC). Only strings of these shapes are cast, in a CASE, so that a
-# string that is not a time never makes the cast fail; it just does not match.
-_TIME_WITH_OFFSET = (
-    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):[0-5]\d"
-    r"(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$"
+# string that is not a time never makes the cast fail; it just does not match. The shapes
+# are the ones PostgreSQL reads: years 1 to 9999, the days each month has (29 February in
+# leap years only), offsets up to 15:59.
+_YEAR = r"(000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d{3})"
+_LEAP = r"(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    rf"({_YEAR}-(0[1-9]|1[0-2])-(0[1-9]|1\d|2[0-8])|{_YEAR}-(0[13-9]|1[0-2])-(29|30)"
+    rf"|{_YEAR}-(0[13578]|1[02])-31|{_LEAP}-02-29)"
 )
-_TIME_WITHOUT_OFFSET = (
-    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?)?$"
-)
-_AS_TIME = """
+_CLOCK = r"[T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?"
+TIME_WITH_OFFSET = rf"^{_DATE}{_CLOCK}(Z|[+-](0\d|1[0-5])(:?[0-5]\d)?)$"
+TIME_WITHOUT_OFFSET = rf"^{_DATE}({_CLOCK})?$"
+AS_TIME = """
     (CASE WHEN w.attributes ->> :{k} ~ :attr_time_tz
           THEN CAST(w.attributes ->> :{k} AS timestamptz)
           WHEN w.attributes ->> :{k} ~ :attr_time
@@ -88,8 +91,8 @@ def attribute_conditions(
         params[k] = f.key
         if isinstance(f.value, datetime):
             params[v] = f.value
-            params["attr_time_tz"], params["attr_time"] = _TIME_WITH_OFFSET, _TIME_WITHOUT_OFFSET
-            where.append(f"{_AS_TIME.format(k=k)} {f.op} :{v}")
+            params["attr_time_tz"], params["attr_time"] = TIME_WITH_OFFSET, TIME_WITHOUT_OFFSET
+            where.append(f"{AS_TIME.format(k=k)} {f.op} :{v}")
         else:
             params[v] = json.dumps(f.value)
             where.append(
