@@ -399,6 +399,10 @@ def test_bulk_forms_select_by_attr(
     assert done.acted == 1
     flagged = query(database_url, "SELECT id FROM durable_workflows WHERE cancel_requested")
     assert [r.id for r in flagged] == ["r-5"]
+    purged = as_json(durable_cli(spec, "purge", "--attr", "vip=true", "--dry-run", "--json"))
+    assert (purged["matched"], purged["sample"]) == (1, ["r-3"])
+    line = one_line_error(durable_cli(spec, "retry", "r-1", "--attr", "customer=42"))
+    assert "--attr with ID" in line
 
 
 def test_start_command_takes_attributes(durable: Durable, spec: str) -> None:
