@@ -9,6 +9,7 @@ Example::
 
     with durable.connect() as conn:
         stuck = admin.list_runs(conn, status="running", waiting="signal")
+        big = admin.list_runs(conn, attributes=["customer=42", "amount>=100"])
     new_id = admin.fork(durable, "order-o-1", from_step=4)   # rerun from step 4 on
 """
 
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
+from durable import attributes as attribute_rules
 from durable import durations
+from durable.attributes import AttributeFilter
 from durable.errors import (
     WorkflowIdTaken,
     WorkflowNotFailed,
@@ -100,6 +104,7 @@ def list_runs(
     since: datetime | timedelta | None = None,
     waiting: str | None = None,
     paused: bool = False,
+    attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Runs, newest first, each with what it waits on (``waiting``, None once finished).
@@ -111,20 +116,86 @@ def list_runs(
         since: Only runs created at or after this time, or within this long before now.
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
         paused: Only paused runs (``durable pause``).
+        attributes: Only runs whose attributes match: a mapping (equality on each key, one
+            containment the GIN index serves) or filters such as ``"amount>=100"``
+            (:func:`durable.attributes.parse_filter`), all of which must hold.
         limit: Most runs returned.
+
+    Raises:
+        ValueError: ``waiting`` is unknown, ``limit`` below 1, or an attribute filter is
+            malformed (:class:`~durable.errors.InvalidAttributes`).
     """
     if waiting is not None and waiting not in WAITING:
         raise ValueError(f"waiting must be one of {', '.join(WAITING)}, not {waiting!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    filters = attribute_rules.filters_from(attributes)
     if isinstance(since, timedelta):
         since = datetime.now(UTC) - since
     rows = queries.list_runs(
-        conn, status=status, name=name, since=since, waiting=waiting, paused=paused, limit=limit
+        conn,
+        status=status,
+        name=name,
+        since=since,
+        waiting=waiting,
+        paused=paused,
+        attributes=filters,
+        limit=limit,
     )
     return [{**summary(row), "waiting": _waiting(row)} for row in rows]
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """What a running run waits on (see :func:`list_runs`)."""
+
+    on: str
+    """``step``, ``timer``, ``signal``, ``child``, ``activation`` or ``nothing`` (stuck)."""
+    seq: int | None
+    """The position waiting, if one is."""
+    name: str | None
+    """That position's step, signal or child workflow name."""
+    until: datetime | None
+    """When its timer fires (a sleep, a retry's back-off, a signal's timeout)."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as :meth:`durable.Durable.list_runs` returns it."""
+
+    id: str
+    name: str
+    status: str
+    """``running``, ``completed``, ``failed`` or ``cancelled``."""
+    paused: bool
+    """Held by ``durable pause`` (its status stays ``running``)."""
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    attributes: dict[str, Any]
+    """The run's searchable attributes."""
+    waiting: Waiting | None
+    """What a running run waits on; None once it has finished."""
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> RunInfo:
+        """The record of one of :func:`list_runs`'s dicts."""
+        waiting = data["waiting"]
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            status=data["status"],
+            paused=data["paused"],
+            created_at=data["created_at"],
+            updated_at=data["updated_at"],
+            finished_at=data["finished_at"],
+            attributes=data["attributes"],
+            waiting=None if waiting is None else Waiting(**waiting),
+        )
+
+
 def summary(row: Any) -> dict[str, Any]:
-    """A run's identity and times, as ``durable list`` shows them."""
+    """A run's identity, times and attributes, as ``durable list`` shows them."""
     return {
         "id": row.id,
         "name": row.name,
@@ -133,6 +204,7 @@ def summary(row: Any) -> dict[str, Any]:
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "finished_at": row.finished_at,
+        "attributes": dict(row.attributes or {}),
     }
 
 
@@ -377,9 +449,9 @@ def fork(
 ) -> tuple[str, int]:
     """Start a new run of the same workflow and arguments, reusing results before ``from_step``.
 
-    Completed positions before ``from_step`` are copied with their results; the new run
-    executes everything from ``from_step`` on. Returns the new id (``<id>-fork-<random>``
-    unless given) and how many positions were copied.
+    Completed positions before ``from_step`` are copied with their results, and the run's
+    attributes as they are; the new run executes everything from ``from_step`` on. Returns
+    the new id (``<id>-fork-<random>`` unless given) and how many positions were copied.
 
     Raises:
         WorkflowNotFound: no run has this id.

@@ -14,7 +14,8 @@ recovery sweep of ``durable beat`` (or ``durable reconcile --fix``), as after an
 
 Example::
 
-    where = bulk.RunFilter(name="orders.fulfill", waiting="signal", since=timedelta(days=1))
+    where = bulk.RunFilter(name="orders.fulfill", waiting="signal", since=timedelta(days=1),
+                           attributes=["customer=42"])
     print(bulk.preview(durable, "cancel", where).matched)
     done = bulk.run(durable, "cancel", where, batch_size=100)
     done.acted, done.skipped, done.failed
@@ -22,7 +23,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from durable import attributes as attribute_rules
 from durable.admin import WAITING
+from durable.attributes import AttributeFilter
 from durable.store import admin as admin_queries
 from durable.store import bulk as queries
 from durable.store import delayed, tree
@@ -77,10 +80,13 @@ class RunFilter:
     """Only runs that finished longer ago than this."""
     paused: bool = False
     """Only paused runs."""
+    attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None
+    """Only runs whose attributes match: a mapping (equality on each key) or filters
+    (``"amount>=100"``, see :mod:`durable.attributes`)."""
 
     def is_empty(self) -> bool:
         """Whether no filter is set: the action would take every run it applies to."""
-        return self == RunFilter()
+        return replace(self, attributes=self.attributes or None) == RunFilter()
 
     def pinned(self, now: datetime | None = None) -> RunFilter:
         """This filter with ``since`` as a time, so every batch selects by the same one."""
@@ -95,7 +101,16 @@ class RunFilter:
         since = self.pinned().since
         assert not isinstance(since, timedelta)
         older = None if self.older_than is None else self.older_than.total_seconds()
-        return queries.Criteria(self.status, self.name, since, self.waiting, older, self.paused)
+        on_attributes = tuple(attribute_rules.filters_from(self.attributes))
+        return queries.Criteria(
+            self.status,
+            self.name,
+            since,
+            self.waiting,
+            older,
+            paused=self.paused,
+            attributes=on_attributes,
+        )
 
 
 @dataclass(frozen=True)

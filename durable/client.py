@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from durable import activation, delayed
+from durable import attributes as attribute_rules
 from durable.durations import seconds
 from durable.errors import (
     LimitExceeded,
@@ -32,7 +33,7 @@ from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from durable.core import Core
 
@@ -49,13 +50,20 @@ def start(
     countdown: timedelta | float | None = None,
     debounce: timedelta | float | None = None,
     debounce_max: timedelta | float | None = None,
+    attributes: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> WorkflowRun:
     """Start a workflow, or return the existing run when ``workflow_id`` is taken.
 
     Example::
 
-        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1",
+                            attributes={"customer": 42})
+
+    ``attributes`` are the run's searchable attributes (:mod:`durable.attributes`), written
+    by the statement that creates the run; bad ones raise
+    :class:`~durable.errors.InvalidAttributes` and nothing is written. A run that existed
+    keeps its own.
 
     Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
     :class:`~durable.errors.PayloadError` is raised and nothing is written. The run is
@@ -76,11 +84,13 @@ def start(
     """
     timing = delayed.start_time(workflow_id, start_at, countdown, debounce, debounce_max)
     name = core.workflow_name(name_or_fn)
+    attributes_json = attribute_rules.to_json(attribute_rules.check(attributes or {}))
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
     if timing is not None:
-        delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing)
+        given = None if attributes is None else attributes_json
+        delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given)
         return WorkflowRun(core, wid)
     timeout = core.execution_timeouts.get(name)
     eager = None
@@ -90,7 +100,9 @@ def start(
     if eager is not None:
         steps = "[" + ",".join(step.as_json() for step in eager.effects.schedules) + "]"
     inserted = core.store(
-        lambda c: run_queries.insert_run(c, wid, name, args_json, kwargs_json, timeout, steps)
+        lambda c: run_queries.insert_run(
+            c, wid, name, args_json, kwargs_json, timeout, steps, attributes_json
+        )
     )
     created = inserted.created
     if inserted.timer:
@@ -114,6 +126,7 @@ def start_many(
     kwargs_list: Sequence[dict[str, Any]] | None = None,
     start_at: datetime | None = None,
     countdown: timedelta | float | None = None,
+    attributes_list: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[WorkflowRun]:
     """Start many runs of one workflow: one statement, then their messages on one producer.
 
@@ -125,7 +138,8 @@ def start_many(
     Each run is what ``start(name_or_fn, *args, workflow_id=..., **kwargs)`` makes of it,
     eager start included: an id that exists returns its run and writes nothing (or raises
     :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
-    payload error raises before anything is written. Returns the runs in order.
+    payload error or bad attributes (``attributes_list``, one mapping or None per run) raise
+    before anything is written. Returns the runs in order.
 
     ``start_at`` or ``countdown`` delays every run to that one start time, as ``start``
     does (one statement still; no message is sent until the beat starts them).
@@ -135,11 +149,15 @@ def start_many(
     count = len(args_list)
     ids = list(workflow_ids) if workflow_ids is not None else [None] * count
     kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
-    if len(ids) != count or len(kwargs_each) != count:
-        raise ValueError("start_many: args_list, workflow_ids and kwargs_list differ in length")
+    attrs_each = list(attributes_list) if attributes_list is not None else [None] * count
+    if len(ids) != count or len(kwargs_each) != count or len(attrs_each) != count:
+        raise ValueError(
+            "start_many: args_list, workflow_ids, kwargs_list and attributes_list differ in length"
+        )
     new: list[run_queries.NewRun] = []
     eager: dict[str, Any] = {}
-    for args, kwargs, given in zip(args_list, kwargs_each, ids, strict=True):
+    for args, kwargs, given, attrs in zip(args_list, kwargs_each, ids, attrs_each, strict=True):
+        attributes_json = attribute_rules.to_json(attribute_rules.check(attrs or {}))
         args_json = core.encode(list(args), f"arguments of workflow {name}")
         kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = given or uuid.uuid4().hex
@@ -150,7 +168,7 @@ def start_many(
         if found is not None:
             eager[wid] = found.effects
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
-        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
+        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps, attributes_json))
     timeout = core.execution_timeouts.get(name)
     if timing is not None:
         rows = "[" + ",".join(r.as_json() for r in new) + "]"

@@ -100,18 +100,26 @@ def _aware(value: Any) -> datetime:
 
 
 def start_delayed(
-    core: Core, name: str, workflow_id: str, args: str, kwargs: str, when: StartTime
+    core: Core,
+    name: str,
+    workflow_id: str,
+    args: str,
+    kwargs: str,
+    when: StartTime,
+    attributes: str | None = None,
 ) -> None:
     """Create (or, debouncing, move) a run waiting for its start; see the module docstring.
 
-    Arguments are JSON text, already encoded. Returns once the run exists, whatever its
-    state; raises :class:`WorkflowIdConflict` if the id belongs to another workflow.
+    Arguments and attributes are JSON text, already encoded; a debounce replaces the
+    arguments, and the attributes unless they are None.
+    Returns once the run exists, whatever its state; raises :class:`WorkflowIdConflict` if
+    the id belongs to another workflow.
     """
     timeout = core.execution_timeouts.get(name)
     for _ in range(DEBOUNCE_ATTEMPTS):
         inserted = core.store(
             lambda c: delayed_queries.insert_delayed_run(
-                c, workflow_id, name, args, kwargs, timeout, when.when()
+                c, workflow_id, name, args, kwargs, timeout, when.when(), attributes
             )
         )
         if inserted.written:
@@ -120,7 +128,7 @@ def start_delayed(
         if when.debounce:
             moved = core.store(
                 lambda c: delayed_queries.debounce_run(
-                    c, workflow_id, name, args, kwargs, timeout, when.when()
+                    c, workflow_id, name, args, kwargs, timeout, when.when(), attributes
                 )
             )
             if moved.written:

@@ -13,7 +13,7 @@ it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -32,6 +32,8 @@ from durable import (
     runner,
     stepmessage,
 )
+from durable.admin import RunInfo
+from durable.attributes import AttributeFilter
 from durable.canvas import DurableChain
 from durable.client import WorkflowRun
 from durable.config import check_names
@@ -40,6 +42,9 @@ from durable.scheduler import Schedules
 from durable.store.timers import FiredTimer
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+STATUSES = ("running", "completed", "failed", "cancelled")
+"""The statuses a run can be in."""
 
 
 class Durable(Core):
@@ -122,13 +127,15 @@ class Durable(Core):
         countdown: timedelta | float | None = None,
         debounce: timedelta | float | None = None,
         debounce_max: timedelta | float | None = None,
+        attributes: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> WorkflowRun:
         """Start a workflow, or return the existing run when ``workflow_id`` is taken.
 
         Example::
 
-            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1",
+                                attributes={"customer": 42})
             durable.start("reports.build", "acme", countdown=timedelta(hours=1))
             durable.start("search.reindex", "acme", workflow_id="reindex-acme",
                           debounce=timedelta(seconds=30))
@@ -140,6 +147,9 @@ class Durable(Core):
             name_or_fn: The workflow's registered name, or its function.
             *args: Its positional arguments.
             workflow_id: The run's id (default: random); an id that exists returns its run.
+            attributes: Searchable attributes stored on the run (JSON scalars under keys, see
+                :mod:`durable.attributes`) for ``list_runs`` and ``durable list --attr`` to
+                find it by; bad ones raise :class:`~durable.errors.InvalidAttributes`.
             start_at: Start at this time (timezone-aware), by a durable timer.
             countdown: Start this long from now (seconds or a timedelta), likewise.
             debounce: Start this long after the last call with this ``workflow_id``: a call
@@ -158,6 +168,7 @@ class Durable(Core):
             name_or_fn,
             *args,
             workflow_id=workflow_id,
+            attributes=attributes,
             start_at=start_at,
             countdown=countdown,
             debounce=debounce,
@@ -174,6 +185,7 @@ class Durable(Core):
         kwargs_list: Sequence[dict[str, Any]] | None = None,
         start_at: datetime | None = None,
         countdown: timedelta | float | None = None,
+        attributes_list: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[WorkflowRun]:
         """Start many runs of one workflow in one statement; idempotent per id like ``start``.
 
@@ -193,12 +205,57 @@ class Durable(Core):
             kwargs_list=kwargs_list,
             start_at=start_at,
             countdown=countdown,
+            attributes_list=attributes_list,
         )
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
         ids.check_id(workflow_id)
         return client.run(self, workflow_id)
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        since: datetime | timedelta | None = None,
+        waiting: str | None = None,
+        paused: bool = False,
+        attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None,
+        limit: int = 50,
+    ) -> list[RunInfo]:
+        """Runs, newest first, as ``durable list`` shows them: the same filters, typed records.
+
+        Example::
+
+            for run in durable.list_runs(status="running", attributes={"customer": 42}):
+                print(run.id, run.attributes, run.waiting)
+            big = durable.list_runs(attributes=["amount>=100", "due<2026-12-01T00:00"])
+
+        ``attributes`` is a mapping (equality on each key) or filters
+        (:func:`durable.attributes.parse_filter`); every filter must hold. Equalities are
+        answered from the attributes' GIN index; see :func:`durable.admin.list_runs`.
+        ``paused=True`` keeps only paused runs (``durable pause``).
+
+        Raises:
+            ValueError: a filter is malformed (:class:`~durable.errors.InvalidAttributes`
+                for attributes); nothing is read.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        rows = self.store(
+            lambda c: admin.list_runs(
+                c,
+                status=status,
+                name=name,
+                since=since,
+                waiting=waiting,
+                paused=paused,
+                attributes=attributes,
+                limit=limit,
+            )
+        )
+        return [RunInfo.of(row) for row in rows]
 
     @property
     def schedules(self) -> Schedules:

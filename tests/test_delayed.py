@@ -646,3 +646,26 @@ def test_cli_start_takes_countdown_start_at_and_debounce(
         lines = failed.stderr.strip().splitlines()
         assert len(lines) == 1 and says in lines[0], failed.stderr
     assert len(query(database_url, "SELECT id FROM durable_workflows")) == 3
+
+
+def test_delayed_starts_carry_their_attributes_and_a_debounce_replaces_them(
+    delay: tuple[Celery, Durable], database_url: str
+) -> None:
+    _, durable = delay
+    durable.start("delay.greet", "a", workflow_id="tagged", countdown=HOUR, attributes={"c": 1})
+    assert run_row(database_url, "tagged").attributes == {"c": 1}
+    assert [r.id for r in durable.list_runs(attributes={"c": 1})] == ["tagged"]
+    durable.start("delay.greet", "b", workflow_id="bounced", debounce=HOUR, attributes={"c": 2})
+    durable.start("delay.greet", "b", workflow_id="bounced", debounce=HOUR, attributes={"c": 3})
+    assert run_row(database_url, "bounced").attributes == {"c": 3}
+    durable.start("delay.greet", "c", workflow_id="bounced", debounce=HOUR)
+    assert run_row(database_url, "bounced").attributes == {"c": 3}
+    durable.start_many(
+        "delay.greet",
+        [("x",), ("y",)],
+        workflow_ids=["many-a", "many-b"],
+        countdown=HOUR,
+        attributes_list=[{"batch": 7}, None],
+    )
+    assert run_row(database_url, "many-a").attributes == {"batch": 7}
+    assert run_row(database_url, "many-b").attributes == {}

@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "foundation",
         {
             "_control",
+            "attributes",
             "cadence",
             "codec",
             "config",

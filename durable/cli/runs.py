@@ -5,6 +5,7 @@ Start runs, inspect them, and talk to running ones.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,11 +13,13 @@ import click
 from rich.text import Text
 
 from durable import admin
+from durable.attributes import AttributeFilter, parse_filter
 from durable.cli._bulk import bulk_options, check_form, filter_options, run_bulk, run_filter
 from durable.cli._common import (
     Globals,
     app_option,
     check_id_option,
+    compact,
     connect,
     console,
     database_option,
@@ -33,12 +36,13 @@ from durable.cli._common import (
 )
 from durable.cli._show import Opener, render_run
 from durable.codec import Compression, Fernet
-from durable.errors import ConfigurationError, DurableError
+from durable.errors import ConfigurationError, DurableError, InvalidAttributes
 
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
 RESERVED_KWARGS = (
     "name_or_fn",
     "workflow_id",
+    "attributes",
     "start_at",
     "countdown",
     "debounce",
@@ -83,6 +87,21 @@ def _moment_callback(
     if moment.tzinfo is None:
         raise click.BadParameter("give a time zone: 2030-01-31T09:00:00Z or +01:00", param=param)
     return moment
+
+
+def _start_attr_callback(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for text in value:
+        try:
+            found = parse_filter(text)
+        except InvalidAttributes as exc:
+            raise click.BadParameter(exc.reason, ctx, param) from None
+        if found.op != "=":
+            raise click.BadParameter(f"{text[:60]!r} is not KEY=VALUE", ctx, param)
+        attributes[found.key] = found.value
+    return attributes
 
 
 @click.command()
@@ -143,6 +162,16 @@ def _moment_callback(
     show_envvar=True,
     help="With --debounce: start at the latest this long after the first call.",
 )
+@click.option(
+    "--attr",
+    "attributes",
+    multiple=True,
+    callback=_start_attr_callback,
+    metavar="KEY=VALUE",
+    show_envvar=True,
+    help="A searchable attribute of the run (VALUE read as JSON if it is a JSON scalar, "
+    "else as text); repeat it for several.",
+)
 @json_option("start", "the id alone")
 @click.pass_context
 def start(
@@ -156,6 +185,7 @@ def start(
     start_at: datetime | None,
     debounce: timedelta | None,
     debounce_max: timedelta | None,
+    attributes: dict[str, Any],
     as_json: bool,
 ) -> None:
     """Start workflow NAME and print its id (alone, for scripts to capture).
@@ -171,6 +201,7 @@ def start(
             name,
             *args,
             workflow_id=workflow_id,
+            attributes=attributes,
             start_at=start_at,
             countdown=countdown,
             debounce=debounce,
@@ -217,6 +248,7 @@ def list_command(
     since: datetime | timedelta | None,
     waiting: str | None,
     paused: bool,
+    attributes: tuple[AttributeFilter, ...] | None,
     limit: int,
     as_json: bool,
     app: str | None,
@@ -225,6 +257,9 @@ def list_command(
     """List workflow runs, newest first, with what each running one waits on.
 
     A paused run (durable pause) is shown as 'running, paused'; --paused lists only those.
+    --attr finds runs by their attributes: customer=42 (equality, answered from the
+    attributes' index; several are one lookup), amount>=100 or due<2026-12-01T00:00
+    (bounds of a range, checked on the runs the other filters select).
     """
     with connect(ctx, app, database_url) as conn:
         rows = admin.list_runs(
@@ -234,22 +269,34 @@ def list_command(
             since=since,
             waiting=waiting,
             paused=paused,
+            attributes=attributes,
             limit=limit,
         )
     if as_json:
         print_json(rows)
         return
-    table = make_table("id", "name", "status", "waiting on", "created", "updated")
+    headers = ["id", "name", "status", "waiting on", "created", "updated"]
+    tagged = any(row["attributes"] for row in rows)
+    table = make_table(*headers, *(["attributes"] if tagged else []))
     for row in rows:
-        table.add_row(
+        cells: list[Text | str] = [
             Text(row["id"]),
             Text(row["name"]),
             _status_cell(row),
             _waiting_text(row["waiting"]),
             when(row["created_at"]),
             when(row["updated_at"]),
-        )
+        ]
+        if tagged:
+            cells.append(Text(_attributes_text(row["attributes"])))
+        table.add_row(*cells)
     console().print(table)
+
+
+def _attributes_text(attributes: dict[str, Any]) -> str:
+    return compact(
+        " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in attributes.items()), 60
+    )
 
 
 def _keys_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
@@ -347,8 +394,8 @@ def cancel(
     The workflow receives WorkflowCancelled at its next step, sleep or signal wait, may
     compensate, and ends cancelled. Cancelling twice is harmless.
 
-    Without ID, cancels the running runs that --status, --name, --since and --waiting
-    select (as 'durable list' does), or with --all every running run: --dry-run prints how
+    Without ID, cancels the running runs that --status, --name, --since, --waiting and
+    --attr select (as 'durable list' does), or with --all every running run: --dry-run prints how
     many and a sample; otherwise it asks first (--yes does not), then acts --batch-size runs
     per transaction. Interrupted, run it again: the runs already cancelled no longer match.
     """

@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from durable.store.admin import run_conditions
+from durable.attributes import AttributeFilter
+from durable.store.admin import attribute_conditions, run_conditions
 from durable.store.statement import statement
 
 FINISHED = "w.status IN ('completed', 'failed', 'cancelled')"
@@ -43,6 +44,8 @@ class Criteria:
     """Seconds since the run finished (only finished runs match)."""
     paused: bool = False
     """Only paused runs."""
+    attributes: tuple[AttributeFilter, ...] = ()
+    """Filters on the run's attributes, as ``durable list --attr`` takes them."""
 
 
 def _where(action: str, criteria: Criteria) -> tuple[str, dict[str, Any]]:
@@ -50,11 +53,13 @@ def _where(action: str, criteria: Criteria) -> tuple[str, dict[str, Any]]:
     where = run_conditions(
         status=c.status, name=c.name, since=c.since, waiting=c.waiting, paused=c.paused
     )
+    on_attributes, attribute_params = attribute_conditions(c.attributes)
+    where += on_attributes
     where.append(ELIGIBLE[action])
     if c.older_than is not None:
         where.append(f"{FINISHED} AND w.finished_at < now() - make_interval(secs => :older)")
     params = {"status": c.status, "name": c.name, "since": c.since, "older": c.older_than}
-    return " AND ".join(f"({w})" for w in where), params
+    return " AND ".join(f"({w})" for w in where), {**params, **attribute_params}
 
 
 def count_matching(conn: Connection, action: str, criteria: Criteria) -> int:

@@ -55,9 +55,10 @@ _INSERT = statement(
     + """ AS at
     ), w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, start_at, deadline_at,
-                                       wake_seq, run_seq)
+                                       wake_seq, run_seq, attributes)
         SELECT :id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), s.at,
-               s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0
+               s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0,
+               coalesce(CAST(:attributes AS jsonb), '{}')
           FROM s
         ON CONFLICT (id) DO NOTHING
         RETURNING id, start_at, deadline_at
@@ -77,20 +78,22 @@ _INSERT = statement(
 )
 
 # Many delayed runs of one workflow, all due at one start time (``durable.start_many``); the
-# runs arrive as one JSON array of {id, args, kwargs}, as ``runs.insert_runs`` takes them.
+# runs arrive as one JSON array of {id, args, kwargs, attributes}, as ``runs.insert_runs``
+# takes them.
 _INSERT_MANY = statement(
     """
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(CAST(:runs AS jsonb))
-               AS r(id text, args jsonb, kwargs jsonb)
+               AS r(id text, args jsonb, kwargs jsonb, attributes jsonb)
     ), s AS (SELECT """
     + _START_AT.format(created="now()")
     + """ AS at
     ), w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, start_at, deadline_at,
-                                       wake_seq, run_seq)
+                                       wake_seq, run_seq, attributes)
         SELECT r.id, :name, 'running', r.args, r.kwargs, s.at,
-               s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0
+               s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0,
+               coalesce(r.attributes, '{}')
           FROM r, s
         ON CONFLICT (id) DO NOTHING
         RETURNING id, start_at, deadline_at
@@ -123,6 +126,7 @@ _DEBOUNCE = statement(
     ), w AS (
         UPDATE durable_workflows wf
            SET args = CAST(:args AS jsonb), kwargs = CAST(:kwargs AS jsonb), updated_at = now(),
+               attributes = coalesce(CAST(:attributes AS jsonb), wf.attributes),
                start_at = """
     + _START_AT.format(created="wf.created_at")
     + """,
@@ -165,9 +169,11 @@ def _params(
     kwargs: str,
     timeout: float | None,
     when: tuple[object | None, float | None, float | None],
+    attributes: str | None,
 ) -> dict[str, object]:
     start_at, delay, cap = when
     return {
+        "attributes": attributes,
         "id": workflow_id,
         "name": name,
         "args": args,
@@ -187,6 +193,7 @@ def insert_delayed_run(
     kwargs: str,
     timeout: float | None,
     when: tuple[object | None, float | None, float | None],
+    attributes: str | None = None,
 ) -> Delayed:
     """Create a run that waits for its start; ``written`` is False when the id exists.
 
@@ -194,7 +201,7 @@ def insert_delayed_run(
     when ``start_at`` is None; ``cap``: seconds after creation it may start at the latest,
     or None).
     """
-    params = _params(workflow_id, name, args, kwargs, timeout, when)
+    params = _params(workflow_id, name, args, kwargs, timeout, when, attributes)
     row = conn.execute(_INSERT, params).one()
     return Delayed(bool(row.created), [(int(i), float(at)) for i, at in row.timers])
 
@@ -208,8 +215,8 @@ def insert_delayed_runs(
 ) -> tuple[set[str], list[tuple[int, float]]]:
     """Create runs of ``name`` waiting for one start time, in one statement.
 
-    ``runs`` is a JSON array of ``{id, args, kwargs}``. Returns the ids created (an id that
-    exists is left alone) and their timers (id, fire time as epoch), to index.
+    ``runs`` is a JSON array of ``{id, args, kwargs, attributes}``. Returns the ids created
+    (an id that exists is left alone) and their timers (id, fire time as epoch), to index.
     """
     start_at, delay, cap = when
     params = {
@@ -232,14 +239,17 @@ def debounce_run(
     kwargs: str,
     timeout: float | None,
     when: tuple[object | None, float | None, float | None],
+    attributes: str | None = None,
 ) -> Delayed:
-    """Give a run still waiting for its start new arguments and a new start time.
+    """Give a run still waiting for its start new arguments, attributes and start time.
+
+    ``attributes`` None keeps the run's own.
 
     ``written`` is False when the run does not wait for its start (it has started, ended,
     belongs to another workflow, or does not exist), or when a concurrent debounce or the
     start timer's firing took its timer first: read the run to tell which.
     """
-    params = _params(workflow_id, name, args, kwargs, timeout, when)
+    params = _params(workflow_id, name, args, kwargs, timeout, when, attributes)
     row = conn.execute(_DEBOUNCE, params).one()
     return Delayed(bool(row.moved), [(int(i), float(at)) for i, at in row.timers])
 

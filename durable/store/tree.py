@@ -86,10 +86,11 @@ _CHILD = statement(
     """
     WITH c AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
-                                       cancel_requested, deadline_at)
+                                       cancel_requested, deadline_at, attributes)
         SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
                :seq, p.cancel_requested,
-               now() + make_interval(secs => CAST(:timeout AS float8))
+               now() + make_interval(secs => CAST(:timeout AS float8)),
+               CAST(:attributes AS jsonb)
           FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
@@ -151,8 +152,12 @@ def start_child(
     args: str,
     kwargs: str,
     timeout: float | None = None,
+    attributes: str = "{}",
 ) -> ChildStarted:
-    """Create a child run waited for at the parent's position ``seq``."""
+    """Create a child run waited for at the parent's position ``seq``.
+
+    ``attributes`` is the child's searchable attributes as a JSON object.
+    """
     params = {
         "id": workflow_id,
         "owner": owner,
@@ -162,6 +167,7 @@ def start_child(
         "args": args,
         "kwargs": kwargs,
         "timeout": timeout,
+        "attributes": attributes,
     }
     row = conn.execute(_CHILD, params).one()
     # The 'taken' CTE sees the snapshot before this statement: a new child reads as absent.
