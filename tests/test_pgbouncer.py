@@ -7,6 +7,7 @@ The PostgreSQL is a throwaway one of this module, started with ``max_connections
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -18,8 +19,10 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from click.testing import CliRunner
 
 from durable.beat import Beat
+from durable.cli import cli
 from durable.dev.pgbouncer import PrivatePgBouncer, find_pgbouncer
 from durable.dev.servers import HOST, PrivatePostgres
 from durable.dev.services import Services, create_database
@@ -150,6 +153,22 @@ def test_result_waits_signals_and_events_work_through_pgbouncer(
     finally:
         workers.stop_all()
     assert _log_problems(tmp_path) == []
+
+
+def test_the_cli_reads_the_pooler_from_the_environment(pool_app: Any, bounced: Bounced) -> None:
+    _, durable = pool_app
+    run = durable.start("pool.signalled", 1, workflow_id="cli-pgb")
+    env = {k: None for k in os.environ if k.startswith("DURABLE_")}
+    env |= {"DURABLE_DATABASE_URL": bounced.url, "DURABLE_DATABASE_POOLER": "pgbouncer"}
+    result = CliRunner().invoke(cli, ["show", run.id, "--json"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["id"] == "cli-pgb"
+    assert store_engine.options(bounced.url).pooler == "pgbouncer"
+    env["DURABLE_DATABASE_POOLER"] = "pgpool"
+    refused = CliRunner().invoke(cli, ["show", run.id], env=env, catch_exceptions=False)
+    assert refused.exit_code != 0
+    assert "database_pooler" in refused.stderr
+    durable.cancel(run.id)
 
 
 @pytest.mark.timeout(900)
