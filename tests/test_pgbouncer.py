@@ -1,7 +1,8 @@
 """Durable behind PgBouncer in transaction mode, in front of a PostgreSQL of 20 connections.
 
 PgBouncer is Debian's package, found on ``PATH`` or unpacked into the virtualenv by
-``make install`` (:mod:`durable.dev.pgbouncer`); without it these tests skip, naming it.
+``make install`` (:mod:`durable.dev.pgbouncer`); without it the tests that run it skip,
+naming it.
 The PostgreSQL is a throwaway one of this module, started with ``max_connections = 20``.
 """
 
@@ -23,8 +24,8 @@ from click.testing import CliRunner
 
 from durable.beat import Beat
 from durable.cli import cli
-from durable.dev.pgbouncer import PrivatePgBouncer, find_pgbouncer
-from durable.dev.servers import HOST, PrivatePostgres
+from durable.dev.pgbouncer import PrivatePgBouncer, fetch, find_pgbouncer
+from durable.dev.servers import HOST, PrivatePostgres, ServiceError
 from durable.dev.services import Services, create_database
 from durable.store import engine as store_engine
 from durable.store.migrate import upgrade
@@ -36,12 +37,10 @@ MAX_CONNECTIONS = 20
 # leaving room for this module's own direct connections (the sampler, the set-up).
 BOUNCER_POOL = 14
 
-if find_pgbouncer() is None:
-    pytest.skip(
-        "optional dependency pgbouncer is missing: install Debian's pgbouncer package "
-        "or run `python -m durable.dev.pgbouncer fetch`",
-        allow_module_level=True,
-    )
+MISSING = (
+    "optional dependency pgbouncer is missing: install Debian's pgbouncer package "
+    "or run `python -m durable.dev.pgbouncer fetch`"
+)
 
 
 class Bounced:
@@ -68,6 +67,8 @@ class Bounced:
 
 @pytest.fixture(scope="module")
 def bounced(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bounced]:
+    if find_pgbouncer() is None:
+        pytest.skip(MISSING)
     state = tmp_path_factory.mktemp("pgbouncer")
     with (
         PrivatePostgres(state_dir=state, max_connections=MAX_CONNECTIONS) as postgres,
@@ -130,6 +131,19 @@ def _log_problems(logdir: Path) -> list[str]:
         for line in log.read_text(errors="replace").splitlines()
         if pattern.search(line)
     ]
+
+
+def test_without_pgbouncer_or_apt_get_the_reason_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no pgbouncer, apt-get, dpkg or ldd on it
+    assert find_pgbouncer(tmp_path / "cache") is None
+    with pytest.raises(ServiceError, match="no apt-get"):
+        fetch(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    bouncer = PrivatePgBouncer(HOST, 5432, state_dir=tmp_path)
+    with pytest.raises(ValueError, match="not a SHOW command"):
+        bouncer.show("CLIENTS; SELECT 1")
 
 
 def test_result_waits_signals_and_events_work_through_pgbouncer(
