@@ -20,7 +20,7 @@ from celery import Celery
 from sqlalchemy import text
 
 from durable import Durable
-from durable.errors import ConfigurationError
+from durable.errors import ConfigurationError, StoreUnavailable
 from durable.store import engine as store_engine
 from tests.apps.pool_app import build
 from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, wait_until
@@ -160,3 +160,22 @@ def test_workers_a_beat_and_a_client_each_hold_at_most_their_pool(
 
 def _beat_connected(highest: Counter[str], pid: int) -> bool:
     return highest[f"durable:{pid}"] > 0
+
+
+def test_a_pool_in_use_too_long_is_reported_naming_pool_size(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = database_url + "?connect_timeout=4"
+    monkeypatch.setattr(store_engine, "POOL_TIMEOUT", 0.2)
+    store_engine.configure(url, pool_size=1)
+    engine = store_engine.autocommit(url)
+    try:
+        with engine.connect() as held:
+            assert held.execute(text("SELECT 1")).scalar_one() == 1
+            with pytest.raises(StoreUnavailable, match="pool_size") as caught:
+                store_engine.with_retry(url, engine.connect, attempts=3)
+            assert "pool of 1 came free" in str(caught.value)
+        with store_engine.with_retry(url, engine.connect) as free:  # returned: usable again
+            assert free.execute(text("SELECT 2")).scalar_one() == 2
+    finally:
+        store_engine.configure(url, pool_size=10)

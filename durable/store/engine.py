@@ -27,6 +27,7 @@ import psycopg
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from durable import redaction
 from durable.config import POOLERS
@@ -38,8 +39,8 @@ APPLICATION_NAME = "durable:{pid}"
 """``application_name`` of the pool's connections (unless the URL names one): pg_stat_activity
 tells which process holds each."""
 _UNFLUSHED = "durable_unflushed"  # an execution option, and a key of a connection's info
-# How long a thread waits for a connection when all ``pool_size`` are in use.
-_POOL_TIMEOUT = 30.0
+POOL_TIMEOUT = 30.0
+"""Seconds a thread waits for a connection when all ``pool_size`` are in use."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _create(url: str, opts: PoolOptions) -> _Pool:
         url,
         pool_size=opts.pool_size,
         max_overflow=0,
-        pool_timeout=_POOL_TIMEOUT,
+        pool_timeout=POOL_TIMEOUT,
         pool_recycle=1800,
         pool_use_lifo=True,  # the warmest connection first; idle ones beyond need age out
         connect_args=connect_args,
@@ -258,12 +259,21 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
 
     Only connection-level failures are retried (:func:`is_connection_failure`): ``fn`` must
     be safe to run again (each of the store's statements is, by its WHERE clause or ON
-    CONFLICT). Any other database error is raised at once, as it is.
+    CONFLICT). Any other database error is raised at once, as it is. A pool whose every
+    connection stayed in use for :data:`POOL_TIMEOUT` is reported as ``StoreUnavailable``
+    naming ``pool_size``, without waiting again.
     """
     last: Exception | None = None
     for attempt in range(max(attempts, 1)):
         try:
             return fn()
+        except PoolTimeout:
+            size = options(url).pool_size
+            raise StoreUnavailable(
+                redact(url),
+                f"no connection of this process's pool of {size} came free within "
+                f"{POOL_TIMEOUT:g} s; raise pool_size",
+            ) from None
         except ProgrammingError as exc:
             if getattr(getattr(exc, "orig", None), "sqlstate", None) == "42P01":
                 raise ConfigurationError(
