@@ -9,9 +9,9 @@ engines handed out are views of that one pool:
 - :func:`autocommit` with ``flush=False`` — the same, with ``synchronous_commit = off``;
 - :func:`get_engine` — explicit transactions (``READ COMMITTED``), switched at checkout.
 
-Nothing relies on session state except the unflushed mode, which is a session ``SET`` on a
-direct connection and is not used at all behind a transaction-mode pooler (see
-:func:`configure`): a forked child gets its own pool, since the key holds the process id.
+Nothing relies on session state except the unflushed mode, a session ``SET`` on a direct
+connection, which is not used at all behind a transaction-mode pooler (see
+:func:`configure`). A pool's key holds the process id: a forked child opens its own.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _create(url: str, opts: PoolOptions) -> _Pool:
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT,
         pool_recycle=1800,
-        pool_use_lifo=True,  # the warmest connection first; idle ones beyond need age out
+        pool_use_lifo=True,  # the most recently used connection first
         connect_args=connect_args,
         # Set once per connection, when opened: the common path (a statement that commits
         # by itself) pays no switch at checkout. Transactions switch (client side only).
