@@ -141,7 +141,7 @@ def test_without_pgbouncer_or_apt_get_the_reason_is_named(
     with pytest.raises(ServiceError, match="no apt-get"):
         fetch(tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
-    bouncer = PrivatePgBouncer(HOST, 5432, state_dir=tmp_path)
+    bouncer = PrivatePgBouncer(HOST, 0, state_dir=tmp_path)  # never started
     with pytest.raises(ValueError, match="not a SHOW command"):
         bouncer.show("CLIENTS; SELECT 1")
 
