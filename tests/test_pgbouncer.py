@@ -194,7 +194,7 @@ def test_forty_worker_processes_through_pgbouncer_on_twenty_connections(
 
     40 children under 4 parents rather than 40 solo workers: the same 40 pools and
     connections to PgBouncer, at a tenth of the start-up (imports, broker connections)
-    on a small machine. Each step pauses 0.2 s so that every child is busy at once.
+    on a small machine. Each step pauses 0.5 s: 200 runs keep all 40 children busy at once.
     """
     _, durable = pool_app
     workers = Workers(_env(bounced, redis_url, prefix), tmp_path, "tests.apps.pool_app")
@@ -206,7 +206,7 @@ def test_forty_worker_processes_through_pgbouncer_on_twenty_connections(
     client = redis.Redis.from_url(redis_url)
     try:
         n = 200
-        runs = [durable.start("pool.sum", i, 0.2, workflow_id=f"{prefix}-w{i}") for i in range(n)]
+        runs = [durable.start("pool.sum", i, 0.5, workflow_id=f"{prefix}-w{i}") for i in range(n)]
         results = [r.result(timeout=600) for r in runs]
         assert results == [i + 111 for i in range(n)]
         ran_steps = {int(pid) for pid in client.smembers(f"{prefix}:pids")}
