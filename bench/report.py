@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from bench import latency as lat
+from bench.attributes import AttributeListing
 from bench.common import POOL_LABELS, console, median
 from bench.dbos_steps import Dbos
 from bench.latency import Counts, Samples
@@ -30,6 +31,7 @@ class Results:
     replay: Replay | None = None
     local_inprocess: list[float] = field(default_factory=list)
     dbos: Dbos | None = None
+    attributes: AttributeListing | None = None
 
 
 def _table(title: str, *headers: str) -> Table:
@@ -59,6 +61,8 @@ def report(results: Results) -> None:
         report_replay(results.replay)
     if results.local_inprocess or results.dbos is not None:
         report_dbos(results.local_inprocess, results.dbos)
+    if results.attributes is not None:
+        report_attributes(results.attributes)
     report_targets(results)
 
 
@@ -272,6 +276,25 @@ def report_dbos(durable_seconds: list[float], dbos: Dbos | None) -> None:
     )
 
 
+def report_attributes(found: AttributeListing) -> None:
+    table = _table(
+        f"(h) durable list --attr customer=42 --status running, {found.runs:,} runs",
+        "runs listed",
+        "median ms",
+        "p95 ms",
+        "GIN index",
+    )
+    table.add_row(
+        str(found.matched),
+        f"{found.ms():.2f}",
+        f"{found.ms(0.95):.2f}",
+        "used" if found.uses_index else "not used",
+    )
+    console.print(table)
+    console.print("(admin.list_runs as the command calls it, on one connection; the plan:)")
+    console.print(found.plan, markup=False, highlight=False)
+
+
 def _targets(results: Results) -> list[tuple[str, str, bool | None]]:
     rows: list[tuple[str, str, bool | None]] = []
     for pool, samples in results.latency.items():
@@ -327,6 +350,10 @@ def _targets(results: Results) -> list[tuple[str, str, bool | None]]:
         rows.append((f"{results.replay.steps:,}-step replay ≤ 20 ms", f"{ms:.1f} ms", ms <= 20))
         reads = median(results.replay.statements)
         rows.append(("history loaded in one query", f"{reads:.0f} statements (1 read)", None))
+    if results.attributes is not None:
+        ms = results.attributes.ms()
+        met = ms < 50 and results.attributes.uses_index
+        rows.append((f"list --attr, {results.attributes.runs:,} runs < 50 ms", f"{ms:.2f} ms", met))
     return rows
 
 

@@ -14,7 +14,9 @@ app in :mod:`bench.app`, and measures the parts chosen with ``--part`` (default:
   ``durable beat`` (:mod:`bench.timers`);
 - ``replay``: one activation's replay of a 1,000-step history (:mod:`bench.replay`);
 - ``dbos``: local steps against DBOS steps when ``dbos`` is installed
-  (:mod:`bench.dbos_steps`).
+  (:mod:`bench.dbos_steps`);
+- ``attributes``: ``durable list --attr customer=42 --status running`` among 100,000 runs
+  (:mod:`bench.attributes`).
 
 Everything it started or created is removed at the end, on error and on Ctrl-C.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import celery
 
-from bench import dbos_steps, latency, replay, throughput, timers
+from bench import attributes, dbos_steps, latency, replay, throughput, timers
 from bench.common import POOL_LABELS, POOLS, BenchError, console, sigint_ignored
 from bench.harness import Bench
 from bench.report import Results, report
@@ -39,7 +41,16 @@ from durable.dev.services import ensure_services
 from durable.store.engine import redact
 
 BUDGET = 300.0  # the whole bench; it gives up (and cleans up) past this
-PARTS = ("latency", "statements", "throughput", "starts", "timers", "replay", "dbos")
+PARTS = (
+    "latency",
+    "statements",
+    "throughput",
+    "starts",
+    "timers",
+    "replay",
+    "dbos",
+    "attributes",
+)
 
 
 def measure_with_workers(
@@ -71,7 +82,7 @@ def measure_with_workers(
 
 
 def measure_in_process(bench: Bench, parts: set[str], results: Results) -> None:
-    """The parts with no worker: starts, replay, local steps against DBOS."""
+    """The parts with no worker: starts, replay, local steps against DBOS, attributes."""
     if "starts" in parts:
         console.print("[dim]starts (no worker)…[/]")
         results.starts = throughput.Starts()
@@ -83,6 +94,9 @@ def measure_in_process(bench: Bench, parts: set[str], results: Results) -> None:
         console.print("[dim]local steps in-process, and DBOS…[/]")
         results.local_inprocess = replay.measure_local(bench)
         results.dbos = dbos_steps.measure(bench.services)
+    if "attributes" in parts:
+        console.print(f"[dim]listing by attributes among {attributes.RUNS:,} runs…[/]")
+        results.attributes = attributes.measure(bench.services)
 
 
 def main(argv: list[str] | None = None) -> int:

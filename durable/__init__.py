@@ -8,6 +8,7 @@ from durable.context import WorkflowContext
 from durable.errors import (
     ConfigurationError,
     DurableError,
+    InvalidAttributes,
     LimitExceeded,
     NonDeterminismError,
     PayloadError,
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "Durable",
     "DurableError",
+    "InvalidAttributes",
     "LimitExceeded",
     "NonDeterminismError",
     "PayloadError",

@@ -57,12 +57,16 @@ def activate(
     """
     owner = owner or core.heartbeat.token()
     ttl = core.settings.lease_ttl.total_seconds()
+    held = False
     for _ in range(MAX_REPLAYS):
         activation, leased = leased, None
         if activation is None:
             activation = core.store(lambda c: runs.acquire(c, workflow_id, owner, ttl), flush=False)
         if activation is None:
+            if held:  # still ours after a failed release, and not acquired: paused meanwhile
+                core.store(lambda c: runs.let_go(c, workflow_id, owner), flush=False)
             return "busy-or-finished"
+        held = True
         wid, name, trace = activation.workflow_id, activation.name, activation.trace_context
         # The span covers the replay, its commit and the messages it sends (so that a tracing
         # Celery instrumentation puts those messages in the run's trace).

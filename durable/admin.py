@@ -1,13 +1,15 @@
 """The operator's tools as library functions; the ``durable`` command calls these.
 
 Reading (``list_runs``, ``describe_run``, ``list_timers``) and deleting (``purge``) take a
-connection to the store; repairing (``resume``, ``retry``, ``fork``) takes the ``Durable``,
+connection to the store; repairing (``resume``, ``retry``, ``fork``) and holding
+(``pause``, ``unpause``) take the ``Durable``,
 because it sends the activation once the store is written. Every write is one statement.
 
 Example::
 
     with durable.connect() as conn:
         stuck = admin.list_runs(conn, status="running", waiting="signal")
+        big = admin.list_runs(conn, attributes=["customer=42", "amount>=100"])
     new_id = admin.fork(durable, "order-o-1", from_step=4)   # rerun from step 4 on
 """
 
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
+from durable import attributes as attribute_rules
 from durable import durations
+from durable.attributes import AttributeFilter
 from durable.errors import (
     WorkflowIdTaken,
     WorkflowNotFailed,
@@ -68,11 +73,14 @@ def parse_duration(text: str) -> timedelta:
 def _waiting(row: Any) -> dict[str, Any] | None:
     """What a running run waits on; None once it has finished.
 
-    One of ``step``, ``timer``, ``signal``, ``child``, ``activation`` (woken, not replayed
-    yet) or ``nothing`` (stuck: see ``durable reconcile``).
+    One of ``start`` (a delayed start, ``until`` its time), ``step``, ``timer``, ``signal``,
+    ``child``, ``activation`` (woken, not replayed yet) or ``nothing`` (stuck: see
+    ``durable reconcile``).
     """
     if row.status != "running":
         return None
+    if row.start_at is not None:
+        return {"on": "start", "seq": None, "name": None, "until": row.start_at}
     pending = row.pending
     if pending is None:
         on = "activation" if row.owed else ("timer" if row.next_timer else "nothing")
@@ -95,6 +103,8 @@ def list_runs(
     name: str | None = None,
     since: datetime | timedelta | None = None,
     waiting: str | None = None,
+    paused: bool = False,
+    attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Runs, newest first, each with what it waits on (``waiting``, None once finished).
@@ -105,27 +115,96 @@ def list_runs(
         name: Only runs of this workflow.
         since: Only runs created at or after this time, or within this long before now.
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        paused: Only paused runs (``durable pause``).
+        attributes: Only runs whose attributes match: a mapping (equality on each key, one
+            containment the GIN index serves) or filters such as ``"amount>=100"``
+            (:func:`durable.attributes.parse_filter`), all of which must hold.
         limit: Most runs returned.
+
+    Raises:
+        ValueError: ``waiting`` is unknown, ``limit`` below 1, or an attribute filter is
+            malformed (:class:`~durable.errors.InvalidAttributes`).
     """
     if waiting is not None and waiting not in WAITING:
         raise ValueError(f"waiting must be one of {', '.join(WAITING)}, not {waiting!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    filters = attribute_rules.filters_from(attributes)
     if isinstance(since, timedelta):
         since = datetime.now(UTC) - since
     rows = queries.list_runs(
-        conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+        conn,
+        status=status,
+        name=name,
+        since=since,
+        waiting=waiting,
+        paused=paused,
+        attributes=filters,
+        limit=limit,
     )
     return [{**summary(row), "waiting": _waiting(row)} for row in rows]
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """What a running run waits on (see :func:`list_runs`)."""
+
+    on: str
+    """``step``, ``timer``, ``signal``, ``child``, ``activation`` or ``nothing`` (stuck)."""
+    seq: int | None
+    """The position waiting, if one is."""
+    name: str | None
+    """That position's step, signal or child workflow name."""
+    until: datetime | None
+    """When its timer fires (a sleep, a retry's back-off, a signal's timeout)."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as :meth:`durable.Durable.list_runs` returns it."""
+
+    id: str
+    name: str
+    status: str
+    """``running``, ``completed``, ``failed`` or ``cancelled``."""
+    paused: bool
+    """Held by ``durable pause`` (its status stays ``running``)."""
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    attributes: dict[str, Any]
+    """The run's searchable attributes."""
+    waiting: Waiting | None
+    """What a running run waits on; None once it has finished."""
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> RunInfo:
+        """The record of one of :func:`list_runs`'s dicts."""
+        waiting = data["waiting"]
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            status=data["status"],
+            paused=data["paused"],
+            created_at=data["created_at"],
+            updated_at=data["updated_at"],
+            finished_at=data["finished_at"],
+            attributes=data["attributes"],
+            waiting=None if waiting is None else Waiting(**waiting),
+        )
+
+
 def summary(row: Any) -> dict[str, Any]:
-    """A run's identity and times, as ``durable list`` shows them."""
+    """A run's identity, times and attributes, as ``durable list`` shows them."""
     return {
         "id": row.id,
         "name": row.name,
         "status": row.status,
+        "paused": bool(row.paused),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "finished_at": row.finished_at,
+        "attributes": dict(row.attributes or {}),
     }
 
 
@@ -189,9 +268,10 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         workflow_id: The run's id.
 
     Returns:
-        The run's fields; its ``steps`` (each with ``attempts``, ``duration`` in seconds,
-        ``result``, ``error`` and an ``attempt_history``); ``events`` (key to latest value);
-        ``signals``; ``timers`` (with ``lateness`` in seconds once fired); and ``history``.
+        The run's fields (``start_at`` while a delayed start is not due yet); its ``steps``
+        (each with ``attempts``, ``duration`` in seconds, ``result``, ``error`` and an
+        ``attempt_history``); ``events`` (key to latest value); ``signals``; ``timers``
+        (with ``lateness`` in seconds once fired); and ``history``.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -209,6 +289,7 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         "error": row.error,
         "parent_id": row.parent_id,
         "cancel_requested": row.cancel_requested,
+        "start_at": row.start_at,
         "steps": [_step(s, attempts.get(s.seq, [])) for s in steps.list_steps(conn, row.id)],
         "events": signals.list_events(conn, row.id),
         "signals": [
@@ -279,9 +360,10 @@ class Resumed:
 def resume(durable: Core, workflow_id: str) -> Resumed:
     """Re-dispatch a running run: wake it and send its activation again.
 
-    Its scheduled steps are sent again too (a step whose worker died is first put back to
-    scheduled) and its unfired timers re-indexed in Redis. Duplicates are harmless: a step
-    message for a claimed step and an activation of a leased run do nothing.
+    A paused run is unpaused (see :func:`unpause`). Its scheduled steps are sent again
+    too (a step whose worker died is first put back to scheduled) and its unfired timers
+    re-indexed in Redis. Duplicates are harmless: a step message for a claimed step and an
+    activation of a leased run do nothing.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -292,6 +374,51 @@ def resume(durable: Core, workflow_id: str) -> Resumed:
         raise WorkflowNotFound(workflow_id)
     if not done.woken:
         raise WorkflowNotRunning(workflow_id, done.status, "resume")
+    durable.index_timers(done.timers)
+    for step in done.steps:
+        durable.send_step(workflow_id, step["seq"], step["name"], step["options"] or {})
+    durable.send_activation(workflow_id, done.name)
+    return Resumed(workflow_id, sorted(s["seq"] for s in done.steps), len(done.timers))
+
+
+def pause(durable: Core, workflow_id: str) -> bool:
+    """Pause a running run: nothing moves it until :func:`unpause`.
+
+    Its steps are not dispatched (a step already running finishes and its result is kept),
+    its timers do not fire, the sweeps leave it alone, and signals sent to it are kept. Its
+    status stays ``running``. Returns False when it was paused already (nothing changes).
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowNotRunning: the run has ended.
+    """
+    done = durable.store(lambda c: queries.pause_run(c, workflow_id))
+    durable.histories.drop(workflow_id)  # no step of it runs unclaimed from this process
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if done.status != "running":
+        raise WorkflowNotRunning(workflow_id, done.status, "pause")
+    return done.changed
+
+
+def unpause(durable: Core, workflow_id: str) -> Resumed | None:
+    """Let a paused run go on where it stopped; None when it was not paused (nothing changes).
+
+    What came due while it was paused is dispatched now: its unfired timers are put back in
+    the Redis index (a due one fires at once), its scheduled steps are sent (a step whose
+    worker died is rescheduled first), and its activation replays what it was sent meanwhile.
+
+    Raises:
+        WorkflowNotFound: no run has this id.
+        WorkflowNotRunning: the run has ended.
+    """
+    done = durable.store(lambda c: queries.resume_run(c, workflow_id, unpause=True))
+    if done is None:
+        raise WorkflowNotFound(workflow_id)
+    if done.status != "running":
+        raise WorkflowNotRunning(workflow_id, done.status, "unpause")
+    if not done.woken:
+        return None
     durable.index_timers(done.timers)
     for step in done.steps:
         durable.send_step(workflow_id, step["seq"], step["name"], step["options"] or {})
@@ -322,9 +449,9 @@ def fork(
 ) -> tuple[str, int]:
     """Start a new run of the same workflow and arguments, reusing results before ``from_step``.
 
-    Completed positions before ``from_step`` are copied with their results; the new run
-    executes everything from ``from_step`` on. Returns the new id (``<id>-fork-<random>``
-    unless given) and how many positions were copied.
+    Completed positions before ``from_step`` are copied with their results, and the run's
+    attributes as they are; the new run executes everything from ``from_step`` on. Returns
+    the new id (``<id>-fork-<random>`` unless given) and how many positions were copied.
 
     Raises:
         WorkflowNotFound: no run has this id.

@@ -1,4 +1,4 @@
-"""Cancel, retry, resume or purge every run that ``durable list``'s filters select.
+"""Cancel, retry, resume, purge, pause or unpause every run ``durable list``'s filters select.
 
 The on-call engineer's tool for thousands of runs: count and sample them first
 (:func:`preview`), then act on them a batch at a time (:func:`run`). Each batch is one
@@ -7,13 +7,15 @@ selected, or that another process acted on, is skipped and counted), acts on eac
 and only then sends the messages the action owes (activations, re-sent steps, timers to
 index). No lock is held across batches. Interrupted, the batches committed stay done; a
 batch cut short is rolled back; run again, the runs acted on no longer match (a cancelled
-run is asked to stop, a retried one is running, a purged one is gone) and the rest are done.
+run is asked to stop, a retried one is running, a purged one is gone, a paused one no longer
+matches ``pause``) and the rest are done.
 Messages lost to an interruption between a commit and its sends are re-sent by the
 recovery sweep of ``durable beat`` (or ``durable reconcile --fix``), as after any crash.
 
 Example::
 
-    where = bulk.RunFilter(name="orders.fulfill", waiting="signal", since=timedelta(days=1))
+    where = bulk.RunFilter(name="orders.fulfill", waiting="signal", since=timedelta(days=1),
+                           attributes=["customer=42"])
     print(bulk.preview(durable, "cancel", where).matched)
     done = bulk.run(durable, "cancel", where, batch_size=100)
     done.acted, done.skipped, done.failed
@@ -21,7 +23,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -30,21 +32,30 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from durable import attributes as attribute_rules
 from durable.admin import WAITING
+from durable.attributes import AttributeFilter
 from durable.store import admin as admin_queries
 from durable.store import bulk as queries
+from durable.store import delayed, tree
 from durable.store import engine as store_engine
-from durable.store import tree
 
 if TYPE_CHECKING:
     from durable.core import Core
 
 T = TypeVar("T")
 
-ACTIONS = ("cancel", "retry", "resume", "purge")
+ACTIONS = ("cancel", "retry", "resume", "purge", "pause", "unpause")
 """What :func:`run` can do to the runs it selects."""
 
-PAST = {"cancel": "cancelled", "retry": "retried", "resume": "resumed", "purge": "purged"}
+PAST = {
+    "cancel": "cancelled",
+    "retry": "retried",
+    "resume": "resumed",
+    "purge": "purged",
+    "pause": "paused",
+    "unpause": "unpaused",
+}
 """Each action's past participle, as the summaries print it."""
 
 
@@ -53,7 +64,8 @@ class RunFilter:
     """Which runs a bulk action selects: the filters of ``durable list``, and an age.
 
     Each action adds what it needs: ``cancel`` takes running runs not yet asked to stop,
-    ``resume`` running runs, ``retry`` failed runs, ``purge`` finished runs.
+    ``resume`` running runs, ``retry`` failed runs, ``purge`` finished runs, ``pause``
+    running runs not paused, ``unpause`` paused runs.
     """
 
     status: str | None = None
@@ -66,10 +78,15 @@ class RunFilter:
     """Only running runs waiting on a ``step``, a ``timer`` or a ``signal``."""
     older_than: timedelta | None = None
     """Only runs that finished longer ago than this."""
+    paused: bool = False
+    """Only paused runs."""
+    attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None
+    """Only runs whose attributes match: a mapping (equality on each key) or filters
+    (``"amount>=100"``, see :mod:`durable.attributes`)."""
 
     def is_empty(self) -> bool:
         """Whether no filter is set: the action would take every run it applies to."""
-        return self == RunFilter()
+        return replace(self, attributes=self.attributes or None) == RunFilter()
 
     def pinned(self, now: datetime | None = None) -> RunFilter:
         """This filter with ``since`` as a time, so every batch selects by the same one."""
@@ -84,7 +101,16 @@ class RunFilter:
         since = self.pinned().since
         assert not isinstance(since, timedelta)
         older = None if self.older_than is None else self.older_than.total_seconds()
-        return queries.Criteria(self.status, self.name, since, self.waiting, older)
+        on_attributes = tuple(attribute_rules.filters_from(self.attributes))
+        return queries.Criteria(
+            self.status,
+            self.name,
+            since,
+            self.waiting,
+            older,
+            paused=self.paused,
+            attributes=on_attributes,
+        )
 
 
 @dataclass(frozen=True)
@@ -159,6 +185,8 @@ Send = Callable[["Core"], None]
 
 
 def _cancel(conn: Connection, wid: str) -> Send | None:
+    if delayed.cancel_pending(conn, wid):  # not started yet: ended at once, nothing to send
+        return lambda core: None
     flagged = tree.request_cancel(conn, wid)
 
     def send(core: Core) -> None:
@@ -168,8 +196,8 @@ def _cancel(conn: Connection, wid: str) -> Send | None:
     return send if flagged else None
 
 
-def _resume(conn: Connection, wid: str) -> Send | None:
-    done = admin_queries.resume_run(conn, wid)
+def _resume(conn: Connection, wid: str, unpause: bool = False) -> Send | None:
+    done = admin_queries.resume_run(conn, wid, unpause=unpause)
     if done is None or not done.woken:
         return None
 
@@ -189,10 +217,23 @@ def _retry(conn: Connection, wid: str) -> Send | None:
     return lambda core: core.send_activation(wid, done.name)
 
 
+def _pause(conn: Connection, wid: str) -> Send | None:
+    done = admin_queries.pause_run(conn, wid)
+    if done is None or not done.changed:
+        return None
+    return lambda core: core.histories.drop(wid)  # nothing runs unclaimed from here
+
+
+def _unpause(conn: Connection, wid: str) -> Send | None:
+    return _resume(conn, wid, unpause=True)
+
+
 _ACT: dict[str, Callable[[Connection, str], Send | None]] = {
     "cancel": _cancel,
     "resume": _resume,
     "retry": _retry,
+    "pause": _pause,
+    "unpause": _unpause,
 }
 
 
@@ -237,15 +278,15 @@ def act(
     action owes are sent. Runs that no longer match are skipped.
 
     Args:
-        target: The ``Durable`` (cancel, retry and resume send messages), or for ``purge``
-            the store's database URL.
+        target: The ``Durable`` (cancel, retry, resume and unpause send messages), or for
+            ``purge`` and ``pause`` the store's database URL.
         action: One of :data:`ACTIONS`.
         ids: Run ids, as :func:`durable.store.bulk.select_matching` gave them.
         where: The filter they were selected by (``since`` pinned).
         number: The batch's number, for the report.
     """
     _check(action)
-    if isinstance(target, str) and action != "purge":
+    if isinstance(target, str) and action not in ("purge", "pause"):
         raise ValueError(f"{action} sends messages: it needs the Durable, not a database URL")
     criteria = where.criteria()
     batch = Batch(number, [], [], {})
@@ -278,8 +319,8 @@ def run(
     (:func:`act`), and ``on_batch`` is called with it. Safe to interrupt and run again.
 
     Args:
-        target: The ``Durable`` (cancel, retry and resume send messages), or for ``purge``
-            the store's database URL.
+        target: The ``Durable`` (cancel, retry, resume and unpause send messages), or for
+            ``purge`` and ``pause`` the store's database URL.
         action: One of :data:`ACTIONS`.
         where: Which runs; an empty filter takes every run the action applies to.
         batch_size: Runs per transaction.

@@ -195,7 +195,7 @@ class DurableChain:
         if countdown is not None:
             eta = datetime.now(UTC) + timedelta(seconds=float(countdown))
         links[0] = _with_call_options(links[0], eta, options)
-        extra = {} if self.retry is None else {"retry": self.retry.to_dict()}
+        extra: dict[str, Any] = {} if self.retry is None else {"retry": self.retry.to_dict()}
         wid = workflow_id or task_id
         return client.start(self._core, CHAIN_WORKFLOW, links, workflow_id=wid, **extra)
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable import activation, tracing
+from durable import activation, delayed, tracing
+from durable import attributes as attribute_rules
 from durable.durations import seconds
 from durable.errors import (
     LimitExceeded,
@@ -26,13 +27,14 @@ from durable.errors import (
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.store import delayed as delayed_queries
 from durable.store import notices
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from durable.core import Core
 
@@ -45,13 +47,24 @@ def start(
     /,
     *args: Any,
     workflow_id: str | None = None,
+    start_at: datetime | None = None,
+    countdown: timedelta | float | None = None,
+    debounce: timedelta | float | None = None,
+    debounce_max: timedelta | float | None = None,
+    attributes: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> WorkflowRun:
     """Start a workflow, or return the existing run when ``workflow_id`` is taken.
 
     Example::
 
-        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+        run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1",
+                            attributes={"customer": 42})
+
+    ``attributes`` are the run's searchable attributes (:mod:`durable.attributes`), written
+    by the statement that creates the run; bad ones raise
+    :class:`~durable.errors.InvalidAttributes` and nothing is written. A run that existed
+    keeps its own.
 
     Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
     :class:`~durable.errors.PayloadError` is raised and nothing is written. The run is
@@ -63,13 +76,25 @@ def start(
     scheduled in the statement that creates the run and sent at once, saving the first
     activation's broker hop (a local step, a sleep, a wait, ``ctx.now()`` or a workflow not
     registered in this process start the run as usual, with an activation).
+
+    ``start_at`` (an aware datetime) or ``countdown`` (seconds or a timedelta) delays the
+    start with a durable timer; ``debounce`` (with a ``workflow_id``) starts the run that
+    long after the last call, each call inside the window replacing its arguments, and
+    ``debounce_max`` bounds how long after the first call it may wait: see
+    :mod:`durable.delayed`.
     """
+    timing = delayed.start_time(workflow_id, start_at, countdown, debounce, debounce_max)
     name = core.workflow_name(name_or_fn)
+    attributes_json = attribute_rules.to_json(attribute_rules.check(attributes or {}))
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
+    if timing is not None:
+        given = None if attributes is None else attributes_json
+        delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given)
+        return WorkflowRun(core, wid)
     with tracing.start_span(name, wid) as carrier:
-        _start(core, wid, name, args_json, kwargs_json, carrier)
+        _start(core, wid, name, args_json, kwargs_json, attributes_json, carrier)
     return WorkflowRun(core, wid)
 
 
@@ -79,6 +104,7 @@ def _start(
     name: str,
     args_json: str,
     kwargs_json: str,
+    attributes_json: str,
     carrier: tracing.Carrier | None,
 ) -> None:
     timeout = core.execution_timeouts.get(name)
@@ -91,7 +117,7 @@ def _start(
     trace = json.dumps(carrier) if carrier else None
     inserted = core.store(
         lambda c: run_queries.insert_run(
-            c, wid, name, args_json, kwargs_json, timeout, steps, trace
+            c, wid, name, args_json, kwargs_json, timeout, steps, attributes_json, trace
         )
     )
     created = inserted.created
@@ -113,6 +139,9 @@ def start_many(
     *,
     workflow_ids: Sequence[str | None] | None = None,
     kwargs_list: Sequence[dict[str, Any]] | None = None,
+    start_at: datetime | None = None,
+    countdown: timedelta | float | None = None,
+    attributes_list: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[WorkflowRun]:
     """Start many runs of one workflow: one statement, then their messages on one producer.
 
@@ -124,16 +153,26 @@ def start_many(
     Each run is what ``start(name_or_fn, *args, workflow_id=..., **kwargs)`` makes of it,
     eager start included: an id that exists returns its run and writes nothing (or raises
     :class:`WorkflowIdConflict` if it is another workflow's, after the others started). A
-    payload error raises before anything is written. Returns the runs in order.
+    payload error or bad attributes (``attributes_list``, one mapping or None per run) raise
+    before anything is written. Returns the runs in order.
+
+    ``start_at`` or ``countdown`` delays every run to that one start time, as ``start``
+    does (one statement still; no message is sent until the beat starts them).
     """
+    timing = delayed.start_time(None, start_at, countdown)
     name = core.workflow_name(name_or_fn)
     count = len(args_list)
     ids: list[str | None] = list(workflow_ids) if workflow_ids is not None else [None] * count
     kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
-    if len(ids) != count or len(kwargs_each) != count:
-        raise ValueError("start_many: args_list, workflow_ids and kwargs_list differ in length")
+    attrs_each: list[Mapping[str, Any] | None] = (
+        list(attributes_list) if attributes_list is not None else [None] * count
+    )
+    if len(ids) != count or len(kwargs_each) != count or len(attrs_each) != count:
+        raise ValueError(
+            "start_many: args_list, workflow_ids, kwargs_list and attributes_list differ in length"
+        )
     with tracing.start_span(name) as carrier:
-        return _start_many(core, name, args_list, ids, kwargs_each, carrier)
+        return _start_many(core, name, args_list, ids, kwargs_each, attrs_each, timing, carrier)
 
 
 def _start_many(
@@ -142,25 +181,36 @@ def _start_many(
     args_list: Sequence[Sequence[Any]],
     ids: list[str | None],
     kwargs_each: list[dict[str, Any]],
+    attrs_each: list[Mapping[str, Any] | None],
+    timing: delayed.StartTime | None,
     carrier: tracing.Carrier | None,
 ) -> list[WorkflowRun]:
     new: list[run_queries.NewRun] = []
     eager: dict[str, Any] = {}
-    for args, kwargs, given in zip(args_list, kwargs_each, ids, strict=True):
+    for args, kwargs, given, attrs in zip(args_list, kwargs_each, ids, attrs_each, strict=True):
+        attributes_json = attribute_rules.to_json(attribute_rules.check(attrs or {}))
         args_json = core.encode(list(args), f"arguments of workflow {name}")
         kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
         wid = given or uuid.uuid4().hex
         found = None
-        if core.settings.eager_start:
+        if core.settings.eager_start and timing is None:
             found = activation.replay_new_run(core, wid, name, args_json, kwargs_json, carrier)
         steps = None
         if found is not None:
             eager[wid] = found.effects
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
-        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps))
+        new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps, attributes_json))
     timeout = core.execution_timeouts.get(name)
-    trace = json.dumps(carrier) if carrier else None
-    created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout, trace))
+    if timing is not None:
+        rows = "[" + ",".join(r.as_json() for r in new) + "]"
+        created, timers = core.store(
+            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, timing.when())
+        )
+    else:
+        trace = json.dumps(carrier) if carrier else None
+        created, timers = core.store(
+            lambda c: run_queries.insert_runs(c, name, new, timeout, trace)
+        )
     core.index_timers(timers)
     core.apply_many(
         [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],
@@ -278,7 +328,10 @@ def cancel(core: Core, workflow_id: str) -> list[str]:
     The workflow gets :class:`~durable.errors.WorkflowCancelled` at its next step, sleep or
     signal wait, may compensate in ``except``/``finally``, and ends ``cancelled``. A step
     already running finishes and its result is recorded. Cancelling twice is harmless.
+    A run still waiting for its delayed start ends ``cancelled`` at once.
     """
+    if core.store(lambda c: delayed_queries.cancel_pending(c, workflow_id)):
+        return [workflow_id]  # it had not started: ended at once, nothing to deliver
     flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
     if not flagged:
         row = core.store(lambda c: run_queries.get_run(c, workflow_id))

@@ -70,6 +70,12 @@ class Settings:
     next step's claim need not read it again (0: keep none; see ``durable.histories``)."""
     connect_retries: int = 3
     """Attempts to reach PostgreSQL before giving up with a clear error."""
+    pool_size: int = 10
+    """Most PostgreSQL connections one process holds in its pool (the result-wait listener
+    holds one more; see ``docs/operations.md``). A thread that finds all in use waits."""
+    database_pooler: str | None = None
+    """``"pgbouncer"`` when ``database_url`` names a PgBouncer in transaction mode: no
+    prepared statements, no session settings, result waits poll instead of ``LISTEN``."""
     leader_ttl: timedelta = timedelta(seconds=10)
     """Life of the beat leader's Redis lock, renewed every third of it: a stand-by beat
     takes over within this (plus a second) of the leader's death."""
@@ -116,6 +122,7 @@ _DURATIONS = {"lease_ttl", "redispatch_after", "leader_ttl", "schedule_grace", "
 _INTS = {
     "max_payload_bytes",
     "connect_retries",
+    "pool_size",
     "schedule_catchup_limit",
     "compress_min_bytes",
     "history_cache_size",
@@ -130,13 +137,23 @@ _POSITIVE = {
     "leader_ttl",
     "max_payload_bytes",
     "connect_retries",
+    "pool_size",
     "schedule_catchup_limit",
     "max_steps",
     "max_signals",
     "max_signals_per_minute",
 }
 _BOOLS = {"inline_activation", "eager_start", "encode_errors"}
-_STRINGS = {"database_url", "redis_url", "key_prefix", "workflow_queue", "encryption_keys"}
+_STRINGS = {
+    "database_url",
+    "redis_url",
+    "key_prefix",
+    "workflow_queue",
+    "encryption_keys",
+    "database_pooler",
+}
+POOLERS = ("pgbouncer",)
+"""Values of ``database_pooler`` (besides None: a direct connection)."""
 _URLS = {"database_url", "redis_url"}
 _SECRETS = {"encryption_keys"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -252,7 +269,10 @@ def _convert(name: str, value: Any) -> Any:
         raise ConfigurationError(f"setting {name}: cannot read {shown!r} ({exc})") from None
     if name in _STRINGS and not isinstance(value, str):
         raise ConfigurationError(f"setting {name}: must be text, not {type(value).__name__}")
-    return value
+    if name == "database_pooler" and value.strip().lower() not in POOLERS:
+        shown = redact(value)[:40]
+        raise ConfigurationError(f"setting database_pooler: {shown!r} is not one of {POOLERS}")
+    return value.strip().lower() if name == "database_pooler" else value
 
 
 def _duration(value: Any) -> timedelta:
@@ -287,6 +307,20 @@ def _boolean(value: Any) -> bool:
     if text in _TRUE | _FALSE:
         return text in _TRUE
     raise ValueError("expected true/false, yes/no, on/off or 1/0")
+
+
+def read_setting(name: str, conf: Any = None) -> Any:
+    """One setting from ``DURABLE_<NAME>``, else the Celery config ``conf``, else its default.
+
+    For commands that need a setting or two of the store without loading an app.
+    """
+    env = os.environ.get(f"DURABLE_{name.upper()}")
+    if env not in (None, ""):
+        return _coerce(name, env)
+    conf_value = conf.get(f"durable_{name}") if conf is not None else None
+    if conf_value is not None:
+        return _coerce(name, conf_value)
+    return next(f.default for f in fields(Settings) if f.name == name)
 
 
 def load_settings(conf: Any = None, **overrides: Any) -> Settings:

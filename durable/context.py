@@ -5,14 +5,14 @@ Every durable operation a workflow performs takes the next position in its histo
 real: a remote step is scheduled (written in the statement that releases the run's lease)
 and dispatched after the activation ends; a local step runs here and its outcome is
 committed before the workflow goes on; a sleep commits a durable timer. Beyond steps and
-sleeps: signal waits and events, parallel steps and child workflows, each taking positions
-exactly like ``ctx.step``, so replay and the determinism check cover them.
+sleeps: signal waits, events and attributes, parallel steps and child workflows, each taking
+positions exactly like ``ctx.step``, so replay and the determinism check cover them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,18 +20,20 @@ from celery import Task
 from celery.canvas import Signature
 from celery.local import Proxy
 
+from durable import attributes as attribute_rules
 from durable import durations, tracing
 from durable._control import PENDING, Suspend
 from durable.codec import seal
 from durable.dispatch import expiry, routing_options
 from durable.effects import PendingDispatch
-from durable.errors import SignalTimeout, StepFailed, WorkflowIdConflict
+from durable.errors import InvalidAttributes, SignalTimeout, StepFailed, WorkflowIdConflict
 from durable.ids import check_id
 from durable.replay import Replay
-from durable.retry import NO_RETRY, RetryPolicy, is_retryable, retry_delay
+from durable.retry import NO_RETRY, RetryPolicy, is_retryable, next_attempt
 from durable.serialization import describe_exception, dumps, encode
 from durable.step_info import StepInfo, step_context
 from durable.store import local as local_queries
+from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 from durable.store import steps as step_queries
 from durable.store import tree as tree_queries
@@ -229,7 +231,7 @@ class WorkflowContext(Replay):
     ) -> Any:
         plain = describe_exception(exc)
         error = self._core.seal_error(plain)
-        delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
+        delay, pause = next_attempt(policy, attempt, is_retryable(policy, exc))
         with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
             local_queries.record_local(
@@ -237,9 +239,9 @@ class WorkflowContext(Replay):
             )
             if delay is not None:
                 timer = step_queries.schedule_retry(
-                    conn, self.workflow_id, seq, error, delay, from_status="waiting"
+                    conn, self.workflow_id, seq, error, delay, from_status="waiting", pause=pause
                 )
-                if timer:
+                if timer and not pause:  # a paused run's timer is indexed by its unpause
                     self.effects.timers.append(timer)
         if delay is not None:
             raise Suspend()
@@ -310,6 +312,35 @@ class WorkflowContext(Replay):
         done = self._core.store(lambda c: signal_queries.set_event(c, wid, seq, key, text))
         self.advance_now(done)
 
+    def set_attributes(self, attributes: Mapping[str, Any] | None = None, /, **more: Any) -> None:
+        """Merge searchable attributes into the run's (``durable list --attr``).
+
+        Takes a mapping, keywords, or both (keywords win); a key set again gets the new
+        value. Values are JSON scalars (:mod:`durable.attributes`). The call takes a position
+        in the history like ``set_event``: replay finds it recorded and writes nothing again.
+        Bad attributes raise :class:`~durable.errors.InvalidAttributes`; attributes that would
+        take the run past :data:`~durable.attributes.MAX_KEYS` keys or
+        :data:`~durable.attributes.MAX_BYTES` bytes raise it too, and nothing is written.
+        Example::
+
+            ctx.set_attributes(stage="charged", amount=120.5)
+        """
+        checked = attribute_rules.check({**(attributes or {}), **more})
+        seq, record = self._take("attributes", "attributes")
+        if record is not None:
+            return
+        self.require_activation()
+        wid, owner, text = self.workflow_id, self._owner, attribute_rules.to_json(checked)
+        limits = attribute_rules.MAX_KEYS, attribute_rules.MAX_BYTES
+        done = self._core.store(
+            lambda c: run_queries.set_attributes(c, wid, owner, seq, text, *limits)
+        )
+        if not done.within_limits:
+            raise InvalidAttributes(
+                f"run {wid} would hold more than {limits[0]} keys or {limits[1]} bytes"
+            )
+        self.advance_now(done.completed_at)
+
     # -- parallel steps -----------------------------------------------------------------------
 
     def parallel(
@@ -373,16 +404,19 @@ class WorkflowContext(Replay):
         name_or_fn: str | Callable[..., Any],
         *args: Any,
         workflow_id: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Start a child workflow and wait for its result.
 
         The child is a run of its own (``<parent id>/<position>`` unless ``workflow_id`` is
-        given), visible in ``durable list``. Its failure raises
-        :class:`~durable.errors.StepFailed` here; cancelling the parent cancels it. Example::
+        given), visible in ``durable list``, with ``attributes`` as its searchable attributes
+        if given. Its failure raises :class:`~durable.errors.StepFailed` here; cancelling the
+        parent cancels it. Example::
 
-            receipt = ctx.child("payments.collect", order_id)
+            receipt = ctx.child("payments.collect", order_id, attributes={"customer": 42})
         """
+        attributes_json = attribute_rules.to_json(attribute_rules.check(attributes or {}))
         name = self._core.workflow_name(name_or_fn)
         seq, record = self._take("child", name)
         if record is not None:
@@ -395,7 +429,7 @@ class WorkflowContext(Replay):
         timeout = self._core.execution_timeouts.get(name)
         started = self._core.store(
             lambda c: tree_queries.start_child(
-                c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout
+                c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout, attributes_json
             )
         )
         if not started.ours:

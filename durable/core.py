@@ -73,7 +73,11 @@ class Core:
     def settings(self) -> Settings:
         """The effective settings (see :mod:`durable.config` for their precedence)."""
         if self._settings is None:
-            self._settings = load_settings(self.app.conf, **self._overrides)
+            settings = load_settings(self.app.conf, **self._overrides)
+            store_engine.configure(
+                settings.database_url, settings.pool_size, settings.database_pooler
+            )
+            self._settings = settings
         return self._settings
 
     @property
@@ -150,7 +154,7 @@ class Core:
         ON CONFLICT); after ``connect_retries`` attempts ``StoreUnavailable`` is raised.
         ``flush=False`` does not wait for the commit to reach the disk: only for writes whose
         loss in a PostgreSQL crash the recovery sweep repairs (a claim, a lease, a schedule),
-        never for a result (see :func:`durable.store.engine.get_engine`).
+        never for a result (see :func:`durable.store.engine.autocommit`).
         """
         url = self.settings.database_url
 

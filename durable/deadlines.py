@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from durable.retry import NO_RETRY, is_retryable, retry_delay
+from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.store import recovery
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
@@ -74,10 +74,11 @@ def _time_out(
     error = f"TimeoutError: attempt {step.attempts} ran past its timeout"
     policy: dict[str, Any] = step.options.get("retry") or NO_RETRY
     retryable = is_retryable(policy, TimeoutError(error))
-    delay = retry_delay(policy, step.attempts) if retryable else None
+    delay, pause = next_attempt(policy, step.attempts, retryable)
     if delay is not None:
-        timer = step_queries.schedule_retry(conn, step.workflow_id, step.seq, error, delay)
-        if timer:
+        wid = step.workflow_id
+        timer = step_queries.schedule_retry(conn, wid, step.seq, error, delay, pause=pause)
+        if timer and not pause:  # a paused run's timer is indexed by its unpause
             timers.append(timer)
     elif step_queries.settle_step(
         conn, step.workflow_id, step.seq, error=error, attempt=step.attempts

@@ -9,6 +9,7 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── PayloadError              a value is not JSON-serialisable or is over the size limit
     │   └── CodecUnavailable      a stored value is encoded and no configured key opens it
     ├── InvalidIdentifier         a workflow id or name breaks the rules of durable.ids
+    ├── InvalidAttributes         run attributes or a filter on them break durable.attributes
     ├── InvalidDuration           a duration is negative, not finite or too long
     ├── UnknownWorkflow           no workflow is registered under that name
     ├── WorkflowNotFound          no run exists with that id
@@ -95,6 +96,14 @@ class InvalidIdentifier(DurableError, ValueError):
             repr(value[:40] + "..." if len(value) > 40 else value) if isinstance(value, str) else ""
         )
         super().__init__(f"{what} {shown}: {reason}" if shown else f"{what}: {reason}")
+
+
+class InvalidAttributes(DurableError, ValueError):
+    """Run attributes, or a filter on them, break the rules of :mod:`durable.attributes`."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid attributes: {reason}")
 
 
 class InvalidDuration(DurableError, ValueError):

@@ -13,6 +13,7 @@ metric                                              type       labels
 ``durable_workflows_failed_total``                  counter    ``workflow``
 ``durable_workflows_cancelled_total``               counter    ``workflow``
 ``durable_workflows_running``                       gauge      ``workflow``
+``durable_workflows_paused``                        gauge      ``workflow``
 ``durable_step_duration_seconds``                   histogram  ``step`` (remote steps)
 ``durable_step_retries_total``                      counter    ``step``
 ``durable_timer_lateness_seconds``                  histogram  ``purpose``
@@ -173,6 +174,15 @@ class StoreCollector(Collector):
         for name, n in sorted(by_status.get("running", {}).items()):
             running.add_metric([name], float(n))
         yield running
+        paused = GaugeMetricFamily(
+            "durable_workflows_paused",
+            "Workflow runs paused (durable pause, or a step's on_exhausted='pause')",
+            labels=["workflow"],
+        )
+        for row in sorted(counts, key=lambda r: str(r.name)):
+            if row.status == "running":  # 0 too, for each workflow with runs in flight
+                paused.add_metric([row.name], float(row.paused or 0))
+        yield paused
 
     def _beat(self) -> Iterator[Metric]:
         if self.stats is None:

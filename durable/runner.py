@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from durable import activation, tracing
 from durable.errors import CodecUnavailable, StoreError, TaskExpired
-from durable.retry import NO_RETRY, is_retryable, retry_delay
+from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.serialization import describe_exception, mask_error
 from durable.step_info import StepInfo, step_context
 from durable.store import runs as run_queries
@@ -153,7 +153,8 @@ class _Unclaimed:
 
         def claim() -> int | None:
             claimed = core.store(
-                lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl), flush=False
+                lambda c: step_queries.claim_step(c, workflow_id, seq, owner, ttl, running=True),
+                flush=False,
             )
             return None if claimed is None else claimed.attempt
 
@@ -269,7 +270,9 @@ def _run_attempt(
         plain = replace(claimed, run=None, rest_wake=None, rest_created_at=None)
         if unclaimed is not None:  # never claimed: claim it to record the failure
             ttl = core.settings.lease_ttl.total_seconds()
-            taken = core.store(lambda c: step_queries.claim_step(c, wid, seq, owner, ttl))
+            taken = core.store(
+                lambda c: step_queries.claim_step(c, wid, seq, owner, ttl, running=True)
+            )
             if taken is None:
                 return "superseded", None
             plain = replace(plain, attempt=taken.attempt)
@@ -362,19 +365,24 @@ def _settle_failure(
     error = describe_exception(exc)
     policy: dict[str, Any] = claimed.options.get("retry") or NO_RETRY
     retryable = is_retryable(policy, exc) and not isinstance(exc, TaskNotRegistered | TaskExpired)
-    delay = retry_delay(policy, claimed.attempt) if retryable else None
+    delay, pause = next_attempt(policy, claimed.attempt, retryable)
     requested = getattr(exc, "durable_delay", None)  # the task's self.retry(): stepmessage
     if isinstance(requested, float):
         cause = getattr(exc, "exc", None)
         error = describe_exception(cause) if isinstance(cause, Exception) else error
-        delay = requested
+        delay, pause = requested, False
     error = core.seal_error(error)
     # The message only where it is stored (encoded with a codec): never in durable's own log.
     log.warning("durable: step %s#%s (%s) raised %s", wid, seq, claimed.name, mask_error(error))
     if delay is None:
         return _settle(core, claimed, owner, error=error)
-    timer = core.store(lambda c: step_queries.schedule_retry(c, wid, seq, error, delay))
+    timer = core.store(
+        lambda c: step_queries.schedule_retry(c, wid, seq, error, delay, pause=pause)
+    )
     if timer is None:
         return "superseded", None
+    if pause:
+        log.warning("durable: step %s#%s used its attempts: workflow %s paused", wid, seq, wid)
+        return "paused", None
     core.index_timers([timer])
     return "retrying", None

@@ -6,14 +6,15 @@ app's own tasks run the step messages sent under their names (:mod:`durable.step
 keeps ``durable.step`` for step messages of earlier versions, registers the built-in
 workflows, and it forwards the public verbs to the modules that implement them:
 :mod:`durable.client` (``start``, ``run``, ``signal``, ``get_event``, ``cancel``),
-:mod:`durable.canvas` (``chain``, ``group``, ``chord``) and :mod:`durable.scheduler`
-(``schedules``). Nothing below this module imports it.
+:mod:`durable.canvas` (``chain``, ``group``, ``chord``), :mod:`durable.admin` (``pause``,
+``unpause``) and :mod:`durable.scheduler` (``schedules``). Nothing below this module imports
+it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -21,6 +22,7 @@ from celery.canvas import Signature
 
 from durable import (
     activation,
+    admin,
     builtin_workflows,
     client,
     deadlines,
@@ -30,6 +32,8 @@ from durable import (
     runner,
     stepmessage,
 )
+from durable.admin import RunInfo
+from durable.attributes import AttributeFilter
 from durable.canvas import DurableChain
 from durable.client import WorkflowRun
 from durable.config import check_names
@@ -38,6 +42,9 @@ from durable.scheduler import Schedules
 from durable.store.timers import FiredTimer
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+STATUSES = ("running", "completed", "failed", "cancelled")
+"""The statuses a run can be in."""
 
 
 class Durable(Core):
@@ -116,21 +123,58 @@ class Durable(Core):
         name_or_fn: str | Callable[..., Any],
         *args: Any,
         workflow_id: str | None = None,
+        start_at: datetime | None = None,
+        countdown: timedelta | float | None = None,
+        debounce: timedelta | float | None = None,
+        debounce_max: timedelta | float | None = None,
+        attributes: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> WorkflowRun:
         """Start a workflow, or return the existing run when ``workflow_id`` is taken.
 
         Example::
 
-            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1")
+            run = durable.start("orders.fulfill", "o-1", workflow_id="order-o-1",
+                                attributes={"customer": 42})
+            durable.start("reports.build", "acme", countdown=timedelta(hours=1))
+            durable.start("search.reindex", "acme", workflow_id="reindex-acme",
+                          debounce=timedelta(seconds=30))
 
         Arguments must be JSON-serialisable and within ``max_payload_bytes``; otherwise
-        :class:`~durable.errors.PayloadError` is raised and nothing is written. See
-        :func:`durable.client.start`.
+        :class:`~durable.errors.PayloadError` is raised and nothing is written.
+
+        Args:
+            name_or_fn: The workflow's registered name, or its function.
+            *args: Its positional arguments.
+            workflow_id: The run's id (default: random); an id that exists returns its run.
+            attributes: Searchable attributes stored on the run (JSON scalars under keys, see
+                :mod:`durable.attributes`) for ``list_runs`` and ``durable list --attr`` to
+                find it by; bad ones raise :class:`~durable.errors.InvalidAttributes`.
+            start_at: Start at this time (timezone-aware), by a durable timer.
+            countdown: Start this long from now (seconds or a timedelta), likewise.
+            debounce: Start this long after the last call with this ``workflow_id``: a call
+                while the run waits for its start replaces its arguments and pushes the start
+                back; once it has started or ended, the call returns it unchanged.
+            debounce_max: With ``debounce``: start at the latest this long after the first
+                call, however often it is pushed back.
+            **kwargs: Its keyword arguments.
+
+        See :func:`durable.client.start` and :mod:`durable.delayed`.
         """
         if workflow_id is not None:
             ids.check_id(workflow_id)
-        return client.start(self, name_or_fn, *args, workflow_id=workflow_id, **kwargs)
+        return client.start(
+            self,
+            name_or_fn,
+            *args,
+            workflow_id=workflow_id,
+            attributes=attributes,
+            start_at=start_at,
+            countdown=countdown,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            **kwargs,
+        )
 
     def start_many(
         self,
@@ -139,6 +183,9 @@ class Durable(Core):
         *,
         workflow_ids: Sequence[str | None] | None = None,
         kwargs_list: Sequence[dict[str, Any]] | None = None,
+        start_at: datetime | None = None,
+        countdown: timedelta | float | None = None,
+        attributes_list: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[WorkflowRun]:
         """Start many runs of one workflow in one statement; idempotent per id like ``start``.
 
@@ -147,16 +194,68 @@ class Durable(Core):
             runs = durable.start_many("orders.fulfill", [("o-1",), ("o-2",)],
                                       workflow_ids=["order-o-1", "order-o-2"])
 
-        See :func:`durable.client.start_many`.
+        ``start_at`` or ``countdown`` delays every run to that one start time, as
+        :meth:`start` does. See :func:`durable.client.start_many`.
         """
         return client.start_many(
-            self, name_or_fn, args_list, workflow_ids=workflow_ids, kwargs_list=kwargs_list
+            self,
+            name_or_fn,
+            args_list,
+            workflow_ids=workflow_ids,
+            kwargs_list=kwargs_list,
+            start_at=start_at,
+            countdown=countdown,
+            attributes_list=attributes_list,
         )
 
     def run(self, workflow_id: str) -> WorkflowRun:
         """A handle on an existing run; raises :class:`WorkflowNotFound` if there is none."""
         ids.check_id(workflow_id)
         return client.run(self, workflow_id)
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        since: datetime | timedelta | None = None,
+        waiting: str | None = None,
+        paused: bool = False,
+        attributes: Mapping[str, Any] | Sequence[AttributeFilter | str] | None = None,
+        limit: int = 50,
+    ) -> list[RunInfo]:
+        """Runs, newest first, as ``durable list`` shows them: the same filters, typed records.
+
+        Example::
+
+            for run in durable.list_runs(status="running", attributes={"customer": 42}):
+                print(run.id, run.attributes, run.waiting)
+            big = durable.list_runs(attributes=["amount>=100", "due<2026-12-01T00:00"])
+
+        ``attributes`` is a mapping (equality on each key) or filters
+        (:func:`durable.attributes.parse_filter`); every filter must hold. Equalities are
+        answered from the attributes' GIN index; see :func:`durable.admin.list_runs`.
+        ``paused=True`` keeps only paused runs (``durable pause``).
+
+        Raises:
+            ValueError: a filter is malformed (:class:`~durable.errors.InvalidAttributes`
+                for attributes); nothing is read.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        rows = self.store(
+            lambda c: admin.list_runs(
+                c,
+                status=status,
+                name=name,
+                since=since,
+                waiting=waiting,
+                paused=paused,
+                attributes=attributes,
+                limit=limit,
+            )
+        )
+        return [RunInfo.of(row) for row in rows]
 
     @property
     def schedules(self) -> Schedules:
@@ -218,6 +317,32 @@ class Durable(Core):
         """
         ids.check_id(workflow_id)
         client.cancel(self, workflow_id)
+
+    def pause(self, workflow_id: str) -> bool:
+        """Pause a running workflow: nothing moves it until :meth:`unpause`.
+
+        Example::
+
+            durable.pause("order-o-1")     # deploy the fix, then:
+            durable.unpause("order-o-1")
+
+        Its steps are not dispatched (one already running finishes and its result is kept),
+        its timers do not fire, and signals sent to it are kept; its status stays
+        ``running``. Returns False if it was paused already. A :meth:`cancel` lifts the pause.
+        Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
+        """
+        ids.check_id(workflow_id)
+        return admin.pause(self, workflow_id)
+
+    def unpause(self, workflow_id: str) -> bool:
+        """Let a paused workflow go on where it stopped; False if it was not paused.
+
+        What came due while it was paused is dispatched now: due timers fire, steps it held
+        back are sent, and signals and results that arrived meanwhile are replayed.
+        Raises :class:`WorkflowNotFound` or :class:`WorkflowNotRunning`.
+        """
+        ids.check_id(workflow_id)
+        return admin.unpause(self, workflow_id) is not None
 
     # -- what the beat drives ------------------------------------------------------------------
 

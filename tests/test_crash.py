@@ -211,6 +211,31 @@ def test_sigkilled_activation_runs_again(crash: Any, prefix: str, database_url: 
     assert count(client, prefix, "after") == 1
 
 
+def test_sigkilled_activation_keeps_the_attributes_it_set(
+    crash: Any, prefix: str, database_url: str
+) -> None:
+    durable, workers, client = crash
+    first = workers.start("first")
+    run = durable.start("crash.tagged", 30, workflow_id="kill-tagged", attributes={"customer": 42})
+    wait_until(lambda: count(client, prefix, "local") == 1, timeout=30, what="the local step")
+    (before,) = durable.list_runs(attributes={"customer": 42, "stage": "started"})
+    workers.kill(first)
+    workers.start("second")
+    assert run.result(timeout=60) == "local run 2"
+    # The replay after the kill found the first set_attributes recorded: the same token and
+    # draw, written once; then the second one merged.
+    (after,) = durable.list_runs(attributes={"customer": 42})
+    assert after.attributes == {**before.attributes, "stage": "done"}
+    assert set(before.attributes) == {"customer", "stage", "token", "draw"}
+    written = query(
+        database_url,
+        f"SELECT seq FROM {HISTORY_ROWS} WHERE workflow_id = 'kill-tagged' "
+        "AND event = 'attributes set' ORDER BY seq",
+    )
+    assert [w.seq for w in written] == [1, 3]
+    assert count(client, prefix, "local") == 2
+
+
 def test_sigterm_lets_the_running_step_finish_once(
     crash: Any, prefix: str, database_url: str
 ) -> None:

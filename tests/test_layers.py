@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "foundation",
         {
             "_control",
+            "attributes",
             "cadence",
             "codec",
             "config",
@@ -41,7 +42,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("replay", {"replay"}),
     ("workflow context", {"context"}),
     ("engine", {"activation", "deadlines"}),
-    ("step runner and client", {"client", "runner", "stepmessage"}),
+    ("step runner and client", {"client", "delayed", "runner", "stepmessage"}),
     ("canvas", {"builtin_workflows", "canvas"}),
     ("operations", {"admin", "bulk", "reconcile", "schedule_import", "scheduler"}),
     ("facade", {"runtime"}),

@@ -56,6 +56,7 @@ def test_public_names_are_pinned() -> None:
             "ConfigurationError",
             "Durable",
             "DurableError",
+            "InvalidAttributes",
             "LimitExceeded",
             "NonDeterminismError",
             "PayloadError",

@@ -1,4 +1,4 @@
-"""What ``list`` and the bulk forms of ``cancel``, ``retry``, ``resume`` and ``purge`` share.
+"""What ``list`` and the bulk forms of cancel, retry, resume, purge, pause and unpause share.
 
 ``filter_options`` are ``durable list``'s filters; the bulk forms take the same ones, plus
 ``--all``, ``--dry-run``, ``--yes`` and ``--batch-size`` (``bulk_options``), and
@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from durable import admin, bulk
+from durable.attributes import AttributeFilter, parse_filter
 from durable.cli._common import STATUSES, CommandFailed, echo, print_json
+from durable.errors import InvalidAttributes
 
 if TYPE_CHECKING:
     from durable.core import Core
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-FILTERS = ("status", "name", "since", "waiting")
+FILTERS = ("status", "name", "since", "waiting", "paused", "attributes")
 MAX_BATCH = 10_000
 
 
@@ -47,8 +49,22 @@ def _since_callback(
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _attr_callback(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[AttributeFilter, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(parse_filter(text) for text in value)
+    except InvalidAttributes as exc:
+        raise click.BadParameter(exc.reason, ctx, param) from None
+
+
 def filter_options(fn: F) -> F:
-    """``durable list``'s filters: ``--status``, ``--name``, ``--since``, ``--waiting``."""
+    """``durable list``'s filters: status, name, since, waiting, paused and attributes.
+
+    ``--attr`` may be repeated; its values arrive parsed, as ``attributes``.
+    """
     options = [
         click.option(
             "--status",
@@ -70,6 +86,23 @@ def filter_options(fn: F) -> F:
             type=click.Choice(admin.WAITING),
             show_envvar=True,
             help="Only running runs waiting on a step, a timer or a signal.",
+        ),
+        click.option(
+            "--paused",
+            is_flag=True,
+            show_envvar=True,
+            help="Only paused runs (durable pause).",
+        ),
+        click.option(
+            "--attr",
+            "attributes",
+            multiple=True,
+            callback=_attr_callback,
+            metavar="FILTER",
+            show_envvar=True,
+            help="Only runs whose attributes match: KEY=VALUE (VALUE read as JSON if it is a "
+            "JSON scalar, else as text), or a bound KEY>=N, KEY>N, KEY<=N, KEY<N with a number "
+            "or an ISO-8601 time. Repeat it: all must hold.",
         ),
     ]
     for option in reversed(options):
@@ -112,7 +145,9 @@ def bulk_options(fn: F) -> F:
 
 def run_filter(params: dict[str, Any], older_than: timedelta | None = None) -> bulk.RunFilter:
     """The :class:`~durable.bulk.RunFilter` of a command's filter options."""
-    return bulk.RunFilter(**{k: params[k] for k in FILTERS}, older_than=older_than)
+    values = {k: params[k] for k in FILTERS}
+    values["paused"] = bool(values["paused"])
+    return bulk.RunFilter(**values, older_than=older_than)
 
 
 def check_form(
@@ -122,18 +157,20 @@ def check_form(
 
     The bulk form has no ID; it needs a filter or ``--all``.
     """
-    bulk_given = [k for k in (*FILTERS, "older_than") if params.get(k) is not None]
+    bulk_given = [k for k in (*FILTERS, "older_than") if params.get(k) not in (None, False)]
     bulk_given += [k for k in ("all", "dry_run") if params.get(k)]
     if workflow_id is not None:
         if bulk_given:
-            flag = "--" + bulk_given[0].replace("_", "-")
+            flag = "--attr" if bulk_given[0] == "attributes" else "--" + bulk_given[0]
+            flag = flag.replace("_", "-")
             raise click.UsageError(f"give an ID or filters, not both ({flag} with ID)")
         return False
     if not params.get("all") and not [k for k in bulk_given if k != "dry_run"]:
         an_id = "" if extra else "an ID, or "
         raise click.UsageError(
-            f"give {an_id}filters (--status, --name, --since, --waiting{extra}) to {action} "
-            f"the runs they select, or --all to {action} every run it applies to"
+            f"give {an_id}filters (--status, --name, --since, --waiting, --paused, "
+            f"--attr{extra}) to {action} the runs they select, or --all to {action} every run "
+            "it applies to"
         )
     return True
 

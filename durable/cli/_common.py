@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from durable import durations
-from durable.config import normalise_database_url
+from durable.config import normalise_database_url, read_setting
 from durable.errors import ConfigurationError, DurableError, InvalidDuration, InvalidIdentifier
 from durable.ids import check_id, escape, escape_json
 from durable.runtime import Durable
@@ -274,9 +274,9 @@ def store_url(ctx: click.Context, app: str | None, database_url: str | None) -> 
     """
     top = ctx.find_object(Globals) or Globals()
     if database_url and given(ctx, "database_url"):
-        return database_url, 3
+        return _configured(database_url), 3
     if top.database_url and top.database_url_given:
-        return top.database_url, 3
+        return _configured(top.database_url), 3
     spec = app or top.app
     if spec:
         settings = load_durable(spec).settings
@@ -286,7 +286,15 @@ def store_url(ctx: click.Context, app: str | None, database_url: str | None) -> 
         raise ConfigurationError(
             "no database URL: pass --database-url, set DURABLE_DATABASE_URL, or name the --app"
         )
-    return url, 3
+    return _configured(url), 3
+
+
+def _configured(url: str) -> str:
+    """``url``, its pool set from ``DURABLE_POOL_SIZE`` and ``DURABLE_DATABASE_POOLER``."""
+    target = engine_url(url)
+    pool_size = read_setting("pool_size")
+    store_engine.configure(target, pool_size, read_setting("database_pooler"))
+    return url
 
 
 def engine_url(url: str) -> str:

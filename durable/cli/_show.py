@@ -1,7 +1,7 @@
 """How ``durable show`` prints a run.
 
-A header, its steps and their attempts, its timers, signals and events, and the timeline of
-its history. Values a payload codec encoded are opened first (:class:`Opener`) when the
+A header, its steps and their attempts, its timers, signals, events and attributes, and the
+timeline of its history. Values a payload codec encoded are opened first (:class:`Opener`) when the
 command was given the codec (``--app``) or the keys (``--key``); otherwise they show as
 ``<encrypted>`` (or ``<encoded: NAME>``), never as ciphertext. An error whose message was
 encoded keeps its type: ``myapp.CardDeclined: <encrypted>``.
@@ -119,8 +119,12 @@ def _header(run: dict[str, Any], hidden: int) -> Table:
     header.add_row("workflow", Text(run["id"]))
     header.add_row("name", Text(run["name"]))
     header.add_row("status", status_text(run["status"]))
+    if run.get("paused") and run["status"] == "running":
+        header.add_row("", Text("paused: durable unpause lets it go on", style="yellow"))
     if run.get("cancel_requested") and run["status"] == "running":
         header.add_row("", Text("cancellation requested", style="magenta"))
+    if run.get("start_at") and run["status"] == "running":
+        header.add_row("", Text(f"waiting for its start at {when(run['start_at'])}", style="cyan"))
     if run.get("parent_id"):
         header.add_row("parent", Text(run["parent_id"]))
     header.add_row("created", when(run["created_at"]))
@@ -211,11 +215,16 @@ def _extras(run: dict[str, Any]) -> list[Table]:
         for key, value in run["events"].items():
             table.add_row(Text(key), Text(compact(value)))
         tables.append(table)
+    if run.get("attributes"):
+        table = make_table("key", "value", title="attributes")
+        for key, value in run["attributes"].items():
+            table.add_row(Text(key), Text(json.dumps(value, ensure_ascii=False)))
+        tables.append(table)
     return tables
 
 
 def render_run(run: dict[str, Any], out: Console, hidden: int = 0) -> None:
-    """Print a run as a header, its steps (and attempts), timers, signals, events, timeline.
+    """Print a run: header, steps (and attempts), timers, signals, events, attributes, timeline.
 
     ``hidden`` is how many encoded values could not be decoded (a note in the header).
     """

@@ -62,9 +62,9 @@ def resume(
     whose worker died is rescheduled first) and puts its unfired timers back in the Redis
     index. Anything already in motion ignores the duplicates.
 
-    Without ID, resumes the running runs that --status, --name, --since and --waiting select
-    (as 'durable list' does), or with --all every running run: --dry-run prints how many and
-    a sample; otherwise it asks first (--yes does not), then acts --batch-size runs per
+    Without ID, resumes the running runs that --status, --name, --since, --waiting and --attr
+    select (as 'durable list' does), or with --all every running run: --dry-run prints how
+    many and a sample; otherwise it asks first (--yes does not), then acts --batch-size runs per
     transaction. Interrupted, run it again: resuming a run twice is harmless.
     """
     if check_form("resume", workflow_id, params):
@@ -93,9 +93,9 @@ def retry(
 
     That step and every one after it run again; the results of the steps before it are kept.
 
-    Without ID, retries the failed runs that --status, --name, --since and --waiting select
-    (as 'durable list' does), or with --all every failed run: --dry-run prints how many and
-    a sample; otherwise it asks first (--yes does not), then acts --batch-size runs per
+    Without ID, retries the failed runs that --status, --name, --since, --waiting and --attr
+    select (as 'durable list' does), or with --all every failed run: --dry-run prints how
+    many and a sample; otherwise it asks first (--yes does not), then acts --batch-size runs per
     transaction. Interrupted, run it again: the runs already retried no longer match.
     """
     if check_form("retry", workflow_id, params):
@@ -185,13 +185,13 @@ def purge(
     Their steps, timers, history, signals and events go with them; running runs are never
     touched.
 
-    With 'durable list''s filters (--status, --name, --since, --waiting), or --all, it deletes
-    the finished runs they select (and --older-than, if given, keeps): --dry-run prints how
-    many and a sample; otherwise it asks first (--yes does not), then deletes --batch-size
-    runs per transaction. Interrupted, run it again: the runs deleted are gone.
+    With 'durable list''s filters (--status, --name, --since, --waiting, --attr), or --all, it
+    deletes the finished runs they select (and --older-than, if given, keeps): --dry-run
+    prints how many and a sample; otherwise it asks first (--yes does not), then deletes
+    --batch-size runs per transaction. Interrupted, run it again: the runs deleted are gone.
     """
     check_form("purge", None, {**params, "older_than": older_than}, ", --older-than")
-    if any(params[k] is not None for k in FILTERS) or params["all"]:
+    if any(params[k] not in (None, False) for k in FILTERS) or params["all"]:
         target = engine_url(store_url(ctx, app, database_url)[0])
         where = run_filter(params, older_than)
         run_bulk(target, "purge", where, params, as_json)

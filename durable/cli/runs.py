@@ -5,6 +5,7 @@ Start runs, inspect them, and talk to running ones.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,11 +13,13 @@ import click
 from rich.text import Text
 
 from durable import admin
+from durable.attributes import AttributeFilter, parse_filter
 from durable.cli._bulk import bulk_options, check_form, filter_options, run_bulk, run_filter
 from durable.cli._common import (
     Globals,
     app_option,
     check_id_option,
+    compact,
     connect,
     console,
     database_option,
@@ -33,10 +36,18 @@ from durable.cli._common import (
 )
 from durable.cli._show import Opener, render_run
 from durable.codec import Compression, Fernet
-from durable.errors import ConfigurationError
+from durable.errors import ConfigurationError, DurableError, InvalidAttributes
 
 # ``start`` passes these as keywords of its own, so a workflow keyword cannot use them.
-RESERVED_KWARGS = ("name_or_fn", "workflow_id")
+RESERVED_KWARGS = (
+    "name_or_fn",
+    "workflow_id",
+    "attributes",
+    "start_at",
+    "countdown",
+    "debounce",
+    "debounce_max",
+)
 
 
 def _args_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any]:
@@ -51,6 +62,46 @@ def _kwargs_callback(
     if clash:
         raise click.BadParameter(f"cannot pass {', '.join(clash)} as keywords", param=param)
     return data
+
+
+def _duration_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return admin.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _moment_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value[:40]!r} is not an ISO 8601 time", param=param) from None
+    if moment.tzinfo is None:
+        raise click.BadParameter("give a time zone: 2030-01-31T09:00:00Z or +01:00", param=param)
+    return moment
+
+
+def _start_attr_callback(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for text in value:
+        try:
+            found = parse_filter(text)
+        except InvalidAttributes as exc:
+            raise click.BadParameter(exc.reason, ctx, param) from None
+        if found.op != "=":
+            raise click.BadParameter(f"{text[:60]!r} is not KEY=VALUE", ctx, param)
+        attributes[found.key] = found.value
+    return attributes
 
 
 @click.command()
@@ -80,6 +131,47 @@ def _kwargs_callback(
     show_envvar=True,
     help="Keyword arguments as a JSON object.",
 )
+@click.option(
+    "--countdown",
+    callback=_duration_callback,
+    metavar="DURATION",
+    show_envvar=True,
+    help="Start this long from now (90s, 30m, 12h, 1d12h), by a durable timer.",
+)
+@click.option(
+    "--start-at",
+    "start_at",
+    callback=_moment_callback,
+    metavar="TIME",
+    show_envvar=True,
+    help="Start at this ISO 8601 time with a time zone (2030-01-31T09:00:00Z).",
+)
+@click.option(
+    "--debounce",
+    callback=_duration_callback,
+    metavar="DURATION",
+    show_envvar=True,
+    help="Start this long after the last such call for --id; a call while the run waits "
+    "replaces its arguments and pushes its start back.",
+)
+@click.option(
+    "--debounce-max",
+    "debounce_max",
+    callback=_duration_callback,
+    metavar="DURATION",
+    show_envvar=True,
+    help="With --debounce: start at the latest this long after the first call.",
+)
+@click.option(
+    "--attr",
+    "attributes",
+    multiple=True,
+    callback=_start_attr_callback,
+    metavar="KEY=VALUE",
+    show_envvar=True,
+    help="A searchable attribute of the run (VALUE read as JSON if it is a JSON scalar, "
+    "else as text); repeat it for several.",
+)
 @json_option("start", "the id alone")
 @click.pass_context
 def start(
@@ -89,12 +181,37 @@ def start(
     workflow_id: str | None,
     args: list[Any],
     kwargs: dict[str, Any],
+    countdown: timedelta | None,
+    start_at: datetime | None,
+    debounce: timedelta | None,
+    debounce_max: timedelta | None,
+    attributes: dict[str, Any],
     as_json: bool,
 ) -> None:
-    """Start workflow NAME and print its id (alone, for scripts to capture)."""
+    """Start workflow NAME and print its id (alone, for scripts to capture).
+
+    With --countdown, --start-at or --debounce the run is written now and waits for its
+    start (`durable show` says until when); `durable beat` starts it.
+    """
     if workflow_id == "":
         raise click.BadParameter("must not be empty", ctx, param_hint="'--id'")
-    run = require_app(ctx, app).start(name, *args, workflow_id=workflow_id, **kwargs)
+    durable = require_app(ctx, app)
+    try:
+        run = durable.start(
+            name,
+            *args,
+            workflow_id=workflow_id,
+            attributes=attributes,
+            start_at=start_at,
+            countdown=countdown,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            **kwargs,
+        )
+    except ValueError as exc:
+        if isinstance(exc, DurableError):
+            raise
+        raise click.UsageError(str(exc), ctx) from None
     report(as_json, run.id, {"id": run.id})
 
 
@@ -110,6 +227,13 @@ def _waiting_text(waiting: dict[str, Any] | None) -> Text:
     return Text(" ".join(parts), style="red" if on == "nothing" else "")
 
 
+def _status_cell(row: dict[str, Any]) -> Text:
+    cell = status_text(row["status"])
+    if row["paused"]:
+        cell.append(", paused", style="yellow")
+    return cell
+
+
 @click.command("list")
 @filter_options
 @limit_option(50, "Most runs to show, newest first.")
@@ -123,30 +247,56 @@ def list_command(
     name: str | None,
     since: datetime | timedelta | None,
     waiting: str | None,
+    paused: bool,
+    attributes: tuple[AttributeFilter, ...] | None,
     limit: int,
     as_json: bool,
     app: str | None,
     database_url: str | None,
 ) -> None:
-    """List workflow runs, newest first, with what each running one waits on."""
+    """List workflow runs, newest first, with what each running one waits on.
+
+    A paused run (durable pause) is shown as 'running, paused'; --paused lists only those.
+    --attr finds runs by their attributes: customer=42 (equality, answered from the
+    attributes' index; several are one lookup), amount>=100 or due<2026-12-01T00:00
+    (bounds of a range, checked on the runs the other filters select).
+    """
     with connect(ctx, app, database_url) as conn:
         rows = admin.list_runs(
-            conn, status=status, name=name, since=since, waiting=waiting, limit=limit
+            conn,
+            status=status,
+            name=name,
+            since=since,
+            waiting=waiting,
+            paused=paused,
+            attributes=attributes,
+            limit=limit,
         )
     if as_json:
         print_json(rows)
         return
-    table = make_table("id", "name", "status", "waiting on", "created", "updated")
+    headers = ["id", "name", "status", "waiting on", "created", "updated"]
+    tagged = any(row["attributes"] for row in rows)
+    table = make_table(*headers, *(["attributes"] if tagged else []))
     for row in rows:
-        table.add_row(
+        cells: list[Text | str] = [
             Text(row["id"]),
             Text(row["name"]),
-            status_text(row["status"]),
+            _status_cell(row),
             _waiting_text(row["waiting"]),
             when(row["created_at"]),
             when(row["updated_at"]),
-        )
+        ]
+        if tagged:
+            cells.append(Text(_attributes_text(row["attributes"])))
+        table.add_row(*cells)
     console().print(table)
+
+
+def _attributes_text(attributes: dict[str, Any]) -> str:
+    return compact(
+        " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in attributes.items()), 60
+    )
 
 
 def _keys_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
@@ -244,8 +394,8 @@ def cancel(
     The workflow receives WorkflowCancelled at its next step, sleep or signal wait, may
     compensate, and ends cancelled. Cancelling twice is harmless.
 
-    Without ID, cancels the running runs that --status, --name, --since and --waiting
-    select (as 'durable list' does), or with --all every running run: --dry-run prints how
+    Without ID, cancels the running runs that --status, --name, --since, --waiting and
+    --attr select (as 'durable list' does), or with --all every running run: --dry-run prints how
     many and a sample; otherwise it asks first (--yes does not), then acts --batch-size runs
     per transaction. Interrupted, run it again: the runs already cancelled no longer match.
     """

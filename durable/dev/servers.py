@@ -215,6 +215,13 @@ class PrivatePostgres(Server):
         (signal.SIGKILL, 5.0),
     )
 
+    def __init__(
+        self, port: int | None = None, state_dir: Path | None = None, max_connections: int = 200
+    ) -> None:
+        """Prepare a server; see :class:`Server`. ``max_connections`` is the server's own."""
+        super().__init__(port=port, state_dir=state_dir)
+        self.max_connections = max_connections
+
     @property
     def url(self) -> str:
         """SQLAlchemy URL of the ``postgres`` database, as superuser ``postgres``."""
@@ -249,7 +256,7 @@ class PrivatePostgres(Server):
             "listen_addresses": HOST,
             "port": str(self.port),
             "unix_socket_directories": "",  # TCP only: no socket path to clash or be too long
-            "max_connections": "200",
+            "max_connections": str(self.max_connections),
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
@@ -401,10 +408,12 @@ def _popen(
     *,
     run_as: pwd.struct_passwd | None = None,
     death_signal: signal.Signals | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` with its output in ``log``, as ``run_as`` if given."""
     return subprocess.Popen(
         command,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

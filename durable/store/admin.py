@@ -9,12 +9,15 @@ in :mod:`durable.store.reconcile`, the aggregates metrics read in
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection, Row, TextClause
 
+from durable.attributes import AttributeFilter
+from durable.errors import InvalidAttributes
 from durable.store.history import DERIVED_EVENTS
 from durable.store.statement import statement
 
@@ -41,17 +44,80 @@ WAITING_FILTERS = {
 }
 
 
+# A time held in an attribute: an ISO-8601 date or date and time, with an offset (first) or
+# without one (read as UTC). Only strings of these shapes are cast, in a CASE, so that a
+# string that is not a time never makes the cast fail; it just does not match. The shapes
+# are the ones PostgreSQL reads: years 1 to 9999, the days each month has (29 February in
+# leap years only), offsets up to 15:59.
+_YEAR = r"(000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d{3})"
+_LEAP = r"(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    rf"({_YEAR}-(0[1-9]|1[0-2])-(0[1-9]|1\d|2[0-8])|{_YEAR}-(0[13-9]|1[0-2])-(29|30)"
+    rf"|{_YEAR}-(0[13578]|1[02])-31|{_LEAP}-02-29)"
+)
+_CLOCK = r"[T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?"
+TIME_WITH_OFFSET = rf"^{_DATE}{_CLOCK}(Z|[+-](0\d|1[0-5])(:?[0-5]\d)?)$"
+TIME_WITHOUT_OFFSET = rf"^{_DATE}({_CLOCK})?$"
+AS_TIME = """
+    (CASE WHEN w.attributes ->> :{k} ~ :attr_time_tz
+          THEN CAST(w.attributes ->> :{k} AS timestamptz)
+          WHEN w.attributes ->> :{k} ~ :attr_time
+          THEN CAST(w.attributes ->> :{k} AS timestamp) AT TIME ZONE 'UTC' END)"""
+
+
+def attribute_conditions(
+    filters: Sequence[AttributeFilter],
+) -> tuple[list[str], dict[str, Any]]:
+    """The SQL conditions on ``w.attributes`` of ``filters``, and their parameters.
+
+    Every equality becomes one containment (``w.attributes @> '{"customer": 42, ...}'``),
+    which the GIN index serves; each bound of a range is a comparison of the value under
+    its key, a number with numbers (``jsonb`` compares numbers by value) and a time with the
+    strings that hold a time.
+
+    Raises:
+        InvalidAttributes: one key is given two different values to be equal to.
+    """
+    equal: dict[str, Any] = {}
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    for i, f in enumerate(filters):
+        if f.op == "=":
+            if f.key in equal and equal[f.key] != f.value:
+                raise InvalidAttributes(f"{f.key!r} is given two values to be equal to")
+            equal[f.key] = f.value
+            continue
+        k, v = f"attr_k{i}", f"attr_v{i}"
+        params[k] = f.key
+        if isinstance(f.value, datetime):
+            params[v] = f.value
+            params["attr_time_tz"], params["attr_time"] = TIME_WITH_OFFSET, TIME_WITHOUT_OFFSET
+            where.append(f"{AS_TIME.format(k=k)} {f.op} :{v}")
+        else:
+            params[v] = json.dumps(f.value)
+            where.append(
+                f"jsonb_typeof(w.attributes -> :{k}) = 'number'"
+                f" AND w.attributes -> :{k} {f.op} CAST(:{v} AS jsonb)"
+            )
+    if equal:
+        params["attr_eq"] = json.dumps(equal, separators=(",", ":"))
+        where.insert(0, "w.attributes @> CAST(:attr_eq AS jsonb)")
+    return where, params
+
+
 def run_conditions(
     *,
     status: str | None = None,
     name: str | None = None,
     since: datetime | None = None,
     waiting: str | None = None,
+    paused: bool = False,
 ) -> list[str]:
     """The SQL conditions on ``durable_workflows w`` that ``durable list``'s filters make.
 
     They read the parameters ``:status``, ``:name`` and ``:since``; the bulk forms of cancel,
-    retry, resume and purge select with the same conditions (:mod:`durable.store.bulk`).
+    retry, resume, purge, pause and unpause select with the same conditions
+    (:mod:`durable.store.bulk`). ``paused`` keeps only paused runs.
     """
     where = ["true"]
     if status:
@@ -62,6 +128,8 @@ def run_conditions(
         where.append("w.created_at >= :since")
     if waiting:
         where.append(f"w.status = 'running' AND {WAITING_FILTERS[waiting]}")
+    if paused:
+        where.append("w.paused")
     return where
 
 
@@ -72,6 +140,8 @@ def list_runs(
     name: str | None = None,
     since: datetime | None = None,
     waiting: str | None = None,
+    paused: bool = False,
+    attributes: Sequence[AttributeFilter] = (),
     limit: int = 50,
 ) -> list[Row[Any]]:
     """Runs, newest first, with what each running one waits on (``pending``, ``next_timer``).
@@ -82,20 +152,61 @@ def list_runs(
         name: Only runs of this workflow.
         since: Only runs created at or after this time.
         waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        paused: Only paused runs.
+        attributes: Only runs whose attributes pass every one of these filters.
         limit: Most rows returned.
     """
-    where = run_conditions(status=status, name=name, since=since, waiting=waiting)
+    query, params = list_runs_query(
+        status=status,
+        name=name,
+        since=since,
+        waiting=waiting,
+        paused=paused,
+        attributes=attributes,
+        limit=limit,
+    )
+    return list(conn.execute(query, params))
+
+
+def _newest_first(attribute_params: dict[str, Any]) -> str:
+    """The listing's order; with an attribute equality, one no index on time can give.
+
+    The planner's estimate of a containment's selectivity swings with ANALYZE's sample
+    (from a few rows to one percent of the table). Estimated high, it walks the (status,
+    created_at) index newest first and tests every run's attributes until the limit is
+    filled, through all the runs of that status when few match. Ordered by an expression,
+    the runs come from the GIN index and only the matches are sorted.
+    """
+    if "attr_eq" in attribute_params:
+        return "w.created_at + interval '0 seconds' DESC"
+    return "w.created_at DESC"
+
+
+def list_runs_query(
+    *,
+    status: str | None = None,
+    name: str | None = None,
+    since: datetime | None = None,
+    waiting: str | None = None,
+    paused: bool = False,
+    attributes: Sequence[AttributeFilter] = (),
+    limit: int = 50,
+) -> tuple[TextClause, dict[str, Any]]:
+    """The statement :func:`list_runs` sends, and its parameters (to EXPLAIN it too)."""
+    where = run_conditions(status=status, name=name, since=since, waiting=waiting, paused=paused)
+    on_attributes, attribute_params = attribute_conditions(attributes)
+    where += on_attributes
     query = f"""
-        SELECT w.id, w.name, w.status, w.created_at, w.updated_at, w.finished_at,
-               w.wake_seq > w.run_seq AS owed,
+        SELECT w.id, w.name, w.status, w.paused, w.created_at, w.updated_at, w.finished_at,
+               w.attributes, w.wake_seq > w.run_seq AS owed, w.start_at,
                CASE WHEN w.status = 'running' THEN {_PENDING_STEP} END AS pending,
                CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
           FROM durable_workflows w
          WHERE {" AND ".join(where)}
-         ORDER BY w.created_at DESC LIMIT :limit
+         ORDER BY {_newest_first(attribute_params)} LIMIT :limit
     """
     params = {"status": status, "name": name, "since": since, "limit": limit}
-    return list(conn.execute(statement(query), params))
+    return statement(query), {**params, **attribute_params}
 
 
 _TIMERS = """
@@ -122,24 +233,71 @@ def list_timers(
     return list(conn.execute(query, {"wid": workflow_id, "limit": limit}))
 
 
-# -- resume ------------------------------------------------------------------------------------
+# -- pause, unpause and resume -----------------------------------------------------------------
+
+# Pausing a running run sets its flag and wakes it (wake_seq + 1): a settle whose worker
+# replayed the run in memory before the pause then finds the counter moved and does not
+# advance it, and an activation replaying it meanwhile fails its release. Nothing is sent.
+_PAUSE = statement(
+    """
+    WITH r AS (
+        SELECT id, status, paused FROM durable_workflows WHERE id = :id
+    ), w AS (
+        UPDATE durable_workflows
+           SET paused = true, wake_seq = wake_seq + 1, woken_at = now(), updated_at = now()
+         WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused
+        RETURNING id
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT id, 'paused', jsonb_build_object('by', 'operator') FROM w
+    )
+    SELECT r.status, r.paused, (SELECT count(*) FROM w) AS changed FROM r
+    """
+)
+
+
+@dataclass(frozen=True)
+class PauseChange:
+    """What :func:`pause_run` found: the run's status, and whether this call paused it."""
+
+    status: str
+    was_paused: bool
+    changed: bool
+
+
+def pause_run(conn: Connection, wid: str) -> PauseChange | None:
+    """Pause a running run (a no-op if it already is); None when there is no run."""
+    row = conn.execute(_PAUSE, {"id": wid}).first()
+    return None if row is None else PauseChange(row.status, bool(row.paused), bool(row.changed))
+
 
 # Resuming a running run wakes it (wake_seq + 1, so the activation replays even if the last
 # one released the lease cleanly) and takes back what may have been lost around it: a step
 # whose worker died (lease expired) goes back to scheduled, and every scheduled step is marked
 # re-sent. The caller sends the activation and those steps, and re-indexes the unfired timers
-# returned; duplicates of any of them are harmless.
+# returned; duplicates of any of them are harmless. Resuming lifts a pause (history:
+# 'unpaused', by 'resume'). Unpausing (:unpause) is the same statement for a paused run only:
+# what came due while it was paused (timers, steps whose claim it refused, a step whose
+# worker died) is dispatched now, and its activation replays what it was sent meanwhile
+# (signals, settled steps, a child's end).
 _RESUME = statement(
     """
     WITH r AS (
-        SELECT id, name, status FROM durable_workflows WHERE id = :id
+        SELECT id, name, status, paused FROM durable_workflows WHERE id = :id
     ), w AS (
-        UPDATE durable_workflows SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id = :id AND (status = 'running') IS TRUE
+        UPDATE durable_workflows
+           SET wake_seq = wake_seq + 1, woken_at = now(), paused = false,
+               updated_at = CASE WHEN paused THEN now() ELSE updated_at END
+         WHERE id = :id AND (status = 'running') IS TRUE AND (paused OR NOT :unpause)
         RETURNING id
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
-        SELECT id, 'resumed', jsonb_build_object('by', 'operator') FROM w
+        SELECT id, 'resumed', jsonb_build_object('by', 'operator') FROM w WHERE NOT :unpause
+    ), hp AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT w.id, 'unpaused',
+               jsonb_build_object('by', CASE WHEN :unpause THEN 'operator' ELSE 'resume' END)
+          FROM w, r WHERE r.paused
     ), e AS (
         UPDATE durable_steps st
            SET status = 'scheduled', lease_owner = NULL, lease_expires_at = NULL,
@@ -157,7 +315,7 @@ _RESUME = statement(
          WHERE st.workflow_id = w.id AND st.status = 'scheduled'
         RETURNING st.seq, st.name, st.options
     )
-    SELECT r.name, r.status, (SELECT count(*) FROM w) AS woken,
+    SELECT r.name, r.status, r.paused, (SELECT count(*) FROM w) AS woken,
            (SELECT coalesce(json_agg(json_build_object('seq', seq, 'name', name,
                                                        'options', options)), '[]')
               FROM (SELECT * FROM e UNION ALL SELECT * FROM s) AS sent) AS steps,
@@ -182,11 +340,17 @@ class RunToResume:
     """The steps to send again: ``seq``, ``name``, ``options``."""
     timers: list[tuple[int, float]]
     """The run's unfired timers as (id, fire time as epoch), to index again."""
+    was_paused: bool = False
+    """Whether the run was paused before the call (and so is no longer)."""
 
 
-def resume_run(conn: Connection, wid: str) -> RunToResume | None:
-    """Wake a running run and mark its scheduled steps re-sent; None when there is no run."""
-    row = conn.execute(_RESUME, {"id": wid}).first()
+def resume_run(conn: Connection, wid: str, unpause: bool = False) -> RunToResume | None:
+    """Wake a running run and mark its scheduled steps re-sent; None when there is no run.
+
+    A paused run is unpaused. With ``unpause`` only a paused run is woken (``woken`` is False
+    for one that is not).
+    """
+    row = conn.execute(_RESUME, {"id": wid, "unpause": unpause}).first()
     if row is None:
         return None
     steps = row.steps if isinstance(row.steps, list) else json.loads(row.steps)
@@ -197,6 +361,7 @@ def resume_run(conn: Connection, wid: str) -> RunToResume | None:
         bool(row.woken),
         list(steps),
         [(int(t[0]), float(t[1])) for t in timers],
+        bool(row.paused),
     )
 
 
@@ -288,15 +453,17 @@ def retry_run(conn: Connection, wid: str) -> Retried | None:
 
 # A new run of the same workflow and arguments that reuses the completed positions before
 # ``from_step``: their rows are copied with their results and times (so ``ctx.now()`` replays
-# the same), as are the events those positions published. Everything from ``from_step`` on
+# the same), as are the events those positions published. The attributes are copied as the
+# source holds them (its ``set_attributes`` positions before ``from_step`` are not run again;
+# those from there on merge again when the fork runs them). Everything from ``from_step`` on
 # runs again when the new run is activated.
 _FORK = statement(
     """
     WITH src AS (
-        SELECT id, name, args, kwargs FROM durable_workflows WHERE id = :src
+        SELECT id, name, args, kwargs, attributes FROM durable_workflows WHERE id = :src
     ), w AS (
-        INSERT INTO durable_workflows (id, name, status, args, kwargs)
-        SELECT :new, name, 'running', args, kwargs FROM src
+        INSERT INTO durable_workflows (id, name, status, args, kwargs, attributes)
+        SELECT :new, name, 'running', args, kwargs, attributes FROM src
         ON CONFLICT (id) DO NOTHING
         RETURNING id, name
     ), s AS (

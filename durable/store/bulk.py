@@ -1,4 +1,4 @@
-"""Queries of the bulk forms of cancel, retry, resume and purge: select runs, lock a batch.
+"""Queries of the bulk forms of cancel, retry, resume, purge, pause and unpause.
 
 A bulk operation selects runs with the filters of ``durable list``
 (:func:`durable.store.admin.run_conditions`) and the condition its action needs (a run to
@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from durable.store.admin import run_conditions
+from durable.attributes import AttributeFilter
+from durable.store.admin import attribute_conditions, run_conditions
 from durable.store.statement import statement
 
 FINISHED = "w.status IN ('completed', 'failed', 'cancelled')"
@@ -26,6 +27,8 @@ ELIGIBLE = {
     "resume": "w.status = 'running'",
     "retry": "w.status = 'failed'",
     "purge": FINISHED,
+    "pause": "w.status = 'running' AND NOT w.paused",
+    "unpause": "w.status = 'running' AND w.paused",
 }
 
 
@@ -39,16 +42,24 @@ class Criteria:
     waiting: str | None = None
     older_than: float | None = None
     """Seconds since the run finished (only finished runs match)."""
+    paused: bool = False
+    """Only paused runs."""
+    attributes: tuple[AttributeFilter, ...] = ()
+    """Filters on the run's attributes, as ``durable list --attr`` takes them."""
 
 
 def _where(action: str, criteria: Criteria) -> tuple[str, dict[str, Any]]:
     c = criteria
-    where = run_conditions(status=c.status, name=c.name, since=c.since, waiting=c.waiting)
+    where = run_conditions(
+        status=c.status, name=c.name, since=c.since, waiting=c.waiting, paused=c.paused
+    )
+    on_attributes, attribute_params = attribute_conditions(c.attributes)
+    where += on_attributes
     where.append(ELIGIBLE[action])
     if c.older_than is not None:
         where.append(f"{FINISHED} AND w.finished_at < now() - make_interval(secs => :older)")
     params = {"status": c.status, "name": c.name, "since": c.since, "older": c.older_than}
-    return " AND ".join(f"({w})" for w in where), params
+    return " AND ".join(f"({w})" for w in where), {**params, **attribute_params}
 
 
 def count_matching(conn: Connection, action: str, criteria: Criteria) -> int:

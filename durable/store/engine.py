@@ -1,4 +1,18 @@
-"""Engines, one per process and URL, created after fork and retried on connection loss."""
+"""One connection pool per process and database, created after fork, retried on loss.
+
+Every connection durable opens to a database in one process comes from one pool (plus the
+result-wait listener's, :mod:`durable.store.notices`): at most ``pool_size`` connections,
+opened on demand and kept. Its connections are in autocommit once, when opened; the
+engines handed out are views of that one pool:
+
+- :func:`autocommit` — each statement commits on its own (no ``BEGIN`` round trip);
+- :func:`autocommit` with ``flush=False`` — the same, with ``synchronous_commit = off``;
+- :func:`get_engine` — explicit transactions (``READ COMMITTED``), switched at checkout.
+
+Nothing relies on session state except the unflushed mode, a session ``SET`` on a direct
+connection, which is not used at all behind a transaction-mode pooler (see
+:func:`configure`). A pool's key holds the process id: a forked child opens its own.
+"""
 
 from __future__ import annotations
 
@@ -6,81 +20,196 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine
+import psycopg
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from durable import redaction
+from durable.config import POOLERS
 from durable.errors import ConfigurationError, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
+APPLICATION_NAME = "durable:{pid}"
+"""``application_name`` of the pool's connections (unless the URL names one): pg_stat_activity
+tells which process holds each."""
+_UNFLUSHED = "durable_unflushed"  # an execution option, and a key of a connection's info
+POOL_TIMEOUT = 30.0
+"""Seconds a thread waits for a connection when all ``pool_size`` are in use."""
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """How this process connects to one database (see :func:`configure`)."""
+
+    pool_size: int = 10
+    """Most connections the process holds to the database at once."""
+    pooler: str | None = None
+    """``"pgbouncer"`` when a transaction-mode pooler stands in front of the server."""
+
+    @property
+    def session_state(self) -> bool:
+        """Whether session state (prepared statements, SET, LISTEN) lasts between transactions.
+
+        It does on a direct connection, not behind a transaction-mode pooler.
+        """
+        return self.pooler is None
+
+
+@dataclass
+class _Pool:
+    options: PoolOptions
+    base: Engine
+    views: dict[str, Engine]
+
+
 _lock = threading.Lock()
-_engines: dict[tuple[int, str, bool, bool], Engine] = {}
+_options: dict[str, PoolOptions] = {}
+_pools: dict[tuple[int, str], _Pool] = {}
 
 
-def _engine(url: str, flush: bool, autocommit: bool) -> Engine:
-    key = (os.getpid(), url, flush, autocommit)
-    engine = _engines.get(key)
-    if engine is None:
-        with _lock:
-            engine = _engines.get(key)
-            if engine is None:
-                connect_args: dict[str, object] = {"connect_timeout": 5}
-                if not flush:
-                    connect_args["options"] = "-c synchronous_commit=off"
-                engine = create_engine(
-                    url,
-                    pool_size=5,
-                    max_overflow=10,
-                    pool_recycle=1800,
-                    connect_args=connect_args,
-                    # Set once per connection, not at every checkout: an engine derived with
-                    # execution_options(isolation_level=...) switches the level on each
-                    # checkout and back on each return, which costs more CPU than a
-                    # one-row statement.
-                    isolation_level="AUTOCOMMIT" if autocommit else None,
-                    # Errors must not carry a statement's values (a step's result, a
-                    # payload) into logs, task events and Flower.
-                    hide_parameters=True,
-                )
-                _engines[key] = engine
-    return engine
+def configure(url: str, pool_size: int = 10, pooler: str | None = None) -> None:
+    """Set how this process connects to ``url``; a pool made with other options is replaced.
 
+    Behind ``pooler="pgbouncer"`` (transaction mode) psycopg never prepares statements
+    (``prepare_threshold=None``), no startup ``options`` are sent, nothing is written
+    unflushed, and result waits poll instead of listening (:mod:`durable.store.notices`).
 
-def get_engine(url: str, flush: bool = True) -> Engine:
-    """The engine for ``url`` in this process (a forked child gets its own pool).
-
-    With ``flush=False`` its sessions run with ``synchronous_commit = off``: a commit returns
-    before its WAL reaches the disk. It is visible to every other session at once, and a
-    PostgreSQL crash can lose only the latest such commits, never half of one, in order.
-    Durable uses it only for writes whose loss the recovery sweep repairs (see
-    ``docs/design.md``), never for a step's result.
+    Raises:
+        ConfigurationError: ``pooler`` is not one of :data:`POOLERS`, or ``pool_size`` < 1.
     """
-    return _engine(url, flush, autocommit=False)
+    if pooler is not None and pooler not in POOLERS:
+        raise ConfigurationError(f"database_pooler must be one of {POOLERS}, not {pooler!r}")
+    if pool_size < 1:
+        raise ConfigurationError(f"pool_size must be positive, not {pool_size}")
+    wanted = PoolOptions(pool_size, pooler)
+    with _lock:
+        if _options.get(url, PoolOptions()) == wanted:
+            _options[url] = wanted
+            return
+        _options[url] = wanted
+        stale = _pools.pop((os.getpid(), url), None)
+    if stale is not None:
+        stale.base.dispose()
+
+
+def options(url: str) -> PoolOptions:
+    """How this process connects to ``url`` (the defaults unless :func:`configure` said)."""
+    return _options.get(url, PoolOptions())
+
+
+def _pool(url: str) -> _Pool:
+    key = (os.getpid(), url)
+    found = _pools.get(key)
+    if found is None:
+        with _lock:
+            found = _pools.get(key)
+            if found is None:
+                found = _pools[key] = _create(url, options(url))
+    return found
+
+
+def _create(url: str, opts: PoolOptions) -> _Pool:
+    connect_args: dict[str, object] = {"connect_timeout": 5}
+    if "application_name" not in make_url(url).query:
+        connect_args["application_name"] = APPLICATION_NAME.format(pid=os.getpid())
+    if not opts.session_state:
+        # A prepared statement lives in one server connection; the pooler hands the next
+        # transaction another one.
+        connect_args["prepare_threshold"] = None
+    base = create_engine(
+        url,
+        pool_size=opts.pool_size,
+        max_overflow=0,
+        pool_timeout=POOL_TIMEOUT,
+        pool_recycle=1800,
+        pool_use_lifo=True,  # the most recently used connection first
+        connect_args=connect_args,
+        # Set once per connection, when opened: the common path (a statement that commits
+        # by itself) pays no switch at checkout. Transactions switch (client side only).
+        isolation_level="AUTOCOMMIT",
+        # Errors must not carry a statement's values (a step's result, a payload) into
+        # logs, task events and Flower.
+        hide_parameters=True,
+    )
+    if opts.session_state:
+        event.listen(base, "engine_connect", _set_flush_mode)
+    views: dict[str, Engine] = {
+        "transaction": base.execution_options(isolation_level="READ COMMITTED"),
+        "unflushed": base.execution_options(**{_UNFLUSHED: opts.session_state}),
+    }
+    return _Pool(opts, base, views)
+
+
+def _set_flush_mode(conn: Connection) -> None:
+    """Give the checked-out connection the ``synchronous_commit`` its engine asks for.
+
+    The mode is a session setting, remembered in the pooled connection's ``info`` and sent
+    only when it changes, so a connection used unflushed is flushed again before any other
+    use takes it.
+    """
+    unflushed = bool(conn.get_execution_options().get(_UNFLUSHED, False))
+    info = conn.connection.info
+    if bool(info.get(_UNFLUSHED, False)) == unflushed:
+        return
+    driver: Any = conn.connection.dbapi_connection
+    statement = f"SET synchronous_commit = {'off' if unflushed else 'DEFAULT'}"
+    try:
+        if driver.autocommit:
+            driver.execute(statement)
+        else:  # a transaction view: not inside the transaction it is about to begin
+            driver.autocommit = True
+            try:
+                driver.execute(statement)
+            finally:
+                driver.autocommit = False
+    except psycopg.Error as exc:
+        conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, psycopg.Error, connection_invalidated=True
+        ) from exc
+    info[_UNFLUSHED] = unflushed
+
+
+def get_engine(url: str) -> Engine:
+    """The engine of explicit transactions on ``url``, over this process's one pool.
+
+    ``with engine.connect() as conn, conn.begin(): ...`` commits at the end of the block;
+    a forked child gets its own pool.
+    """
+    return _pool(url).views["transaction"]
 
 
 def autocommit(url: str, flush: bool = True) -> Engine:
-    """An engine whose connections commit each statement on its own (no BEGIN round trip).
+    """The engine whose statements each commit on their own (no BEGIN round trip).
 
-    Its pool is its own: its connections are put in autocommit once, when they are opened.
+    With ``flush=False`` a commit returns before its WAL reaches the disk: it is visible
+    to every other session at once, and a PostgreSQL crash can lose only the latest such
+    commits, never half of one, in order. Durable uses it only for writes whose loss the
+    recovery sweep repairs (see ``docs/design.md``), never for a step's result. Behind a
+    pooler it is flushed like the rest (the mode would be session state).
     """
-    return _engine(url, flush, autocommit=True)
+    found = _pool(url)
+    return found.base if flush else found.views["unflushed"]
 
 
 def engines(url: str) -> list[Engine]:
-    """Every engine of this process for ``url`` (each flush mode, autocommit or not)."""
-    return [_engine(url, flush, auto) for flush in (True, False) for auto in (True, False)]
+    """The engine of this process's pool for ``url``, to listen on (its views share it)."""
+    return [_pool(url).base]
 
 
 def dispose_all() -> None:
     """Close every pooled connection of this process (tests, shutdown)."""
     with _lock:
-        for (pid, _, _, _), engine in list(_engines.items()):
+        for (pid, _), found in list(_pools.items()):
             if pid == os.getpid():
-                engine.dispose()
-        _engines.clear()
+                found.base.dispose()
+        _pools.clear()
 
 
 def redact(url: str) -> str:
@@ -130,12 +259,21 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
 
     Only connection-level failures are retried (:func:`is_connection_failure`): ``fn`` must
     be safe to run again (each of the store's statements is, by its WHERE clause or ON
-    CONFLICT). Any other database error is raised at once, as it is.
+    CONFLICT). Any other database error is raised at once, as it is. A pool whose every
+    connection stayed in use for :data:`POOL_TIMEOUT` is reported as ``StoreUnavailable``
+    naming ``pool_size``, without waiting again.
     """
     last: Exception | None = None
     for attempt in range(max(attempts, 1)):
         try:
             return fn()
+        except PoolTimeout:
+            size = options(url).pool_size
+            raise StoreUnavailable(
+                redact(url),
+                f"no connection of this process's pool of {size} came free within "
+                f"{POOL_TIMEOUT:g} s; raise pool_size",
+            ) from None
         except ProgrammingError as exc:
             if getattr(getattr(exc, "orig", None), "sqlstate", None) == "42P01":
                 raise ConfigurationError(

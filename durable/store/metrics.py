@@ -11,7 +11,12 @@ from durable.store.statement import statement
 # Read on every scrape of ``durable beat --metrics-port``; each is one aggregate over a table.
 # ``width_bucket`` gives, per value, how many of the (sorted) bounds are at or below it, which
 # the collector turns into Prometheus's cumulative buckets.
-_RUN_COUNTS = statement("SELECT name, status, count(*) AS n FROM durable_workflows GROUP BY 1, 2")
+_RUN_COUNTS = statement(
+    """
+    SELECT name, status, count(*) AS n, count(*) FILTER (WHERE paused) AS paused
+      FROM durable_workflows GROUP BY 1, 2
+    """
+)
 
 _STEP_DURATIONS = statement(
     """
@@ -46,16 +51,20 @@ _TIMER_LATENESS = statement(
     """
 )
 
+# Due timers of paused runs are not counted as due: they wait for the unpause, not a beat.
 _PENDING_TIMERS = statement(
     """
-    SELECT count(*) AS pending, count(*) FILTER (WHERE fire_at < now()) AS due
-      FROM durable_timers WHERE fired_at IS NULL
+    SELECT count(*) AS pending,
+           count(*) FILTER (WHERE fire_at < now() AND NOT coalesce(
+               (SELECT w.paused FROM durable_workflows w WHERE w.id = t.workflow_id), false))
+           AS due
+      FROM durable_timers t WHERE fired_at IS NULL
     """
 )
 
 
 def run_counts(conn: Connection) -> list[Row[Any]]:
-    """How many runs of each workflow are in each status: (name, status, n) rows."""
+    """How many runs of each workflow are in each status: (name, status, n, paused) rows."""
     return list(conn.execute(_RUN_COUNTS))
 
 
@@ -75,5 +84,8 @@ def timer_lateness(conn: Connection, bounds: list[float]) -> list[Row[Any]]:
 
 
 def pending_timers(conn: Connection) -> Row[Any]:
-    """How many timers have not fired (``pending``), and how many of those are due."""
+    """How many timers have not fired (``pending``), and how many of those are due.
+
+    A paused run's timers are pending, not due.
+    """
     return conn.execute(_PENDING_TIMERS).one()

@@ -2,7 +2,8 @@
 
 Tables (all prefixed ``durable_``):
 
-- ``workflows``: one row per run; its lease (one writer) and its wake counters.
+- ``workflows``: one row per run; its lease (one writer), its wake counters, its pause and
+  its searchable attributes.
 - ``steps``: one row per position in a run's history, unique on (workflow id, step number):
   remote steps, local steps and sleeps alike; the result is committed here.
 - ``timers``: durable timers (sleeps and retry back-offs); PostgreSQL is the truth, the Redis
@@ -85,12 +86,28 @@ class Workflow(Base):
     # Change ids that ``ctx.patched`` found new code for in this run.
     patches: Mapped[Any | None] = mapped_column(JSONB)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Held by ``durable pause`` (or a step's ``RetryPolicy(on_exhausted="pause")``): the run
+    # stays 'running' but nothing moves it until ``durable unpause``.
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # A delayed or debounced start not yet due: no activation runs the workflow until its
+    # 'start' timer fires and clears this (``durable.store.runs``).
+    start_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Searchable attributes (``durable.attributes``): JSON scalars under string keys, set at
+    # the start and merged by ``ctx.set_attributes``; the GIN index serves containment (@>).
+    attributes: Mapped[Any] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     # The trace context the run's spans continue (W3C traceparent/tracestate): the start's,
     # or the parent run's for a child; NULL when tracing was off (durable.tracing).
     trace_context: Mapped[Any | None] = mapped_column(JSONB)
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
+        Index("ix_durable_workflows_paused", "name", postgresql_where=text("paused")),
+        Index(
+            "ix_durable_workflows_attributes",
+            "attributes",
+            postgresql_using="gin",
+            postgresql_ops={"attributes": "jsonb_path_ops"},
+        ),
         Index("ix_durable_workflows_name", "name"),
         Index(
             "ix_durable_workflows_parent_id",

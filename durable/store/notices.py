@@ -13,10 +13,12 @@ committed after its read always wakes it. A notice is only a hint: the waiter re
 again, and also every ``RECHECK`` seconds in case a notice was missed (the listener's
 connection lost and opened again; it then wakes every waiter).
 
-Where ``LISTEN`` does not work (PgBouncer in transaction mode, whose server connections
-change between statements), the listener's first check fails: it sends itself a probe
-notice and gives up if none arrives within ``PROBE_TIMEOUT``. Waits then poll with back-off,
-as they did before notices; nothing else changes.
+Behind PgBouncer in transaction mode (``database_pooler = "pgbouncer"``) no listener is
+started: a LISTEN holds to one server connection, which the pooler hands to other clients
+between statements, so notices would be lost, and a probe could even succeed by chance.
+Waits then poll with back-off, as they did before notices; nothing else changes. Where
+``LISTEN`` fails otherwise, the listener's first check fails: it sends itself a probe
+notice and gives up if none arrives within ``PROBE_TIMEOUT``; waits poll the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import make_url
+
+from durable.store import engine as store_engine
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +183,12 @@ def _conninfo(url: str) -> str:
 
 
 def listener(url: str) -> Listener | None:
-    """This process's listener for ``url``, started on first use; None if LISTEN fails."""
+    """This process's listener for ``url``, started on first use; None if LISTEN fails.
+
+    None at once behind a transaction-mode pooler (see the module's docstring).
+    """
+    if not store_engine.options(url).session_state:
+        return None
     key = (os.getpid(), url)
     found = _listeners.get(key)
     if found is None:

@@ -16,7 +16,8 @@ from durable.store.statement import statement
 
 # Each finder returns rows of (workflow_id, seq, name, since, info): the stuck item, since when,
 # and one more fact for the report. ``:grace`` is how late a dispatch, wake-up or timer may be
-# before it counts; a beat would have acted on it by then.
+# before it counts; a beat would have acted on it by then. A paused run is never stuck: it
+# waits for ``durable unpause``, and no finder reports it.
 FINDERS = {
     # Committed as scheduled and sent, never claimed: the message was lost (or never sent).
     "step-message-lost": """
@@ -24,6 +25,7 @@ FINDERS = {
                st.dispatch_count AS info
           FROM durable_steps st
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
          WHERE st.status = 'scheduled' AND st.dispatched_at < now() - make_interval(secs => :grace)
          ORDER BY st.dispatched_at LIMIT :limit
     """,
@@ -33,11 +35,12 @@ FINDERS = {
                st.lease_owner AS info
           FROM durable_steps st
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
          WHERE st.status = 'started' AND st.lease_expires_at < now()
          ORDER BY st.lease_expires_at LIMIT :limit
     """,
     # Woken (a step settled, a timer fired, a signal came) but no activation replayed it: the
-    # message was lost, or the process replaying it died.
+    # message was lost, or the process replaying it died. Not a run before its delayed start.
     "workflow-not-resumed": """
         SELECT w.id AS workflow_id, last.seq, coalesce(last.name, w.name) AS name,
                w.woken_at AS since, last.status AS info
@@ -46,7 +49,8 @@ FINDERS = {
                 SELECT s.seq, s.name, s.status FROM durable_steps s
                  WHERE s.workflow_id = w.id AND s.completed_at IS NOT NULL
                  ORDER BY s.completed_at DESC, s.seq DESC LIMIT 1) last ON true
-         WHERE w.status = 'running' AND w.wake_seq > w.run_seq
+         WHERE w.status = 'running' AND NOT w.paused AND w.wake_seq > w.run_seq
+           AND w.start_at IS NULL
            AND w.woken_at < now() - make_interval(secs => :grace)
            AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
          ORDER BY w.woken_at LIMIT :limit
@@ -56,7 +60,7 @@ FINDERS = {
         SELECT w.id AS workflow_id, NULL::int AS seq, w.name, w.updated_at AS since,
                NULL AS info
           FROM durable_workflows w
-         WHERE w.status = 'running' AND w.wake_seq <= w.run_seq
+         WHERE w.status = 'running' AND NOT w.paused AND w.wake_seq <= w.run_seq
            AND w.updated_at < now() - make_interval(secs => :grace)
            AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
            AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
@@ -70,6 +74,7 @@ FINDERS = {
         SELECT st.workflow_id, st.seq, st.name, st.created_at AS since, st.kind AS info
           FROM durable_steps st
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
          WHERE st.status = 'waiting' AND st.kind IN ('sleep', 'task', 'local')
            AND NOT EXISTS (SELECT 1 FROM durable_timers t WHERE t.workflow_id = st.workflow_id
                              AND t.seq = st.seq AND t.fired_at IS NULL)
@@ -81,6 +86,7 @@ FINDERS = {
                t.id AS info
           FROM durable_timers t
           JOIN durable_workflows w ON w.id = t.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
           LEFT JOIN durable_steps st ON st.workflow_id = t.workflow_id AND st.seq = t.seq
          WHERE t.fired_at IS NULL AND t.fire_at < now() - make_interval(secs => :grace)
          ORDER BY t.fire_at LIMIT :limit
@@ -95,6 +101,7 @@ _INDEX_CANDIDATES = statement(
            t.id AS info
       FROM durable_timers t
       JOIN durable_workflows w ON w.id = t.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
       LEFT JOIN durable_steps st ON st.workflow_id = t.workflow_id AND st.seq = t.seq
      WHERE t.fired_at IS NULL AND t.fire_at >= now() - make_interval(secs => :grace)
        AND t.created_at < now() - interval '2 seconds'
@@ -150,7 +157,8 @@ _RESCHEDULE_EXPIRED = statement(
 _TOUCH_OWED = statement(
     """
     UPDATE durable_workflows SET woken_at = now()
-     WHERE id = ANY(CAST(:ids AS text[])) AND status = 'running' AND wake_seq > run_seq
+     WHERE id = ANY(CAST(:ids AS text[])) AND status = 'running' AND NOT paused
+       AND wake_seq > run_seq AND start_at IS NULL
        AND woken_at < now() - make_interval(secs => :grace)
        AND (lease_owner IS NULL OR lease_expires_at < now())
     RETURNING id, name
@@ -161,7 +169,7 @@ _WAKE_IDLE = statement(
     """
     WITH w AS (
         UPDATE durable_workflows w SET wake_seq = wake_seq + 1, woken_at = now()
-         WHERE w.id = ANY(CAST(:ids AS text[])) AND w.status = 'running'
+         WHERE w.id = ANY(CAST(:ids AS text[])) AND w.status = 'running' AND NOT w.paused
            AND w.wake_seq <= w.run_seq AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
            AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
                              AND s.status IN ('scheduled', 'started', 'waiting', 'ready'))
@@ -190,6 +198,7 @@ _RESTORE_TIMERS = statement(
                     ELSE now() END
           FROM durable_steps st JOIN {_KEYS} ON st.workflow_id = k.wid AND st.seq = k.seq
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
          WHERE st.status = 'waiting' AND st.kind IN ('sleep', 'task', 'local')
            AND NOT EXISTS (SELECT 1 FROM durable_timers o WHERE o.workflow_id = st.workflow_id
                              AND o.seq = st.seq AND o.fired_at IS NULL)

@@ -1,5 +1,7 @@
 """Queries of the liveness mechanism: expired leases and messages that never arrived.
 
+A paused run is left alone by every one of them; ``durable unpause`` re-sends what it needs.
+
 Each statement takes rows with ``FOR UPDATE SKIP LOCKED`` so several beats can run them at
 once without handing the same row to two of them.
 """
@@ -21,6 +23,7 @@ _EXPIRED_STEPS = statement(
     WITH c AS (
         SELECT st.workflow_id, st.seq FROM durable_steps st
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
          WHERE st.status = 'started' AND st.lease_expires_at < now()
          ORDER BY st.lease_expires_at LIMIT :limit
            FOR UPDATE OF st SKIP LOCKED
@@ -45,6 +48,7 @@ _STALE_STEPS = statement(
     WITH c AS (
         SELECT st.workflow_id, st.seq FROM durable_steps st
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
          WHERE st.status = 'scheduled'
            AND st.dispatched_at < now() - make_interval(secs => :after)
          ORDER BY st.dispatched_at LIMIT :limit
@@ -59,12 +63,12 @@ _STALE_STEPS = statement(
 
 # A run owed an activation (woken, not replayed since) whose lease is free or expired, and
 # whose last wake-up is older than the redispatch delay: the activation message was lost, or
-# the process replaying it died.
+# the process replaying it died. A run waiting for its delayed start (a signal came) waits on.
 _OWED_RUNS = statement(
     """
     WITH c AS (
         SELECT id FROM durable_workflows
-         WHERE status = 'running' AND wake_seq > run_seq
+         WHERE status = 'running' AND wake_seq > run_seq AND NOT paused AND start_at IS NULL
            AND woken_at < now() - make_interval(secs => :after)
            AND (lease_owner IS NULL OR lease_expires_at < now())
          ORDER BY woken_at LIMIT :limit
@@ -117,6 +121,7 @@ _TIMED_OUT = statement(
     """
     SELECT st.workflow_id, st.seq, st.name, st.options, st.attempts FROM durable_steps st
       JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+                                   AND NOT w.paused
      WHERE st.status = 'started' AND st.deadline_at < now()
      ORDER BY st.deadline_at LIMIT :limit
        FOR UPDATE OF st SKIP LOCKED

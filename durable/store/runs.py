@@ -24,10 +24,11 @@ _INSERT = statement(
     """
     WITH w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq,
-                                       trace_context)
+                                       attributes, trace_context)
         VALUES (:id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb),
                 now() + make_interval(secs => CAST(:timeout AS float8)),
-                CASE WHEN :eager THEN 1 ELSE 0 END, CAST(:trace AS jsonb))
+                CASE WHEN :eager THEN 1 ELSE 0 END, CAST(:attributes AS jsonb),
+                CAST(:trace AS jsonb))
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
     ), n AS ("""
@@ -68,13 +69,16 @@ def insert_run(
     kwargs: str,
     timeout: float | None = None,
     steps: str | None = None,
+    attributes: str = "{}",
     trace: str | None = None,
 ) -> Inserted:
     """Create a run (arguments as JSON text); ``created`` is False when the id exists.
 
     ``steps`` (a JSON array of ``{seq, name, args, kwargs, options}``) schedules the run's
-    first steps in the same statement and starts the run at rest (an eager start). ``trace``
-    is the trace context its spans continue, a JSON object (:mod:`durable.tracing`).
+    first steps in the same statement and starts the run at rest (an eager start).
+    ``attributes`` is the run's searchable attributes as a JSON object (checked by
+    :func:`durable.attributes.check`). ``trace`` is the trace context its spans continue, a
+    JSON object (:mod:`durable.tracing`).
     """
     params = {
         "trace": trace,
@@ -85,6 +89,7 @@ def insert_run(
         "timeout": timeout,
         "eager": steps is not None,
         "rows": steps or "[]",
+        "attributes": attributes,
     }
     row = conn.execute(_INSERT, params).one()
     timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
@@ -92,19 +97,20 @@ def insert_run(
 
 
 # Many runs of one workflow in one statement (``durable.start_many``), each as ``_INSERT``
-# writes one; the runs arrive as one JSON array of {id, args, kwargs, steps}, ``steps`` being
-# an eager start's first remote steps (as ``insert_new_steps`` takes them) or null.
+# writes one; the runs arrive as one JSON array of {id, args, kwargs, steps, attributes},
+# ``steps`` being an eager start's first remote steps (as ``insert_new_steps`` takes them)
+# or null.
 _INSERT_MANY = statement(
     """
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(CAST(:runs AS jsonb))
-               AS r(id text, args jsonb, kwargs jsonb, steps jsonb)
+               AS r(id text, args jsonb, kwargs jsonb, steps jsonb, attributes jsonb)
     ), w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq,
-                                       trace_context)
+                                       attributes, trace_context)
         SELECT id, :name, 'running', args, kwargs,
                now() + make_interval(secs => CAST(:timeout AS float8)),
-               CASE WHEN steps IS NULL THEN 0 ELSE 1 END, CAST(:trace AS jsonb)
+               CASE WHEN steps IS NULL THEN 0 ELSE 1 END, attributes, CAST(:trace AS jsonb)
           FROM r
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
@@ -142,12 +148,15 @@ class NewRun:
     kwargs: str
     steps: str | None = None
     """A JSON array of ``{seq, name, args, kwargs, options}``, or None (an activation)."""
+    attributes: str = "{}"
+    """The run's searchable attributes, a JSON object."""
 
     def as_json(self) -> str:
         """The run as one JSON object, embedding the encoded parts as they are."""
         return (
             f'{{"id":{json.dumps(self.workflow_id)},"args":{self.args},'
-            f'"kwargs":{self.kwargs},"steps":{self.steps or "null"}}}'
+            f'"kwargs":{self.kwargs},"steps":{self.steps or "null"},'
+            f'"attributes":{self.attributes}}}'
         )
 
 
@@ -256,15 +265,18 @@ RUN_COLUMNS = (
 )
 
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
-# statement: replay costs one round trip whatever the number of steps. Step rows are
-# aggregated into a single JSON value so the run's arguments are not repeated per row.
+# statement: replay costs one round trip whatever the number of steps. A paused run is not
+# acquired: its activation ends there, and ``durable unpause`` sends it again. A run waiting
+# for its delayed start (``start_at`` set) is not taken either: its code must not run yet.
+# Step rows are aggregated into a single JSON value so the run's arguments are not repeated
+# per row.
 _ACQUIRE = statement(
     """
     WITH w AS (
         UPDATE durable_workflows
            SET lease_owner = :owner,
                lease_expires_at = now() + make_interval(secs => :ttl)
-         WHERE id = :id AND (status = 'running') IS TRUE
+         WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused AND start_at IS NULL
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING """
     + RUN_COLUMNS
@@ -321,6 +333,23 @@ def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bo
     """Give the lease back; False when the run was woken meanwhile (replay again)."""
     params = {"id": workflow_id, "owner": owner, "wake_seq": wake_seq}
     return conn.execute(_RELEASE, params).rowcount == 1
+
+
+_LET_GO = statement(
+    """
+    UPDATE durable_workflows SET lease_owner = NULL, lease_expires_at = NULL
+     WHERE id = :id AND lease_owner = :owner
+    """
+)
+
+
+def let_go(conn: Connection, workflow_id: str, owner: str) -> bool:
+    """Drop ``owner``'s lease on the run without marking anything handled.
+
+    For an activation that cannot replay again (the run was paused while it replayed): the
+    run stays owed, and whoever unpauses it finds the lease free.
+    """
+    return conn.execute(_LET_GO, {"id": workflow_id, "owner": owner}).rowcount == 1
 
 
 # What a run's end does besides marking the run, as CTEs for the statement that ends it
@@ -431,6 +460,74 @@ _PATCH = statement(
 def record_patch(conn: Connection, workflow_id: str, owner: str, change_id: str) -> None:
     """Remember that this run took the new code path of ``change_id``."""
     conn.execute(_PATCH, {"id": workflow_id, "owner": owner, "change": change_id})
+
+
+# ``ctx.set_attributes``: the position is recorded (its result is the attributes it set) and
+# the attributes merged into the run's in one statement, under the lease, only when the
+# position is new and the merged attributes stay within the limits; a replay finds the
+# position recorded and writes nothing.
+_SET_ATTRIBUTES = statement(
+    """
+    WITH m AS (
+        SELECT w.attributes || CAST(:attrs AS jsonb) AS merged
+          FROM durable_workflows w
+         WHERE w.id = :wid AND w.lease_owner = :owner
+    ), ok AS (
+        SELECT merged FROM m
+         WHERE (SELECT count(*) FROM jsonb_object_keys(m.merged)) <= :max_keys
+           AND octet_length(CAST(m.merged AS text)) <= :max_bytes
+    ), s AS (
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, result, started_at,
+                                   completed_at)
+        SELECT :wid, :seq, 'attributes', 'attributes', 'completed', CAST(:attrs AS jsonb),
+               now(), now()
+          FROM ok
+        ON CONFLICT (workflow_id, seq) DO NOTHING
+        RETURNING completed_at
+    ), u AS (
+        UPDATE durable_workflows SET attributes = (SELECT merged FROM ok), updated_at = now()
+         WHERE id = :wid AND EXISTS (SELECT 1 FROM s)
+    ), h AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT :wid, :seq, 'attributes set', CAST(:attrs AS jsonb) FROM s
+    )
+    SELECT (SELECT count(*) FROM m) AS leased, (SELECT count(*) FROM ok) AS within,
+           (SELECT completed_at FROM s) AS completed_at
+    """
+)
+
+
+@dataclass(frozen=True)
+class AttributesSet:
+    """The outcome of :func:`set_attributes`."""
+
+    within_limits: bool
+    """False when the merged attributes would pass a limit: nothing was written."""
+    completed_at: datetime | None
+    """The position's commit time (None when nothing was written)."""
+
+
+def set_attributes(
+    conn: Connection,
+    wid: str,
+    owner: str,
+    seq: int,
+    attributes: str,
+    max_keys: int,
+    max_bytes: int,
+) -> AttributesSet:
+    """Merge ``attributes`` (a JSON object) into the run's, recorded at position ``seq``."""
+    params = {
+        "wid": wid,
+        "owner": owner,
+        "seq": seq,
+        "attrs": attributes,
+        "max_keys": max_keys,
+        "max_bytes": max_bytes,
+    }
+    row = conn.execute(_SET_ATTRIBUTES, params).one()
+    within = not row.leased or bool(row.within)
+    return AttributesSet(within, row.completed_at)
 
 
 _WAKE = statement(

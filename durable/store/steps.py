@@ -127,6 +127,10 @@ class ClaimedStep:
 # event is derived from it (``durable.store.history``). Only when this claim starts a later
 # attempt is the previous attempt's start, which the row is about to forget, written out (p:
 # the row as the statement's snapshot saw it, the attempt before the one s took).
+#
+# A step of a paused run is not claimed (its message is acknowledged and dropped; unpause
+# sends it again), unless :running: the claim deferred for a body already running unclaimed
+# when the pause came, whose outcome is kept as any running step's is.
 _CLAIM = statement(
     """
     WITH p AS (
@@ -142,6 +146,7 @@ _CLAIM = statement(
           FROM durable_workflows w
          WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
            AND w.id = st.workflow_id AND (w.status = 'running') IS TRUE
+           AND (:running OR NOT w.paused)
         RETURNING st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options, st.attempts,
                   w.name AS workflow_name, w.trace_context AS run_trace
     ), h AS (
@@ -179,8 +184,12 @@ def claim_step(
     ttl: float,
     with_history: bool = False,
     cached_wake: int | None = None,
+    running: bool = False,
 ) -> ClaimedStep | None:
     """Take a scheduled step for ``owner``; None when it is not (or no longer) scheduled.
+
+    A step of a paused run is not taken, unless ``running``: its body already runs (a first
+    delivery that ran unclaimed), and its outcome must be recorded.
 
     With ``with_history`` the claimed step also carries its run's wake counter if the run is
     at rest, and the run with its history (``ClaimedStep.run``) unless the counter is
@@ -193,6 +202,7 @@ def claim_step(
         "ttl": ttl,
         "with_history": with_history,
         "cached_wake": cached_wake,
+        "running": running,
     }
     row = first_row(conn, _CLAIM, params)
     if row is None:
@@ -230,9 +240,11 @@ def claim_step(
     )
 
 
-_ADVANCE = """(wake_seq = :expect_wake AND run_seq = :expect_wake
+# A paused run neither advances nor is taken: the settle records the step's outcome and the
+# wake-up, which the activation that ``durable unpause`` sends replays.
+_ADVANCE = """(wake_seq = :expect_wake AND run_seq = :expect_wake AND NOT paused
                AND (lease_owner IS NULL OR lease_expires_at < now()))"""
-_TAKE = """(:acquire AND (lease_owner IS NULL OR lease_expires_at < now()))"""
+_TAKE = """(:acquire AND NOT paused AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 
 
 def _settle_statement(ending: bool) -> TextClause:
@@ -477,6 +489,17 @@ _RETRY = statement(
                jsonb_build_object('attempt', s.attempts, 'error', CAST(:error AS text),
                                   'delay', CAST(:delay AS float8), 'timer', t.id)
           FROM s, t
+    ), p AS (
+        UPDATE durable_workflows
+           SET paused = true, wake_seq = wake_seq + 1, woken_at = now(), updated_at = now()
+         WHERE id = :wid AND :pause AND (status = 'running') IS TRUE AND NOT paused
+           AND EXISTS (SELECT 1 FROM t)
+        RETURNING id
+    ), ph AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, :seq, 'paused',
+               jsonb_build_object('by', 'on_exhausted', 'error', CAST(:error AS text))
+          FROM p
     )
     SELECT id, fire_at FROM t
     """
@@ -484,10 +507,28 @@ _RETRY = statement(
 
 
 def schedule_retry(
-    conn: Connection, wid: str, seq: int, error: str, delay: float, from_status: str = "started"
+    conn: Connection,
+    wid: str,
+    seq: int,
+    error: str,
+    delay: float,
+    from_status: str = "started",
+    pause: bool = False,
 ) -> tuple[int, float] | None:
-    """Park a failed step behind a retry timer; returns (timer id, fire time as epoch)."""
-    params = {"wid": wid, "seq": seq, "error": error, "delay": delay, "from_status": from_status}
+    """Park a failed step behind a retry timer; returns (timer id, fire time as epoch).
+
+    With ``pause`` (its retries are exhausted and its policy says ``on_exhausted="pause"``)
+    the same statement pauses the run: the timer, due after ``delay``, fires only once the
+    run is unpaused, and the step is then tried again.
+    """
+    params = {
+        "wid": wid,
+        "seq": seq,
+        "error": error,
+        "delay": delay,
+        "from_status": from_status,
+        "pause": pause,
+    }
     row = conn.execute(_RETRY, params).first()
     return (int(row.id), row.fire_at.timestamp()) if row else None
 

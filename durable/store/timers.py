@@ -19,7 +19,8 @@ class FiredTimer:
     workflow_id: str
     seq: int
     kind: str
-    """``task``: send the step again; ``deadline``: end the run; else activate the run."""
+    """``task``: send the step again; ``deadline``: end the run; else (a sleep, a local step's
+    retry, a signal wait's timeout, a delayed ``start``) activate the run."""
     name: str
     options: dict[str, Any]
     lateness: float
@@ -36,11 +37,16 @@ class FiredTimer:
 #   local  -> ready (a local step's retry is due: replay runs it)
 #   signal -> timeout (the wait raises SignalTimeout on replay)
 # A 'deadline' timer (position 0) is a run's execution timeout; the caller ends the run.
+# A timer of a paused run does not fire: it stays unfired in PostgreSQL (the index may have
+# dropped it) and ``durable unpause`` indexes it again.
+# A 'start' timer (position 0) starts a delayed run: 'started', woken; the caller activates it.
 _FIRE = statement(
     """
     WITH t AS (
         UPDATE durable_timers SET fired_at = now()
          WHERE id = ANY(:ids) AND fired_at IS NULL
+           AND NOT coalesce((SELECT pw.paused FROM durable_workflows pw
+                              WHERE pw.id = durable_timers.workflow_id), false)
         RETURNING id, workflow_id, seq, purpose, fire_at
     ), s AS (
         UPDATE durable_steps st
@@ -64,6 +70,17 @@ _FIRE = statement(
         UPDATE durable_workflows wf SET wake_seq = wake_seq + 1, woken_at = now()
          WHERE wf.status = 'running'
            AND wf.id IN (SELECT workflow_id FROM s WHERE kind <> 'task')
+    ), begun AS (
+        -- A delayed start is due: the run may now be activated (durable.store.delayed).
+        UPDATE durable_workflows wf
+           SET start_at = NULL, wake_seq = wake_seq + 1, woken_at = now(), updated_at = now()
+          FROM t
+         WHERE t.purpose = 'start' AND wf.id = t.workflow_id AND wf.status = 'running'
+           AND wf.start_at IS NOT NULL
+        RETURNING wf.id, wf.name
+    ), bh AS (
+        INSERT INTO durable_history (workflow_id, seq, event, detail)
+        SELECT id, NULL, 'started', jsonb_build_object('name', name) FROM begun
     )
     SELECT t.id, t.workflow_id, t.seq, t.purpose,
            coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, '') AS name, s.options,
@@ -71,6 +88,7 @@ _FIRE = statement(
       FROM t LEFT JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
       JOIN durable_workflows wf ON wf.id = t.workflow_id AND wf.status = 'running'
      WHERE s.seq IS NOT NULL OR t.purpose = 'deadline'
+        OR (t.purpose = 'start' AND t.workflow_id IN (SELECT id FROM begun))
     """
 )
 
@@ -113,11 +131,14 @@ def timers_due_by(
     return [int(r.id) for r in conn.execute(_DUE_BY, params)]
 
 
+# A paused run's timers are not overdue: they wait for its unpause.
 _OVERDUE = statement(
     """
-    SELECT id FROM durable_timers
-     WHERE fired_at IS NULL AND fire_at <= now() - make_interval(secs => :grace)
-     ORDER BY fire_at LIMIT :limit
+    SELECT t.id FROM durable_timers t
+     WHERE t.fired_at IS NULL AND t.fire_at <= now() - make_interval(secs => :grace)
+       AND NOT coalesce((SELECT w.paused FROM durable_workflows w WHERE w.id = t.workflow_id),
+                        false)
+     ORDER BY t.fire_at LIMIT :limit
     """
 )
 

@@ -11,21 +11,29 @@ from durable.store.statement import statement
 
 # Cancelling a run cancels its descendants too (child workflows): each gets the flag and a
 # wake-up; replay delivers WorkflowCancelled at the first position that has not settled.
+# A cancel lifts a pause (history: 'unpaused', by 'cancel'), so that the cancellation can be
+# delivered and the workflow's compensation run; cancelling a paused run that was already
+# asked to stop lifts its pause the same way.
 _CANCEL = statement(
     """
     WITH RECURSIVE tree AS (
-        SELECT id FROM durable_workflows WHERE id = :id AND status = 'running'
+        SELECT id, paused FROM durable_workflows WHERE id = :id AND status = 'running'
         UNION
-        SELECT c.id FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
+        SELECT c.id, c.paused FROM durable_workflows c JOIN tree ON c.parent_id = tree.id
          WHERE c.status = 'running'
     ), w AS (
         UPDATE durable_workflows
-           SET cancel_requested = true, wake_seq = wake_seq + 1, woken_at = now()
-         WHERE id IN (SELECT id FROM tree) AND NOT cancel_requested
+           SET cancel_requested = true, paused = false, wake_seq = wake_seq + 1,
+               woken_at = now()
+         WHERE id IN (SELECT id FROM tree) AND (NOT cancel_requested OR paused)
         RETURNING id, name
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, 'cancel requested', jsonb_build_object('by', CAST(:id AS text)) FROM w
+    ), hp AS (
+        INSERT INTO durable_history (workflow_id, event, detail)
+        SELECT w.id, 'unpaused', jsonb_build_object('by', 'cancel')
+          FROM w JOIN tree ON tree.id = w.id WHERE tree.paused
     )
     SELECT id, name FROM w
     """
@@ -78,10 +86,12 @@ _CHILD = statement(
     """
     WITH c AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
-                                       cancel_requested, deadline_at, trace_context)
+                                       cancel_requested, deadline_at, attributes,
+                                       trace_context)
         SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
                :seq, p.cancel_requested,
-               now() + make_interval(secs => CAST(:timeout AS float8)), p.trace_context
+               now() + make_interval(secs => CAST(:timeout AS float8)),
+               CAST(:attributes AS jsonb), p.trace_context
           FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
@@ -143,8 +153,12 @@ def start_child(
     args: str,
     kwargs: str,
     timeout: float | None = None,
+    attributes: str = "{}",
 ) -> ChildStarted:
-    """Create a child run waited for at the parent's position ``seq``."""
+    """Create a child run waited for at the parent's position ``seq``.
+
+    ``attributes`` is the child's searchable attributes as a JSON object.
+    """
     params = {
         "id": workflow_id,
         "owner": owner,
@@ -154,6 +168,7 @@ def start_child(
         "args": args,
         "kwargs": kwargs,
         "timeout": timeout,
+        "attributes": attributes,
     }
     row = conn.execute(_CHILD, params).one()
     # The 'taken' CTE sees the snapshot before this statement: a new child reads as absent.
@@ -180,7 +195,7 @@ _IN_FLIGHT = statement(
         OR EXISTS (
                SELECT 1 FROM durable_workflows
                 WHERE id IN (SELECT id FROM tree) AND status = 'running'
-                  AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
+                  AND start_at IS NULL AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
     """
 )
 

@@ -104,6 +104,14 @@ def build(
         hold(ctx, held)
         return [first, ctx.step(after)]
 
+    @durable.workflow("crash.tagged")
+    def tagged_workflow(ctx: Any, seconds: float) -> str:
+        """Attributes set before a local step whose worker a test kills, and after it."""
+        ctx.set_attributes(stage="started", token=str(ctx.uuid4()), draw=ctx.random())
+        first = ctx.step(slow_local, seconds, local=True)
+        ctx.set_attributes(stage="done")
+        return str(first)
+
     @durable.workflow("crash.nap")
     def nap_workflow(ctx: Any, seconds: float) -> str:
         ctx.sleep(seconds)
