@@ -89,12 +89,13 @@ def start(
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
-    if timing is not None:
-        given = None if attributes is None else attributes_json
-        delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given)
-        return WorkflowRun(core, wid)
     with tracing.start_span(name, wid) as carrier:
-        _start(core, wid, name, args_json, kwargs_json, attributes_json, carrier)
+        if timing is not None:
+            given = None if attributes is None else attributes_json
+            trace = json.dumps(carrier) if carrier else None
+            delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given, trace)
+        else:
+            _start(core, wid, name, args_json, kwargs_json, attributes_json, carrier)
     return WorkflowRun(core, wid)
 
 
@@ -201,13 +202,14 @@ def _start_many(
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
         new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps, attributes_json))
     timeout = core.execution_timeouts.get(name)
+    trace = json.dumps(carrier) if carrier else None
     if timing is not None:
         rows = "[" + ",".join(r.as_json() for r in new) + "]"
+        when = timing.when()
         created, timers = core.store(
-            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, timing.when())
+            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, when, trace)
         )
     else:
-        trace = json.dumps(carrier) if carrier else None
         created, timers = core.store(
             lambda c: run_queries.insert_runs(c, name, new, timeout, trace)
         )

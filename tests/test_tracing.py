@@ -460,3 +460,42 @@ print("started")
     assert done.stdout.strip() == "started"
     assert query(database_url, "SELECT name FROM durable_workflows WHERE id = 'no-otel'")
     assert trace_of(database_url, "no-otel") is None
+
+
+def test_a_delayed_start_records_the_trace_its_run_continues(
+    durable: Durable,
+    app: Celery,
+    worker: Any,
+    beat: Any,
+    spans: InMemorySpanExporter,
+    database_url: str,
+) -> None:
+    @app.task(name="tr.later", shared=False)
+    def later(x: int) -> int:
+        return x * 2
+
+    @durable.workflow("tr.delayed")
+    def delayed_flow(ctx: Any, x: int) -> int:
+        return int(ctx.step(later, x))
+
+    with trace.get_tracer("tests.caller").start_as_current_span("caller") as caller:
+        run = durable.start("tr.delayed", 21, workflow_id="later-1", countdown=0.2)
+    (start,) = [s for s in spans.get_finished_spans() if s.name == "durable.start tr.delayed"]
+    recorded = trace_of(database_url, "later-1")
+    assert recorded["traceparent"].startswith(
+        f"00-{caller.get_span_context().trace_id:032x}-{start.context.span_id:016x}-"
+    )
+    assert run.result(timeout=60) == 42
+
+    def step_span() -> list[Any]:
+        return [s for s in spans.get_finished_spans() if s.name == "durable.step tr.later"]
+
+    # The run's end is committed inside the step's span, which ends just after.
+    (step,) = wait_until(step_span, what="the step's span")
+    assert step.context.trace_id == caller.get_span_context().trace_id
+    assert step.parent is not None and step.parent.span_id == start.context.span_id
+    activations = [
+        s for s in spans.get_finished_spans() if s.name == "durable.activation tr.delayed"
+    ]
+    assert activations
+    assert {s.context.trace_id for s in activations} == {caller.get_span_context().trace_id}
