@@ -26,7 +26,7 @@ from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra's SDK is not installed")
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
@@ -35,8 +35,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from tests.apps.otel_app import build, span_record
 
 
+class Switchable(SimpleSpanProcessor):
+    """Exports while ``on``: a global provider cannot drop a processor after this module."""
+
+    on = True
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.on:
+            super().on_end(span)
+
+
 @pytest.fixture(scope="module")
-def memory() -> InMemorySpanExporter:
+def memory() -> Iterator[InMemorySpanExporter]:
     """The in-memory exporter of this process's spans (the SDK installed once)."""
     exporter = InMemorySpanExporter()
     provider = trace.get_tracer_provider()
@@ -44,8 +54,11 @@ def memory() -> InMemorySpanExporter:
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     assert isinstance(trace.get_tracer_provider(), TracerProvider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    processor = Switchable(exporter)
+    provider.add_span_processor(processor)
+    yield exporter
+    processor.on = False
+    exporter.clear()
 
 
 @pytest.fixture
