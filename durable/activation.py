@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from durable import tracing
 from durable._control import NeedsActivation, Suspend
 from durable.context import WorkflowContext
 from durable.effects import Effects
@@ -66,25 +67,36 @@ def activate(
                 core.store(lambda c: runs.let_go(c, workflow_id, owner), flush=False)
             return "busy-or-finished"
         held = True
-        core.heartbeat.hold(owner)
-        try:
-            outcome, effects = _replay(core, activation, owner)
-        finally:
-            core.heartbeat.release(owner)
-        if outcome in ("unknown-workflow", "undecodable"):
-            # Keep the lease: it expires, and the recovery sweep sends the activation again,
-            # maybe to a worker that has the workflow's module.
+        wid, name, trace = activation.workflow_id, activation.name, activation.trace_context
+        # The span covers the replay, its commit and the messages it sends (so that a tracing
+        # Celery instrumentation puts those messages in the run's trace).
+        with tracing.activation_span(name, wid, trace, False) as span:
+            outcome = _activate_leased(core, activation, owner)
+            span.outcome(outcome or "woken")
+        if outcome is not None:
             return outcome
-        if outcome != "suspended":
-            core.apply_effects(effects)
-            return outcome
-        released, wrote_all = _release(core, effects, owner, activation.wake_seq)
-        first = released and wrote_all and core.histories.keep_at_rest(activation, effects)
-        core.apply_effects(effects, first=first)
-        if released:
-            return "suspended"
     # Woken again and again while replaying: leave it to the next message or the sweep.
     return "yielded"
+
+
+def _activate_leased(core: Core, activation: runs.Activation, owner: str) -> str | None:
+    """Replay a leased run, commit and send what it did; None: woken meanwhile, replay again."""
+    core.heartbeat.hold(owner)
+    try:
+        outcome, effects = _replay(core, activation, owner)
+    finally:
+        core.heartbeat.release(owner)
+    if outcome in ("unknown-workflow", "undecodable"):
+        # Keep the lease: it expires, and the recovery sweep sends the activation again,
+        # maybe to a worker that has the workflow's module.
+        return outcome
+    if outcome != "suspended":
+        core.apply_effects(effects)
+        return outcome
+    released, wrote_all = _release(core, effects, owner, activation.wake_seq)
+    first = released and wrote_all and core.histories.keep_at_rest(activation, effects)
+    core.apply_effects(effects, first=first)
+    return "suspended" if released else None
 
 
 def continue_workflow(
@@ -181,29 +193,44 @@ def _replay_settled(
 
 
 def replay_new_run(
-    core: Core, workflow_id: str, name: str, args: str, kwargs: str
+    core: Core,
+    workflow_id: str,
+    name: str,
+    args: str,
+    kwargs: str,
+    trace: dict[str, str] | None = None,
 ) -> Replayed | None:
     """Run a workflow not started yet in memory, up to its first remote steps (eager start).
 
-    ``args`` and ``kwargs`` are as they will be stored. Returns what it found when the
+    ``args`` and ``kwargs`` are as they will be stored; ``trace`` is the trace context the
+    run will record (:mod:`durable.tracing`). Returns what it found when the
     workflow's first durable operations are remote steps (``effects.schedules``); None for
     anything else, ``ctx.now()`` included (the run's start time is not known yet): the run's
     first activation does that, as without an eager start. A failure is logged: the run
     then starts as usual.
     """
     try:
-        return _replay_new(core, workflow_id, name, args, kwargs)
+        return _replay_new(core, workflow_id, name, args, kwargs, trace)
     except Exception:
         log.exception("durable: eager start of %s failed; activating it", workflow_id)
         return None
 
 
-def _replay_new(core: Core, workflow_id: str, name: str, args: str, kwargs: str) -> Replayed | None:
+def _replay_new(
+    core: Core, workflow_id: str, name: str, args: str, kwargs: str, trace: dict[str, str] | None
+) -> Replayed | None:
     fn = core.registry.get(name)
     if fn is None:
         return None
     run = runs.Activation(
-        workflow_id, name, json.loads(args), json.loads(kwargs), 1, datetime.now(UTC), []
+        workflow_id,
+        name,
+        json.loads(args),
+        json.loads(kwargs),
+        1,
+        datetime.now(UTC),
+        [],
+        trace_context=trace,
     )
     found = _run_in_memory(core, fn, run, now_known=False)
     if found is None or found.result is not None or not found.effects.schedules:
@@ -212,6 +239,17 @@ def _replay_new(core: Core, workflow_id: str, name: str, args: str, kwargs: str)
 
 
 def _run_in_memory(
+    core: Core, fn: Callable[..., Any], run: runs.Activation, now_known: bool
+) -> Replayed | None:
+    with tracing.activation_span(run.name, run.workflow_id, run.trace_context, True) as span:
+        found = _run_in_memory_traced(core, fn, run, now_known)
+        # None: the run's next move is left to a real activation (its own span).
+        outcome = "handed-over" if found is None else "suspended"
+        span.outcome("completed" if found is not None and found.result is not None else outcome)
+        return found
+
+
+def _run_in_memory_traced(
     core: Core, fn: Callable[..., Any], run: runs.Activation, now_known: bool
 ) -> Replayed | None:
     steps = run.steps

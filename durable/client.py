@@ -9,12 +9,13 @@ up at that moment.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable import activation, delayed
+from durable import activation, delayed, tracing
 from durable import attributes as attribute_rules
 from durable.durations import seconds
 from durable.errors import (
@@ -88,20 +89,36 @@ def start(
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
-    if timing is not None:
-        given = None if attributes is None else attributes_json
-        delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given)
-        return WorkflowRun(core, wid)
+    with tracing.start_span(name, wid) as carrier:
+        if timing is not None:
+            given = None if attributes is None else attributes_json
+            trace = json.dumps(carrier) if carrier else None
+            delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given, trace)
+        else:
+            _start(core, wid, name, args_json, kwargs_json, attributes_json, carrier)
+    return WorkflowRun(core, wid)
+
+
+def _start(
+    core: Core,
+    wid: str,
+    name: str,
+    args_json: str,
+    kwargs_json: str,
+    attributes_json: str,
+    carrier: tracing.Carrier | None,
+) -> None:
     timeout = core.execution_timeouts.get(name)
     eager = None
     if core.settings.eager_start:
-        eager = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+        eager = activation.replay_new_run(core, wid, name, args_json, kwargs_json, carrier)
     steps = None
     if eager is not None:
         steps = "[" + ",".join(step.as_json() for step in eager.effects.schedules) + "]"
+    trace = json.dumps(carrier) if carrier else None
     inserted = core.store(
         lambda c: run_queries.insert_run(
-            c, wid, name, args_json, kwargs_json, timeout, steps, attributes_json
+            c, wid, name, args_json, kwargs_json, timeout, steps, attributes_json, trace
         )
     )
     created = inserted.created
@@ -114,7 +131,6 @@ def start(
         core.apply_effects(eager.effects)  # the first steps' messages, no activation
     elif created:
         core.send_activation(wid, name)
-    return WorkflowRun(core, wid)
 
 
 def start_many(
@@ -147,13 +163,29 @@ def start_many(
     timing = delayed.start_time(None, start_at, countdown)
     name = core.workflow_name(name_or_fn)
     count = len(args_list)
-    ids = list(workflow_ids) if workflow_ids is not None else [None] * count
+    ids: list[str | None] = list(workflow_ids) if workflow_ids is not None else [None] * count
     kwargs_each = list(kwargs_list) if kwargs_list is not None else [{}] * count
-    attrs_each = list(attributes_list) if attributes_list is not None else [None] * count
+    attrs_each: list[Mapping[str, Any] | None] = (
+        list(attributes_list) if attributes_list is not None else [None] * count
+    )
     if len(ids) != count or len(kwargs_each) != count or len(attrs_each) != count:
         raise ValueError(
             "start_many: args_list, workflow_ids, kwargs_list and attributes_list differ in length"
         )
+    with tracing.start_span(name) as carrier:
+        return _start_many(core, name, args_list, ids, kwargs_each, attrs_each, timing, carrier)
+
+
+def _start_many(
+    core: Core,
+    name: str,
+    args_list: Sequence[Sequence[Any]],
+    ids: list[str | None],
+    kwargs_each: list[dict[str, Any]],
+    attrs_each: list[Mapping[str, Any] | None],
+    timing: delayed.StartTime | None,
+    carrier: tracing.Carrier | None,
+) -> list[WorkflowRun]:
     new: list[run_queries.NewRun] = []
     eager: dict[str, Any] = {}
     for args, kwargs, given, attrs in zip(args_list, kwargs_each, ids, attrs_each, strict=True):
@@ -163,20 +195,24 @@ def start_many(
         wid = given or uuid.uuid4().hex
         found = None
         if core.settings.eager_start and timing is None:
-            found = activation.replay_new_run(core, wid, name, args_json, kwargs_json)
+            found = activation.replay_new_run(core, wid, name, args_json, kwargs_json, carrier)
         steps = None
         if found is not None:
             eager[wid] = found.effects
             steps = "[" + ",".join(step.as_json() for step in found.effects.schedules) + "]"
         new.append(run_queries.NewRun(wid, args_json, kwargs_json, steps, attributes_json))
     timeout = core.execution_timeouts.get(name)
+    trace = json.dumps(carrier) if carrier else None
     if timing is not None:
         rows = "[" + ",".join(r.as_json() for r in new) + "]"
+        when = timing.when()
         created, timers = core.store(
-            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, timing.when())
+            lambda c: delayed_queries.insert_delayed_runs(c, name, rows, timeout, when, trace)
         )
     else:
-        created, timers = core.store(lambda c: run_queries.insert_runs(c, name, new, timeout))
+        created, timers = core.store(
+            lambda c: run_queries.insert_runs(c, name, new, timeout, trace)
+        )
     core.index_timers(timers)
     core.apply_many(
         [eager[r.workflow_id] for r in new if r.workflow_id in created and r.workflow_id in eager],

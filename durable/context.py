@@ -21,7 +21,7 @@ from celery.canvas import Signature
 from celery.local import Proxy
 
 from durable import attributes as attribute_rules
-from durable import durations
+from durable import durations, tracing
 from durable._control import PENDING, Suspend
 from durable.codec import seal
 from durable.dispatch import expiry, routing_options
@@ -197,18 +197,31 @@ class WorkflowContext(Replay):
         if isinstance(fn, Signature):
             body = self._core.app.tasks[str(fn.task)].run
         info = StepInfo(self.workflow_id, seq, name, attempt)
-        try:
-            with step_context(info):
-                value = body(*args, **kwargs)
-            plain = dumps(value, f"result of step {seq} ({name})", limit)
-        except Exception as exc:
-            return self._local_failed(seq, name, exc, policy, attempt)
-        wid, result = self.workflow_id, seal(plain, self._core.codec)
-        done = self._core.store(
-            lambda c: local_queries.record_local(
-                c, wid, seq, name, attempt, result, None, "completed"
+        wid = self.workflow_id
+        with tracing.step_span(
+            self._workflow_name, wid, seq, name, attempt, self._trace, kind="local"
+        ) as span:
+            try:
+                with step_context(info):
+                    value = body(*args, **kwargs)
+                plain = dumps(value, f"result of step {seq} ({name})", limit)
+            except Exception as exc:
+                span.exception(exc, sealed=self._core.seals_errors)
+                try:
+                    return self._local_failed(seq, name, exc, policy, attempt)
+                except Suspend:
+                    span.outcome("retrying")
+                    raise
+                except StepFailed:
+                    span.outcome("failed")
+                    raise
+            result = seal(plain, self._core.codec)
+            done = self._core.store(
+                lambda c: local_queries.record_local(
+                    c, wid, seq, name, attempt, result, None, "completed"
+                )
             )
-        )
+            span.outcome("completed")
         self.advance_now(done)
         # Hand back what replay will hand back: the JSON round trip of the value.
         return json.loads(plain)

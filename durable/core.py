@@ -99,6 +99,11 @@ class Core:
         """An error as stored: its message encoded when a codec is set and ``encode_errors``."""
         return seal_error(error, self.codec if self.settings.encode_errors else None)
 
+    @property
+    def seals_errors(self) -> bool:
+        """Whether stored errors have their messages encoded (a codec and ``encode_errors``)."""
+        return self.codec is not None and self.settings.encode_errors
+
     def open_error(self, error: str) -> str:
         """A stored error with its message opened; ``CodecUnavailable`` if it cannot be."""
         return open_error(error, self.codec)

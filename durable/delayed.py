@@ -107,11 +107,13 @@ def start_delayed(
     kwargs: str,
     when: StartTime,
     attributes: str | None = None,
+    trace: str | None = None,
 ) -> None:
     """Create (or, debouncing, move) a run waiting for its start; see the module docstring.
 
     Arguments and attributes are JSON text, already encoded; a debounce replaces the
-    arguments, and the attributes unless they are None.
+    arguments, and the attributes unless they are None. ``trace`` (JSON text) is the trace
+    context the run's spans continue, recorded by the call that creates the run.
     Returns once the run exists, whatever its state; raises :class:`WorkflowIdConflict` if
     the id belongs to another workflow.
     """
@@ -119,7 +121,7 @@ def start_delayed(
     for _ in range(DEBOUNCE_ATTEMPTS):
         inserted = core.store(
             lambda c: delayed_queries.insert_delayed_run(
-                c, workflow_id, name, args, kwargs, timeout, when.when(), attributes
+                c, workflow_id, name, args, kwargs, timeout, when.when(), attributes, trace
             )
         )
         if inserted.written:

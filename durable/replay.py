@@ -82,6 +82,8 @@ class Replay:
         self._patch_memo: dict[str, bool] = {}
         self.workflow_id = activation.workflow_id
         """The id of the running workflow."""
+        self._workflow_name = activation.name
+        self._trace = activation.trace_context
         self.app = core.app
         """The Celery app (for building signatures by name)."""
         self.effects = Effects(activation.workflow_id)

@@ -30,7 +30,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from durable import activation
+from durable import activation, tracing
 from durable.errors import CodecUnavailable, StoreError, TaskExpired
 from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.serialization import describe_exception, mask_error
@@ -217,6 +217,26 @@ def _run_claimed(
     unclaimed: _Unclaimed | None = None,
     call: Body | None = None,
 ) -> tuple[str, Activation | None]:
+    """Run the attempt and settle it, inside the attempt's span (:mod:`durable.tracing`)."""
+    run = claimed.run
+    workflow = claimed.workflow_name or (run.name if run is not None else None)
+    trace = claimed.trace_context or (run.trace_context if run is not None else None)
+    with tracing.step_span(
+        workflow, claimed.workflow_id, claimed.seq, claimed.name, claimed.attempt, trace
+    ) as span:
+        outcome, leased = _run_attempt(core, claimed, owner, span, unclaimed, call)
+        span.outcome(outcome)
+        return outcome, leased
+
+
+def _run_attempt(
+    core: Core,
+    claimed: step_queries.ClaimedStep,
+    owner: str,
+    span: tracing.Span,
+    unclaimed: _Unclaimed | None = None,
+    call: Body | None = None,
+) -> tuple[str, Activation | None]:
     wid, seq, name = claimed.workflow_id, claimed.seq, claimed.name
     task = core.app.tasks.get(name)
     if task is None:
@@ -239,6 +259,7 @@ def _run_claimed(
             value = task(*args, **kwargs) if call is None else call(args, kwargs, info.attempt)
         result = core.encode(value, f"result of step {seq} ({name})")
     except Exception as exc:
+        span.exception(exc, sealed=core.seals_errors)
         return _settle_failure(core, claimed, exc, owner, unclaimed)
     try:
         return _settle(core, claimed, owner, result=result, unclaimed=unclaimed)

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "step_info",
             "store",
             "timer_index",
+            "tracing",
         },
     ),
     ("core", {"core", "effects", "histories"}),

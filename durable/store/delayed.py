@@ -55,10 +55,10 @@ _INSERT = statement(
     + """ AS at
     ), w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, start_at, deadline_at,
-                                       wake_seq, run_seq, attributes)
+                                       wake_seq, run_seq, attributes, trace_context)
         SELECT :id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), s.at,
                s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0,
-               coalesce(CAST(:attributes AS jsonb), '{}')
+               coalesce(CAST(:attributes AS jsonb), '{}'), CAST(:trace AS jsonb)
           FROM s
         ON CONFLICT (id) DO NOTHING
         RETURNING id, start_at, deadline_at
@@ -90,10 +90,10 @@ _INSERT_MANY = statement(
     + """ AS at
     ), w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, start_at, deadline_at,
-                                       wake_seq, run_seq, attributes)
+                                       wake_seq, run_seq, attributes, trace_context)
         SELECT r.id, :name, 'running', r.args, r.kwargs, s.at,
                s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0,
-               coalesce(r.attributes, '{}')
+               coalesce(r.attributes, '{}'), CAST(:trace AS jsonb)
           FROM r, s
         ON CONFLICT (id) DO NOTHING
         RETURNING id, start_at, deadline_at
@@ -194,14 +194,16 @@ def insert_delayed_run(
     timeout: float | None,
     when: tuple[object | None, float | None, float | None],
     attributes: str | None = None,
+    trace: str | None = None,
 ) -> Delayed:
     """Create a run that waits for its start; ``written`` is False when the id exists.
 
     ``when`` is (``start_at``: an aware datetime, or None; ``delay``: seconds from now, used
     when ``start_at`` is None; ``cap``: seconds after creation it may start at the latest,
-    or None).
+    or None). ``trace``: the trace context its spans continue (JSON text), kept by a
+    debounce.
     """
-    params = _params(workflow_id, name, args, kwargs, timeout, when, attributes)
+    params = {**_params(workflow_id, name, args, kwargs, timeout, when, attributes), "trace": trace}
     row = conn.execute(_INSERT, params).one()
     return Delayed(bool(row.created), [(int(i), float(at)) for i, at in row.timers])
 
@@ -212,14 +214,17 @@ def insert_delayed_runs(
     runs: str,
     timeout: float | None,
     when: tuple[object | None, float | None, float | None],
+    trace: str | None = None,
 ) -> tuple[set[str], list[tuple[int, float]]]:
     """Create runs of ``name`` waiting for one start time, in one statement.
 
     ``runs`` is a JSON array of ``{id, args, kwargs, attributes}``. Returns the ids created
     (an id that exists is left alone) and their timers (id, fire time as epoch), to index.
+    ``trace``: the trace context of them all.
     """
     start_at, delay, cap = when
     params = {
+        "trace": trace,
         "runs": runs,
         "name": name,
         "timeout": timeout,

@@ -95,6 +95,9 @@ class Workflow(Base):
     # Searchable attributes (``durable.attributes``): JSON scalars under string keys, set at
     # the start and merged by ``ctx.set_attributes``; the GIN index serves containment (@>).
     attributes: Mapped[Any] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    # The trace context the run's spans continue (W3C traceparent/tracestate): the start's,
+    # or the parent run's for a child; NULL when tracing was off (durable.tracing).
+    trace_context: Mapped[Any | None] = mapped_column(JSONB)
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),

@@ -24,10 +24,11 @@ _INSERT = statement(
     """
     WITH w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq,
-                                       attributes)
+                                       attributes, trace_context)
         VALUES (:id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb),
                 now() + make_interval(secs => CAST(:timeout AS float8)),
-                CASE WHEN :eager THEN 1 ELSE 0 END, CAST(:attributes AS jsonb))
+                CASE WHEN :eager THEN 1 ELSE 0 END, CAST(:attributes AS jsonb),
+                CAST(:trace AS jsonb))
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
     ), n AS ("""
@@ -69,15 +70,18 @@ def insert_run(
     timeout: float | None = None,
     steps: str | None = None,
     attributes: str = "{}",
+    trace: str | None = None,
 ) -> Inserted:
     """Create a run (arguments as JSON text); ``created`` is False when the id exists.
 
     ``steps`` (a JSON array of ``{seq, name, args, kwargs, options}``) schedules the run's
     first steps in the same statement and starts the run at rest (an eager start).
     ``attributes`` is the run's searchable attributes as a JSON object (checked by
-    :func:`durable.attributes.check`).
+    :func:`durable.attributes.check`). ``trace`` is the trace context its spans continue, a
+    JSON object (:mod:`durable.tracing`).
     """
     params = {
+        "trace": trace,
         "id": workflow_id,
         "name": name,
         "args": args,
@@ -103,10 +107,10 @@ _INSERT_MANY = statement(
                AS r(id text, args jsonb, kwargs jsonb, steps jsonb, attributes jsonb)
     ), w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq,
-                                       attributes)
+                                       attributes, trace_context)
         SELECT id, :name, 'running', args, kwargs,
                now() + make_interval(secs => CAST(:timeout AS float8)),
-               CASE WHEN steps IS NULL THEN 0 ELSE 1 END, attributes
+               CASE WHEN steps IS NULL THEN 0 ELSE 1 END, attributes, CAST(:trace AS jsonb)
           FROM r
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
@@ -157,14 +161,19 @@ class NewRun:
 
 
 def insert_runs(
-    conn: Connection, name: str, new: list[NewRun], timeout: float | None = None
+    conn: Connection,
+    name: str,
+    new: list[NewRun],
+    timeout: float | None = None,
+    trace: str | None = None,
 ) -> tuple[set[str], list[tuple[int, float]]]:
     """Create runs of ``name`` in one statement, each like :func:`insert_run`.
 
     Returns the ids created (an id that exists is left alone) and their execution-timeout
-    timers (id, fire time as epoch), to index.
+    timers (id, fire time as epoch), to index. ``trace``: the trace context of them all.
     """
     params = {
+        "trace": trace,
         "runs": "[" + ",".join(run.as_json() for run in new) + "]",
         "name": name,
         "timeout": timeout,
@@ -228,6 +237,8 @@ class Activation:
     cancel_requested: bool = False
     cancelled_at_seq: int | None = None
     patches: tuple[str, ...] = ()
+    trace_context: dict[str, str] | None = None
+    """The trace context the run's spans continue (:mod:`durable.tracing`), or None."""
 
 
 # The run's wake counter as the statement's snapshot sees it, for a run aliased ``w``.
@@ -249,7 +260,8 @@ HISTORY_JSON = """
 
 # The run's columns replay needs, as returned by the statements that lease it.
 RUN_COLUMNS = (
-    "id, name, args, kwargs, wake_seq, created_at, cancel_requested, cancelled_at_seq, patches"
+    "id, name, args, kwargs, wake_seq, created_at, cancel_requested, cancelled_at_seq, patches,"
+    " trace_context"
 )
 
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
@@ -304,6 +316,7 @@ def activation_from_row(row: Any, own_wakes: int = 0) -> Activation:
         cancel_requested=bool(row.cancel_requested),
         cancelled_at_seq=row.cancelled_at_seq,
         patches=tuple(row.patches or ()),
+        trace_context=row.trace_context or None,
     )
 
 

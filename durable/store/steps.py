@@ -111,6 +111,10 @@ class ClaimedStep:
     run: Activation | None = None
     """The run and its history as the claim read them (at rest, and not already held by
     the caller at ``rest_wake``)."""
+    workflow_name: str | None = None
+    """The run's workflow name."""
+    trace_context: dict[str, str] | None = None
+    """The trace context the run's spans continue (:mod:`durable.tracing`), or None."""
 
 
 # With :with_history the claim also reads the run if it is at rest (run_seq = wake_seq, lease
@@ -143,7 +147,8 @@ _CLAIM = statement(
          WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
            AND w.id = st.workflow_id AND (w.status = 'running') IS TRUE
            AND (:running OR NOT w.paused)
-        RETURNING st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options, st.attempts
+        RETURNING st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options, st.attempts,
+                  w.name AS workflow_name, w.trace_context AS run_trace
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail, at)
         SELECT s.workflow_id, s.seq, 'step started',
@@ -216,6 +221,7 @@ def claim_step(
                 cancel_requested=row.cancel_requested,
                 cancelled_at_seq=row.cancelled_at_seq,
                 patches=row.patches,
+                trace_context=row.run_trace,
             )
         )
     return ClaimedStep(
@@ -229,6 +235,8 @@ def claim_step(
         rest_wake=row.snapshot_wake_seq,
         rest_created_at=row.created_at,
         run=run,
+        workflow_name=row.workflow_name,
+        trace_context=row.run_trace or None,
     )
 
 

@@ -86,11 +86,12 @@ _CHILD = statement(
     """
     WITH c AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
-                                       cancel_requested, deadline_at, attributes)
+                                       cancel_requested, deadline_at, attributes,
+                                       trace_context)
         SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
                :seq, p.cancel_requested,
                now() + make_interval(secs => CAST(:timeout AS float8)),
-               CAST(:attributes AS jsonb)
+               CAST(:attributes AS jsonb), p.trace_context
           FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
