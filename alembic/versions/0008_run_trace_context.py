@@ -4,7 +4,7 @@
 created the run, or of its parent run for a child workflow; NULL when tracing was off.
 
 Revision ID: 0008
-Revises: 0011
+Revises: 0007
 Create Date: 2026-12-04 13:00:00
 """
 
@@ -15,7 +15,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008"
-down_revision = "0011"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

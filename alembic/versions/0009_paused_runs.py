@@ -5,7 +5,7 @@ activation acquires it, no step of it is claimed, its timers do not fire and the
 leave it alone. ``durable unpause`` clears the flag and dispatches what came due.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-04 13:00:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
