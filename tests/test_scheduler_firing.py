@@ -172,6 +172,28 @@ def test_catch_up_policies_after_simulated_downtime(
     assert runner.sweep(lambda: True) == 0  # nothing is due twice
 
 
+def test_a_catch_up_starts_all_its_runs_in_one_statement(
+    build: Callable[..., Durable], database_url: str
+) -> None:
+    durable = build()
+    minute = (datetime.now(UTC).minute + 30) % 60
+    cadence = Cadence.parse(f"{minute} * * * *", None)
+    schedules = Schedules(durable)
+    schedules.add(
+        "hourly", "jobs.report", cron=cadence.cron, catchup="all", kwargs={"region": "us"}
+    )
+    now = datetime.now(UTC)
+    missed = cadence.newest(now - timedelta(hours=5, minutes=1), now, 5)
+    backdate(database_url, "hourly", missed[0])
+    assert ScheduleRunner(durable).sweep(lambda: True) == 5
+    rows = query(
+        database_url, "SELECT created_at, kwargs FROM durable_workflows WHERE id LIKE 'hourly@%'"
+    )
+    # One statement gives every run its transaction's time; five starts would give five.
+    assert len(rows) == 5 and len({r.created_at for r in rows}) == 1
+    assert [r.kwargs for r in rows] == [{"region": "us"}] * 5
+
+
 def test_catch_up_after_real_downtime(build: Callable[..., Durable], database_url: str) -> None:
     durable = build(schedule_grace=0.5)
     schedules = Schedules(durable)
