@@ -8,7 +8,9 @@ from durable.context import WorkflowContext
 from durable.errors import (
     ConfigurationError,
     DurableError,
+    InvalidLimit,
     LimitExceeded,
+    LimitKeyError,
     NonDeterminismError,
     PayloadError,
     ResultTimeout,
@@ -22,6 +24,7 @@ from durable.errors import (
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.limits import Limit
 from durable.retry import RetryPolicy
 from durable.runtime import Durable
 from durable.step_info import StepInfo, current_step
@@ -30,7 +33,10 @@ __all__ = [
     "ConfigurationError",
     "Durable",
     "DurableError",
+    "InvalidLimit",
+    "Limit",
     "LimitExceeded",
+    "LimitKeyError",
     "NonDeterminismError",
     "PayloadError",
     "ResultTimeout",

@@ -34,12 +34,19 @@ from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
 from durable.serialization import decode, encode, open_error, readable_error, seal_error
 from durable.store import engine as store_engine
+from durable.store import limits as limit_queries
 from durable.store import runs
 from durable.timer_index import TimerIndex
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def limit_key(options: dict[str, Any]) -> tuple[str, str, int | None]:
+    """(limit, key, declared concurrency) of a limited step's stored options."""
+    limit = options["limit"]
+    return str(limit["name"]), str(limit["key"]), limit.get("concurrency")
 
 
 class Core:
@@ -225,9 +232,19 @@ class Core:
         started by an activation.
         """
         try:
+            limited = [
+                limit_key(pending.options)
+                for each in effects
+                for pending in each.dispatches
+                if "limit" in pending.options
+            ]
+            if limited:
+                self.admit(limited)
             with self.app.producer_or_acquire() as producer:
                 for each in effects:
                     for pending in each.dispatches:
+                        if "limit" in pending.options:
+                            continue
                         options = dispatch.step_options(
                             each.workflow_id, pending.seq, pending.name, pending.options, False
                         )
@@ -270,10 +287,40 @@ class Core:
         """
         if effects.timers:
             self.index_timers(effects.timers)
+        limited = []
         for pending in effects.dispatches:
+            if "limit" in pending.options:
+                limited.append(limit_key(pending.options))
+                continue
             self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options, first)
+        if limited:
+            self.admit(limited)
         for workflow_id in effects.activations:
             self.send_activation(workflow_id, effects.names.get(workflow_id))
+
+    def admit(self, keys: list[tuple[str, str, int | None]]) -> int:
+        """Admit and send the queued steps that fit under each key; returns how many.
+
+        ``keys`` are (limit, key, declared concurrency). Called after the commit that queued
+        steps or freed slots; a failure is logged and left to the beat's sweep, which admits
+        every key with queued steps.
+        """
+        url, sent = self.settings.database_url, 0
+        for name, key, declared in dict.fromkeys(keys):
+
+            def attempt(name: str = name, key: str = key, declared: int | None = declared) -> Any:
+                with self.transaction() as conn:
+                    return limit_queries.admit(conn, name, key, declared)
+
+            try:
+                admitted = store_engine.with_retry(url, attempt, self.settings.connect_retries)
+            except Exception as exc:
+                log.warning("durable: could not admit %s/%s (%s); the sweep will", name, key, exc)
+                continue
+            for d in admitted:
+                self.send_step(d.workflow_id, d.seq, d.name, d.options)
+            sent += len(admitted)
+        return sent
 
     def index_timers(self, timers: list[tuple[int, float]]) -> None:
         """Add committed timers to the Redis index; PostgreSQL sweeps cover a failure here."""

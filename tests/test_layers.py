@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "errors",
             "ids",
             "leader",
+            "limits",
             "liveness",
             "redaction",
             "retry",

@@ -1,0 +1,246 @@
+"""Queries of concurrency limits: admission, the keys' queues, and the limits table.
+
+A step under a limit is inserted ``queued`` (``durable.store.statement.insert_new_steps``)
+with its limit's name, its key and its priority. It holds one of its key's slots from its
+admission (``queued`` → ``scheduled``) until it leaves ``scheduled``, ``started`` and
+``waiting`` (a retry's back-off keeps the slot), or its run ends. Every slot is thus a step
+row that the existing recovery moves on: a SIGKILLed worker's ``started`` step is
+re-sent when its lease expires and runs again in the same slot; a run that ends cancels its
+unstarted steps; a step of a run that is no longer running holds nothing.
+
+:func:`admit` is the one way into a slot. It runs in a transaction that first takes a
+transaction-level advisory lock on (limit, key), so that admissions of one key are serial
+across every process; its statement then sees every slot taken or freed before it. Freeing
+a slot needs no lock: a release can only make room, and whoever freed it calls
+:func:`admit` afterwards (the beat's sweep does too, for a release whose process died).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from durable.store.recovery import Dispatch, dispatches_from
+from durable.store.statement import statement
+
+HOLDING = "('scheduled', 'started', 'waiting')"
+"""Statuses of a limited step that hold a slot of its key (while its run is running)."""
+
+_LOCK = statement("SELECT pg_advisory_xact_lock(hashtextextended(:name || chr(31) || :key, 20))")
+
+# The limit's row is written once and again only when the declared concurrency changes, so
+# an admission writes nothing but the steps it admits. Its cap is the operators' override
+# when set, else the declaration (the step's, if the row is new). Queued steps are admitted
+# by priority (highest first), then in the order they were scheduled.
+_ADMIT = statement(
+    f"""
+    WITH ins AS (
+        INSERT INTO durable_limits AS l (name, concurrency) VALUES (:name, :declared)
+        ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency, updated_at = now()
+         WHERE l.concurrency IS DISTINCT FROM excluded.concurrency
+        RETURNING coalesce(concurrency_override, concurrency) AS cap
+    ), cap AS (
+        SELECT cap FROM ins
+        UNION ALL
+        SELECT coalesce(concurrency_override, concurrency) FROM durable_limits
+         WHERE name = :name AND NOT EXISTS (SELECT 1 FROM ins)
+    ), held AS (
+        SELECT count(*) AS n FROM durable_steps st
+          JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+         WHERE st.limit_name = :name AND st.limit_key = :key AND st.status IN {HOLDING}
+    ), pick AS (
+        SELECT st.workflow_id, st.seq FROM durable_steps st
+          JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+         WHERE st.limit_name = :name AND st.limit_key = :key AND st.status = 'queued'
+         ORDER BY st.priority DESC, st.created_at, st.workflow_id, st.seq
+         LIMIT (SELECT greatest(coalesce(max(cap.cap), 0) - max(held.n), 0) FROM cap, held)
+           FOR UPDATE OF st SKIP LOCKED
+    )
+    UPDATE durable_steps st
+       SET status = 'scheduled', dispatched_at = now(), dispatch_count = st.dispatch_count + 1
+      FROM pick WHERE st.workflow_id = pick.workflow_id AND st.seq = pick.seq
+    RETURNING st.workflow_id, st.seq, st.name, st.options
+    """
+)
+
+
+def admit(conn: Connection, name: str, key: str, declared: int | None) -> list[Dispatch]:
+    """Admit the queued steps of (``name``, ``key``) that fit; returns the messages to send.
+
+    ``conn`` must be in a transaction (its advisory lock holds until the commit), and the
+    messages sent only after the commit. ``declared``: the concurrency the code declares,
+    recorded as the limit's default (None: keep the recorded one).
+    """
+    conn.execute(_LOCK, {"name": name, "key": key})
+    params = {"name": name, "key": key, "declared": declared}
+    return dispatches_from(conn.execute(_ADMIT, params))
+
+
+# Every key with queued steps and a free slot, and the concurrency its newest queued step
+# declares: what the beat's sweep admits, for releases whose admission never ran (a process
+# killed after its settle committed, a run cancelled or ended) and for raised overrides.
+_QUEUED_KEYS = statement(
+    f"""
+    WITH q AS (
+        SELECT DISTINCT ON (limit_name, limit_key) limit_name, limit_key,
+               CAST(options -> 'limit' ->> 'concurrency' AS int) AS declared
+          FROM durable_steps
+         WHERE status = 'queued' AND (CAST(:name AS text) IS NULL OR limit_name = :name)
+         ORDER BY limit_name, limit_key, created_at DESC
+    )
+    SELECT q.limit_name, q.limit_key, q.declared
+      FROM q LEFT JOIN durable_limits l ON l.name = q.limit_name
+     WHERE (SELECT count(*) FROM durable_steps st
+              JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+             WHERE st.limit_name = q.limit_name AND st.limit_key = q.limit_key
+               AND st.status IN {HOLDING})
+           < coalesce(l.concurrency_override, q.declared, l.concurrency)
+     LIMIT :limit
+    """
+)
+
+
+def queued_keys(
+    conn: Connection, name: str | None = None, limit: int = 1000
+) -> list[tuple[str, str, int | None]]:
+    """(limit name, key, declared concurrency) of the keys with queued steps and room."""
+    params = {"name": name, "limit": limit}
+    return [(r.limit_name, r.limit_key, r.declared) for r in conn.execute(_QUEUED_KEYS, params)]
+
+
+_SET = statement(
+    """
+    UPDATE durable_limits SET concurrency_override = :concurrency, updated_at = now()
+     WHERE name = :name
+    RETURNING name
+    """
+)
+
+
+def set_override(conn: Connection, name: str, concurrency: int | None) -> bool:
+    """Set (or with None clear) a limit's run-time override; False if no such limit."""
+    return conn.execute(_SET, {"name": name, "concurrency": concurrency}).first() is not None
+
+
+@dataclass(frozen=True)
+class LimitUse:
+    """A limit and its use, as ``durable limits`` shows it."""
+
+    name: str
+    concurrency: int | None
+    """As the code declared it (the latest step admitted under it)."""
+    override: int | None
+    """Set by ``durable limits set``; wins while set."""
+    running: int
+    """Slots held, over every key."""
+    queued: int
+    keys: list[dict[str, Any]]
+    """Per key with slots held or steps queued: {key, running, queued}, busiest first."""
+
+    @property
+    def effective(self) -> int | None:
+        """The concurrency admissions use."""
+        return self.override if self.override is not None else self.concurrency
+
+
+_USE = statement(
+    f"""
+    WITH k AS (
+        SELECT st.limit_name, st.limit_key,
+               count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
+               count(*) FILTER (WHERE st.status = 'queued') AS queued
+          FROM durable_steps st
+          JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+         WHERE st.limit_name IS NOT NULL AND st.status IN ('queued', 'scheduled', 'started',
+                                                            'waiting')
+         GROUP BY st.limit_name, st.limit_key
+    )
+    SELECT l.name, l.concurrency, l.concurrency_override,
+           coalesce((SELECT sum(running) FROM k WHERE k.limit_name = l.name), 0) AS running,
+           coalesce((SELECT sum(queued) FROM k WHERE k.limit_name = l.name), 0) AS queued,
+           coalesce((SELECT jsonb_agg(jsonb_build_object('key', limit_key, 'running', running,
+                                                         'queued', queued)
+                                      ORDER BY running + queued DESC, limit_key)
+                       FROM (SELECT * FROM k WHERE k.limit_name = l.name
+                              ORDER BY running + queued DESC, limit_key
+                              LIMIT :keys) top), '[]') AS keys
+      FROM durable_limits l
+     WHERE CAST(:name AS text) IS NULL OR l.name = :name
+     ORDER BY l.name
+    """
+)
+
+
+def limit_use(conn: Connection, name: str | None = None, keys: int = 20) -> list[LimitUse]:
+    """Every registered limit (or the one named) with its use; at most ``keys`` keys each."""
+    rows = conn.execute(_USE, {"name": name, "keys": keys})
+    return [
+        LimitUse(
+            r.name,
+            r.concurrency,
+            r.concurrency_override,
+            int(r.running),
+            int(r.queued),
+            list(r.keys),
+        )
+        for r in rows
+    ]
+
+
+# A run's limited steps, and a queued one's place in its key's queue: 1 + the queued steps
+# of its key that admission takes before it (higher priority, or equal and older).
+_STEP_LIMITS = statement(
+    """
+    SELECT q.seq, q.limit_name, q.limit_key, q.priority,
+           CASE WHEN q.status = 'queued' THEN
+           (SELECT count(*) FROM durable_steps o
+              JOIN durable_workflows w ON w.id = o.workflow_id AND w.status = 'running'
+             WHERE o.limit_name = q.limit_name AND o.limit_key = q.limit_key
+               AND o.status = 'queued'
+               AND (o.priority > q.priority
+                    OR (o.priority = q.priority
+                        AND (o.created_at, o.workflow_id, o.seq)
+                            < (q.created_at, q.workflow_id, q.seq)))) + 1 END AS position
+      FROM durable_steps q
+     WHERE q.workflow_id = :wid AND q.limit_name IS NOT NULL
+    """
+)
+
+
+def step_limits(conn: Connection, workflow_id: str) -> dict[int, dict[str, Any]]:
+    """Per limited step of a run: {limit, key, priority, position}.
+
+    ``position`` is the step's place in its key's queue (1: admitted next) while it is
+    queued, else None.
+    """
+    return {
+        r.seq: {
+            "limit": r.limit_name,
+            "key": r.limit_key,
+            "priority": r.priority,
+            "position": None if r.position is None else int(r.position),
+        }
+        for r in conn.execute(_STEP_LIMITS, {"wid": workflow_id})
+    }
+
+
+# Metrics: queued steps and held slots per limit name (keys are not labels: unbounded).
+_COUNTS = statement(
+    f"""
+    SELECT st.limit_name,
+           count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
+           count(*) FILTER (WHERE st.status = 'queued') AS queued
+      FROM durable_steps st
+      JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+     WHERE st.limit_name IS NOT NULL
+       AND st.status IN ('queued', 'scheduled', 'started', 'waiting')
+     GROUP BY st.limit_name
+    """
+)
+
+
+def counts_by_limit(conn: Connection) -> dict[str, tuple[int, int]]:
+    """{limit name: (slots held, steps queued)} over running runs."""
+    return {r.limit_name: (int(r.running), int(r.queued)) for r in conn.execute(_COUNTS)}
