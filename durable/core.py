@@ -32,6 +32,7 @@ from durable.effects import Effects
 from durable.errors import ConfigurationError, UnknownWorkflow
 from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
+from durable.rate import RateBuckets
 from durable.serialization import decode, encode, open_error, readable_error, seal_error
 from durable.store import engine as store_engine
 from durable.store import limits as limit_queries
@@ -43,10 +44,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def limit_key(options: dict[str, Any]) -> tuple[str, str, int | None]:
-    """(limit, key, declared concurrency) of a limited step's stored options."""
+def limit_key(options: dict[str, Any]) -> limit_queries.LimitKey:
+    """The key to admit of a limited step's stored options (``durable.limits``)."""
     limit = options["limit"]
-    return str(limit["name"]), str(limit["key"]), limit.get("concurrency")
+    return str(limit["name"]), str(limit["key"]), limit.get("concurrency"), limit.get("interval")
 
 
 class Core:
@@ -63,6 +64,7 @@ class Core:
         """Each registered workflow's execution timeout in seconds (None: none)."""
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
+        self._rates: RateBuckets | None = None
         self._histories: HistoryCache | None = None
         app._durable = self  # type: ignore[attr-defined]
 
@@ -124,6 +126,13 @@ class Core:
             interval = self.settings.heartbeat_interval
             self._heartbeat = Heartbeat(self._renew_leases, interval)
         return self._heartbeat
+
+    @property
+    def rate_buckets(self) -> RateBuckets:
+        """The Redis buckets of rate limits."""
+        if self._rates is None:
+            self._rates = RateBuckets(self.settings.redis_url, self.settings.key_prefix)
+        return self._rates
 
     @property
     def timer_index(self) -> TimerIndex:
@@ -298,29 +307,53 @@ class Core:
         for workflow_id in effects.activations:
             self.send_activation(workflow_id, effects.names.get(workflow_id))
 
-    def admit(self, keys: list[tuple[str, str, int | None]]) -> int:
+    def admit(self, keys: list[limit_queries.LimitKey]) -> int:
         """Admit and send the queued steps that fit under each key; returns how many.
 
-        ``keys`` are (limit, key, declared concurrency). Called after the commit that queued
-        steps or freed slots; a failure is logged and left to the beat's sweep, which admits
-        every key with queued steps.
+        Called after the commit that queued steps or freed slots; a failure is logged and
+        left to the beat's sweep, which admits every key with queued steps and room.
         """
         url, sent = self.settings.database_url, 0
-        for name, key, declared in dict.fromkeys(keys):
+        for each in dict.fromkeys(keys):
 
-            def attempt(name: str = name, key: str = key, declared: int | None = declared) -> Any:
+            def attempt(each: limit_queries.LimitKey = each) -> Any:
                 with self.transaction() as conn:
-                    return limit_queries.admit(conn, name, key, declared)
+                    return self._admit(conn, each)
 
             try:
-                admitted = store_engine.with_retry(url, attempt, self.settings.connect_retries)
+                admitted, timer = store_engine.with_retry(
+                    url, attempt, self.settings.connect_retries
+                )
             except Exception as exc:
-                log.warning("durable: could not admit %s/%s (%s); the sweep will", name, key, exc)
+                log.warning("durable: could not admit %s/%s (%s); the sweep will", *each[:2], exc)
                 continue
+            if timer is not None:
+                self.index_timers([timer])
             for d in admitted:
                 self.send_step(d.workflow_id, d.seq, d.name, d.options)
             sent += len(admitted)
         return sent
+
+    def _admit(
+        self, conn: Connection, each: limit_queries.LimitKey
+    ) -> tuple[list[Any], tuple[int, float] | None]:
+        """One key's admission, in ``conn``'s transaction: (steps admitted, timer to index).
+
+        Under a rate the steps that fit also need a start from the key's bucket; when the
+        bucket has none, a durable timer admits the key again when the next one is free.
+        """
+        name, key, declared, interval = each
+        if interval is None:
+            return limit_queries.admit(conn, name, key, declared), None
+        picked = limit_queries.candidates(conn, name, key, declared)
+        if not picked:
+            return [], None
+        granted, wait = self.rate_buckets.take(name, key, interval, len(picked))
+        admitted = limit_queries.mark_admitted(conn, picked[:granted])
+        timer = None
+        if granted < len(picked):
+            timer = limit_queries.admit_later(conn, picked[granted], wait)
+        return admitted, timer
 
     def index_timers(self, timers: list[tuple[int, float]]) -> None:
         """Add committed timers to the Redis index; PostgreSQL sweeps cover a failure here."""

@@ -1,11 +1,12 @@
-"""Concurrency limits: at most N steps of a key running at once, across every worker.
+"""Flow control: at most N steps of a key running at once, and R starts per period.
 
 A :class:`Limit` is named, and its key is computed from a step's arguments where the step is
 scheduled (in the workflow's activation) and stored on the step's row. A limited step is
 written ``queued``; it is admitted (``scheduled`` and sent) when its key holds fewer than
-the limit's concurrency slots, highest ``priority`` first, then oldest first. The admission
-and its release live in :mod:`durable.store.limits`; this module only describes a step's
-limit as its options store it. Example::
+the limit's concurrency slots (and, with a ``rate``, a start is free in its Redis bucket,
+:mod:`durable.rate`), highest ``priority`` first, then oldest first. The admission and its
+release live in :mod:`durable.store.limits` and ``Core.admit``; this module only describes a
+step's limit as its options store it. Example::
 
     charges = Limit("charges", concurrency=1, key=lambda order: order["customer"])
     ctx.step(charge_card, order, limit=charges)
@@ -13,6 +14,7 @@ limit as its options store it. Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,25 @@ MAX_PRIORITY = 2**31 - 1
 
 GLOBAL_KEY = "*"
 """The key of a limit without a key function: one queue for every step under it."""
+
+
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE = re.compile(r"([0-9]+)/([0-9]*)([smhd])")
+
+
+def parse_rate(name: str, rate: object) -> tuple[int, float]:
+    """``"100/m"`` as (100 starts, per 60 seconds); :class:`InvalidLimit` if malformed.
+
+    The period is ``s``, ``m``, ``h`` or ``d``, with an optional count (``"10/5s"``).
+    """
+    found = _RATE.fullmatch(rate.strip()) if isinstance(rate, str) else None
+    if found is None:
+        shown = repr(rate)[:40]
+        raise InvalidLimit(name, f"rate must be like '100/m' or '5/s', not {shown}")
+    count, many, unit = int(found[1]), int(found[2] or 1), found[3]
+    if count < 1 or many < 1 or count > MAX_PRIORITY:
+        raise InvalidLimit(name, f"rate {rate!r} must allow at least 1 start per period")
+    return count, many * _PERIODS[unit]
 
 
 def check_concurrency(name: str, concurrency: object, allow_zero: bool = False) -> int:
@@ -59,7 +80,7 @@ class Limit:
 
     Example::
 
-        partner_api = Limit("partner-api", concurrency=5)
+        partner_api = Limit("partner-api", concurrency=5, rate="100/m")
         charges = Limit("charges", concurrency=1, key=lambda order: order["customer"])
 
         ctx.step(call_partner, payload, limit=partner_api)
@@ -71,18 +92,27 @@ class Limit:
 
     name: str
     """The limit's name: steps under limits of one name share its slots, per key."""
-    concurrency: int
-    """Slots per key, at least 1; ``durable limits set`` can override it at run time."""
+    concurrency: int | None = None
+    """Slots per key, at least 1; ``durable limits set`` can override it at run time.
+    None: no concurrency limit (``rate`` only)."""
     key: Callable[..., str] | None = None
     """A function of the step's arguments returning the key (a string); None: one key for
     every step under the limit. It must be deterministic: it runs once, when the step is
     scheduled, and the key is stored with the step."""
+    rate: str | None = None
+    """At most this many starts per period per key, across every worker: ``"100/m"``,
+    ``"5/s"``, ``"10/5s"``; starts are spaced evenly over the period (no burst)."""
 
     def __post_init__(self) -> None:
         """Check the definition where it is written."""
         if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 200:
             raise InvalidLimit("", f"name must be a non-empty string, not {self.name!r}")
-        check_concurrency(self.name, self.concurrency)
+        if self.concurrency is None and self.rate is None:
+            raise InvalidLimit(self.name, "give concurrency=, rate= or both")
+        if self.concurrency is not None:
+            check_concurrency(self.name, self.concurrency)
+        if self.rate is not None:
+            parse_rate(self.name, self.rate)
         if self.key is not None and not callable(self.key):
             raise InvalidLimit(self.name, f"key must be a function, not {self.key!r}")
 
@@ -103,11 +133,22 @@ class Limit:
             )
         return key
 
+    @property
+    def interval(self) -> float | None:
+        """Seconds between two starts of one key under ``rate``; None without a rate."""
+        if self.rate is None:
+            return None
+        count, period = parse_rate(self.name, self.rate)
+        return period / count
+
     def for_step(self, args: list[Any], kwargs: dict[str, Any], priority: int) -> dict[str, Any]:
-        """The step's ``limit`` option as stored: name, key, declared concurrency, priority."""
-        return {
+        """The step's ``limit`` option as stored (with a rate, its interval too)."""
+        stored: dict[str, Any] = {
             "name": self.name,
             "key": self.key_of(args, kwargs),
             "concurrency": self.concurrency,
             "priority": check_priority(self.name, priority),
         }
+        if self.rate is not None:
+            stored["rate"], stored["interval"] = self.rate, self.interval
+        return stored

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "leader",
             "limits",
             "liveness",
+            "rate",
             "redaction",
             "retry",
             "serialization",

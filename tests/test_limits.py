@@ -151,7 +151,7 @@ def test_a_limit_changed_while_steps_queue(
     with durable.connect() as conn:
         keys = limit_queries.queued_keys(conn, name)
     assert keys == []  # no key has room
-    assert durable.admit([(name, "*", 1)]) == 0
+    assert durable.admit([(name, "*", 1, None)]) == 0
     assert statuses(database_url, name).get("queued") == 2
 
     # Cleared: the code's declaration (1) applies again, and the queue drains one by one.
@@ -193,6 +193,16 @@ def test_bad_limits_are_refused_in_one_line(
         with pytest.raises(InvalidLimit, match=says) as caught:
             Limit(*args, **kwargs)
         assert "\n" not in str(caught.value)
+    for rate, says in [
+        ("fast", "rate must be like '100/m'"),
+        ("0/s", "must allow at least 1 start"),
+        ("5/x", "rate must be like"),
+        (5, "rate must be like"),
+    ]:
+        with pytest.raises(InvalidLimit, match=says):
+            Limit("x", rate=rate)  # type: ignore[arg-type]
+    with pytest.raises(InvalidLimit, match="give concurrency=, rate= or both"):
+        Limit("x")
     with pytest.raises(InvalidLimit, match="priority must be an integer"):
         Limit("x", 1).for_step([], {}, "high")  # type: ignore[arg-type]
 
@@ -324,3 +334,26 @@ def test_queued_steps_survive_a_redis_flush_and_a_new_beat(
     client.set(f"{prefix}:open", 1)
     wait_until(lambda: all_completed(durable, ids), timeout=120, interval=0.5, what="all done")
     assert most_at_once(intervals(database_url, name)) == 1
+
+
+def test_a_rate_spreads_thirty_starts_and_survives_a_redis_flush(
+    fleet: Any, prefix: str, database_url: str, redis_url: str
+) -> None:
+    durable, workers, *_ = fleet
+    name = f"{prefix}-rate"
+    for i in range(3):
+        workers.start(f"w{i}", concurrency=2)
+    # The rate spaces the sends; a worker still booting would take a backlog all at once.
+    ping = durable.app.control.ping
+    wait_until(lambda: len(ping(timeout=0.5)) == 3, timeout=60, what="three workers up")
+    ids = [durable.start("limits.one", "any", f"r{i}", 0.0, "rate").id for i in range(30)]
+    done = lambda: sum(durable.run(i).status() == "completed" for i in ids)  # noqa: E731
+    wait_until(lambda: done() >= 10, timeout=60, interval=0.2, what="ten started")
+    clean_keys(redis_url, prefix)  # the buckets, the timer index and the queues are gone
+    wait_until(lambda: done() == 30, timeout=180, interval=0.5, what="all 30 done")
+    starts = sorted(start for start, _ in intervals(database_url, name))
+    assert len(starts) == 30
+    # 5 per second, spaced evenly: 30 starts span at least 29 intervals of 0.2 s, less the
+    # one start a lost bucket may let through early.
+    assert (starts[-1] - starts[0]).total_seconds() >= 5.5
+    assert statuses(database_url, name) == {"completed": 30}

@@ -17,6 +17,7 @@ a slot needs no lock: a release can only make room, and whoever freed it calls
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,12 @@ from sqlalchemy import Connection
 from durable.store.recovery import Dispatch, dispatches_from
 from durable.store.statement import statement
 
+StepKey = tuple[str, int]
+"""A step: (workflow id, step number)."""
+
+LimitKey = tuple[str, str, int | None, float | None]
+"""A key to admit: (limit name, key, declared concurrency, seconds between starts or None)."""
+
 HOLDING = "('scheduled', 'started', 'waiting')"
 """Statuses of a limited step that hold a slot of its key (while its run is running)."""
 
@@ -32,10 +39,10 @@ _LOCK = statement("SELECT pg_advisory_xact_lock(hashtextextended(:name || chr(31
 
 # The limit's row is written once and again only when the declared concurrency changes, so
 # an admission writes nothing but the steps it admits. Its cap is the operators' override
-# when set, else the declaration (the step's, if the row is new). Queued steps are admitted
-# by priority (highest first), then in the order they were scheduled.
-_ADMIT = statement(
-    f"""
+# when set, else the declaration (the step's, if the row is new); NULL (a rate-only limit):
+# no cap. Queued steps are picked by priority (highest first), then in the order they were
+# scheduled, as many as the key has free slots.
+_PICK = f"""
     WITH ins AS (
         INSERT INTO durable_limits AS l (name, concurrency) VALUES (:name, :declared)
         ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency, updated_at = now()
@@ -51,13 +58,19 @@ _ADMIT = statement(
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
          WHERE st.limit_name = :name AND st.limit_key = :key AND st.status IN {HOLDING}
     ), pick AS (
-        SELECT st.workflow_id, st.seq FROM durable_steps st
+        SELECT st.workflow_id, st.seq, st.priority, st.created_at FROM durable_steps st
           JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
          WHERE st.limit_name = :name AND st.limit_key = :key AND st.status = 'queued'
          ORDER BY st.priority DESC, st.created_at, st.workflow_id, st.seq
-         LIMIT (SELECT greatest(coalesce(max(cap.cap), 0) - max(held.n), 0) FROM cap, held)
+         LIMIT (SELECT CASE WHEN max(cap.cap) IS NULL THEN NULL
+                            ELSE greatest(max(cap.cap) - max(held.n), 0) END
+                  FROM cap, held)
            FOR UPDATE OF st SKIP LOCKED
-    )
+    )"""
+
+_ADMIT = statement(
+    _PICK
+    + """
     UPDATE durable_steps st
        SET status = 'scheduled', dispatched_at = now(), dispatch_count = st.dispatch_count + 1
       FROM pick WHERE st.workflow_id = pick.workflow_id AND st.seq = pick.seq
@@ -65,17 +78,76 @@ _ADMIT = statement(
     """
 )
 
+_CANDIDATES = statement(
+    _PICK
+    + """
+    SELECT workflow_id, seq FROM pick ORDER BY priority DESC, created_at, workflow_id, seq
+    """
+)
+
+_MARK = statement(
+    """
+    UPDATE durable_steps st
+       SET status = 'scheduled', dispatched_at = now(), dispatch_count = st.dispatch_count + 1
+      FROM jsonb_to_recordset(CAST(:keys AS jsonb)) AS k(wid text, seq int)
+     WHERE st.workflow_id = k.wid AND st.seq = k.seq AND st.status = 'queued'
+    RETURNING st.workflow_id, st.seq, st.name, st.options
+    """
+)
+
+# The next start of a rate-limited key is free in :wait seconds: a durable timer on the
+# key's first queued step (purpose 'admit'; firing it admits the key again), unless that step
+# has one pending already.
+_ADMIT_TIMER = statement(
+    """
+    INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
+    SELECT :wid, :seq, 'admit', now() + make_interval(secs => :wait)
+     WHERE NOT EXISTS (SELECT 1 FROM durable_timers WHERE workflow_id = :wid AND seq = :seq
+                          AND purpose = 'admit' AND fired_at IS NULL)
+    RETURNING id, extract(epoch FROM fire_at) AS fire_at
+    """
+)
+
+
+def lock_key(conn: Connection, name: str, key: str) -> None:
+    """Make admissions of (``name``, ``key``) serial until ``conn``'s transaction ends."""
+    conn.execute(_LOCK, {"name": name, "key": key})
+
 
 def admit(conn: Connection, name: str, key: str, declared: int | None) -> list[Dispatch]:
     """Admit the queued steps of (``name``, ``key``) that fit; returns the messages to send.
 
     ``conn`` must be in a transaction (its advisory lock holds until the commit), and the
     messages sent only after the commit. ``declared``: the concurrency the code declares,
-    recorded as the limit's default (None: keep the recorded one).
+    recorded as the limit's default (None: none, a rate-only limit).
     """
-    conn.execute(_LOCK, {"name": name, "key": key})
+    lock_key(conn, name, key)
     params = {"name": name, "key": key, "declared": declared}
     return dispatches_from(conn.execute(_ADMIT, params))
+
+
+def candidates(conn: Connection, name: str, key: str, declared: int | None) -> list[StepKey]:
+    """As :func:`admit` (lock included), but only pick: the steps that fit, in order."""
+    lock_key(conn, name, key)
+    params = {"name": name, "key": key, "declared": declared}
+    return [(r.workflow_id, r.seq) for r in conn.execute(_CANDIDATES, params)]
+
+
+def mark_admitted(conn: Connection, picked: list[StepKey]) -> list[Dispatch]:
+    """Admit the steps :func:`candidates` picked (those that got a start of their rate)."""
+    if not picked:
+        return []
+    keys = json.dumps([{"wid": wid, "seq": seq} for wid, seq in picked])
+    return dispatches_from(conn.execute(_MARK, {"keys": keys}))
+
+
+def admit_later(conn: Connection, step: StepKey, wait: float) -> tuple[int, float] | None:
+    """A timer admitting ``step``'s key again in ``wait`` s: (id, fire time) or None.
+
+    None: the step has one pending already.
+    """
+    row = conn.execute(_ADMIT_TIMER, {"wid": step[0], "seq": step[1], "wait": wait}).first()
+    return None if row is None else (int(row.id), float(row.fire_at))
 
 
 # Every key with queued steps and a free slot, and the concurrency its newest queued step
@@ -85,14 +157,16 @@ _QUEUED_KEYS = statement(
     f"""
     WITH q AS (
         SELECT DISTINCT ON (limit_name, limit_key) limit_name, limit_key,
-               CAST(options -> 'limit' ->> 'concurrency' AS int) AS declared
+               CAST(options -> 'limit' ->> 'concurrency' AS int) AS declared,
+               CAST(options -> 'limit' ->> 'interval' AS float8) AS interval
           FROM durable_steps
          WHERE status = 'queued' AND (CAST(:name AS text) IS NULL OR limit_name = :name)
          ORDER BY limit_name, limit_key, created_at DESC
     )
-    SELECT q.limit_name, q.limit_key, q.declared
+    SELECT q.limit_name, q.limit_key, q.declared, q.interval
       FROM q LEFT JOIN durable_limits l ON l.name = q.limit_name
-     WHERE (SELECT count(*) FROM durable_steps st
+     WHERE coalesce(l.concurrency_override, q.declared, l.concurrency) IS NULL
+        OR (SELECT count(*) FROM durable_steps st
               JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
              WHERE st.limit_name = q.limit_name AND st.limit_key = q.limit_key
                AND st.status IN {HOLDING})
@@ -102,12 +176,14 @@ _QUEUED_KEYS = statement(
 )
 
 
-def queued_keys(
-    conn: Connection, name: str | None = None, limit: int = 1000
-) -> list[tuple[str, str, int | None]]:
-    """(limit name, key, declared concurrency) of the keys with queued steps and room."""
+def queued_keys(conn: Connection, name: str | None = None, limit: int = 1000) -> list[LimitKey]:
+    """The keys with queued steps and room, as :data:`LimitKey`.
+
+    A rate-limited key without a concurrency cap is always listed: its bucket decides.
+    """
     params = {"name": name, "limit": limit}
-    return [(r.limit_name, r.limit_key, r.declared) for r in conn.execute(_QUEUED_KEYS, params)]
+    rows = conn.execute(_QUEUED_KEYS, params)
+    return [(r.limit_name, r.limit_key, r.declared, r.interval) for r in rows]
 
 
 _SET = statement(

@@ -19,7 +19,8 @@ class FiredTimer:
     workflow_id: str
     seq: int
     kind: str
-    """``task``: send the step again; ``deadline``: end the run; else activate the run."""
+    """``task``: send the step again; ``deadline``: end the run; ``admit``: admit the queued
+    step's limit key again; else activate the run."""
     name: str
     options: dict[str, Any]
     lateness: float
@@ -36,6 +37,8 @@ class FiredTimer:
 #   local  -> ready (a local step's retry is due: replay runs it)
 #   signal -> timeout (the wait raises SignalTimeout on replay)
 # A 'deadline' timer (position 0) is a run's execution timeout; the caller ends the run.
+# An 'admit' timer is on a queued step of a rate-limited key: the caller admits the key
+# again (``durable.store.limits``), the step's options naming it.
 _FIRE = statement(
     """
     WITH t AS (
@@ -52,7 +55,7 @@ _FIRE = statement(
                dispatch_count = st.dispatch_count + CASE WHEN st.kind = 'task' THEN 1 ELSE 0 END
           FROM t
          WHERE st.workflow_id = t.workflow_id AND st.seq = t.seq AND st.status = 'waiting'
-           AND t.purpose <> 'deadline'
+           AND t.purpose NOT IN ('deadline', 'admit')
         RETURNING st.workflow_id, st.seq, st.kind, st.name, st.options
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
@@ -66,11 +69,14 @@ _FIRE = statement(
            AND wf.id IN (SELECT workflow_id FROM s WHERE kind <> 'task')
     )
     SELECT t.id, t.workflow_id, t.seq, t.purpose,
-           coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, '') AS name, s.options,
+           coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, q.name, '') AS name,
+           coalesce(s.options, q.options) AS options,
            extract(epoch FROM now() - t.fire_at) AS lateness, wf.name AS workflow_name
       FROM t LEFT JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
+      LEFT JOIN durable_steps q ON t.purpose = 'admit' AND q.workflow_id = t.workflow_id
+                               AND q.seq = t.seq AND q.status = 'queued'
       JOIN durable_workflows wf ON wf.id = t.workflow_id AND wf.status = 'running'
-     WHERE s.seq IS NOT NULL OR t.purpose = 'deadline'
+     WHERE s.seq IS NOT NULL OR t.purpose = 'deadline' OR q.seq IS NOT NULL
     """
 )
 

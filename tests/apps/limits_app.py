@@ -42,7 +42,8 @@ def build(
     per_customer = Limit(f"{prefix}-customer", concurrency=2, key=by_customer)
     single = Limit(f"{prefix}-single", concurrency=1)
     declared = Limit(f"{prefix}-declared", concurrency=1, key=by_customer)
-    limits = {"customer": per_customer, "single": single}
+    rated = Limit(f"{prefix}-rate", rate="5/s")
+    limits = {"customer": per_customer, "single": single, "rate": rated}
 
     @app.task(name="limits.work", shared=False)
     def work(customer: str, tag: str, seconds: float) -> str:
