@@ -115,6 +115,8 @@ class WorkflowContext(Replay):
         """
         if local and timeout is not None:
             raise ValueError("ctx.step: timeout= applies to remote steps, not to local=True")
+        if local and isinstance(kwargs.get("limit"), Limit):
+            raise ValueError("ctx.step: limit= applies to remote steps, not to local=True")
         kind = "local" if local else "task"
         seq, record = self._take(kind, _step_name(task))
         if record is not None and not (local and record.status == "ready"):

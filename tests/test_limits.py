@@ -15,12 +15,14 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 
 from durable import Durable, InvalidLimit, Limit, LimitKeyError
 from durable import admin as admin_verbs
 from durable.beat import Beat
 from durable.cli import cli
 from durable.errors import LimitNotFound
+from durable.metrics import StoreCollector
 from durable.store import limits as limit_queries
 from tests.apps.limits_app import build
 from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, query, wait_until
@@ -142,6 +144,10 @@ def test_a_limit_changed_while_steps_queue(
     assert (use["concurrency"], use["override"], use["effective"]) == (1, 3, 3)
     assert (use["running"], use["queued"]) == (3, 2)
     assert use["keys"] == [{"key": "*", "running": 3, "queued": 2}]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(durable))
+    assert registry.get_sample_value("durable_limit_running", {"limit": name}) == 3
+    assert registry.get_sample_value("durable_limit_queued", {"limit": name}) == 2
 
     # Lowered to 0 (a pause): the three keep their slots, nothing more is admitted.
     result = invoke("limits", "set", name, "--concurrency", "0", "--database-url", database_url)
@@ -214,6 +220,11 @@ def test_bad_limits_are_refused_in_one_line(
     assert "LimitKeyError" in error and "key function raised TypeError" in error
     assert "\n" not in error
     assert query(database_url, "SELECT 1 FROM durable_steps WHERE workflow_id = :w", w=run.id) == []
+    local = durable.start("limits.local")
+    wait_until(lambda: local.status() == "failed", what="the local step refused")
+    with durable.connect() as conn:
+        error = admin_verbs.describe_run(conn, local.id)["error"]
+    assert "limit= applies to remote steps, not to local=True" in error
     with pytest.raises(LimitKeyError, match="must return a non-empty string"):
         Limit("x", 1, key=lambda *_: 42).key_of([1], {})
 

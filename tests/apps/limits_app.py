@@ -89,6 +89,10 @@ def build(
     def plain_workflow(ctx: Any) -> list[int]:
         return list(ctx.step(plain, limit=3, priority=4))
 
+    @durable.workflow("limits.local")
+    def local_limited(ctx: Any) -> str:
+        return str(ctx.step(by_customer, "x", local=True, limit=single))
+
     @durable.workflow("limits.bad_key")
     def bad_key(ctx: Any, customer: Any) -> str:
         broken = Limit(f"{prefix}-broken", concurrency=1, key=lambda c, *_: c["id"])
