@@ -372,11 +372,22 @@ def purge(conn: Connection, older_than: timedelta, dry_run: bool = False) -> int
             return total
 
 
+def rate_text(interval: float | None) -> str | None:
+    """A rate's interval between starts as starts per period: 0.2 -> ``"5/s"``."""
+    if interval is None or interval <= 0:
+        return None
+    for unit, seconds in (("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0)):
+        if seconds / interval >= 1 or unit == "d":
+            return f"{seconds / interval:.4g}/{unit}"
+    return None
+
+
 def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any]]:
     """The registered concurrency limits and their use, as ``durable limits`` shows them.
 
     Each: ``name``, ``concurrency`` (as the code declares it), ``override`` (set by
-    :func:`set_limit`, wins while set), ``effective``, ``running`` (slots held) and
+    :func:`set_limit`, wins while set), ``effective``, ``rate`` (declared, per second,
+    minute, hour or day, e.g. ``"5/s"``; None without one), ``running`` (slots held) and
     ``queued`` over every key, and ``keys``: the busiest 20 keys with theirs.
     A limit is registered when a step under it is first admitted.
 
@@ -392,6 +403,7 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
             "concurrency": use.concurrency,
             "override": use.override,
             "effective": use.effective,
+            "rate": rate_text(use.rate_interval),
             "running": use.running,
             "queued": use.queued,
             "keys": use.keys,

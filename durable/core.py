@@ -345,7 +345,7 @@ class Core:
         name, key, declared, interval = each
         if interval is None:
             return limit_queries.admit(conn, name, key, declared), None
-        picked = limit_queries.candidates(conn, name, key, declared)
+        picked = limit_queries.candidates(conn, name, key, declared, interval)
         if not picked:
             return [], None
         granted, wait = self.rate_buckets.take(name, key, interval, len(picked))

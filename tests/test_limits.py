@@ -141,7 +141,7 @@ def test_a_limit_changed_while_steps_queue(
     wait_until(lambda: len(entered(client, prefix)) == 3, what="three running")
     with durable.connect() as conn:
         (use,) = admin_verbs.list_limits(conn, name)
-    assert (use["concurrency"], use["override"], use["effective"]) == (1, 3, 3)
+    assert (use["concurrency"], use["override"], use["effective"], use["rate"]) == (1, 3, 3, None)
     assert (use["running"], use["queued"]) == (3, 2)
     assert use["keys"] == [{"key": "*", "running": 3, "queued": 2}]
     registry = CollectorRegistry(auto_describe=False)
@@ -368,3 +368,6 @@ def test_a_rate_spreads_thirty_starts_and_survives_a_redis_flush(
     # one start a lost bucket may let through early.
     assert (starts[-1] - starts[0]).total_seconds() >= 5.5
     assert statuses(database_url, name) == {"completed": 30}
+    with durable.connect() as conn:
+        (use,) = admin_verbs.list_limits(conn, name)
+    assert (use["concurrency"], use["rate"], use["running"], use["queued"]) == (None, "5/s", 0, 0)

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("concurrency", sa.Integer(), nullable=True),
         sa.Column("concurrency_override", sa.Integer(), nullable=True),
+        sa.Column("rate_interval", sa.Float(), nullable=True),
         sa.Column(
             "updated_at",
             sa.DateTime(timezone=True),

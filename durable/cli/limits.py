@@ -44,7 +44,8 @@ def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str
     if as_json:
         print_json(rows)
         return
-    table = make_table("limit", "declared", "override", "effective", "running", "queued", "keys")
+    columns = ("limit", "declared", "override", "effective", "rate", "running", "queued", "keys")
+    table = make_table(*columns)
     for row in rows:
         keys = ", ".join(f"{k['key']} {k['running']}/{k['queued']}" for k in row["keys"])
         table.add_row(
@@ -52,6 +53,7 @@ def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str
             _number(row["concurrency"]),
             _number(row["override"]),
             _number(row["effective"]),
+            row["rate"] or "-",
             str(row["running"]),
             str(row["queued"]),
             Text(keys),

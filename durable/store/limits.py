@@ -37,16 +37,21 @@ HOLDING = "('scheduled', 'started', 'waiting')"
 
 _LOCK = statement("SELECT pg_advisory_xact_lock(hashtextextended(:name || chr(31) || :key, 20))")
 
-# The limit's row is written once and again only when the declared concurrency changes, so
+# The limit's row is written once and again only when the declaration (its concurrency, its
+# rate's interval) changes, so
 # an admission writes nothing but the steps it admits. Its cap is the operators' override
 # when set, else the declaration (the step's, if the row is new); NULL (a rate-only limit):
 # no cap. Queued steps are picked by priority (highest first), then in the order they were
 # scheduled, as many as the key has free slots.
 _PICK = f"""
     WITH ins AS (
-        INSERT INTO durable_limits AS l (name, concurrency) VALUES (:name, :declared)
-        ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency, updated_at = now()
+        INSERT INTO durable_limits AS l (name, concurrency, rate_interval)
+        VALUES (:name, :declared, :interval)
+        ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency,
+                                         rate_interval = excluded.rate_interval,
+                                         updated_at = now()
          WHERE l.concurrency IS DISTINCT FROM excluded.concurrency
+            OR l.rate_interval IS DISTINCT FROM excluded.rate_interval
         RETURNING coalesce(concurrency_override, concurrency) AS cap
     ), cap AS (
         SELECT cap FROM ins
@@ -114,22 +119,27 @@ def lock_key(conn: Connection, name: str, key: str) -> None:
     conn.execute(_LOCK, {"name": name, "key": key})
 
 
-def admit(conn: Connection, name: str, key: str, declared: int | None) -> list[Dispatch]:
+def admit(
+    conn: Connection, name: str, key: str, declared: int | None, interval: float | None = None
+) -> list[Dispatch]:
     """Admit the queued steps of (``name``, ``key``) that fit; returns the messages to send.
 
     ``conn`` must be in a transaction (its advisory lock holds until the commit), and the
     messages sent only after the commit. ``declared``: the concurrency the code declares,
-    recorded as the limit's default (None: none, a rate-only limit).
+    recorded as the limit's default (None: none, a rate-only limit); ``interval``: its rate's
+    seconds between starts, recorded for ``durable limits``.
     """
     lock_key(conn, name, key)
-    params = {"name": name, "key": key, "declared": declared}
+    params = {"name": name, "key": key, "declared": declared, "interval": interval}
     return dispatches_from(conn.execute(_ADMIT, params))
 
 
-def candidates(conn: Connection, name: str, key: str, declared: int | None) -> list[StepKey]:
+def candidates(
+    conn: Connection, name: str, key: str, declared: int | None, interval: float | None
+) -> list[StepKey]:
     """As :func:`admit` (lock included), but only pick: the steps that fit, in order."""
     lock_key(conn, name, key)
-    params = {"name": name, "key": key, "declared": declared}
+    params = {"name": name, "key": key, "declared": declared, "interval": interval}
     return [(r.workflow_id, r.seq) for r in conn.execute(_CANDIDATES, params)]
 
 
@@ -209,6 +219,8 @@ class LimitUse:
     """As the code declared it (the latest step admitted under it)."""
     override: int | None
     """Set by ``durable limits set``; wins while set."""
+    rate_interval: float | None
+    """Seconds between two starts of a key under the declared rate; None: no rate."""
     running: int
     """Slots held, over every key."""
     queued: int
@@ -233,7 +245,7 @@ _USE = statement(
                                                             'waiting')
          GROUP BY st.limit_name, st.limit_key
     )
-    SELECT l.name, l.concurrency, l.concurrency_override,
+    SELECT l.name, l.concurrency, l.concurrency_override, l.rate_interval,
            coalesce((SELECT sum(running) FROM k WHERE k.limit_name = l.name), 0) AS running,
            coalesce((SELECT sum(queued) FROM k WHERE k.limit_name = l.name), 0) AS queued,
            coalesce((SELECT jsonb_agg(jsonb_build_object('key', limit_key, 'running', running,
@@ -257,6 +269,7 @@ def limit_use(conn: Connection, name: str | None = None, keys: int = 20) -> list
             r.name,
             r.concurrency,
             r.concurrency_override,
+            r.rate_interval,
             int(r.running),
             int(r.queued),
             list(r.keys),

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -322,6 +323,8 @@ class FlowLimit(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     concurrency: Mapped[int | None] = mapped_column(Integer)
     concurrency_override: Mapped[int | None] = mapped_column(Integer)
+    # Seconds between two starts of a key under the declared rate (period / count).
+    rate_interval: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
 
     __table_args__ = (
