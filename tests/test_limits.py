@@ -185,6 +185,20 @@ def test_a_task_declares_its_limit_and_other_tasks_keep_their_keywords(
     assert [durable.run(i).result(timeout=30) for i in (first, other)] == ["a:7", "c:7"]
 
 
+def test_a_parallel_batch_under_a_limit(
+    limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
+) -> None:
+    _, durable, client = limited
+    name = f"{prefix}-single"
+    run = durable.start("limits.fan", ["a", "b", "c", "d"])
+    wait_until(lambda: len(entered(client, prefix)) == 1, what="one of the batch admitted")
+    wait_until(lambda: statuses(database_url, name).get("queued") == 3, what="three queued")
+    client.set(f"{prefix}:open", 1)
+    assert run.result(timeout=60) == ["a", "b", "c", "d"]
+    assert entered(client, prefix) == ["a", "b", "c", "d"]  # equal priority: in order
+    assert most_at_once(intervals(database_url, name)) == 1
+
+
 def test_bad_limits_are_refused_in_one_line(
     limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
 ) -> None:

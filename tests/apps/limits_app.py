@@ -89,6 +89,10 @@ def build(
     def plain_workflow(ctx: Any) -> list[int]:
         return list(ctx.step(plain, limit=3, priority=4))
 
+    @durable.workflow("limits.fan")
+    def fan(ctx: Any, tags: list[str]) -> list[str]:
+        return list(ctx.map(gate.s("c"), tags, limit=single, priority=1))
+
     @durable.workflow("limits.local")
     def local_limited(ctx: Any) -> str:
         return str(ctx.step(by_customer, "x", local=True, limit=single))
