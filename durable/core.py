@@ -7,7 +7,8 @@ Celery app's config so that it can be set after ``Durable(app)``:
 - connections to the store (``store``, ``transaction``, ``connect``), retried on failure;
 - the lease heartbeat, the history cache and the Redis index of timers;
 - the workflow registry (name to function, and each workflow's execution timeout);
-- the outbox: ``send_step``, ``send_activation``, ``apply_effects`` and ``index_timers``,
+- the outbox: ``send_step``, ``send_activation``, ``apply_effects``, ``index_timers`` and
+  ``admit`` (steps under a limit, admitted then sent; the buckets of rates, ``rate_buckets``),
   the one way a message leaves the process (the message itself is built by
   :mod:`durable.dispatch`).
 
