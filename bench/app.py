@@ -1,7 +1,9 @@
 """The app the benchmark's worker runs: ``celery -A bench.app worker``.
 
 One trivial task, ``bench.add``, is both the link of the plain Celery chain and the step of
-the durable workflow, so the two sides run the same code on the same worker. Its optional
+the durable workflow, so the two sides run the same code on the same worker;
+``bench.limited`` is the same workflow with every step under a concurrency limit that never
+binds (the cost of a limited step). Its optional
 ``notify`` argument names a Redis list to which it pushes the wall-clock time at which it
 ran: the completion signal of the last link or step. The other workflows serve the other
 parts: ``bench.local`` (local steps), ``bench.nap`` (one sleep: timer lateness),
@@ -29,13 +31,15 @@ import redis
 from celery import Celery, Task
 from sqlalchemy import Engine, TextClause, event
 
-from durable import Durable
+from durable import Durable, Limit
 from durable.store import engine as store_engine
 from durable.store import recovery, runs, steps, timers
 from durable.store import statement as store_statement
 
 PREFIX_ENV = "BENCH_PREFIX"
 STEPS_WORKFLOW = "bench.steps"
+LIMITED_WORKFLOW = "bench.limited"
+LIMIT_SLOTS = 1_000_000  # a concurrency limit that never binds: its cost, not its waits
 LOCAL_WORKFLOW = "bench.local"
 NAP_WORKFLOW = "bench.nap"
 REPLAY_WORKFLOW = "bench.replay"
@@ -143,6 +147,16 @@ def build(
         for _ in range(n - 1):
             x = ctx.step(add, x, 1)
         return int(ctx.step(add, x, 1, notify=notify))
+
+    limit = Limit(f"{prefix}-bench", concurrency=LIMIT_SLOTS)
+
+    @durable.workflow(LIMITED_WORKFLOW)
+    def chain_of_limited_steps(ctx: Any, n: int, notify: str) -> int:
+        """``bench.steps`` with every step under a concurrency limit (one key)."""
+        x = 0
+        for _ in range(n - 1):
+            x = ctx.step(add, x, 1, limit=limit)
+        return int(ctx.step(add, x, 1, notify=notify, limit=limit))
 
     @durable.workflow(LOCAL_WORKFLOW)
     def local_steps(ctx: Any, n: int) -> int:

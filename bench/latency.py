@@ -8,6 +8,8 @@ For N = 1, 10 and 100, after one warm-up run of each kind, runs are timed interl
 - the workflow ``for _ in range(N): x = ctx.step(add, x, 1)``: its last step pushes its time
   like the chain's last link (same signal), and PostgreSQL notifies the caller when the run's
   result is committed;
+- the same workflow with every step under a concurrency limit that never binds
+  (``bench.limited``): until its result is committed, the cost of a limited step;
 - the same workflow started with ``eager_start`` off (its first step scheduled by a first
   activation on the worker; by default ``start()`` schedules it itself): until its result
   is committed.
@@ -29,7 +31,7 @@ import psutil
 import psycopg
 from celery import chain
 
-from bench.app import LOCAL_WORKFLOW, STEPS_WORKFLOW
+from bench.app import LIMITED_WORKFLOW, LOCAL_WORKFLOW, STEPS_WORKFLOW
 from bench.common import BenchError, psycopg_url
 from bench.harness import RUN_TIMEOUT, Bench
 from durable.store import engine as store_engine
@@ -50,6 +52,8 @@ class Samples:
     durable_last: dict[int, list[float]] = field(default_factory=dict)
     durable_done: dict[int, list[float]] = field(default_factory=dict)
     activated_done: dict[int, list[float]] = field(default_factory=dict)
+    limited_done: dict[int, list[float]] = field(default_factory=dict)
+    """``bench.limited``: every step under a concurrency limit, until committed."""
     durable_result: dict[int, list[float]] = field(default_factory=dict)
     """Until ``run.result()`` returned in the caller (which waited from its start)."""
     result_wait: list[float] = field(default_factory=list)
@@ -114,7 +118,11 @@ def backend(bench: Bench, n: int) -> float:
 
 
 def durable_run(
-    bench: Bench, n: int, check: bool = True, activated: bool = False
+    bench: Bench,
+    n: int,
+    check: bool = True,
+    activated: bool = False,
+    workflow: str = STEPS_WORKFLOW,
 ) -> tuple[float, float, float]:
     """The workflow: (its last step has pushed, its result is committed, result() returned).
 
@@ -124,7 +132,7 @@ def durable_run(
     """
     key = bench.key()
     started = time.time()
-    run = (bench.activated if activated else bench.durable).start(STEPS_WORKFLOW, n, key)
+    run = (bench.activated if activated else bench.durable).start(workflow, n, key)
     value = run.result(timeout=bench.left(RUN_TIMEOUT))
     returned = time.time()
     bench.wait_finished([run.id])
@@ -151,6 +159,7 @@ def measure(bench: Bench, samples: Samples) -> None:
     backend(bench, 10)
     durable_run(bench, 10)
     durable_run(bench, 10, activated=True)
+    durable_run(bench, 10, workflow=LIMITED_WORKFLOW)
     local_run(bench, 20)
     for n, runs in SIZES:
         for i in range(runs):
@@ -161,8 +170,12 @@ def measure(bench: Bench, samples: Samples) -> None:
                 lambda n=n: samples.add(
                     "activated_done", n, durable_run(bench, n, activated=True)[1]
                 ),
+                lambda n=n: samples.add(
+                    "limited_done", n, durable_run(bench, n, workflow=LIMITED_WORKFLOW)[1]
+                ),
             ]
-            for variant in order[i % 4 :] + order[: i % 4]:  # rotate: no variant always first
+            turn = i % len(order)
+            for variant in order[turn:] + order[:turn]:  # rotate: no variant always first
                 variant()
     for _ in range(LOCAL_RUNS):
         samples.local.append(local_run(bench, LOCAL_STEPS))

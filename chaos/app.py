@@ -10,7 +10,8 @@ checks verify (:mod:`chaos.checks`).
 The workflow ``chaos.order`` uses every primitive the soak exercises: remote steps, a
 parallel batch, a durable sleep, a step that fails twice and is retried on durable timers,
 a signal wait that times out (some runs), a signal wait the soak satisfies, a local step,
-a step that fails for good and is compensated (some runs), and an event. ``chaos.tick`` is
+a step that fails for good and is compensated (some runs), and an event; its first step
+runs under a concurrency limit (``RESERVE``). ``chaos.tick`` is
 the workflow of a schedule that fires every two seconds during the soak.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import psycopg
 from celery import Celery
 
-from durable import Durable, RetryPolicy, SignalTimeout, StepFailed, current_step
+from durable import Durable, Limit, RetryPolicy, SignalTimeout, StepFailed, current_step
 
 ORDER = "chaos.order"
 TICK = "chaos.tick"
@@ -38,6 +39,13 @@ VISIBILITY_TIMEOUT = 30.0  # seconds: a killed worker's messages come back late,
 # Survives a PostgreSQL restart of a few seconds inside a step (the effect table is there too).
 POLICY = RetryPolicy(max_attempts=10, initial_interval=0.5, backoff=2.0, max_interval=5.0)
 DOOMED = RetryPolicy(max_attempts=2, initial_interval=0.5)
+# The reserve step runs under a concurrency limit, two at once per stock-keeping key (of
+# three), across the soak's workers, through their kills and the servers' restarts.
+RESERVE_LIMIT = "chaos-reserve"
+RESERVE_SLOTS = 2
+RESERVE = Limit(
+    RESERVE_LIMIT, concurrency=RESERVE_SLOTS, key=lambda what, value: f"sku-{value % 3}"
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chaos_effects (
@@ -146,7 +154,7 @@ def build(database_url: str, redis_url: str) -> tuple[Celery, Durable]:
 
     @durable.workflow(ORDER)
     def order(ctx: Any, i: int) -> dict[str, Any]:
-        tokens = [ctx.step(effect, "reserve", i, retry=POLICY)]
+        tokens = [ctx.step(effect, "reserve", i, retry=POLICY, limit=RESERVE)]
         tokens += ctx.parallel([effect.s("part", i * 10 + k) for k in range(3)], retry=POLICY)
         ctx.sleep(1 + i % 5)
         tokens.append(ctx.step(flaky, "charge", i, retry=POLICY))

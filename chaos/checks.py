@@ -16,6 +16,9 @@
    distinct fire times, consecutive fires two seconds apart (the catch-up policy is ``all``,
    so none may be missing), up to the end of the soak.
 6. **Each signal delivered once**: every ``go`` signal taken by exactly one wait.
+7. **The limit held**: the reserve steps, under a concurrency limit of two per key, never
+   ran more than two at once per key (from their recorded start and end times, which lie
+   inside the time each held its slot), and none stayed ``queued``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from typing import Any
 
 import psycopg
 
-from chaos.app import ORDER, SCHEDULE, TICK, TICK_EVERY, expected
+from chaos.app import (
+    ORDER,
+    RESERVE_LIMIT,
+    RESERVE_SLOTS,
+    SCHEDULE,
+    TICK,
+    TICK_EVERY,
+    expected,
+)
 from durable.store.history import events_sql
 
 SHOWN = 8  # problems printed per check
@@ -270,6 +281,39 @@ def check_signals(conn: psycopg.Connection[Any], started: dict[str, int]) -> Che
     return check
 
 
+def most_at_once(spans: list[tuple[datetime, datetime]]) -> int:
+    """The most intervals open at one moment; an end at the instant of a start comes first."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    peak = running = 0
+    for _, change in edges:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def check_limit(conn: psycopg.Connection[Any]) -> Check:
+    check = Check("the limit held")
+    rows = _rows(
+        conn,
+        "SELECT workflow_id, seq, limit_key, status, started_at, completed_at"
+        " FROM durable_steps WHERE limit_name = %s",
+        (RESERVE_LIMIT,),
+    )
+    spans: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
+    for wid, seq, key, status, started_at, completed_at in rows:
+        if status != "completed" or started_at is None or completed_at is None:
+            check.problems.append(f"{wid}#{seq} ({key}): {status}, not completed")
+        else:
+            spans[key].append((started_at, completed_at))
+    for key, found in sorted(spans.items()):
+        peak = most_at_once(found)
+        if peak > RESERVE_SLOTS:
+            check.problems.append(f"{key}: {peak} steps at once (limit {RESERVE_SLOTS})")
+    peaks = ", ".join(f"{k} {most_at_once(v)}" for k, v in sorted(spans.items()))
+    check.summary = f"{len(rows)} limited steps; most at once per key: {peaks or 'none'}"
+    return check
+
+
 def run_checks(url: str, started: dict[str, int], until: datetime) -> list[Check]:
     """Every check, in order."""
     with psycopg.connect(url, autocommit=True) as conn:
@@ -280,6 +324,7 @@ def run_checks(url: str, started: dict[str, int], until: datetime) -> list[Check
             check_timers(conn),
             check_schedule(conn, until),
             check_signals(conn, started),
+            check_limit(conn),
         ]
 
 

@@ -9,7 +9,9 @@ from durable.errors import (
     ConfigurationError,
     DurableError,
     InvalidAttributes,
+    InvalidLimit,
     LimitExceeded,
+    LimitKeyError,
     NonDeterminismError,
     PayloadError,
     ResultTimeout,
@@ -23,6 +25,7 @@ from durable.errors import (
     WorkflowNotFound,
     WorkflowNotRunning,
 )
+from durable.limits import Limit
 from durable.retry import RetryPolicy
 from durable.runtime import Durable
 from durable.step_info import StepInfo, current_step
@@ -32,7 +35,10 @@ __all__ = [
     "Durable",
     "DurableError",
     "InvalidAttributes",
+    "InvalidLimit",
+    "Limit",
     "LimitExceeded",
+    "LimitKeyError",
     "NonDeterminismError",
     "PayloadError",
     "ResultTimeout",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PENDING = frozenset({"scheduled", "started", "waiting", "ready"})
+PENDING = frozenset({"queued", "scheduled", "started", "waiting", "ready"})
 """Statuses of a position that has not settled yet."""
 
 

@@ -28,20 +28,23 @@ from durable import attributes as attribute_rules
 from durable import durations
 from durable.attributes import AttributeFilter
 from durable.errors import (
+    LimitNotFound,
     WorkflowIdTaken,
     WorkflowNotFailed,
     WorkflowNotFound,
     WorkflowNotRunning,
 )
 from durable.ids import check_id
+from durable.limits import check_concurrency
 from durable.store import admin as queries
 from durable.store import history, runs, signals, steps, timers
+from durable.store import limits as limit_queries
 
 if TYPE_CHECKING:
     from durable.core import Core
 
 WAITING = tuple(queries.WAITING_FILTERS)
-"""What ``list_runs(waiting=...)`` accepts: ``step``, ``timer``, ``signal``."""
+"""What ``list_runs(waiting=...)`` accepts: ``step``, ``timer``, ``signal``, ``queued``."""
 
 MAX_STEP = 2**31 - 1
 """Highest step number PostgreSQL can hold."""
@@ -269,9 +272,11 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
 
     Returns:
         The run's fields (``start_at`` while a delayed start is not due yet); its ``steps``
-        (each with ``attempts``, ``duration`` in seconds, ``result``, ``error`` and an
-        ``attempt_history``); ``events`` (key to latest value); ``signals``; ``timers``
-        (with ``lateness`` in seconds once fired); and ``history``.
+        (each with ``attempts``, ``duration`` in seconds, ``result``, ``error``, an
+        ``attempt_history`` and its ``limit``: None, or the limit's name, the step's ``key``,
+        ``priority`` and, while it is queued, its ``position`` in its key's queue, 1 being
+        admitted next); ``events`` (key to latest value); ``signals``; ``timers`` (with
+        ``lateness`` in seconds once fired); and ``history``.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -281,6 +286,7 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         raise WorkflowNotFound(workflow_id)
     events = history.list_history(conn, row.id)
     attempts = _attempts(events)
+    limited = limit_queries.step_limits(conn, row.id)
     return {
         **summary(row),
         "args": row.args,
@@ -290,7 +296,10 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         "parent_id": row.parent_id,
         "cancel_requested": row.cancel_requested,
         "start_at": row.start_at,
-        "steps": [_step(s, attempts.get(s.seq, [])) for s in steps.list_steps(conn, row.id)],
+        "steps": [
+            {**_step(s, attempts.get(s.seq, [])), "limit": limited.get(s.seq)}
+            for s in steps.list_steps(conn, row.id)
+        ],
         "events": signals.list_events(conn, row.id),
         "signals": [
             {
@@ -488,3 +497,72 @@ def purge(conn: Connection, older_than: timedelta, dry_run: bool = False) -> int
         total += deleted
         if deleted < batch:
             return total
+
+
+def rate_text(interval: float | None) -> str | None:
+    """A rate's interval between starts as starts per period: 0.2 -> ``"5/s"``."""
+    if interval is None or interval <= 0:
+        return None
+    for unit, seconds in (("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0)):
+        if seconds / interval >= 1 or unit == "d":
+            return f"{seconds / interval:.4g}/{unit}"
+    return None
+
+
+def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any]]:
+    """The registered concurrency limits and their use, as ``durable limits`` shows them.
+
+    Each: ``name``, ``concurrency`` (as the code declares it), ``override`` (set by
+    :func:`set_limit`, wins while set), ``effective``, ``rate`` (declared, per second,
+    minute, hour or day, e.g. ``"5/s"``; None without one), ``running`` (slots held) and
+    ``queued`` over every key, and ``keys``: the busiest 20 keys with theirs.
+    A limit is registered when a step under it is first admitted.
+
+    Raises:
+        LimitNotFound: ``name`` is given and no limit has it.
+    """
+    found = limit_queries.limit_use(conn, name)
+    if name is not None and not found:
+        raise LimitNotFound(name)
+    return [
+        {
+            "name": use.name,
+            "concurrency": use.concurrency,
+            "override": use.override,
+            "effective": use.effective,
+            "rate": rate_text(use.rate_interval),
+            "running": use.running,
+            "queued": use.queued,
+            "keys": use.keys,
+        }
+        for use in found
+    ]
+
+
+def override_limit(conn: Connection, name: str, concurrency: int | None) -> None:
+    """Write a limit's run-time override only; the beat's sweep admits what now fits.
+
+    Raises:
+        LimitNotFound: no limit has this name.
+        InvalidLimit: ``concurrency`` is negative or not an integer.
+    """
+    if concurrency is not None:
+        check_concurrency(name, concurrency, allow_zero=True)
+    if not limit_queries.set_override(conn, name, concurrency):
+        raise LimitNotFound(name)
+
+
+def set_limit(durable: Core, name: str, concurrency: int | None) -> int:
+    """Override a limit's concurrency at run time (None: back to the code's declaration).
+
+    The override wins over the declaration until cleared; 0 admits nothing (a pause).
+    Steps already holding slots keep them when the limit is lowered; raised, the queued
+    steps that now fit are admitted and sent at once. Returns how many were admitted.
+
+    Raises:
+        LimitNotFound: no limit has this name.
+        InvalidLimit: ``concurrency`` is negative or not an integer.
+    """
+    durable.store(lambda c: override_limit(c, name, concurrency))
+    keys = durable.store(lambda c: limit_queries.queued_keys(c, name))
+    return durable.admit(keys) if keys else 0

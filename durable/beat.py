@@ -51,6 +51,7 @@ from durable.scheduler import (
     schedule_settings,
 )
 from durable.store import admin as admin_queries
+from durable.store import limits as limit_queries
 from durable.store import recovery
 from durable.store import schedules as schedule_queries
 from durable.store import timers as timer_queries
@@ -69,6 +70,7 @@ class BeatStats:
 
     timers_fired: int = 0
     steps_redispatched: int = 0
+    steps_admitted: int = 0
     activations_resent: int = 0
     index_rebuilds: int = 0
     lateness: list[float] = field(default_factory=list)
@@ -232,6 +234,10 @@ class Beat:
             durable.send_step(d.workflow_id, d.seq, d.name, d.options)
         for wid, name in owed:
             durable.send_activation(wid, name)
+        with durable.connect() as conn:
+            keys = limit_queries.queued_keys(conn)
+        if keys:
+            self.stats.steps_admitted += durable.admit(keys)
         self.stats.steps_redispatched += len(expired) + len(stale)
         self.stats.activations_resent += len(owed)
         if expired or stale or owed:

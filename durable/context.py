@@ -28,6 +28,7 @@ from durable.dispatch import expiry, routing_options
 from durable.effects import PendingDispatch
 from durable.errors import InvalidAttributes, SignalTimeout, StepFailed, WorkflowIdConflict
 from durable.ids import check_id
+from durable.limits import Limit
 from durable.replay import Replay
 from durable.retry import NO_RETRY, RetryPolicy, is_retryable, next_attempt
 from durable.serialization import describe_exception, dumps, encode
@@ -94,6 +95,12 @@ class WorkflowContext(Replay):
     ) -> Any:
         """Run ``task`` as the workflow's next step and return its committed result.
 
+        ``limit=`` (a :class:`~durable.limits.Limit`, or the task's ``durable_limit``
+        option) caps how many steps of the limit's key run at once across every worker; a
+        step over it waits ``queued``. ``priority=`` (an integer, default 0) orders the
+        key's queue: higher first, then oldest first. Both are durable's only when a limit
+        applies; otherwise they reach the task as keyword arguments, as before.
+
         ``task`` is a Celery task or signature (its arguments come first, then ``args``;
         its options such as ``queue`` are honoured); the step runs as that task on whatever
         worker its routing names. With ``local=True`` any callable runs here, in the
@@ -110,12 +117,16 @@ class WorkflowContext(Replay):
         """
         if local and timeout is not None:
             raise ValueError("ctx.step: timeout= applies to remote steps, not to local=True")
+        if local and isinstance(kwargs.get("limit"), Limit):
+            raise ValueError("ctx.step: limit= applies to remote steps, not to local=True")
         kind = "local" if local else "task"
         seq, record = self._take(kind, _step_name(task))
         if record is not None and not (local and record.status == "ready"):
             return self._settled(seq, record)  # replay: nothing else to work out
         name, call_args, call_kwargs, options = self._describe(task, args, kwargs)
         policy = retry.to_dict() if retry is not None else NO_RETRY
+        if not local:
+            self._limit(task, call_args, call_kwargs, options)
         if local:
             attempts = record.attempts if record else 0
             return self._run_local(seq, name, task, call_args, call_kwargs, policy, attempts + 1)
@@ -155,6 +166,46 @@ class WorkflowContext(Replay):
             )
         )
         self.effects.dispatches.append(PendingDispatch(seq, name, options))
+
+    def _limit(
+        self,
+        task: Any,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        given: Limit | None = None,
+        priority: int | None = None,
+    ) -> None:
+        """Store the step's limit in ``options``: ``given``, ``limit=``, else the task's.
+
+        The task's is its ``durable_limit`` option. Without ``given``, ``limit`` and
+        ``priority`` are taken out of the task's keyword arguments only when a limit applies
+        (a ``Limit`` passed, or declared by the task): a task with keyword arguments of those
+        names keeps receiving them otherwise. The key is computed here, once, from the
+        arguments the task will receive.
+        """
+        if given is not None:
+            options["limit"] = given.for_step(args, kwargs, priority or 0)
+            return
+        limit = kwargs.get("limit")
+        if isinstance(limit, Limit):
+            del kwargs["limit"]
+        else:
+            limit = getattr(self._task_object(task), "durable_limit", None)
+            if limit is None:
+                return
+            if not isinstance(limit, Limit):
+                raise TypeError(f"durable_limit must be a durable.Limit, not {limit!r}")
+        if priority is None:
+            priority = kwargs.pop("priority", 0)
+        options["limit"] = limit.for_step(args, kwargs, priority)
+
+    def _task_object(self, task: Any) -> Any:
+        if isinstance(task, Proxy):
+            task = task._get_current_object()
+        if isinstance(task, Signature):
+            return self.app.tasks.get(str(task.task))
+        return task
 
     def _describe(
         self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -349,18 +400,21 @@ class WorkflowContext(Replay):
         *,
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
+        limit: Limit | None = None,
+        priority: int = 0,
     ) -> list[Any]:
         """Run several steps at once as Celery tasks; return their results in order.
 
         Each step is checkpointed on its own, so after a crash only the unfinished ones run
         again. When steps fail (after their retries), the others are still awaited; then
         :class:`~durable.errors.StepFailed` is raised for the first failed one, in order.
-        Example::
+        ``limit`` and ``priority`` apply to each call as in :meth:`step` (without
+        ``limit``, a task's own ``durable_limit`` applies). Example::
 
             charge, stock = ctx.parallel([charge_card.s(order), reserve.s(order)])
         """
         policy = retry.to_dict() if retry is not None else NO_RETRY
-        limit = _timeout(timeout)
+        deadline = _timeout(timeout)
         records: list[tuple[int, StepRecord | None]] = []
         described = []
         # Every position of the batch is taken before a cancellation can be delivered, so
@@ -374,7 +428,8 @@ class WorkflowContext(Replay):
             self.check_cancel(seq, record)
         for (seq, record), (name, args, kwargs, options) in zip(records, described, strict=True):
             if record is None:
-                self._schedule(seq, name, args, kwargs, options, policy, limit)
+                self._limit(call, args, kwargs, options, limit, priority)
+                self._schedule(seq, name, args, kwargs, options, policy, deadline)
         if any(r is None or r.status in PENDING for _, r in records):
             raise Suspend()
         return [self._settled(seq, record) for seq, record in records if record is not None]
@@ -386,6 +441,8 @@ class WorkflowContext(Replay):
         *,
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
+        limit: Limit | None = None,
+        priority: int = 0,
     ) -> list[Any]:
         """Run ``task`` once per item (the item as its last argument), in parallel.
 
@@ -395,7 +452,7 @@ class WorkflowContext(Replay):
         """
         base = task if isinstance(task, Signature) else task.s()
         calls = [base.replace(args=(*base.args, item)) for item in items]
-        return self.parallel(calls, retry=retry, timeout=timeout)
+        return self.parallel(calls, retry=retry, timeout=timeout, limit=limit, priority=priority)
 
     # -- child workflows ----------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ Celery app's config so that it can be set after ``Durable(app)``:
 - connections to the store (``store``, ``transaction``, ``connect``), retried on failure;
 - the lease heartbeat, the history cache and the Redis index of timers;
 - the workflow registry (name to function, and each workflow's execution timeout);
-- the outbox: ``send_step``, ``send_activation``, ``apply_effects`` and ``index_timers``,
+- the outbox: ``send_step``, ``send_activation``, ``apply_effects``, ``index_timers`` and
+  ``admit`` (steps under a limit, admitted then sent; the buckets of rates, ``rate_buckets``),
   the one way a message leaves the process (the message itself is built by
   :mod:`durable.dispatch`).
 
@@ -32,14 +33,22 @@ from durable.effects import Effects
 from durable.errors import ConfigurationError, UnknownWorkflow
 from durable.histories import HistoryCache
 from durable.liveness import Heartbeat
+from durable.rate import RateBuckets
 from durable.serialization import decode, encode, open_error, readable_error, seal_error
 from durable.store import engine as store_engine
+from durable.store import limits as limit_queries
 from durable.store import runs
 from durable.timer_index import TimerIndex
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def limit_key(options: dict[str, Any]) -> limit_queries.LimitKey:
+    """The key to admit of a limited step's stored options (``durable.limits``)."""
+    limit = options["limit"]
+    return str(limit["name"]), str(limit["key"]), limit.get("concurrency"), limit.get("interval")
 
 
 class Core:
@@ -56,6 +65,7 @@ class Core:
         """Each registered workflow's execution timeout in seconds (None: none)."""
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
+        self._rates: RateBuckets | None = None
         self._histories: HistoryCache | None = None
         app._durable = self  # type: ignore[attr-defined]
 
@@ -126,6 +136,13 @@ class Core:
             interval = self.settings.heartbeat_interval
             self._heartbeat = Heartbeat(self._renew_leases, interval)
         return self._heartbeat
+
+    @property
+    def rate_buckets(self) -> RateBuckets:
+        """The Redis buckets of rate limits."""
+        if self._rates is None:
+            self._rates = RateBuckets(self.settings.redis_url, self.settings.key_prefix)
+        return self._rates
 
     @property
     def timer_index(self) -> TimerIndex:
@@ -234,9 +251,19 @@ class Core:
         started by an activation.
         """
         try:
+            limited = [
+                limit_key(pending.options)
+                for each in effects
+                for pending in each.dispatches
+                if "limit" in pending.options
+            ]
+            if limited:
+                self.admit(limited)
             with self.app.producer_or_acquire() as producer:
                 for each in effects:
                     for pending in each.dispatches:
+                        if "limit" in pending.options:
+                            continue
                         options = dispatch.step_options(
                             each.workflow_id, pending.seq, pending.name, pending.options, False
                         )
@@ -279,10 +306,64 @@ class Core:
         """
         if effects.timers:
             self.index_timers(effects.timers)
+        limited = []
         for pending in effects.dispatches:
+            if "limit" in pending.options:
+                limited.append(limit_key(pending.options))
+                continue
             self.send_step(effects.workflow_id, pending.seq, pending.name, pending.options, first)
+        if limited:
+            self.admit(limited)
         for workflow_id in effects.activations:
             self.send_activation(workflow_id, effects.names.get(workflow_id))
+
+    def admit(self, keys: list[limit_queries.LimitKey]) -> int:
+        """Admit and send the queued steps that fit under each key; returns how many.
+
+        Called after the commit that queued steps or freed slots; a failure is logged and
+        left to the beat's sweep, which admits every key with queued steps and room.
+        """
+        url, sent = self.settings.database_url, 0
+        for each in dict.fromkeys(keys):
+
+            def attempt(each: limit_queries.LimitKey = each) -> Any:
+                with self.transaction() as conn:
+                    return self._admit(conn, each)
+
+            try:
+                admitted, timer = store_engine.with_retry(
+                    url, attempt, self.settings.connect_retries
+                )
+            except Exception as exc:
+                log.warning("durable: could not admit %s/%s (%s); the sweep will", *each[:2], exc)
+                continue
+            if timer is not None:
+                self.index_timers([timer])
+            for d in admitted:
+                self.send_step(d.workflow_id, d.seq, d.name, d.options)
+            sent += len(admitted)
+        return sent
+
+    def _admit(
+        self, conn: Connection, each: limit_queries.LimitKey
+    ) -> tuple[list[Any], tuple[int, float] | None]:
+        """One key's admission, in ``conn``'s transaction: (steps admitted, timer to index).
+
+        Under a rate the steps that fit also need a start from the key's bucket; when the
+        bucket has none, a durable timer admits the key again when the next one is free.
+        """
+        name, key, declared, interval = each
+        if interval is None:
+            return limit_queries.admit(conn, name, key, declared), None
+        picked = limit_queries.candidates(conn, name, key, declared, interval)
+        if not picked:
+            return [], None
+        granted, wait = self.rate_buckets.take(name, key, interval, len(picked))
+        admitted = limit_queries.mark_admitted(conn, picked[:granted])
+        timer = None
+        if granted < len(picked):
+            timer = limit_queries.admit_later(conn, picked[granted], wait)
+        return admitted, timer
 
     def index_timers(self, timers: list[tuple[int, float]]) -> None:
         """Add committed timers to the Redis index; PostgreSQL sweeps cover a failure here."""

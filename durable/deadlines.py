@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from durable.core import limit_key
 from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.store import recovery
 from durable.store import runs as run_queries
@@ -28,6 +29,9 @@ def after_timer(core: Core, timer: FiredTimer) -> None:
         core.send_step(timer.workflow_id, timer.seq, timer.name, timer.options)
     elif timer.kind == "deadline":
         expire_run(core, timer.workflow_id)
+    elif timer.kind == "admit":
+        if "limit" in timer.options:
+            core.admit([limit_key(timer.options)])
     else:
         core.send_activation(timer.workflow_id, timer.workflow_name or None)
 

@@ -20,6 +20,9 @@ Every error the library raises on purpose derives from :class:`DurableError`::
     ├── WorkflowIdTaken           a new run (``fork``) asked for under an id that exists
     ├── InvalidSchedule           a schedule's definition is malformed (cron, zone, interval)
     ├── ScheduleNotFound          no schedule exists with that name
+    ├── InvalidLimit              a ``Limit``'s definition is malformed (also a ValueError)
+    ├── LimitKeyError             a limit's key function raised or returned no string
+    ├── LimitNotFound             no limit is registered under that name
     ├── NonDeterminismError       replay found another step than the one recorded
     ├── StepFailed                a step exhausted its retries (raised inside the workflow)
     ├── TaskExpired               a step's task was not started before its ``expires``
@@ -282,3 +285,29 @@ class ScheduleNotFound(DurableError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"no schedule named {name!r}")
+
+
+class InvalidLimit(DurableError, ValueError):
+    """A ``Limit``'s definition is malformed: its name, concurrency or priority."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"limit {name!r}: {reason}" if name else f"limit: {reason}")
+
+
+class LimitKeyError(DurableError):
+    """A limit's key function raised, or returned something other than a string."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"limit {name!r}: key function {reason}")
+
+
+class LimitNotFound(DurableError):
+    """No limit is registered under the name (none of its steps was ever admitted)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no limit named {name!r}")

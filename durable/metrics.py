@@ -20,12 +20,19 @@ metric                                              type       labels
 ``durable_timers_pending``                          gauge
 ``durable_timers_due``                              gauge
 ``durable_stuck``                                   gauge      ``finding`` (see reconcile)
+``durable_limit_running``                           gauge      ``limit`` (slots held)
+``durable_limit_queued``                            gauge      ``limit`` (steps queued)
 ``durable_store_up``                                gauge
 ``durable_beat_timers_fired_total``                 counter
 ``durable_beat_steps_redispatched_total``           counter
 ``durable_beat_activations_resent_total``           counter
 ``durable_beat_index_rebuilds_total``               counter
+``durable_beat_steps_admitted_total``               counter
 ==================================================  =========  ==================================
+
+The limit gauges are per limit name only: a limit's keys (customers, tenants) are unbounded,
+and a label per key would grow the series without end; ``durable limits`` shows the
+busiest keys instead.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from durable import reconcile
+from durable.store import limits as limit_queries
 from durable.store import metrics as queries
 
 if TYPE_CHECKING:
@@ -112,6 +120,7 @@ class StoreCollector(Collector):
             retries = queries.step_retries(conn)
             lateness = queries.timer_lateness(conn, list(LATENESS_BUCKETS))
             timers = queries.pending_timers(conn)
+            limited = limit_queries.counts_by_limit(conn)
         yield from self._runs(counts)
         yield _histogram(
             "durable_step_duration_seconds",
@@ -133,6 +142,7 @@ class StoreCollector(Collector):
             lateness,
             LATENESS_BUCKETS,
         )
+        yield from _limits(limited)
         yield GaugeMetricFamily(
             "durable_timers_pending", "Timers not fired yet", value=float(timers.pending)
         )
@@ -192,10 +202,30 @@ class StoreCollector(Collector):
             ("steps_redispatched", "Steps this beat sent again (lost or orphaned)"),
             ("activations_resent", "Activations this beat sent again"),
             ("index_rebuilds", "Rebuilds of the Redis timer index by this beat"),
+            ("steps_admitted", "Queued steps this beat's sweep admitted under their limits"),
         ):
             yield CounterMetricFamily(
                 f"durable_beat_{field}", doc, value=float(getattr(self.stats, field))
             )
+
+
+def _limits(counts: dict[str, tuple[int, int]]) -> Iterator[Metric]:
+    """Slots held and steps queued per limit name (over all its keys)."""
+    running = GaugeMetricFamily(
+        "durable_limit_running",
+        "Slots of a concurrency limit held, over its keys",
+        labels=["limit"],
+    )
+    queued = GaugeMetricFamily(
+        "durable_limit_queued",
+        "Steps queued for a slot of a limit, over its keys",
+        labels=["limit"],
+    )
+    for name, (held, waiting) in sorted(counts.items()):
+        running.add_metric([name], float(held))
+        queued.add_metric([name], float(waiting))
+    yield running
+    yield queued
 
 
 def serve(

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from durable import activation, tracing
+from durable.core import limit_key
 from durable.errors import CodecUnavailable, StoreError, TaskExpired
 from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.serialization import describe_exception, mask_error
@@ -332,6 +333,8 @@ def _settle(
     )
     if not settled.settled:
         return "superseded", None
+    if "limit" in claimed.options:  # its slot is free: the next queued step of its key
+        core.admit([limit_key(claimed.options)])
     if settled.advanced and replayed is not None and run is not None and not settled.ended:
         # Only steps this statement wrote are first dispatches (one already there may have
         # been sent, and run, already).

@@ -102,7 +102,7 @@ def prefix() -> str:
 
 def clean_tables(database_url: str) -> None:
     with store_engine.autocommit(database_url).connect() as conn:
-        conn.execute(text("TRUNCATE durable_workflows, durable_history CASCADE"))
+        conn.execute(text("TRUNCATE durable_workflows, durable_history, durable_limits CASCADE"))
 
 
 def clean_keys(redis_url: str, prefix: str) -> None:

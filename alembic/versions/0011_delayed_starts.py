@@ -5,7 +5,7 @@ debounce=)`` waits for its start timer (purpose ``start``, position 0): no activ
 it until the timer fires and clears the column. NULL for every other run.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-04 12:45:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -11,8 +11,8 @@ given bad options or arguments exits 2 the same way.
 One module per concept: ``_common`` (options, loading the app, reaching the store, output),
 ``db``, ``beat``, ``runs`` (start, list, show, signal, cancel; ``_show`` prints a run;
 ``_bulk`` holds list's filters and the bulk forms of cancel, resume, retry, purge, pause and
-unpause), ``repair`` (resume, retry, fork, purge), ``pause`` (pause, unpause), ``timers`` and
-``reconcile``; this module holds the group and registers their commands.
+unpause), ``repair`` (resume, retry, fork, purge), ``pause`` (pause, unpause), ``timers``,
+``limits`` and ``reconcile``; this module holds the group and registers their commands.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from durable.cli._common import (
 )
 from durable.cli.beat import beat
 from durable.cli.db import db
+from durable.cli.limits import limits
 from durable.cli.pause import pause, unpause
 from durable.cli.reconcile import reconcile
 from durable.cli.repair import fork, purge, resume, retry
@@ -57,7 +58,7 @@ def cli(ctx: click.Context, app: str | None, database_url: str | None) -> None:
 
 for command in (db, beat, start, list_command, show, signal_command, cancel):
     cli.add_command(command)
-for command in (resume, retry, fork, purge, pause, unpause, timers, reconcile):
+for command in (resume, retry, fork, purge, pause, unpause, timers, reconcile, limits):
     cli.add_command(command)
 # `durable schedule ...` is registered here, by the scheduler's own module:
 from durable.cli.schedule import schedule  # noqa: E402 - the group's place among the commands

@@ -85,7 +85,7 @@ def filter_options(fn: F) -> F:
             "--waiting",
             type=click.Choice(admin.WAITING),
             show_envvar=True,
-            help="Only running runs waiting on a step, a timer or a signal.",
+            help="Only running runs waiting on a step, a timer, a signal, or a slot (queued).",
         ),
         click.option(
             "--paused",

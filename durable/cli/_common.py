@@ -42,6 +42,7 @@ STATUS_STYLES = {
     "completed": "green",
     "failed": "red",
     "cancelled": "magenta",
+    "queued": "blue",
     "scheduled": "cyan",
     "started": "yellow",
     "waiting": "blue",

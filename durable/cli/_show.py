@@ -141,6 +141,16 @@ def _header(run: dict[str, Any], hidden: int) -> Table:
     return header
 
 
+def _status(step: dict[str, Any]) -> Text:
+    """A step's status; for a step under a limit, its limit and key (and queue position)."""
+    text = status_text(step["status"])
+    limit = step.get("limit")
+    if limit:
+        place = f" #{limit['position']}" if limit.get("position") is not None else ""
+        text.append(f"{place} {limit['limit']}[{limit['key']}]")
+    return text
+
+
 def _steps(run: dict[str, Any]) -> Table:
     columns = ("#", "kind", "name", "status", "attempts", "took", "completed", "result / error")
     table = make_table(*columns, title="steps")
@@ -150,7 +160,7 @@ def _steps(run: dict[str, Any]) -> Table:
             str(s["seq"]),
             s["kind"],
             Text(s["name"]),
-            status_text(s["status"]),
+            _status(s),
             str(s["attempts"]),
             duration(s.get("duration")),
             when(s["completed_at"]),

@@ -27,7 +27,8 @@ from durable.store.statement import statement
 _PENDING_STEP = """
     (SELECT json_build_object('seq', p.seq, 'kind', p.kind, 'name', p.name, 'status', p.status)
        FROM durable_steps p
-      WHERE p.workflow_id = w.id AND p.status IN ('scheduled', 'started', 'waiting', 'ready')
+      WHERE p.workflow_id = w.id
+        AND p.status IN ('queued', 'scheduled', 'started', 'waiting', 'ready')
       ORDER BY p.seq LIMIT 1)
 """
 _NEXT_TIMER = """
@@ -41,6 +42,9 @@ WAITING_FILTERS = {
                     AND t.fired_at IS NULL)""",
     "signal": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
                      AND s.kind = 'signal' AND s.status = 'waiting')""",
+    # A step under a concurrency limit waiting for a slot of its key.
+    "queued": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
+                     AND s.status = 'queued')""",
 }
 
 
@@ -151,7 +155,8 @@ def list_runs(
         status: Only runs in this status.
         name: Only runs of this workflow.
         since: Only runs created at or after this time.
-        waiting: Only running runs waiting on a ``step``, a ``timer`` or a ``signal``.
+        waiting: Only running runs waiting on a ``step``, a ``timer``, a ``signal``, or with
+            a step ``queued`` for a slot of its concurrency limit.
         paused: Only paused runs.
         attributes: Only runs whose attributes pass every one of these filters.
         limit: Most rows returned.

@@ -12,6 +12,7 @@ Tables (all prefixed ``durable_``):
 - ``signals``: data pushed into a run from outside, consumed once, oldest first.
 - ``events``: key/value state a run publishes (``ctx.set_event``), read from outside.
 - ``schedules``: what ``durable beat`` starts when; the next fire, indexed in Redis.
+- ``limits``: named concurrency limits, as declared and as overridden at run time.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -159,6 +161,13 @@ class Step(Base):
     # (``durable.store.history``); only earlier attempts are written to durable_history.
     worker: Mapped[str | None] = mapped_column(Text)
     unclaimed: Mapped[bool | None] = mapped_column(Boolean)
+    # A step under a concurrency limit (``durable.Limit``): the limit's name and the key its
+    # key function gave when the step was scheduled, and its priority in the key's queue.
+    # It waits ``queued`` until admitted; from then on it holds a slot of the key while
+    # ``scheduled``, ``started`` or ``waiting`` (see ``durable.store.limits``).
+    limit_name: Mapped[str | None] = mapped_column(Text)
+    limit_key: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
     __table_args__ = (
         Index(
@@ -170,6 +179,22 @@ class Step(Base):
             "ix_durable_steps_scheduled",
             "dispatched_at",
             postgresql_where=text("status = 'scheduled'"),
+        ),
+        # The slots a key holds, and its queue in admission order.
+        Index(
+            "ix_durable_steps_limit",
+            "limit_name",
+            "limit_key",
+            "status",
+            postgresql_where=text("limit_name IS NOT NULL"),
+        ),
+        Index(
+            "ix_durable_steps_queued",
+            "limit_name",
+            "limit_key",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
         ),
     )
 
@@ -304,3 +329,30 @@ class Schedule(Base):
 
 
 schedules = Schedule.__table__
+
+
+class FlowLimit(Base):
+    """A named limit: what the code last declared, and the operators' override.
+
+    A row is written when a step under the limit is first admitted; ``durable limits set``
+    writes ``concurrency_override``, which wins over the declaration while it is set.
+    """
+
+    __tablename__ = "durable_limits"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    concurrency_override: Mapped[int | None] = mapped_column(Integer)
+    # Seconds between two starts of a key under the declared rate (period / count).
+    rate_interval: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
+
+    __table_args__ = (
+        CheckConstraint("concurrency IS NULL OR concurrency > 0", name="concurrency"),
+        CheckConstraint(
+            "concurrency_override IS NULL OR concurrency_override >= 0", name="override"
+        ),
+    )
+
+
+limits = FlowLimit.__table__

@@ -64,7 +64,8 @@ FINDERS = {
            AND w.updated_at < now() - make_interval(secs => :grace)
            AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
            AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
-                             AND s.status IN ('scheduled', 'started', 'waiting', 'ready'))
+                             AND s.status IN ('queued', 'scheduled', 'started', 'waiting',
+                                              'ready'))
            AND NOT EXISTS (SELECT 1 FROM durable_timers t WHERE t.workflow_id = w.id
                              AND t.fired_at IS NULL)
          ORDER BY w.updated_at LIMIT :limit
@@ -172,7 +173,8 @@ _WAKE_IDLE = statement(
          WHERE w.id = ANY(CAST(:ids AS text[])) AND w.status = 'running' AND NOT w.paused
            AND w.wake_seq <= w.run_seq AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
            AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
-                             AND s.status IN ('scheduled', 'started', 'waiting', 'ready'))
+                             AND s.status IN ('queued', 'scheduled', 'started', 'waiting',
+                                              'ready'))
            AND NOT EXISTS (SELECT 1 FROM durable_timers t WHERE t.workflow_id = w.id
                              AND t.fired_at IS NULL)
         RETURNING w.id, w.name

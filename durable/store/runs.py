@@ -12,7 +12,13 @@ from sqlalchemy import Connection, Row, select
 from durable.store.models import workflows
 from durable.store.notices import ENDED, notify_sql
 from durable.store.records import StepRecord, records_from_json
-from durable.store.statement import first_row, insert_new_steps, statement
+from durable.store.statement import (
+    NEW_STEP_COLUMNS,
+    first_row,
+    insert_new_steps,
+    new_step_values,
+    statement,
+)
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -115,9 +121,12 @@ _INSERT_MANY = statement(
         ON CONFLICT (id) DO NOTHING
         RETURNING id, deadline_at
     ), n AS (
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
-                                   dispatched_at, dispatch_count)
-        SELECT w.id, s.seq, 'task', s.name, 'scheduled', s.args, s.kwargs, s.options, now(), 1
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, """
+    + NEW_STEP_COLUMNS
+    + """)
+        SELECT w.id, s.seq, 'task', s.name, """
+    + new_step_values("s")
+    + """
           FROM w JOIN r ON r.id = w.id,
                jsonb_to_recordset(r.steps)
                AS s(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
@@ -377,7 +386,7 @@ RUN_END = """
     ), leftover AS (
         UPDATE durable_steps SET status = 'cancelled', completed_at = now()
          WHERE workflow_id = (SELECT id FROM {ended})
-           AND status IN ('scheduled', 'waiting', 'ready')
+           AND status IN ('queued', 'scheduled', 'waiting', 'ready')
     ), unfired AS (
         UPDATE durable_timers SET fired_at = now()
          WHERE workflow_id = (SELECT id FROM {ended}) AND fired_at IS NULL

@@ -38,18 +38,37 @@ def statement(sql: str) -> TextClause:
     return text("\n".join(line for line in lines if line and not line.startswith("--")))
 
 
+def new_step_values(row: str) -> str:
+    """The values of a new remote step's columns from ``status`` on, ``row`` its record.
+
+    A step whose options carry a ``limit`` (``durable.limits``) is written ``queued``, not
+    yet dispatched, with its limit's name, key and priority; any other ``scheduled`` and
+    counted as dispatched once.
+    """
+    limited = f"{row}.options ? 'limit'"
+    return f"""CASE WHEN {limited} THEN 'queued' ELSE 'scheduled' END,
+               {row}.args, {row}.kwargs, {row}.options,
+               CASE WHEN {limited} THEN NULL ELSE now() END,
+               CASE WHEN {limited} THEN 0 ELSE 1 END,
+               {row}.options -> 'limit' ->> 'name', {row}.options -> 'limit' ->> 'key',
+               coalesce(CAST({row}.options -> 'limit' ->> 'priority' AS int), 0)"""
+
+
+NEW_STEP_COLUMNS = """status, args, kwargs, options, dispatched_at, dispatch_count,
+                                   limit_name, limit_key, priority"""
+"""The columns :func:`new_step_values` gives values for."""
+
+
 def insert_new_steps(workflow_id: str, source: str = "", tail: str = "") -> str:
-    """The INSERT of new remote steps, scheduled and counted as dispatched once.
+    """The INSERT of new remote steps, scheduled (or queued) and counted as dispatched once.
 
     The rows arrive as one JSON array ``:rows`` of {seq, name, args, kwargs, options}.
     ``workflow_id`` is the SQL of their run's id, ``source`` a relation joined before the
     rows (``"w, "``), ``tail`` a WHERE or ON CONFLICT clause. Returns the steps written.
     """
     return f"""
-        INSERT INTO durable_steps (workflow_id, seq, kind, name, status, args, kwargs, options,
-                                   dispatched_at, dispatch_count)
-        SELECT {workflow_id}, r.seq, 'task', r.name, 'scheduled', r.args, r.kwargs, r.options,
-               now(), 1
+        INSERT INTO durable_steps (workflow_id, seq, kind, name, {NEW_STEP_COLUMNS})
+        SELECT {workflow_id}, r.seq, 'task', r.name, {new_step_values("r")}
           FROM {source}jsonb_to_recordset(CAST(:rows AS jsonb))
                AS r(seq int, name text, args jsonb, kwargs jsonb, options jsonb)
         {tail}

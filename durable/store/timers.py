@@ -19,8 +19,9 @@ class FiredTimer:
     workflow_id: str
     seq: int
     kind: str
-    """``task``: send the step again; ``deadline``: end the run; else (a sleep, a local step's
-    retry, a signal wait's timeout, a delayed ``start``) activate the run."""
+    """``task``: send the step again; ``deadline``: end the run; ``admit``: admit the queued
+    step's limit key again; else (a sleep, a local step's retry, a signal wait's timeout, a
+    delayed ``start``) activate the run."""
     name: str
     options: dict[str, Any]
     lateness: float
@@ -40,6 +41,8 @@ class FiredTimer:
 # A timer of a paused run does not fire: it stays unfired in PostgreSQL (the index may have
 # dropped it) and ``durable unpause`` indexes it again.
 # A 'start' timer (position 0) starts a delayed run: 'started', woken; the caller activates it.
+# An 'admit' timer is on a queued step of a rate-limited key: the caller admits the key
+# again (``durable.store.limits``), the step's options naming it.
 _FIRE = statement(
     """
     WITH t AS (
@@ -58,7 +61,7 @@ _FIRE = statement(
                dispatch_count = st.dispatch_count + CASE WHEN st.kind = 'task' THEN 1 ELSE 0 END
           FROM t
          WHERE st.workflow_id = t.workflow_id AND st.seq = t.seq AND st.status = 'waiting'
-           AND t.purpose <> 'deadline'
+           AND t.purpose NOT IN ('deadline', 'admit')
         RETURNING st.workflow_id, st.seq, st.kind, st.name, st.options
     ), h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
@@ -83,11 +86,14 @@ _FIRE = statement(
         SELECT id, NULL, 'started', jsonb_build_object('name', name) FROM begun
     )
     SELECT t.id, t.workflow_id, t.seq, t.purpose,
-           coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, '') AS name, s.options,
+           coalesce(s.kind, t.purpose) AS kind, coalesce(s.name, q.name, '') AS name,
+           coalesce(s.options, q.options) AS options,
            extract(epoch FROM now() - t.fire_at) AS lateness, wf.name AS workflow_name
       FROM t LEFT JOIN s ON s.workflow_id = t.workflow_id AND s.seq = t.seq
+      LEFT JOIN durable_steps q ON t.purpose = 'admit' AND q.workflow_id = t.workflow_id
+                               AND q.seq = t.seq AND q.status = 'queued'
       JOIN durable_workflows wf ON wf.id = t.workflow_id AND wf.status = 'running'
-     WHERE s.seq IS NOT NULL OR t.purpose = 'deadline'
+     WHERE s.seq IS NOT NULL OR t.purpose = 'deadline' OR q.seq IS NOT NULL
         OR (t.purpose = 'start' AND t.workflow_id IN (SELECT id FROM begun))
     """
 )

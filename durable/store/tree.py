@@ -57,7 +57,8 @@ _DELIVER_CANCEL = statement(
     ), s AS (
         UPDATE durable_steps SET status = 'cancelled', completed_at = now()
          WHERE workflow_id = :id AND seq = :seq AND EXISTS (SELECT 1 FROM w)
-           AND (status IN ('waiting', 'ready') OR (kind = 'task' AND status = 'scheduled'))
+           AND (status IN ('waiting', 'ready')
+                OR (kind = 'task' AND status IN ('queued', 'scheduled')))
         RETURNING seq
     ), t AS (
         UPDATE durable_timers SET fired_at = now()
@@ -191,7 +192,7 @@ _IN_FLIGHT = statement(
     SELECT EXISTS (
                SELECT 1 FROM durable_steps
                 WHERE workflow_id IN (SELECT id FROM tree)
-                  AND status IN ('scheduled', 'started', 'ready'))
+                  AND status IN ('queued', 'scheduled', 'started', 'ready'))
         OR EXISTS (
                SELECT 1 FROM durable_workflows
                 WHERE id IN (SELECT id FROM tree) AND status = 'running'

@@ -1,0 +1,112 @@
+"""``durable limits``: the concurrency limits, their use per key, and run-time overrides."""
+
+from __future__ import annotations
+
+import click
+from rich.text import Text
+
+from durable import admin
+from durable.cli._common import (
+    MAX_INT,
+    DurableGroup,
+    Globals,
+    app_option,
+    connect,
+    console,
+    database_option,
+    echo,
+    json_option,
+    load_durable,
+    make_table,
+    print_json,
+)
+
+
+def _number(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+@click.group(cls=DurableGroup, invoke_without_command=True)
+@json_option("limits")
+@app_option
+@database_option
+@click.pass_context
+def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str | None) -> None:
+    """List the concurrency limits: declared, overridden, slots in use and queued steps.
+
+    A limit appears once a step under it has been admitted. Each row's keys are the busiest
+    of its keys (at most 20), with their slots held and steps queued.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with connect(ctx, app, database_url) as conn:
+        rows = admin.list_limits(conn)
+    if as_json:
+        print_json(rows)
+        return
+    columns = ("limit", "declared", "override", "effective", "rate", "running", "queued", "keys")
+    table = make_table(*columns)
+    for row in rows:
+        keys = ", ".join(f"{k['key']} {k['running']}/{k['queued']}" for k in row["keys"])
+        table.add_row(
+            Text(row["name"]),
+            _number(row["concurrency"]),
+            _number(row["override"]),
+            _number(row["effective"]),
+            row["rate"] or "-",
+            str(row["running"]),
+            str(row["queued"]),
+            Text(keys),
+        )
+    console().print(table)
+
+
+@limits.command("set")
+@click.argument("name")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=0, max=MAX_INT),
+    show_envvar=True,
+    help="Slots per key from now on; 0 admits nothing (a pause).",
+)
+@click.option(
+    "--clear",
+    is_flag=True,
+    show_envvar=True,
+    help="Drop the override: the code's declaration applies again.",
+)
+@json_option("limits set", "a line of text")
+@app_option
+@database_option
+@click.pass_context
+def limits_set(
+    ctx: click.Context,
+    name: str,
+    concurrency: int | None,
+    clear: bool,
+    as_json: bool,
+    app: str | None,
+    database_url: str | None,
+) -> None:
+    """Override limit NAME's concurrency at run time; it wins over the code's declaration.
+
+    Steps already holding slots keep them when the limit is lowered. With the app (--app or
+    DURABLE_APP) the queued steps that now fit are admitted at once; without it, by the
+    next sweep of 'durable beat'.
+    """
+    if (concurrency is None) == (not clear):
+        raise click.UsageError("give exactly one of --concurrency N and --clear", ctx)
+    value = None if clear else concurrency
+    spec = app or (ctx.find_object(Globals) or Globals()).app
+    admitted: int | None = None
+    if spec:
+        admitted = admin.set_limit(load_durable(spec), name, value)
+    else:
+        with connect(ctx, app, database_url) as conn:
+            admin.override_limit(conn, name, value)
+    if as_json:
+        print_json({"name": name, "override": value, "admitted": admitted})
+        return
+    now = "the declared concurrency" if value is None else f"concurrency {value}"
+    later = "by the beat's next sweep" if admitted is None else f"now: {admitted}"
+    echo(f"limit {name}: {now}; queued steps that fit are admitted {later}")
