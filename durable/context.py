@@ -21,7 +21,7 @@ from celery.canvas import Signature
 from celery.local import Proxy
 
 from durable import durations
-from durable._control import PENDING, Suspend
+from durable._control import PENDING, LeaseLost, Suspend
 from durable.codec import seal
 from durable.dispatch import expiry, routing_options
 from durable.effects import PendingDispatch
@@ -201,12 +201,14 @@ class WorkflowContext(Replay):
             plain = dumps(value, f"result of step {seq} ({name})", limit)
         except Exception as exc:
             return self._local_failed(seq, name, exc, policy, attempt)
-        wid, result = self.workflow_id, seal(plain, self._core.codec)
+        wid, owner, result = self.workflow_id, self._owner, seal(plain, self._core.codec)
         done = self._core.store(
             lambda c: local_queries.record_local(
-                c, wid, seq, name, attempt, result, None, "completed"
+                c, wid, owner, seq, name, attempt, result, None, "completed"
             )
         )
+        if done is None:
+            raise LeaseLost()  # another activation has the run: its outcome stands, not ours
         self.advance_now(done)
         # Hand back what replay will hand back: the JSON round trip of the value.
         return json.loads(plain)
@@ -219,9 +221,11 @@ class WorkflowContext(Replay):
         delay = retry_delay(policy, attempt) if is_retryable(policy, exc) else None
         with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
-            local_queries.record_local(
-                conn, self.workflow_id, seq, name, attempt, None, error, status
+            recorded = local_queries.record_local(
+                conn, self.workflow_id, self._owner, seq, name, attempt, None, error, status
             )
+            if recorded is None:
+                raise LeaseLost() from exc
             if delay is not None:
                 timer = step_queries.schedule_retry(
                     conn, self.workflow_id, seq, error, delay, from_status="waiting"

@@ -3,19 +3,33 @@ activation that lost its lease while it ran."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from durable import Durable, SignalTimeout
 from durable.activation import activate
 from durable.beat import Beat
-from tests.conftest import HISTORY_ROWS, Background, query, wait_until
+from tests.apps.crash_app import build
+from tests.conftest import (
+    HISTORY_ROWS,
+    ROOT,
+    Background,
+    Workers,
+    clean_keys,
+    clean_tables,
+    query,
+    wait_until,
+)
 
 HOUR = timedelta(hours=1)
 
@@ -174,3 +188,87 @@ def test_a_signal_and_the_timeout_in_the_same_instant_give_exactly_one_outcome(
             assert found["wait"] == "timeout" and found["consumed_at"] == [2]
         assert found["timer_fired"] == [True]
         assert found["consumed_events"] == found["consumed_at"]  # taken once, never twice
+
+
+@pytest.fixture
+def stalling(
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> Iterator[tuple[Durable, Workers, redis.Redis]]:
+    """Worker processes of the crash app with 2 s leases, and a beat sweeping for them."""
+    clean_tables(database_url)
+    settings = {"DURABLE_LEASE_TTL": "2", "DURABLE_REDISPATCH_AFTER": "2"}
+    env = {
+        **os.environ,
+        **settings,
+        "DURABLE_DATABASE_URL": database_url,
+        "DURABLE_REDIS_URL": redis_url,
+        "CRASH_PREFIX": prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    _, durable = build(database_url, redis_url, prefix, lease_ttl=2, redispatch_after=2)
+    workers = Workers(env, tmp_path, "tests.apps.crash_app")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    beat = Beat(durable, sweep_interval=0.5)
+    thread = Background(beat.run)
+    try:
+        yield durable, workers, client
+    finally:
+        beat.stopping.set()
+        thread.join(5)
+        for proc in workers.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
+        workers.stop_all()
+        clean_keys(redis_url, prefix)
+
+
+def test_an_activation_that_lost_its_lease_commits_nothing(
+    stalling: Any, prefix: str, database_url: str
+) -> None:
+    durable, workers, client = stalling
+
+    def runs_of(kind: str) -> int:
+        return int(client.get(f"{prefix}:count:{kind}") or 0)
+
+    first = workers.start("stalled")
+    run = durable.start("crash.gated", workflow_id="stale-1")
+    wait_until(lambda: runs_of("gated") == 1, timeout=30, what="the first local step run")
+    held = list(client.hkeys(f"{prefix}:unacked"))  # the stalled activation's message
+    assert held
+    # The process stalls (SIGSTOP: no heartbeat, no progress) in the middle of the local
+    # step. Its lease runs out; the sweep sends the activation again, to another worker.
+    os.killpg(first.pid, signal.SIGSTOP)
+    workers.start("takeover")
+    wait_until(lambda: runs_of("gated") == 2, timeout=30, what="the takeover's local step run")
+    # The stalled activation wakes up and finishes its local step first, while the takeover
+    # still runs its own: its commit must be refused, and it must go no further.
+    client.rpush(f"{prefix}:gate:1", "go")
+    os.killpg(first.pid, signal.SIGCONT)
+    wait_until(
+        lambda: not set(held) & set(client.hkeys(f"{prefix}:unacked")),
+        timeout=30,
+        what="the stalled activation to end",
+    )
+    rows = query(
+        database_url,
+        "SELECT seq, status, result FROM durable_steps WHERE workflow_id = 'stale-1'",
+    )
+    assert rows == []  # nothing of the stalled activation's was written
+    client.rpush(f"{prefix}:gate:2", "go")
+    assert run.result(timeout=30) == ["local run 2", "after"]
+    steps = query(
+        database_url,
+        "SELECT seq, kind, status, result FROM durable_steps WHERE workflow_id = 'stale-1'"
+        " ORDER BY seq",
+    )
+    assert [(s.seq, s.kind, s.status, s.result) for s in steps] == [
+        (1, "local", "completed", "local run 2"),
+        (2, "task", "completed", "after"),
+    ]
+    events = query(
+        database_url,
+        "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'stale-1'"
+        " AND event LIKE 'step %' ORDER BY pos",
+    )
+    assert [(e.seq, e.event) for e in events].count((1, "step completed")) == 1
+    assert runs_of("after") == 1  # the step after it was scheduled and run once
