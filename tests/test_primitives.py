@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 from sqlalchemy import text
 
 from durable import (
@@ -32,7 +33,7 @@ def _bump(client: redis.Redis, prefix: str, key: str) -> int:
 
 
 def test_signals_are_kept_and_delivered_once_in_order(
-    durable: Durable, worker: Any, database_url: str
+    durable: Durable, app: Celery, database_url: str
 ) -> None:
     @durable.workflow("wf.signals")
     def wf(ctx: Any) -> list[Any]:
@@ -42,12 +43,14 @@ def test_signals_are_kept_and_delivered_once_in_order(
         other = ctx.wait_for_signal("other")
         return [first, second, other]
 
-    # Sent before the run waits (and even before it starts running): kept, in order.
+    # Sent before the run waits (and before it starts running: no worker yet), so that
+    # both signals of a name are there when the first wait takes one: kept, in order.
     run = durable.start("wf.signals", workflow_id="sig-1")
     durable.signal("sig-1", "item", {"n": 1})
     durable.signal("sig-1", "other", "x")
     durable.signal("sig-1", "item", {"n": 2})
-    assert run.result(timeout=20) == [{"n": 1}, {"n": 2}, "x"]
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        assert run.result(timeout=20) == [{"n": 1}, {"n": 2}, "x"]
     rows = query(
         database_url,
         "SELECT name, consumed_seq FROM durable_signals WHERE workflow_id = 'sig-1' ORDER BY id",
