@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -113,10 +114,12 @@ def test_cancel_during_a_sleep_runs_compensation(
     database_url: str,
 ) -> None:
     client = redis.Redis.from_url(redis_url)
+    compensated = threading.Event()
 
     @app.task(name="t.release_stock", shared=False)
     def release_stock() -> str:
         _bump(client, prefix, "release")
+        assert compensated.wait(20)  # held while the test looks at the timer
         return "released"
 
     @durable.workflow("wf.cancel_sleep")
@@ -137,14 +140,22 @@ def test_cancel_during_a_sleep_runs_compensation(
         what="sleep",
     )
     durable.cancel("cancel-1")
+    try:
+        wait_until(lambda: client.get(f"{prefix}:count:release"), what="the compensation")
+        # Retired when the cancellation was delivered at the sleep, not only when the run
+        # ends: the 30-day timer will never fire, even while the compensation runs.
+        (timer,) = query(
+            database_url,
+            "SELECT id, fired_at FROM durable_timers WHERE workflow_id = 'cancel-1'",
+        )
+        assert timer.fired_at is not None
+        assert run.status() == "running"
+    finally:
+        compensated.set()
     with pytest.raises(WorkflowCancelled):
         run.result(timeout=20)
     assert run.status() == "cancelled"
     assert int(client.get(f"{prefix}:count:release") or 0) == 1
-    (timer,) = query(
-        database_url, "SELECT id, fired_at FROM durable_timers WHERE workflow_id = 'cancel-1'"
-    )
-    assert timer.fired_at is not None  # retired: the 30-day timer will never fire
     # Retired, not fired: even an index entry that says it is due now fires nothing.
     durable.timer_index.add(timer.id, 0.0)
     member = (f"{prefix}:timers", str(timer.id))
