@@ -144,23 +144,33 @@ def test_a_signal_at_the_deadline_with_no_activation_between_loses_to_the_timer_
 def test_a_timer_firing_after_the_signal_was_taken_changes_nothing(
     app: Celery, durable: Durable, database_url: str
 ) -> None:
-    register_wait(durable)
+    @durable.workflow("race.hold")
+    def hold(ctx: Any) -> list[Any]:
+        try:
+            got = ["signal", ctx.wait_for_signal("go", timeout=HOUR)]
+        except SignalTimeout:
+            got = ["timeout", None]
+        ctx.wait_for_signal("end")  # the run goes on: only the wait's status stops the timer
+        return got
+
     wid = "race-taken"
+    held = "SELECT 1 FROM durable_steps WHERE workflow_id = :wid AND seq = 2 AND status = 'waiting'"
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
-        run = durable.start("race.wait", workflow_id=wid)
+        run = durable.start("race.hold", workflow_id=wid)
         timer_id = wait_until(lambda: waiting_timer(database_url, wid), what="the wait")
         durable.signal(wid, "go", {"n": 1})
+        wait_until(lambda: query(database_url, held, wid=wid), what="the signal taken")
+        # The timer, due now, fires into a wait no longer 'waiting': no position moves, no
+        # activation is owed.
+        assert fire_now(durable, Beat(durable), timer_id) == 0
+        assert outcome(database_url, wid) == {
+            "wait": "completed",
+            "consumed_at": [1],
+            "timer_fired": [True],
+            "consumed_events": [1],
+        }
+        durable.signal(wid, "end")
         assert run.result(timeout=20) == ["signal", {"n": 1}]
-    # The timer, due now, fires into a wait no longer 'waiting': no position moves, no
-    # activation is owed.
-    assert fire_now(durable, Beat(durable), timer_id) == 0
-    assert durable.run(wid).status() == "completed"
-    assert outcome(database_url, wid) == {
-        "wait": "completed",
-        "consumed_at": [1],
-        "timer_fired": [True],
-        "consumed_events": [1],
-    }
 
 
 def test_a_signal_and_the_timeout_in_the_same_instant_give_exactly_one_outcome(
