@@ -21,3 +21,13 @@ class NeedsActivation(BaseException):
     anything else (a local step, a sleep, an event, a signal taken, a child started) or
     reading a time not yet committed needs the real activation, which then runs as before.
     """
+
+
+class LeaseLost(BaseException):
+    """Ends an activation whose write under the run's lease found the lease not its own.
+
+    Another activation took the run over (this one stalled past its lease), or recorded
+    the position first. The activation writes nothing more and tries to take the lease
+    again: if it still holds it, it replays from the history as it now is; otherwise the
+    run is someone else's and it ends.
+    """

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from durable import tracing
-from durable._control import NeedsActivation, Suspend
+from durable._control import LeaseLost, NeedsActivation, Suspend
 from durable.context import WorkflowContext
 from durable.effects import Effects
 from durable.errors import (
@@ -86,6 +86,11 @@ def _activate_leased(core: Core, activation: runs.Activation, owner: str) -> str
         outcome, effects = _replay(core, activation, owner)
     finally:
         core.heartbeat.release(owner)
+    if outcome == "lease-lost":
+        # What it committed before stands; the steps it meant to schedule were not written.
+        # Take the lease again: if it is still ours, replay from the history as it is now.
+        core.apply_effects(replace(effects, schedules=[], dispatches=[]))
+        return None
     if outcome in ("unknown-workflow", "undecodable"):
         # Keep the lease: it expires, and the recovery sweep sends the activation again,
         # maybe to a worker that has the workflow's module.
@@ -302,6 +307,8 @@ def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, E
             "durable: %s; activation of %s left for a worker with the key", exc, ctx.workflow_id
         )
         return "undecodable", ctx.effects
+    except LeaseLost:
+        return "lease-lost", ctx.effects
     except Suspend:
         if ctx.nondeterminism is None:
             return "suspended", ctx.effects

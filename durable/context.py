@@ -22,7 +22,7 @@ from celery.local import Proxy
 
 from durable import attributes as attribute_rules
 from durable import durations, tracing
-from durable._control import PENDING, Suspend
+from durable._control import PENDING, LeaseLost, Suspend
 from durable.codec import seal
 from durable.dispatch import expiry, routing_options
 from durable.effects import PendingDispatch
@@ -248,7 +248,7 @@ class WorkflowContext(Replay):
         if isinstance(fn, Signature):
             body = self._core.app.tasks[str(fn.task)].run
         info = StepInfo(self.workflow_id, seq, name, attempt)
-        wid = self.workflow_id
+        wid, owner = self.workflow_id, self._owner
         with tracing.step_span(
             self._workflow_name, wid, seq, name, attempt, self._trace, kind="local"
         ) as span:
@@ -269,9 +269,12 @@ class WorkflowContext(Replay):
             result = seal(plain, self._core.codec)
             done = self._core.store(
                 lambda c: local_queries.record_local(
-                    c, wid, seq, name, attempt, result, None, "completed"
+                    c, wid, owner, seq, name, attempt, result, None, "completed"
                 )
             )
+            if done is None:
+                span.outcome("lease lost")
+                raise LeaseLost()  # another activation has the run: its outcome stands, not ours
             span.outcome("completed")
         self.advance_now(done)
         # Hand back what replay will hand back: the JSON round trip of the value.
@@ -285,9 +288,11 @@ class WorkflowContext(Replay):
         delay, pause = next_attempt(policy, attempt, is_retryable(policy, exc))
         with self._core.transaction() as conn:
             status = "waiting" if delay is not None else "failed"
-            local_queries.record_local(
-                conn, self.workflow_id, seq, name, attempt, None, error, status
+            recorded = local_queries.record_local(
+                conn, self.workflow_id, self._owner, seq, name, attempt, None, error, status
             )
+            if recorded is None:
+                raise LeaseLost() from exc
             if delay is not None:
                 timer = step_queries.schedule_retry(
                     conn, self.workflow_id, seq, error, delay, from_status="waiting", pause=pause

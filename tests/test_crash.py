@@ -240,8 +240,11 @@ def test_sigterm_lets_the_running_step_finish_once(
     crash: Any, prefix: str, database_url: str
 ) -> None:
     durable, workers, client = crash
+    # A 2 s lease in the workers, the body running 8 s: through the warm shutdown the pool
+    # child's heartbeat keeps the lease, so the other worker's sweep never re-sends it.
+    workers.env = {**workers.env, "DURABLE_LEASE_TTL": "2"}
     first = workers.start("first")
-    run = durable.start("crash.step", 4, workflow_id="term-step")
+    run = durable.start("crash.step", 8, workflow_id="term-step")
     wait_until(lambda: count(client, prefix, "slow") == 1, timeout=30, what="the step to start")
     first.send_signal(signal.SIGTERM)  # a deploy: warm shutdown
     workers.start("second")
@@ -282,7 +285,7 @@ def test_two_beats_fire_each_timer_once(
 
 
 def test_signal_sent_while_every_worker_is_down(crash: Any, prefix: str, database_url: str) -> None:
-    durable, workers, _ = crash
+    durable, workers, client = crash
     first = workers.start("first")
     run = durable.start("crash.wait", workflow_id="sig-down")
     wait_until(
@@ -301,6 +304,9 @@ def test_signal_sent_while_every_worker_is_down(crash: Any, prefix: str, databas
         "SELECT payload, consumed_seq FROM durable_signals WHERE workflow_id = 'sig-down'",
     )
     assert (stored.payload, stored.consumed_seq) == ({"approved": True}, None)
+    # The activation message it sent is lost too (a Redis restarted meanwhile): the run is
+    # owed an activation in PostgreSQL, and the beat's sweep sends it again.
+    assert client.delete(f"{prefix}:celery") == 1
     workers.start("second")
     assert run.result(timeout=40) == [{"approved": True}, "after"]
 

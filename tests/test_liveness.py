@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -12,9 +14,12 @@ from durable.beat import Beat
 from durable.liveness import Heartbeat
 from durable.store import runs as run_queries
 from durable.store import steps as step_queries
+from tests.apps.crash_app import build
 from tests.conftest import (
     HISTORY_ROWS,
+    ROOT,
     Background,
+    Workers,
     clean_keys,
     clean_tables,
     make_app,
@@ -57,6 +62,67 @@ def test_a_step_longer_than_its_lease_is_not_run_twice(
         r.event
         for r in query(
             database_url, "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'long-1'"
+        )
+    ]
+    assert "step lease expired" not in events
+
+
+def test_a_prefork_child_keeps_its_steps_lease_by_heartbeat(
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A real ``celery worker -P prefork -c 2``: the heartbeat runs in the pool child."""
+    clean_tables(database_url)
+    # A 1.5 s lease (renewed every 0.5 s) in the workers and the beat; the body runs 6 s.
+    settings = {"DURABLE_LEASE_TTL": "1.5", "DURABLE_REDISPATCH_AFTER": "1"}
+    env = {
+        **os.environ,
+        **settings,
+        "DURABLE_DATABASE_URL": database_url,
+        "DURABLE_REDIS_URL": redis_url,
+        "CRASH_PREFIX": prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    _, durable = build(database_url, redis_url, prefix, lease_ttl=1.5, redispatch_after=1)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    workers = Workers(env, tmp_path, "tests.apps.crash_app")
+    beat = Beat(durable, sweep_interval=0.2)
+    thread = Background(beat.run)
+    lease_sql = (
+        "SELECT lease_owner, lease_expires_at FROM durable_steps"
+        " WHERE workflow_id = 'prefork-lease' AND seq = 1 AND status = 'started'"
+    )
+    expiries: list[Any] = []
+    owners: set[str] = set()
+
+    def watch() -> bool:
+        """Note each lease expiry seen while the body runs; True once the body is done."""
+        for row in query(database_url, lease_sql):
+            owners.add(row.lease_owner)
+            if not expiries or row.lease_expires_at != expiries[-1]:
+                expiries.append(row.lease_expires_at)
+        return int(client.get(f"{prefix}:count:slow-done") or 0) > 0
+
+    try:
+        workers.start("prefork", concurrency=2)
+        run = durable.start("crash.step", 6, workflow_id="prefork-lease")
+        wait_until(watch, timeout=60, interval=0.1, what="the long step to finish")
+        assert run.result(timeout=30) == ["done on run 1", "after"]
+        assert int(client.get(f"{prefix}:count:slow") or 0) == 1  # the body ran once
+    finally:
+        beat.stopping.set()
+        thread.join(5)
+        workers.stop_all()
+        clean_keys(redis_url, prefix)
+    assert len(owners) == 1  # one attempt, one token, no other worker took it
+    # The expiry moved forward while the body ran: renewed by the pool child's heartbeat.
+    assert len(expiries) >= 4, expiries
+    assert expiries == sorted(expiries)
+    assert beat.stats.steps_redispatched == 0
+    events = [
+        r.event
+        for r in query(
+            database_url,
+            "SELECT event FROM " + HISTORY_ROWS + " WHERE workflow_id = 'prefork-lease'",
         )
     ]
     assert "step lease expired" not in events

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from durable.dev.services import start_private_redis
-from tests.conftest import ROOT, Workers, clean_tables
+from tests.conftest import ROOT, Workers, clean_tables, query
 
 # Both modules define the same task names, as the same module before and after would; loaded
 # in one process, Celery's shared-task registry warns of the second. Expected here.
@@ -81,7 +81,7 @@ def reports(
 
 
 def test_the_migrated_module_behaves_as_the_celery_one(
-    reports: tuple[str, Any, redis.Redis],
+    reports: tuple[str, Any, redis.Redis], database_url: str
 ) -> None:
     which, module, services = reports
     result = module.nightly("eu").apply_async().get(timeout=90)
@@ -96,6 +96,19 @@ def test_the_migrated_module_behaves_as_the_celery_one(
     # (0.3 s at least: the worker's timers are coarse; unlimited, they come milliseconds apart)
     assert all(b - a >= 0.3 for a, b in itertools.pairwise(fetched)), fetched
     if which == "durable_reports":
+        # The waits Celery would have counted down are durable retry timers of the same
+        # length: default_retry_delay (0.2 s) twice for render, countdown (0.5 s) for post.
+        waits = query(
+            database_url,
+            "SELECT s.name, extract(epoch FROM t.fire_at - t.created_at) AS wait"
+            " FROM durable_timers t JOIN durable_steps s USING (workflow_id, seq)"
+            " WHERE t.purpose = 'retry' ORDER BY t.id",
+        )
+        assert [(w.name, round(float(w.wait), 3)) for w in waits] == [
+            ("reports.render", 0.2),
+            ("reports.render", 0.2),
+            ("reports.post", 0.5),
+        ]
         # ...plus durability: the run and each step's result are in PostgreSQL.
         run_id = module.nightly("eu").apply_async().id
         assert module.durable.run(run_id).get(timeout=90) == EXPECTED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 from sqlalchemy import text
 
 from durable import (
@@ -32,7 +34,7 @@ def _bump(client: redis.Redis, prefix: str, key: str) -> int:
 
 
 def test_signals_are_kept_and_delivered_once_in_order(
-    durable: Durable, worker: Any, database_url: str
+    durable: Durable, app: Celery, database_url: str
 ) -> None:
     @durable.workflow("wf.signals")
     def wf(ctx: Any) -> list[Any]:
@@ -42,12 +44,14 @@ def test_signals_are_kept_and_delivered_once_in_order(
         other = ctx.wait_for_signal("other")
         return [first, second, other]
 
-    # Sent before the run waits (and even before it starts running): kept, in order.
+    # Sent before the run waits (and before it starts running: no worker yet), so that
+    # both signals of a name are there when the first wait takes one: kept, in order.
     run = durable.start("wf.signals", workflow_id="sig-1")
     durable.signal("sig-1", "item", {"n": 1})
     durable.signal("sig-1", "other", "x")
     durable.signal("sig-1", "item", {"n": 2})
-    assert run.result(timeout=20) == [{"n": 1}, {"n": 2}, "x"]
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        assert run.result(timeout=20) == [{"n": 1}, {"n": 2}, "x"]
     rows = query(
         database_url,
         "SELECT name, consumed_seq FROM durable_signals WHERE workflow_id = 'sig-1' ORDER BY id",
@@ -110,10 +114,12 @@ def test_cancel_during_a_sleep_runs_compensation(
     database_url: str,
 ) -> None:
     client = redis.Redis.from_url(redis_url)
+    compensated = threading.Event()
 
     @app.task(name="t.release_stock", shared=False)
     def release_stock() -> str:
         _bump(client, prefix, "release")
+        assert compensated.wait(20)  # held while the test looks at the timer
         return "released"
 
     @durable.workflow("wf.cancel_sleep")
@@ -134,14 +140,22 @@ def test_cancel_during_a_sleep_runs_compensation(
         what="sleep",
     )
     durable.cancel("cancel-1")
+    try:
+        wait_until(lambda: client.get(f"{prefix}:count:release"), what="the compensation")
+        # Retired when the cancellation was delivered at the sleep, not only when the run
+        # ends: the 30-day timer will never fire, even while the compensation runs.
+        (timer,) = query(
+            database_url,
+            "SELECT id, fired_at FROM durable_timers WHERE workflow_id = 'cancel-1'",
+        )
+        assert timer.fired_at is not None
+        assert run.status() == "running"
+    finally:
+        compensated.set()
     with pytest.raises(WorkflowCancelled):
         run.result(timeout=20)
     assert run.status() == "cancelled"
     assert int(client.get(f"{prefix}:count:release") or 0) == 1
-    (timer,) = query(
-        database_url, "SELECT id, fired_at FROM durable_timers WHERE workflow_id = 'cancel-1'"
-    )
-    assert timer.fired_at is not None  # retired: the 30-day timer will never fire
     # Retired, not fired: even an index entry that says it is due now fires nothing.
     durable.timer_index.add(timer.id, 0.0)
     member = (f"{prefix}:timers", str(timer.id))

@@ -8,13 +8,19 @@ from sqlalchemy import Connection
 
 from durable.store.statement import statement
 
+# Only under the run's lease (``lease_owner = :owner``): an activation that stalled while the
+# local step ran and whose run another activation took over must not record its outcome.
+# No row returned: the lease is not ours, or the position was recorded already (by another
+# activation whose acquire read the history before this insert); either way the caller stops
+# (``durable._control.LeaseLost``).
 _LOCAL = statement(
     """
     WITH s AS (
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, attempts, result, error,
                                    started_at, completed_at)
-        VALUES (:wid, :seq, 'local', :name, :status, :attempts, CAST(:result AS jsonb), :error,
-                now(), now())
+        SELECT :wid, :seq, 'local', :name, :status, :attempts, CAST(:result AS jsonb), :error,
+               now(), now()
+         WHERE EXISTS (SELECT 1 FROM durable_workflows WHERE id = :wid AND lease_owner = :owner)
         ON CONFLICT (workflow_id, seq) DO UPDATE
            SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, result = EXCLUDED.result,
                error = EXCLUDED.error, completed_at = EXCLUDED.completed_at
@@ -35,6 +41,7 @@ _LOCAL = statement(
 def record_local(
     conn: Connection,
     wid: str,
+    owner: str,
     seq: int,
     name: str,
     attempts: int,
@@ -42,10 +49,14 @@ def record_local(
     error: str | None,
     status: str,
 ) -> Any:
-    """Record a local step's outcome (completed, failed or waiting); its commit time or None."""
+    """Record a local step's outcome (completed, failed or waiting) under ``owner``'s lease.
+
+    Returns its commit time, or None if nothing was recorded (see ``_LOCAL``).
+    """
     event = {"completed": "step completed", "failed": "step failed"}.get(status, "step attempt")
     params = {
         "wid": wid,
+        "owner": owner,
         "seq": seq,
         "name": name,
         "attempts": attempts,

@@ -83,11 +83,16 @@ def send_signal(
 
 
 # The oldest unconsumed signal of that name is taken by position ``seq`` and the position
-# settled, in one statement. Only the run's lease holder calls this, so positions never race.
+# settled, in one statement. Only the run's lease holder calls this, so positions never race;
+# the wait's timeout timer does (``durable.store.timers``: 'waiting' -> 'timeout'). A retried
+# wait (``lock`` below) therefore locks its position first, still 'waiting', and takes a signal only
+# then: a timer that fired meanwhile leaves no row to lock (PostgreSQL re-reads a row changed
+# under it), so no signal is consumed by a position that timed out; and a timer that fires
+# after the lock waits for this commit and finds the wait 'completed'.
 _CONSUME = """
-    WITH sig AS (
+    WITH {lock} sig AS (
         SELECT id, payload FROM durable_signals
-         WHERE workflow_id = :wid AND name = :name AND consumed_seq IS NULL
+         WHERE workflow_id = :wid AND name = :name AND consumed_seq IS NULL {guard}
          ORDER BY id LIMIT 1
            FOR UPDATE
     ), c AS (
@@ -115,6 +120,8 @@ _CONSUME = """
 
 _BEGIN_WAIT = statement(
     _CONSUME.format(
+        lock="",
+        guard="",
         write="""
         INSERT INTO durable_steps (workflow_id, seq, kind, name, status, result, started_at,
                                    completed_at, options)
@@ -124,18 +131,24 @@ _BEGIN_WAIT = statement(
                CASE WHEN EXISTS (SELECT 1 FROM c) THEN now() END,
                jsonb_build_object('timeout', CAST(:timeout AS float8))
         ON CONFLICT (workflow_id, seq) DO NOTHING
-        RETURNING completed_at"""
+        RETURNING completed_at""",
     )
 )
 
 _RETRY_WAIT = statement(
     _CONSUME.format(
+        lock="""w AS (
+        SELECT 1 FROM durable_steps
+         WHERE workflow_id = :wid AND seq = :seq AND status = 'waiting'
+           FOR UPDATE
+    ),""",
+        guard="AND EXISTS (SELECT 1 FROM w)",
         write="""
         UPDATE durable_steps SET status = 'completed', result = (SELECT payload FROM c),
                completed_at = now()
          WHERE workflow_id = :wid AND seq = :seq AND status = 'waiting'
            AND EXISTS (SELECT 1 FROM c)
-        RETURNING completed_at"""
+        RETURNING completed_at""",
     )
 )
 

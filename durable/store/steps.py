@@ -30,10 +30,17 @@ from durable.store.statement import first_row, insert_new_steps, statement
 # New remote steps (one, or a parallel batch) are written in the statement that releases the
 # run's lease; the rows arrive as one JSON array of {seq, name, args, kwargs, options}. Their
 # 'step scheduled' events are their rows (``durable.store.history``).
+# With :release the steps are written only under the caller's lease: an activation that
+# stalled and whose run another one took over writes nothing.
 _SCHEDULE = statement(
     """
     WITH s AS ("""
-    + insert_new_steps(":wid", tail="ON CONFLICT (workflow_id, seq) DO NOTHING")
+    + insert_new_steps(
+        ":wid",
+        tail="""WHERE NOT :release
+              OR EXISTS (SELECT 1 FROM durable_workflows WHERE id = :wid AND lease_owner = :owner)
+        ON CONFLICT (workflow_id, seq) DO NOTHING""",
+    )
     + """), r AS (
         UPDATE durable_workflows
            SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq,

@@ -112,6 +112,17 @@ def build(
         ctx.set_attributes(stage="done")
         return str(first)
 
+    def gated_local() -> str:
+        """Run n waits until the test pushes ``gate:n``: two runs held at will."""
+        n = record("gated")
+        client.blpop([f"{prefix}:gate:{n}"], timeout=120)
+        return f"local run {n}"
+
+    @durable.workflow("crash.gated")
+    def gated_workflow(ctx: Any) -> list[str]:
+        first = ctx.step(gated_local, local=True)
+        return [first, ctx.step(after)]
+
     @durable.workflow("crash.nap")
     def nap_workflow(ctx: Any, seconds: float) -> str:
         ctx.sleep(seconds)
