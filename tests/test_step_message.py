@@ -243,7 +243,12 @@ def test_autoretry_options_are_the_steps_default_policy_as_durable_timers(
         database_url, "SELECT count(*) AS n FROM durable_timers WHERE workflow_id = 'auto-1'"
     )
     assert timers[0].n == 2
-    # Celery saw two retries and one failure of its own task.
+    # Celery saw two retries and one failure of its own task. The run's end is committed
+    # before the worker returns to Celery, which sends task_failure after: wait for it.
+    wait_until(
+        lambda: of_task(celery_signals, "m.autoretry", "task_failure"),
+        what="Celery's task_failure signal",
+    )
     assert len(of_task(celery_signals, "m.autoretry", "task_retry")) == 2
     assert of_task(celery_signals, "m.autoretry", "task_failure") == ["ValueError('attempt 3')"]
 
