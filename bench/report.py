@@ -189,6 +189,34 @@ def report_counts(counts: Counts) -> None:
         ms = counts.seconds.get(label, 0.0) / number * 1000
         table.add_row(label, str(number), f"{number / lat.COUNT_STEPS:.2f}", f"{ms:.2f}")
     console.print(table)
+    report_table_writes(counts)
+
+
+def report_table_writes(counts: Counts) -> None:
+    """Rows written per step, table by table, and the share of updates that were HOT."""
+    n = lat.COUNT_STEPS
+    table = _table(
+        f"(f) Rows written per step, one {n}-step run",
+        "table",
+        "inserted",
+        "updated",
+        "of which HOT",
+        "deleted",
+    )
+    for name, writes in sorted(counts.tables.items()):
+        table.add_row(
+            name,
+            f"{writes.inserted / n:.2f}",
+            f"{writes.updated / n:.2f}",
+            f"{writes.hot / n:.2f}",
+            f"{writes.deleted / n:.2f}",
+        )
+    console.print(table)
+    share = counts.hot_updates / counts.updates if counts.updates else 0.0
+    console.print(
+        f"(f) {share:.0%} of the updates were HOT (a new row version on the same page, no"
+        " index entry written): n_tup_hot_upd over n_tup_upd of pg_stat_user_tables."
+    )
 
 
 def report_throughput(result: Throughput, pool: str) -> None:
@@ -351,6 +379,11 @@ def _targets(results: Results) -> list[tuple[str, str, bool | None]]:
         rows.append(("PostgreSQL CPU per step ≤ 0.6 ms", f"{cpu:.2f} ms", cpu <= 0.6))
         written = results.counts.rows / n
         rows.append(("rows written per step ≤ 3", f"{written:.2f}", written <= 3))
+        wal = results.counts.wal_bytes / n
+        rows.append(("WAL per step (no target)", f"{wal:,.0f} bytes", None))
+        updates = results.counts.updates
+        hot = results.counts.hot_updates / updates if updates else 0.0
+        rows.append(("HOT share of updates (no target)", f"{hot:.0%}", None))
     for pool, samples in results.latency.items():
         if samples.local:
             ms = median(samples.local) / lat.LOCAL_STEPS * 1000
