@@ -76,8 +76,13 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
             attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
         )  # fmt: skip
     assert settled.settled and settled.advanced and settled.activation is None
-    run = query(database_url, "SELECT wake_seq, run_seq, lease_owner FROM durable_workflows")[0]
-    assert run.wake_seq == run.run_seq == claimed.rest_wake + 1 and run.lease_owner is None
+    run = query(
+        database_url, "SELECT wake_seq, run_seq, advances, lease_owner FROM durable_workflows"
+    )[0]
+    # At rest before and after: the counters of the owed-run index stay as they were, and
+    # the run's version (wake_seq + advances) is one later.
+    assert run.wake_seq == run.run_seq and run.advances == 1 and run.lease_owner is None
+    assert run.wake_seq + run.advances == claimed.rest_wake + 1
     steps = query(database_url, "SELECT seq, status FROM durable_steps ORDER BY seq")
     assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "scheduled")]
     events = query(
@@ -85,6 +90,50 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
         "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE seq IS NOT NULL ORDER BY pos",
     )
     assert [(e.seq, e.event) for e in events][-2:] == [(1, "step completed"), (2, "step scheduled")]
+
+
+def _hot_and_all_updates(conn: Any, table: str) -> tuple[int, int]:
+    """(HOT updates, updates) of ``table`` counted by this backend and not yet published.
+
+    Read twice in one transaction, their difference is what the statements between did.
+    """
+    row = conn.execute(
+        text(
+            "SELECT pg_stat_get_xact_tuples_hot_updated(CAST(:t AS regclass)) AS hot,"
+            " pg_stat_get_xact_tuples_updated(CAST(:t AS regclass)) AS updated"
+        ),
+        {"t": table},
+    ).one()
+    return int(row.hot), int(row.updated)
+
+
+def test_an_advance_updates_the_run_without_touching_its_indexes(durable: Durable) -> None:
+    """The run's row changes no indexed column when a settle advances it: a HOT update.
+
+    The plain settle (the run woken meanwhile) is the contrast: it bumps the counters that
+    the index of owed runs names, and PostgreSQL cannot make that update HOT.
+    """
+    (claimed,) = _run_with_claimed_steps(durable, "adv-hot", (1,))
+    with durable.transaction() as conn:
+        hot, updated = _hot_and_all_updates(conn, "durable_workflows")
+        settled = step_queries.settle_step(
+            conn, "adv-hot", 1, result='"one"', owner="w1#1", ttl=30, acquire=False,
+            attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
+        )  # fmt: skip
+        assert settled.advanced
+        assert _hot_and_all_updates(conn, "durable_workflows") == (hot + 1, updated + 1)
+    with durable.connect() as conn:
+        second = step_queries.claim_step(conn, "adv-hot", 2, "w2#1", 30, with_history=True)
+    assert second is not None and second.rest_wake == claimed.rest_wake + 1
+    durable.signal("adv-hot", "poke", {"n": 1})  # wakes the run after the claim read it
+    with durable.transaction() as conn:
+        hot, updated = _hot_and_all_updates(conn, "durable_workflows")
+        settled = step_queries.settle_step(
+            conn, "adv-hot", 2, result='"two"', owner="w2#1", ttl=30, acquire=False,
+            attempt=second.attempt, expect_wake=second.rest_wake, new=[_next(3)],
+        )  # fmt: skip
+        assert settled.settled and not settled.advanced
+        assert _hot_and_all_updates(conn, "durable_workflows") == (hot, updated + 1)
 
 
 def test_a_run_woken_since_the_claim_is_not_advanced(durable: Durable, database_url: str) -> None:
