@@ -87,6 +87,10 @@ class Counts:
     """WAL the server wrote over the run (the whole server: other databases are idle)."""
     server_cpu: float
     """CPU seconds of the PostgreSQL server's processes over the run."""
+    backend_cpu: float
+    """CPU seconds of the backends serving the bench database over the run: the server's
+    work for durable's statements, without other databases' sessions on a shared server,
+    nor the WAL writer, checkpointer and autovacuum."""
     statements: dict[str, int]
     """Statements the worker sent, by label (``runs.finish``: ``_FINISH`` of the store)."""
     seconds: dict[str, float]
@@ -238,16 +242,18 @@ def count(bench: Bench) -> Counts:
     _flush_worker(bench)
     before = _settled_commits(bench)
     tables, wal, cpu = _table_writes(bench), _wal_lsn(bench), _server_cpu(bench)
+    backends = _backend_cpu(bench)
     durable_run(bench, COUNT_STEPS, check=False)
     # Before the worker's connections close: a backend's CPU is counted while it lives.
     cpu, wal = _server_cpu(bench) - cpu, _wal_lsn(bench) - wal
+    ours = sum(now - backends.get(pid, 0.0) for pid, now in _backend_cpu(bench).items())
     statements, seconds = _flush_worker(bench)
     after = _settled_commits(bench)
     now = _table_writes(bench)
     written = {name: now[name] - tables.get(name, TableWrites()) for name in now}
     written = {name: table for name, table in written.items() if table.rows}
     rows = sum(table.rows for table in written.values())
-    return Counts(after - before, rows, wal, cpu, statements, seconds, written)
+    return Counts(after - before, rows, wal, cpu, ours, statements, seconds, written)
 
 
 def _table_writes(bench: Bench) -> dict[str, TableWrites]:
@@ -283,6 +289,27 @@ def _server_cpu(bench: Bench) -> float:
             times = proc.cpu_times()
             total += times.user + times.system
     return total
+
+
+def _backend_cpu(bench: Bench) -> dict[str, float]:
+    """CPU seconds (user + system) of each backend connected to the bench database now.
+
+    Keyed by pid and start time, so that a pid reused by a new backend is not mistaken for
+    the old one. The worker's pooled connections (opened before the run, by the flush that
+    precedes it, or during it) live until the flush after it.
+    """
+    assert bench.listener is not None
+    found = bench.listener.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND backend_type = 'client backend'"
+    ).fetchall()
+    cpu: dict[str, float] = {}
+    for (pid,) in found:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(int(pid))
+            times = proc.cpu_times()
+            cpu[f"{pid}@{proc.create_time()}"] = times.user + times.system
+    return cpu
 
 
 def _flush_worker(bench: Bench) -> tuple[dict[str, int], dict[str, float]]:

@@ -169,8 +169,9 @@ def report_counts(counts: Counts) -> None:
     console.print(
         f"(f) PostgreSQL per durable step: {counts.rows / n:.2f} rows written (inserted,"
         f" updated or deleted in durable's tables), {counts.wal_bytes / n:,.0f} bytes of WAL,"
-        f" {counts.server_cpu / n * 1000:.2f} ms of the server's CPU (psutil over its"
-        " processes)."
+        f" {counts.backend_cpu / n * 1000:.2f} ms of CPU in the backends serving the bench"
+        f" database ({counts.server_cpu / n * 1000:.2f} ms in all of the server's processes,"
+        " whatever else they served; psutil)."
     )
     console.print(
         f"(f) PostgreSQL per durable step: {per_step:.2f} transactions: xact_commit of the bench"
@@ -375,8 +376,8 @@ def _targets(results: Results) -> list[tuple[str, str, bool | None]]:
         rows.append(("throughput ≥ 0.8x plain Celery (committed)", _x(ratio), ratio >= 0.8))
     if results.counts is not None:
         n = lat.COUNT_STEPS
-        cpu = results.counts.server_cpu / n * 1000
-        rows.append(("PostgreSQL CPU per step ≤ 0.6 ms", f"{cpu:.2f} ms", cpu <= 0.6))
+        cpu = results.counts.backend_cpu / n * 1000
+        rows.append(("PostgreSQL CPU per step ≤ 0.6 ms (backends)", f"{cpu:.2f} ms", cpu <= 0.6))
         written = results.counts.rows / n
         rows.append(("rows written per step ≤ 3", f"{written:.2f}", written <= 3))
         wal = results.counts.wal_bytes / n
