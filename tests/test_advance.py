@@ -438,6 +438,56 @@ def test_a_kept_history_is_not_used_once_the_run_moved_on(
     assert durable.histories.wake_of("kept-1") == claimed[0].rest_wake + 1
 
 
+def test_a_kept_history_is_not_used_once_another_process_advanced_the_run(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """An advance elsewhere leaves wake_seq alone but moves the version the cache is kept at."""
+
+    @app.task(name="t.inc2", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.kept2")
+    def wf(ctx: Any) -> int:
+        x = ctx.step(inc, 0)
+        x = ctx.step(inc, x)
+        return int(ctx.step(inc, x))
+
+    durable.start("wf.kept2", workflow_id="kept-2")
+    assert activate(durable, "kept-2") == "suspended"  # schedules step 1
+    assert execute_step(durable, "kept-2", 1) == "completed"  # advances: step 2 scheduled
+    kept = durable.histories.wake_of("kept-2")
+    assert kept is not None
+    # Step 2 runs in another process (its own claim, replay and settle), which advances.
+    with durable.connect() as conn:
+        other = step_queries.claim_step(conn, "kept-2", 2, "other#1", 30, with_history=True)
+        assert other is not None and other.run is not None and other.rest_wake == kept
+        replayed = replay_in_memory(durable, other.run, 2, "2", None, other.attempt)
+        assert replayed is not None and [n.seq for n in replayed.effects.schedules] == [3]
+        settled = step_queries.settle_step(
+            conn, "kept-2", 2, result="2", owner="other#1", ttl=30,
+            attempt=other.attempt, expect_wake=other.rest_wake, new=replayed.effects.schedules,
+        )  # fmt: skip
+    assert settled.advanced
+    run = query(database_url, "SELECT wake_seq, run_seq FROM durable_workflows")[0]
+    assert run.wake_seq == run.run_seq  # at rest, its wake counter where this process kept it
+    claimed: list[Any] = []
+    original = step_queries.claim_step
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        claimed.append(original(*args, **kwargs))
+        return claimed[-1]
+
+    step_queries.claim_step = spy  # type: ignore[assignment]
+    try:
+        assert execute_step(durable, "kept-2", 3) == "completed"
+    finally:
+        step_queries.claim_step = original  # type: ignore[assignment]
+    assert claimed[0].rest_wake == kept + 1 and claimed[0].run is not None  # read again
+    done = query(database_url, "SELECT status, result FROM durable_workflows")[0]
+    assert (done.status, done.result) == ("completed", 3)
+
+
 def test_without_kept_histories_every_claim_reads_the_history(
     database_url: str, redis_url: str, prefix: str
 ) -> None:
