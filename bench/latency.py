@@ -87,10 +87,50 @@ class Counts:
     """WAL the server wrote over the run (the whole server: other databases are idle)."""
     server_cpu: float
     """CPU seconds of the PostgreSQL server's processes over the run."""
+    backend_cpu: float
+    """CPU seconds of the backends serving the bench database over the run: the server's
+    work for durable's statements, without other databases' sessions on a shared server,
+    nor the WAL writer, checkpointer and autovacuum."""
     statements: dict[str, int]
     """Statements the worker sent, by label (``runs.finish``: ``_FINISH`` of the store)."""
     seconds: dict[str, float]
     """Their total time in the worker, from sending each one to having its result."""
+    tables: dict[str, TableWrites] = field(default_factory=dict)
+    """Rows written over the run, by table (those with any)."""
+
+    @property
+    def updates(self) -> int:
+        """Rows updated over the run, in every table."""
+        return sum(table.updated for table in self.tables.values())
+
+    @property
+    def hot_updates(self) -> int:
+        """Of :attr:`updates`, those PostgreSQL made HOT (no index entry written)."""
+        return sum(table.hot for table in self.tables.values())
+
+
+@dataclass(frozen=True)
+class TableWrites:
+    """One table's ``pg_stat_user_tables`` counters, or their difference over a run."""
+
+    inserted: int = 0
+    updated: int = 0
+    hot: int = 0
+    """Updates that were HOT: the new row version on the same page, no index touched."""
+    deleted: int = 0
+
+    def __sub__(self, other: TableWrites) -> TableWrites:
+        return TableWrites(
+            self.inserted - other.inserted,
+            self.updated - other.updated,
+            self.hot - other.hot,
+            self.deleted - other.deleted,
+        )
+
+    @property
+    def rows(self) -> int:
+        """Rows written: inserted, updated or deleted."""
+        return self.inserted + self.updated + self.deleted
 
 
 def plain(bench: Bench, n: int) -> float:
@@ -201,25 +241,34 @@ def count(bench: Bench) -> Counts:
     bench.listener.execute("SELECT pg_stat_force_next_flush()")
     _flush_worker(bench)
     before = _settled_commits(bench)
-    rows, wal, cpu = _rows_written(bench), _wal_lsn(bench), _server_cpu(bench)
+    tables, wal, cpu = _table_writes(bench), _wal_lsn(bench), _server_cpu(bench)
+    backends = _backend_cpu(bench)
     durable_run(bench, COUNT_STEPS, check=False)
     # Before the worker's connections close: a backend's CPU is counted while it lives.
     cpu, wal = _server_cpu(bench) - cpu, _wal_lsn(bench) - wal
+    ours = sum(now - backends.get(pid, 0.0) for pid, now in _backend_cpu(bench).items())
     statements, seconds = _flush_worker(bench)
     after = _settled_commits(bench)
-    rows = _rows_written(bench) - rows
-    return Counts(after - before, rows, wal, cpu, statements, seconds)
+    now = _table_writes(bench)
+    written = {name: now[name] - tables.get(name, TableWrites()) for name in now}
+    written = {name: table for name, table in written.items() if table.rows}
+    rows = sum(table.rows for table in written.values())
+    return Counts(after - before, rows, wal, cpu, ours, statements, seconds, written)
 
 
-def _rows_written(bench: Bench) -> int:
-    """Rows inserted, updated and deleted so far in durable's tables (published stats)."""
+def _table_writes(bench: Bench) -> dict[str, TableWrites]:
+    """Rows inserted, updated (HOT or not) and deleted so far in durable's tables.
+
+    The statistics as published: every backend that wrote has gone idle or closed (see
+    :func:`count`), and the snapshot is cleared so that the figures are read afresh.
+    """
     assert bench.listener is not None
     bench.listener.execute("SELECT pg_stat_clear_snapshot()")
-    row = bench.listener.execute(
-        "SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_user_tables"
-        " WHERE relname LIKE 'durable%'"
-    ).fetchone()
-    return int(row[0] or 0) if row else 0
+    found = bench.listener.execute(
+        "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del"
+        " FROM pg_stat_user_tables WHERE relname LIKE 'durable%'"
+    ).fetchall()
+    return {str(name): TableWrites(*(int(v) for v in values)) for name, *values in found}
 
 
 def _wal_lsn(bench: Bench) -> int:
@@ -240,6 +289,27 @@ def _server_cpu(bench: Bench) -> float:
             times = proc.cpu_times()
             total += times.user + times.system
     return total
+
+
+def _backend_cpu(bench: Bench) -> dict[str, float]:
+    """CPU seconds (user + system) of each backend connected to the bench database now.
+
+    Keyed by pid and start time, so that a pid reused by a new backend is not mistaken for
+    the old one. The worker's pooled connections (opened before the run, by the flush that
+    precedes it, or during it) live until the flush after it.
+    """
+    assert bench.listener is not None
+    found = bench.listener.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND backend_type = 'client backend'"
+    ).fetchall()
+    cpu: dict[str, float] = {}
+    for (pid,) in found:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(int(pid))
+            times = proc.cpu_times()
+            cpu[f"{pid}@{proc.create_time()}"] = times.user + times.system
+    return cpu
 
 
 def _flush_worker(bench: Bench) -> tuple[dict[str, int], dict[str, float]]:

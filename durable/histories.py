@@ -6,7 +6,9 @@ step's outcome and the steps it just scheduled. When the next step's message rea
 process, its claim need not read that history again: it reads the run's wake counter, and if
 the run is still at rest at the counter the history was kept for, nothing that replay looks
 at has changed (every change a replay can see, a step settled, a signal, a timer, a cancel,
-an admin command, increments the counter), so the kept history is the run's.
+an admin command, increments the counter), so the kept history is the run's. The counter is
+the run's version, ``wake_seq + advances`` (see ``durable.store.steps``): a settle that
+advanced the run counts in ``advances``.
 
 Bounded by ``Settings.history_cache_size`` runs, least recently used first out; a prefork
 worker keeps one cache per child process. A kept history is never trusted on its own: the

@@ -76,8 +76,13 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
             attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
         )  # fmt: skip
     assert settled.settled and settled.advanced and settled.activation is None
-    run = query(database_url, "SELECT wake_seq, run_seq, lease_owner FROM durable_workflows")[0]
-    assert run.wake_seq == run.run_seq == claimed.rest_wake + 1 and run.lease_owner is None
+    run = query(
+        database_url, "SELECT wake_seq, run_seq, advances, lease_owner FROM durable_workflows"
+    )[0]
+    # At rest before and after: the counters of the owed-run index stay as they were, and
+    # the run's version (wake_seq + advances) is one later.
+    assert run.wake_seq == run.run_seq and run.advances == 1 and run.lease_owner is None
+    assert run.wake_seq + run.advances == claimed.rest_wake + 1
     steps = query(database_url, "SELECT seq, status FROM durable_steps ORDER BY seq")
     assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "scheduled")]
     events = query(
@@ -85,6 +90,50 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
         "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE seq IS NOT NULL ORDER BY pos",
     )
     assert [(e.seq, e.event) for e in events][-2:] == [(1, "step completed"), (2, "step scheduled")]
+
+
+def _hot_and_all_updates(conn: Any, table: str) -> tuple[int, int]:
+    """(HOT updates, updates) of ``table`` counted by this backend and not yet published.
+
+    Read twice in one transaction, their difference is what the statements between did.
+    """
+    row = conn.execute(
+        text(
+            "SELECT pg_stat_get_xact_tuples_hot_updated(CAST(:t AS regclass)) AS hot,"
+            " pg_stat_get_xact_tuples_updated(CAST(:t AS regclass)) AS updated"
+        ),
+        {"t": table},
+    ).one()
+    return int(row.hot), int(row.updated)
+
+
+def test_an_advance_updates_the_run_without_touching_its_indexes(durable: Durable) -> None:
+    """The run's row changes no indexed column when a settle advances it: a HOT update.
+
+    The plain settle (the run woken meanwhile) is the contrast: it bumps the counters that
+    the index of owed runs names, and PostgreSQL cannot make that update HOT.
+    """
+    (claimed,) = _run_with_claimed_steps(durable, "adv-hot", (1,))
+    with durable.transaction() as conn:
+        hot, updated = _hot_and_all_updates(conn, "durable_workflows")
+        settled = step_queries.settle_step(
+            conn, "adv-hot", 1, result='"one"', owner="w1#1", ttl=30, acquire=False,
+            attempt=claimed.attempt, expect_wake=claimed.rest_wake, new=[_next(2)],
+        )  # fmt: skip
+        assert settled.advanced
+        assert _hot_and_all_updates(conn, "durable_workflows") == (hot + 1, updated + 1)
+    with durable.connect() as conn:
+        second = step_queries.claim_step(conn, "adv-hot", 2, "w2#1", 30, with_history=True)
+    assert second is not None and second.rest_wake == claimed.rest_wake + 1
+    durable.signal("adv-hot", "poke", {"n": 1})  # wakes the run after the claim read it
+    with durable.transaction() as conn:
+        hot, updated = _hot_and_all_updates(conn, "durable_workflows")
+        settled = step_queries.settle_step(
+            conn, "adv-hot", 2, result='"two"', owner="w2#1", ttl=30, acquire=False,
+            attempt=second.attempt, expect_wake=second.rest_wake, new=[_next(3)],
+        )  # fmt: skip
+        assert settled.settled and not settled.advanced
+        assert _hot_and_all_updates(conn, "durable_workflows") == (hot, updated + 1)
 
 
 def test_a_run_woken_since_the_claim_is_not_advanced(durable: Durable, database_url: str) -> None:
@@ -387,6 +436,56 @@ def test_a_kept_history_is_not_used_once_the_run_moved_on(
         (3, "scheduled"),
     ]
     assert durable.histories.wake_of("kept-1") == claimed[0].rest_wake + 1
+
+
+def test_a_kept_history_is_not_used_once_another_process_advanced_the_run(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """An advance elsewhere leaves wake_seq alone but moves the version the cache is kept at."""
+
+    @app.task(name="t.inc2", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.kept2")
+    def wf(ctx: Any) -> int:
+        x = ctx.step(inc, 0)
+        x = ctx.step(inc, x)
+        return int(ctx.step(inc, x))
+
+    durable.start("wf.kept2", workflow_id="kept-2")
+    assert activate(durable, "kept-2") == "suspended"  # schedules step 1
+    assert execute_step(durable, "kept-2", 1) == "completed"  # advances: step 2 scheduled
+    kept = durable.histories.wake_of("kept-2")
+    assert kept is not None
+    # Step 2 runs in another process (its own claim, replay and settle), which advances.
+    with durable.connect() as conn:
+        other = step_queries.claim_step(conn, "kept-2", 2, "other#1", 30, with_history=True)
+        assert other is not None and other.run is not None and other.rest_wake == kept
+        replayed = replay_in_memory(durable, other.run, 2, "2", None, other.attempt)
+        assert replayed is not None and [n.seq for n in replayed.effects.schedules] == [3]
+        settled = step_queries.settle_step(
+            conn, "kept-2", 2, result="2", owner="other#1", ttl=30,
+            attempt=other.attempt, expect_wake=other.rest_wake, new=replayed.effects.schedules,
+        )  # fmt: skip
+    assert settled.advanced
+    run = query(database_url, "SELECT wake_seq, run_seq FROM durable_workflows")[0]
+    assert run.wake_seq == run.run_seq  # at rest, its wake counter where this process kept it
+    claimed: list[Any] = []
+    original = step_queries.claim_step
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        claimed.append(original(*args, **kwargs))
+        return claimed[-1]
+
+    step_queries.claim_step = spy  # type: ignore[assignment]
+    try:
+        assert execute_step(durable, "kept-2", 3) == "completed"
+    finally:
+        step_queries.claim_step = original  # type: ignore[assignment]
+    assert claimed[0].rest_wake == kept + 1 and claimed[0].run is not None  # read again
+    done = query(database_url, "SELECT status, result FROM durable_workflows")[0]
+    assert (done.status, done.result) == ("completed", 3)
 
 
 def test_without_kept_histories_every_claim_reads_the_history(

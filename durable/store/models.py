@@ -73,6 +73,12 @@ class Workflow(Base):
     # finished with. wake_seq > run_seq means an activation is owed (the activation outbox).
     wake_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
     run_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    # Settles that advanced the run (scheduled its next steps, or ended it, in the statement
+    # that settled a step) while it was at rest: such a settle leaves wake_seq, run_seq and
+    # woken_at as they were, so that the row's update touches no indexed column (a HOT
+    # update), and counts here instead. wake_seq + advances is the run's version: it grows
+    # with every change a replay can see (``durable.store.steps``).
+    advances: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     woken_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -126,6 +132,8 @@ class Workflow(Base):
             "woken_at",
             postgresql_where=text("status = 'running' AND wake_seq > run_seq"),
         ),
+        # Room on each page for the new version of a row a settle updates (HOT).
+        {"postgresql_with": {"fillfactor": 85}},
     )
 
 

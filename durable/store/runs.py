@@ -241,6 +241,7 @@ class Activation:
     kwargs: Any
     """As stored: a JSON object, or a codec's envelope."""
     wake_seq: int
+    """The run's version as read, ``wake_seq + advances``: what the release compares."""
     created_at: datetime
     steps: list[StepRecord]
     cancel_requested: bool = False
@@ -250,13 +251,15 @@ class Activation:
     """The trace context the run's spans continue (:mod:`durable.tracing`), or None."""
 
 
-# The run's wake counter as the statement's snapshot sees it, for a run aliased ``w``.
+# The run's wake counter as the statement's snapshot sees it, for a run aliased ``w``: its
+# version, wake_seq + advances (a settle that advanced the run counts in advances, see
+# ``durable.store.steps``), which grows with every change a replay can see.
 # Under READ COMMITTED an UPDATE that waited for the row's lock works on (and RETURNs) the
 # newest row version, while every subquery of the statement reads the snapshot taken when it
 # began. A history read that way may miss a step another transaction settled meanwhile, so
 # the activation must release against the wake counter of that same snapshot: if the row
 # moved on, the release fails and replay runs again on a fresh read.
-SNAPSHOT_WAKE = "(SELECT d.wake_seq FROM durable_workflows d WHERE d.id = w.id)"
+SNAPSHOT_WAKE = "(SELECT d.wake_seq + d.advances FROM durable_workflows d WHERE d.id = w.id)"
 
 # The history of a run as one JSON array (replay's whole read), for a run aliased ``w``.
 HISTORY_JSON = """
@@ -269,8 +272,8 @@ HISTORY_JSON = """
 
 # The run's columns replay needs, as returned by the statements that lease it.
 RUN_COLUMNS = (
-    "id, name, args, kwargs, wake_seq, created_at, cancel_requested, cancelled_at_seq, patches,"
-    " trace_context"
+    "id, name, args, kwargs, wake_seq, advances, created_at, cancel_requested, cancelled_at_seq,"
+    " patches, trace_context"
 )
 
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
@@ -332,8 +335,8 @@ def activation_from_row(row: Any, own_wakes: int = 0) -> Activation:
 _RELEASE = statement(
     """
     UPDATE durable_workflows
-       SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq, updated_at = now()
-     WHERE id = :id AND lease_owner = :owner AND wake_seq = :wake_seq
+       SET lease_owner = NULL, lease_expires_at = NULL, run_seq = wake_seq, updated_at = now()
+     WHERE id = :id AND lease_owner = :owner AND wake_seq + advances = :wake_seq
     """
 )
 

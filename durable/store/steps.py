@@ -43,9 +43,10 @@ _SCHEDULE = statement(
     )
     + """), r AS (
         UPDATE durable_workflows
-           SET lease_owner = NULL, lease_expires_at = NULL, run_seq = :wake_seq,
+           SET lease_owner = NULL, lease_expires_at = NULL, run_seq = wake_seq,
                updated_at = now()
-         WHERE id = :wid AND :release AND lease_owner = :owner AND wake_seq = :wake_seq
+         WHERE id = :wid AND :release AND lease_owner = :owner
+           AND wake_seq + advances = :wake_seq
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM s) AS scheduled, (SELECT count(*) FROM r) AS released
@@ -173,9 +174,9 @@ _CLAIM = statement(
            AND (lease_owner IS NULL OR lease_expires_at < now())
     )
     SELECT s.*, w.id, w.name AS run_name, w.args AS run_args, w.kwargs AS run_kwargs,
-           w.wake_seq AS snapshot_wake_seq, w.created_at, w.cancel_requested,
+           w.wake_seq + w.advances AS snapshot_wake_seq, w.created_at, w.cancel_requested,
            w.cancelled_at_seq, w.patches,
-           CASE WHEN w.wake_seq IS DISTINCT FROM CAST(:cached_wake AS bigint) THEN """
+           CASE WHEN w.wake_seq + w.advances IS DISTINCT FROM CAST(:cached_wake AS bigint) THEN """
     + HISTORY_JSON
     + """ END AS steps
       FROM s LEFT JOIN w ON true
@@ -249,7 +250,7 @@ def claim_step(
 
 # A paused run neither advances nor is taken: the settle records the step's outcome and the
 # wake-up, which the activation that ``durable unpause`` sends replays.
-_ADVANCE = """(wake_seq = :expect_wake AND run_seq = :expect_wake AND NOT paused
+_ADVANCE = """(wake_seq + advances = :expect_wake AND run_seq = wake_seq AND NOT paused
                AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 _TAKE = """(:acquire AND NOT paused AND (lease_owner IS NULL OR lease_expires_at < now()))"""
 
@@ -306,10 +307,15 @@ def _settle_statement(ending: bool) -> TextClause:
         RETURNING workflow_id, seq, attempts, completed_at
     ), w AS (
         UPDATE durable_workflows
-           SET wake_seq = wake_seq + 1, woken_at = now(),
-               run_seq = CASE WHEN """
+           SET wake_seq = CASE WHEN """
         + _ADVANCE
-        + """ THEN wake_seq + 1 ELSE run_seq END,
+        + """ THEN wake_seq ELSE wake_seq + 1 END,
+               woken_at = CASE WHEN """
+        + _ADVANCE
+        + """ THEN woken_at ELSE now() END,
+               advances = CASE WHEN """
+        + _ADVANCE
+        + """ THEN advances + 1 ELSE advances END,
                updated_at = CASE WHEN """
         + _ADVANCE
         + """ THEN now() ELSE updated_at END, """
@@ -361,13 +367,16 @@ def _settle_statement(ending: bool) -> TextClause:
 # snapshot, where the settled step is still 'started'; ``settle_step`` patches it in.
 #
 # With :expect_wake the worker has already replayed the run in memory, on the history its
-# claim read (run at rest at wake_seq = :expect_wake) plus this outcome, and found that the
-# run only waits for steps, the new ones in :rows. If the run is still at rest at that wake
-# counter (nothing woke it since: no step settled, no signal, timer or cancel, no activation
-# under way) that replay is exactly what an activation would do now, so the statement
-# "advances" the run: it schedules the new steps and marks the wake-up as handled
-# (run_seq := wake_seq) without ever holding the lease, under the run's row lock. Otherwise
-# it falls back to the plain settle above (and, with :acquire, to taking the lease).
+# claim read (run at rest at version wake_seq + advances = :expect_wake) plus this outcome,
+# and found that the run only waits for steps, the new ones in :rows. If the run is still at
+# rest at that version (nothing moved it since: no step settled or advanced, no signal, timer
+# or cancel, no activation under way) that replay is exactly what an activation would do now,
+# so the statement "advances" the run: it schedules the new steps and counts the advance
+# (advances + 1) without ever holding the lease, under the run's row lock. The wake-up this
+# settle stands for is handled at once, so wake_seq, run_seq and woken_at stay as they were:
+# the run stays at rest and its row's update names no indexed column, which lets PostgreSQL
+# make it HOT (no index entry written). Otherwise it falls back to the plain settle above,
+# which bumps wake_seq (and, with :acquire, takes the lease).
 #
 # _SETTLE_END is the same statement for an in-memory replay that found the workflow returned:
 # advancing then ends the run, completed with :end_result, as ``runs.finish`` would under the
