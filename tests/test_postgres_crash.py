@@ -179,12 +179,14 @@ def test_a_postgres_crash_mid_run_loses_no_committed_step_and_runs_none_again(
 ) -> None:
     """SIGKILL of the PostgreSQL server mid-run, then crash recovery on the same data.
 
-    Safeguard: a step's outcome is committed flushed (``synchronous_commit`` on: the commit
-    returns once its WAL is written) before anything moves on (``runner._settle``, whose
-    ``core.store(...)`` is flushed by default; a local step's outcome likewise). With the
-    settle made unflushed (``flush=False``) the test fails: the settles made since the last
-    flushed commit are lost in the crash with the claims and leases, and those steps, seen
-    committed before it, run again after it and commit another result.
+    Safeguard: a remote step's outcome is committed flushed (``synchronous_commit`` on: the
+    commit returns once its WAL is written) before anything moves on (``runner._settle``,
+    whose ``core.store(...)`` is flushed by default). With the settle made unflushed
+    (``flush=False``) the test fails: the settles made since the last flushed commit are
+    lost in the crash with the claims and leases, and those steps, seen committed before
+    it, run again after it and commit another result. A local step's outcome is flushed
+    the same way, but the crash is timed on a remote settle: made unflushed, a local
+    outcome is saved by the flushed writes that follow it, and the test still passes.
     """
     stage.client.sadd(stage.key("held"), HELD)
     starts = {f"pgc-{i}": 10 * i for i in range(RUNS)}
