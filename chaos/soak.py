@@ -34,8 +34,8 @@ import redis
 
 from chaos.app import ORDER, SCHEDULE, SCHEMA, TICK, TICK_EVERY, build
 from chaos.checks import Check, run_checks
-from chaos.servers import Child, RestartablePostgres, beats, pick_alive, workers
-from durable.dev.servers import PrivateRedis
+from chaos.servers import Child, beats, pick_alive, workers
+from durable.dev.servers import PrivateRedis, RestartablePostgres
 from durable.dev.services import create_database
 from durable.errors import DurableError, WorkflowNotRunning
 from durable.store import engine as store_engine

