@@ -159,7 +159,7 @@ def test_a_step_message_of_a_paused_run_is_not_claimed(
     durable: Durable, spec: str, database_url: str, redis_url: str, prefix: str
 ) -> None:
     app = durable.app
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)  # blocking reads below
 
     @app.task(name="pz.count", shared=False)
     def count() -> int:
@@ -192,7 +192,7 @@ def test_on_exhausted_pause_pauses_the_run_and_unpause_tries_the_step_again(
     durable: Durable, database_url: str, redis_url: str, prefix: str
 ) -> None:
     app = durable.app
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)  # blocking reads below
     fixed = f"{prefix}:fixed"
 
     @app.task(name="pz.partner", shared=False)
@@ -373,7 +373,7 @@ def test_a_step_running_when_the_pause_lands_commits_and_the_run_waits(
     durable: Durable, database_url: str, redis_url: str, prefix: str
 ) -> None:
     app = durable.app
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)  # blocking reads below
 
     @app.task(name="pz.slow", shared=False)
     def slow(n: int) -> int:
@@ -416,7 +416,7 @@ def test_a_step_running_when_the_pause_lands_commits_and_the_run_waits(
 def test_a_local_step_exhausting_its_retries_pauses_the_run_too(
     durable: Durable, database_url: str, redis_url: str, prefix: str
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)  # blocking reads below
     fixed = f"{prefix}:fixed"
 
     def lookup(order: str) -> str:
@@ -446,7 +446,7 @@ def test_a_step_timing_out_on_its_last_attempt_pauses_the_run(
     durable: Durable, database_url: str, redis_url: str, prefix: str
 ) -> None:
     app = durable.app
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)  # blocking reads below
 
     @app.task(name="pz.hangs_once", shared=False)
     def hangs_once() -> str:

@@ -38,7 +38,8 @@ def build(
     durable = Durable(
         app, database_url=database_url, redis_url=redis_url, key_prefix=prefix, **settings
     )
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    # Reads block up to 120 s (gated_local): past redis-py's default socket timeout (5 s).
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=150)
 
     def note_redelivery(
         task: Any = None, args: Any = None, kwargs: Any = None, retval: Any = None, **_: Any
