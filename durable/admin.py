@@ -37,7 +37,7 @@ from durable.errors import (
 from durable.ids import check_id
 from durable.limits import check_concurrency
 from durable.store import admin as queries
-from durable.store import history, runs, signals, steps, timers
+from durable.store import history, run_limits, runs, signals, steps, timers
 from durable.store import limits as limit_queries
 
 if TYPE_CHECKING:
@@ -76,7 +76,8 @@ def parse_duration(text: str) -> timedelta:
 def _waiting(row: Any) -> dict[str, Any] | None:
     """What a running run waits on; None once it has finished.
 
-    One of ``start`` (a delayed start, ``until`` its time), ``step``, ``timer``, ``signal``,
+    One of ``start`` (a delayed start, ``until`` its time), ``queued`` (a run queued for a
+    slot of its limit, ``name`` the limit's), ``step``, ``timer``, ``signal``,
     ``child``, ``activation`` (woken, not replayed yet) or ``nothing`` (stuck: see
     ``durable reconcile``).
     """
@@ -84,6 +85,8 @@ def _waiting(row: Any) -> dict[str, Any] | None:
         return None
     if row.start_at is not None:
         return {"on": "start", "seq": None, "name": None, "until": row.start_at}
+    if row.queued:
+        return {"on": "queued", "seq": None, "name": row.limit_name, "until": None}
     pending = row.pending
     if pending is None:
         on = "activation" if row.owed else ("timer" if row.next_timer else "nothing")
@@ -275,7 +278,9 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         (each with ``attempts``, ``duration`` in seconds, ``result``, ``error``, an
         ``attempt_history`` and its ``limit``: None, or the limit's name, the step's ``key``,
         ``priority`` and, while it is queued, its ``position`` in its key's queue, 1 being
-        admitted next); ``events`` (key to latest value); ``signals``; ``timers`` (with
+        admitted next); ``limit``: None, or for a run of a workflow declared with a limit
+        its ``limit``, ``key``, ``priority``, ``queued`` and, while queued, its
+        ``position``; ``events`` (key to latest value); ``signals``; ``timers`` (with
         ``lateness`` in seconds once fired); and ``history``.
 
     Raises:
@@ -296,6 +301,7 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         "parent_id": row.parent_id,
         "cancel_requested": row.cancel_requested,
         "start_at": row.start_at,
+        "limit": run_limits.run_limit(conn, row.id),
         "steps": [
             {**_step(s, attempts.get(s.seq, [])), "limit": limited.get(s.seq)}
             for s in steps.list_steps(conn, row.id)
@@ -439,6 +445,8 @@ def retry(durable: Core, workflow_id: str) -> queries.Retried:
     """Run a failed run again from its first position that did not complete.
 
     That position and all after it are deleted and run again; earlier results are kept.
+    A run of a workflow declared with a limit is queued again for a slot of its key, and
+    admitted as any queued run is.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -449,7 +457,10 @@ def retry(durable: Core, workflow_id: str) -> queries.Retried:
         raise WorkflowNotFound(workflow_id)
     if not done.retried:
         raise WorkflowNotFailed(workflow_id, done.status)
-    durable.send_activation(workflow_id, done.name)
+    if done.limit is not None:
+        durable.admit_runs([done.limit])
+    else:
+        durable.send_activation(workflow_id, done.name)
     return done
 
 
@@ -556,8 +567,9 @@ def set_limit(durable: Core, name: str, concurrency: int | None) -> int:
     """Override a limit's concurrency at run time (None: back to the code's declaration).
 
     The override wins over the declaration until cleared; 0 admits nothing (a pause).
-    Steps already holding slots keep them when the limit is lowered; raised, the queued
-    steps that now fit are admitted and sent at once. Returns how many were admitted.
+    Steps and runs already holding slots keep them when the limit is lowered; raised, the
+    queued steps and runs that now fit are admitted and sent at once. Returns how many
+    were admitted.
 
     Raises:
         LimitNotFound: no limit has this name.
@@ -565,4 +577,5 @@ def set_limit(durable: Core, name: str, concurrency: int | None) -> int:
     """
     durable.store(lambda c: override_limit(c, name, concurrency))
     keys = durable.store(lambda c: limit_queries.queued_keys(c, name))
-    return durable.admit(keys) if keys else 0
+    run_keys = durable.store(lambda c: run_limits.queued_keys(c, name))
+    return (durable.admit(keys) if keys else 0) + durable.admit_runs(run_keys)

@@ -32,10 +32,11 @@ def _number(value: int | None) -> str:
 @database_option
 @click.pass_context
 def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str | None) -> None:
-    """List the concurrency limits: declared, overridden, slots in use and queued steps.
+    """List the concurrency limits: declared, overridden, slots in use and queued.
 
-    A limit appears once a step under it has been admitted. Each row's keys are the busiest
-    of its keys (at most 20), with their slots held and steps queued.
+    A limit appears once a step under it has been admitted, or a run of a workflow declared
+    with it started. Its running and queued count steps, or a workflow's runs. Each row's
+    keys are the busiest of its keys (at most 20), with their slots held and queued.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -90,9 +91,9 @@ def limits_set(
 ) -> None:
     """Override limit NAME's concurrency at run time; it wins over the code's declaration.
 
-    Steps already holding slots keep them when the limit is lowered. With the app (--app or
-    DURABLE_APP) the queued steps that now fit are admitted at once; without it, by the
-    next sweep of 'durable beat'.
+    Steps (or runs) already holding slots keep them when the limit is lowered. With the app
+    (--app or DURABLE_APP) the queued steps and runs that now fit are admitted at once;
+    without it, by the next sweep of 'durable beat'.
     """
     if (concurrency is None) == (not clear):
         raise click.UsageError("give exactly one of --concurrency N and --clear", ctx)
@@ -109,4 +110,4 @@ def limits_set(
         return
     now = "the declared concurrency" if value is None else f"concurrency {value}"
     later = "by the beat's next sweep" if admitted is None else f"now: {admitted}"
-    echo(f"limit {name}: {now}; queued steps that fit are admitted {later}")
+    echo(f"limit {name}: {now}; queued steps and runs that fit are admitted {later}")

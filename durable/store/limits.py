@@ -212,6 +212,26 @@ def set_override(conn: Connection, name: str, concurrency: int | None) -> bool:
     return conn.execute(_SET, {"name": name, "concurrency": concurrency}).first() is not None
 
 
+# Slots held and waiters per (limit, key): steps under the limit, and runs of workflows
+# declared with it (``durable.store.run_limits``), each kind counted as its admission does.
+_IN_USE = f"""
+    SELECT st.limit_name, st.limit_key,
+           count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
+           count(*) FILTER (WHERE st.status = 'queued') AS queued
+      FROM durable_steps st
+      JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+     WHERE st.limit_name IS NOT NULL
+       AND st.status IN ('queued', 'scheduled', 'started', 'waiting')
+     GROUP BY st.limit_name, st.limit_key
+    UNION ALL
+    SELECT limit_name, limit_key, count(*) FILTER (WHERE NOT queued) AS running,
+           count(*) FILTER (WHERE queued) AS queued
+      FROM durable_workflows
+     WHERE limit_name IS NOT NULL AND status = 'running'
+     GROUP BY limit_name, limit_key
+"""
+
+
 @dataclass(frozen=True)
 class LimitUse:
     """A limit and its use, as ``durable limits`` shows it."""
@@ -224,10 +244,11 @@ class LimitUse:
     rate_interval: float | None
     """Seconds between two starts of a key under the declared rate; None: no rate."""
     running: int
-    """Slots held, over every key."""
+    """Slots held (by steps, or by runs of a workflow's limit), over every key."""
     queued: int
+    """Steps (or runs) queued, over every key."""
     keys: list[dict[str, Any]]
-    """Per key with slots held or steps queued: {key, running, queued}, busiest first."""
+    """Per key with slots held or waiters: {key, running, queued}, busiest first."""
 
     @property
     def effective(self) -> int | None:
@@ -238,14 +259,9 @@ class LimitUse:
 _USE = statement(
     f"""
     WITH k AS (
-        SELECT st.limit_name, st.limit_key,
-               count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
-               count(*) FILTER (WHERE st.status = 'queued') AS queued
-          FROM durable_steps st
-          JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
-         WHERE st.limit_name IS NOT NULL AND st.status IN ('queued', 'scheduled', 'started',
-                                                            'waiting')
-         GROUP BY st.limit_name, st.limit_key
+        SELECT limit_name, limit_key, sum(running) AS running, sum(queued) AS queued
+          FROM ({_IN_USE}) u
+         GROUP BY limit_name, limit_key
     )
     SELECT l.name, l.concurrency, l.concurrency_override, l.rate_interval,
            coalesce((SELECT sum(running) FROM k WHERE k.limit_name = l.name), 0) AS running,
@@ -320,18 +336,13 @@ def step_limits(conn: Connection, workflow_id: str) -> dict[int, dict[str, Any]]
 # Metrics: queued steps and held slots per limit name (keys are not labels: unbounded).
 _COUNTS = statement(
     f"""
-    SELECT st.limit_name,
-           count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
-           count(*) FILTER (WHERE st.status = 'queued') AS queued
-      FROM durable_steps st
-      JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
-     WHERE st.limit_name IS NOT NULL
-       AND st.status IN ('queued', 'scheduled', 'started', 'waiting')
-     GROUP BY st.limit_name
+    SELECT limit_name, sum(running) AS running, sum(queued) AS queued
+      FROM ({_IN_USE}) u
+     GROUP BY limit_name
     """
 )
 
 
 def counts_by_limit(conn: Connection) -> dict[str, tuple[int, int]]:
-    """{limit name: (slots held, steps queued)} over running runs."""
+    """{limit name: (slots held, steps or runs queued)} over running runs."""
     return {r.limit_name: (int(r.running), int(r.queued)) for r in conn.execute(_COUNTS)}

@@ -12,7 +12,8 @@ Tables (all prefixed ``durable_``):
 - ``signals``: data pushed into a run from outside, consumed once, oldest first.
 - ``events``: key/value state a run publishes (``ctx.set_event``), read from outside.
 - ``schedules``: what ``durable beat`` starts when; the next fire, indexed in Redis.
-- ``limits``: named concurrency limits, as declared and as overridden at run time.
+- ``limits``: named concurrency limits (of steps or of runs), as declared and as
+  overridden at run time.
 """
 
 from __future__ import annotations
@@ -100,9 +101,32 @@ class Workflow(Base):
     # The trace context the run's spans continue (W3C traceparent/tracestate): the start's,
     # or the parent run's for a child; NULL when tracing was off (durable.tracing).
     trace_context: Mapped[Any | None] = mapped_column(JSONB)
+    # A run of a workflow declared with a concurrency limit (``durable.Limit``): the limit's
+    # name, the key its key function gave at the start, and its priority in the key's queue.
+    # ``queued`` while it waits for a slot (at rest, running no code); from its admission
+    # until it ends it holds a slot of its key (see ``durable.store.run_limits``).
+    limit_name: Mapped[str | None] = mapped_column(Text)
+    limit_key: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    queued: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
+        # The slots a key's running runs hold, and its queue in admission order.
+        Index(
+            "ix_durable_workflows_limit",
+            "limit_name",
+            "limit_key",
+            postgresql_where=text("limit_name IS NOT NULL AND status = 'running'"),
+        ),
+        Index(
+            "ix_durable_workflows_queued",
+            "limit_name",
+            "limit_key",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("queued"),
+        ),
         Index("ix_durable_workflows_paused", "name", postgresql_where=text("paused")),
         Index(
             "ix_durable_workflows_attributes",
