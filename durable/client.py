@@ -88,10 +88,14 @@ def start(
     key function run here, on the arguments; ``priority`` its place in the queue) and admits
     it at once if the key has room and no run of higher or equal priority waits: see
     :mod:`durable.store.run_limits`. Such a run starts without an eager start, and cannot be
-    delayed or debounced (``ValueError``).
+    delayed or debounced (``ValueError``). For any other workflow ``priority`` is passed to
+    the workflow as its own keyword argument, as before.
     """
     timing = delayed.start_time(workflow_id, start_at, countdown, debounce, debounce_max)
     name = core.workflow_name(name_or_fn)
+    if priority is not None and name not in core.workflow_limits:
+        kwargs["priority"] = priority  # the workflow's own keyword argument, not durable's
+        priority = None
     limit = _run_limit(core, name, list(args), kwargs, priority, timing is not None)
     attributes_json = attribute_rules.to_json(attribute_rules.check(attributes or {}))
     args_json = core.encode(list(args), f"arguments of workflow {name}")
@@ -154,13 +158,11 @@ def _run_limit(
 ) -> tuple[str, str, int] | None:
     """The run's (limit name, key, priority) if its workflow declares a limit, else None.
 
-    Raises ``ValueError`` for a ``priority`` without a limit or a delayed limited start,
+    Raises ``ValueError`` for a delayed limited start, and
     :class:`~durable.errors.LimitKeyError` or ``InvalidLimit`` for a bad key or priority.
     """
     limit = core.workflow_limits.get(name)
     if limit is None:
-        if priority is not None:
-            raise ValueError(f"start: priority= needs a workflow declared with limit=, not {name}")
         return None
     if delayed_start:
         raise ValueError(f"start: {name} runs under a limit and cannot be delayed or debounced")

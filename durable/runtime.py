@@ -177,7 +177,8 @@ class Durable(Core):
             debounce_max: With ``debounce``: start at the latest this long after the first
                 call, however often it is pushed back.
             priority: For a workflow declared with a ``limit``: the run's place in its key's
-                queue (highest first; default 0). Refused for any other workflow.
+                queue (highest first; default 0). Any other workflow receives it as its own
+                keyword argument, as it always has.
             **kwargs: Its keyword arguments.
 
         See :func:`durable.client.start` and :mod:`durable.delayed`.

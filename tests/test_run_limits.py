@@ -240,6 +240,33 @@ def test_a_child_workflow_under_a_limit_waits_for_its_slot(
     assert {r.status for r in rows} <= {"cancelled"}  # no step of it ran
 
 
+def test_a_retried_run_queues_again_and_a_raised_override_admits_it(
+    limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
+) -> None:
+    _, durable, client = limited
+    name = f"{prefix}-single"
+    flaky = durable.start("runlimits.flaky", "t", "f")
+    wait_until(lambda: flaky.status() == "failed", what="the run failed")
+    blocker = durable.start("runlimits.gated", "t", "blocker").id
+    wait_until(lambda: entered(client, prefix) == ["blocker"], what="the blocker holds the slot")
+
+    client.set(f"{prefix}:fixed", 1)
+    admin_verbs.retry(durable, flaky.id)
+    assert flaky.status() == "running"
+    with durable.connect() as conn:
+        shown = admin_verbs.describe_run(conn, flaky.id)["limit"]
+    assert (shown["queued"], shown["position"]) == (True, 1)  # the blocker holds the slot
+
+    assert admin_verbs.set_limit(durable, name, 2) == 1  # raised: the retried run fits now
+    assert flaky.result(timeout=30) == "f"
+    assert durable.run(blocker).status() == "running"  # still holding its own slot
+    with durable.connect() as conn:
+        (use,) = admin_verbs.list_limits(conn, name)
+    assert (use["concurrency"], use["override"], use["running"], use["queued"]) == (1, 2, 1, 0)
+    client.set(f"{prefix}:open", 1)
+    assert durable.run(blocker).result(timeout=30) == "blocker"
+
+
 def test_bad_input_to_a_limited_workflow_writes_nothing(
     limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
 ) -> None:
@@ -250,8 +277,6 @@ def test_bad_input_to_a_limited_workflow_writes_nothing(
         durable.workflow("x.both", limit=Limit("x", 2, rate="5/s"))
     with pytest.raises(TypeError, match=r"limit must be a durable\.Limit"):
         durable.workflow("x.bad", limit=2)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="priority= needs a workflow declared with limit="):
-        durable.start("runlimits.parent", "x", priority=3)
     with pytest.raises(InvalidLimit, match="priority must be an integer"):
         durable.start("runlimits.gated", "t", "x", priority="high")  # type: ignore[arg-type]
     with pytest.raises(InvalidLimit, match="priority must be within"):
@@ -265,6 +290,8 @@ def test_bad_input_to_a_limited_workflow_writes_nothing(
     assert "\n" not in str(caught.value)
     assert query(database_url, "SELECT id FROM durable_workflows") == []
     assert query(database_url, "SELECT name FROM durable_limits") == []
+    # Without a limit, priority= is the workflow's own keyword argument, as it always was.
+    assert durable.start("runlimits.unlimited", priority=3).result(timeout=30) == 3
 
 
 # -- real worker processes ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from durable import Durable, Limit
+from durable import Durable, Limit, RetryPolicy
 
 GATE_TIMEOUT = 120.0
 """Seconds a gated step waits for its gate before it gives up (a test that never opened it)."""
@@ -56,6 +56,17 @@ def build(
             time.sleep(0.02)
         return tag
 
+    @app.task(name="runlimits.flaky", shared=False)
+    def flaky(tag: str) -> str:
+        """Fails until the test sets ``<prefix>:fixed``."""
+        if not client.exists(f"{prefix}:fixed"):
+            raise RuntimeError(f"{tag} is broken")
+        return tag
+
+    @durable.workflow("runlimits.flaky", limit=single)
+    def flaky_workflow(ctx: Any, tenant: str, tag: str) -> str:
+        return str(ctx.step(flaky, tag, retry=RetryPolicy(max_attempts=1)))
+
     @durable.workflow("runlimits.job", limit=per_tenant)
     def job(ctx: Any, tenant: str, tag: str, seconds: float) -> str:
         first = ctx.step(work, tag, seconds)
@@ -64,6 +75,11 @@ def build(
     @durable.workflow("runlimits.gated", limit=single)
     def gated(ctx: Any, tenant: str, tag: str) -> str:
         return str(ctx.step(gate, tag))
+
+    @durable.workflow("runlimits.unlimited")
+    def unlimited(ctx: Any, priority: int = 0) -> int:
+        """No limit: a keyword argument named priority is the workflow's own."""
+        return priority
 
     @durable.workflow("runlimits.parent")
     def parent(ctx: Any, tag: str) -> str:
