@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
@@ -28,6 +29,7 @@ from durable import attributes as attribute_rules
 from durable import durations
 from durable.attributes import AttributeFilter
 from durable.errors import (
+    InvalidLimit,
     LimitNotFound,
     WorkflowIdTaken,
     WorkflowNotFailed,
@@ -35,7 +37,7 @@ from durable.errors import (
     WorkflowNotRunning,
 )
 from durable.ids import check_id
-from durable.limits import check_concurrency
+from durable.limits import check_concurrency, parse_rate
 from durable.store import admin as queries
 from durable.store import history, run_limits, runs, signals, steps, timers
 from durable.store import limits as limit_queries
@@ -525,9 +527,10 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
 
     Each: ``name``, ``concurrency`` (as the code declares it), ``override`` (set by
     :func:`set_limit`, wins while set), ``effective``, ``rate`` (declared, per second,
-    minute, hour or day, e.g. ``"5/s"``; None without one), ``running`` (slots held) and
-    ``queued`` over every key, and ``keys``: the busiest 20 keys with theirs.
-    A limit is registered when a step under it is first admitted.
+    minute, hour or day, e.g. ``"5/s"``; None without one), ``rate_override`` (set by
+    :func:`set_limit`, wins while set; None: none), ``running`` (slots held) and ``queued``
+    over every key, and ``keys``: the busiest 20 keys with theirs. A limit is registered
+    when a step under it is first admitted, or a run of a workflow declared with it started.
 
     Raises:
         LimitNotFound: ``name`` is given and no limit has it.
@@ -542,6 +545,7 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
             "override": use.override,
             "effective": use.effective,
             "rate": rate_text(use.rate_interval),
+            "rate_override": rate_text(use.rate_override),
             "running": use.running,
             "queued": use.queued,
             "keys": use.keys,
@@ -550,32 +554,72 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
     ]
 
 
-def override_limit(conn: Connection, name: str, concurrency: int | None) -> None:
-    """Write a limit's run-time override only; the beat's sweep admits what now fits.
+class Keep(Enum):
+    """The type of :data:`KEEP`."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+"""For :func:`set_limit`: leave this override as it is."""
+
+
+def override_limit(
+    conn: Connection, name: str, concurrency: int | Keep | None, rate: str | Keep | None = KEEP
+) -> None:
+    """Write a limit's run-time overrides only; the beat's sweep admits what now fits.
 
     Raises:
         LimitNotFound: no limit has this name.
-        InvalidLimit: ``concurrency`` is negative or not an integer.
+        InvalidLimit: ``concurrency`` is negative or not an integer, ``rate`` is malformed,
+            or the limit declares no rate (only a declared rate can be overridden).
     """
-    if concurrency is not None:
+    if concurrency is not None and not isinstance(concurrency, Keep):
         check_concurrency(name, concurrency, allow_zero=True)
-    if not limit_queries.set_override(conn, name, concurrency):
+    interval = None
+    if isinstance(rate, str):
+        count, period = parse_rate(name, rate)
+        interval = period / count
+    exists, declared = limit_queries.declared_rate(conn, name)
+    if not exists:
+        raise LimitNotFound(name)
+    if interval is not None and declared is None:
+        raise InvalidLimit(name, "declares no rate: --rate overrides a declared rate only")
+    written = limit_queries.set_override(
+        conn,
+        name,
+        None if isinstance(concurrency, Keep) else concurrency,
+        interval,
+        set_concurrency=not isinstance(concurrency, Keep),
+        set_rate=not isinstance(rate, Keep),
+    )
+    if not written:
         raise LimitNotFound(name)
 
 
-def set_limit(durable: Core, name: str, concurrency: int | None) -> int:
-    """Override a limit's concurrency at run time (None: back to the code's declaration).
+def set_limit(
+    durable: Core, name: str, concurrency: int | Keep | None, rate: str | Keep | None = KEEP
+) -> int:
+    """Override a limit's concurrency or rate at run time (None: back to the code's).
 
-    The override wins over the declaration until cleared; 0 admits nothing (a pause).
-    Steps and runs already holding slots keep them when the limit is lowered; raised, the
-    queued steps and runs that now fit are admitted and sent at once. Returns how many
-    were admitted.
+    Example::
+
+        set_limit(durable, "partner-api", 2)                      # 2 slots per key
+        set_limit(durable, "partner-api", KEEP, rate="50/m")      # half the declared rate
+        set_limit(durable, "partner-api", None, rate=None)        # both as declared
+
+    An override wins over the declaration until cleared; a concurrency of 0 admits nothing
+    (a pause). Steps and runs already holding slots keep them when the limit is lowered;
+    raised, the queued steps and runs that now fit are admitted and sent at once. A rate
+    override applies to a limit that declares a rate, from its next start on. Returns how
+    many were admitted.
 
     Raises:
         LimitNotFound: no limit has this name.
-        InvalidLimit: ``concurrency`` is negative or not an integer.
+        InvalidLimit: ``concurrency`` is negative or not an integer, ``rate`` is malformed,
+            or the limit declares no rate.
     """
-    durable.store(lambda c: override_limit(c, name, concurrency))
+    durable.store(lambda c: override_limit(c, name, concurrency, rate))
     keys = durable.store(lambda c: limit_queries.queued_keys(c, name))
     run_keys = durable.store(lambda c: run_limits.queued_keys(c, name))
     return (durable.admit(keys) if keys else 0) + durable.admit_runs(run_keys)

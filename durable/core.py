@@ -441,10 +441,11 @@ class Core:
         name, key, declared, interval = each
         if interval is None:
             return limit_queries.admit(conn, name, key, declared), None
-        picked = limit_queries.candidates(conn, name, key, declared, interval)
+        picked, override = limit_queries.candidates(conn, name, key, declared, interval)
         if not picked:
             return [], None
-        granted, wait = self.rate_buckets.take(name, key, interval, len(picked))
+        spacing = override if override is not None else interval  # durable limits set --rate
+        granted, wait = self.rate_buckets.take(name, key, spacing, len(picked))
         admitted = limit_queries.mark_admitted(conn, picked[:granted])
         timer = None
         if granted < len(picked):

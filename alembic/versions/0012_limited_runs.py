@@ -6,6 +6,9 @@ its key (running no code, at rest). A queued run's queue is served by
 ``ix_durable_workflows_queued`` in admission order; ``ix_durable_workflows_limit`` counts the
 slots a key's running runs hold.
 
+``durable_limits.rate_interval_override`` is the operators' override of a declared rate
+(``durable limits set NAME --rate R/period``), in seconds between two starts of a key.
+
 Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-04 13:40:00
@@ -33,6 +36,12 @@ def upgrade() -> None:
         "durable_workflows",
         sa.Column("queued", sa.Boolean(), server_default=sa.text("false"), nullable=False),
     )
+    op.add_column("durable_limits", sa.Column("rate_interval_override", sa.Float(), nullable=True))
+    op.create_check_constraint(
+        op.f("ck_durable_limits_rate_override"),
+        "durable_limits",
+        "rate_interval_override IS NULL OR rate_interval_override > 0",
+    )
     op.create_index(
         "ix_durable_workflows_limit",
         "durable_workflows",
@@ -50,6 +59,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_durable_workflows_queued", table_name="durable_workflows")
     op.drop_index("ix_durable_workflows_limit", table_name="durable_workflows")
+    op.drop_constraint(op.f("ck_durable_limits_rate_override"), "durable_limits", type_="check")
+    op.drop_column("durable_limits", "rate_interval_override")
     op.drop_column("durable_workflows", "queued")
     op.drop_column("durable_workflows", "priority")
     op.drop_column("durable_workflows", "limit_key")

@@ -358,8 +358,9 @@ schedules = Schedule.__table__
 class FlowLimit(Base):
     """A named limit: what the code last declared, and the operators' override.
 
-    A row is written when a step under the limit is first admitted; ``durable limits set``
-    writes ``concurrency_override``, which wins over the declaration while it is set.
+    A row is written when a step under the limit is first admitted (or a run of a workflow
+    declared with it started); ``durable limits set`` writes ``concurrency_override`` and
+    ``rate_interval_override``, which win over the declaration while they are set.
     """
 
     __tablename__ = "durable_limits"
@@ -367,14 +368,19 @@ class FlowLimit(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     concurrency: Mapped[int | None] = mapped_column(Integer)
     concurrency_override: Mapped[int | None] = mapped_column(Integer)
-    # Seconds between two starts of a key under the declared rate (period / count).
+    # Seconds between two starts of a key under the declared rate (period / count), and the
+    # operators' override of it (``durable limits set --rate``), which wins while set.
     rate_interval: Mapped[float | None] = mapped_column(Float)
+    rate_interval_override: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
 
     __table_args__ = (
         CheckConstraint("concurrency IS NULL OR concurrency > 0", name="concurrency"),
         CheckConstraint(
             "concurrency_override IS NULL OR concurrency_override >= 0", name="override"
+        ),
+        CheckConstraint(
+            "rate_interval_override IS NULL OR rate_interval_override > 0", name="rate_override"
         ),
     )
 

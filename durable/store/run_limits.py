@@ -37,7 +37,8 @@ from durable.store.statement import statement
 RunKey = tuple[str, str]
 """A key of runs to admit: (limit name, key)."""
 
-# Runs of the key that hold a slot: admitted and not ended. ``{w}`` aliases the table.
+# Runs of the key that hold a slot: admitted and not ended. ``{name}`` and ``{key}`` are the
+# SQL expressions of the limit's name and the key.
 _HELD = """(SELECT count(*) FROM durable_workflows h
              WHERE h.limit_name = {name} AND h.limit_key = {key}
                AND h.status = 'running' AND NOT h.queued)"""

@@ -418,7 +418,7 @@ _FINISH = statement(
         UPDATE durable_workflows
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
                finished_at = now(), updated_at = now(), run_seq = wake_seq,
-               lease_owner = NULL, lease_expires_at = NULL
+               lease_owner = NULL, lease_expires_at = NULL, queued = false
          WHERE id = :id AND (lease_owner = :owner OR :owner = '')
            AND (status = 'running') IS TRUE
         RETURNING id, parent_id, parent_seq, limit_name, limit_key
