@@ -267,6 +267,29 @@ def test_a_retried_run_queues_again_and_a_raised_override_admits_it(
     assert durable.run(blocker).result(timeout=30) == "blocker"
 
 
+def test_the_beat_sweep_admits_runs_an_override_made_room_for(
+    limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
+) -> None:
+    _, durable, client = limited
+    name = f"{prefix}-single"
+    blocker = durable.start("runlimits.gated", "t", "blocker").id
+    wait_until(lambda: entered(client, prefix) == ["blocker"], what="the blocker holds the slot")
+    waiting = durable.start("runlimits.gated", "t", "waiting").id
+    assert queued_runs(database_url, name) == 1
+    # Without the app the command only writes the override: the beat's sweep admits.
+    result = invoke("limits", "set", name, "--concurrency", "2", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert "by the beat's next sweep" in result.output
+    wait_until(lambda: entered(client, prefix) == ["blocker", "waiting"], what="swept in")
+    assert queued_runs(database_url, name) == 0
+    assert durable.run(blocker).status() == "running"  # both hold a slot now
+    client.set(f"{prefix}:open", 1)
+    assert [durable.run(i).result(timeout=30) for i in (blocker, waiting)] == [
+        "blocker",
+        "waiting",
+    ]
+
+
 def test_bad_input_to_a_limited_workflow_writes_nothing(
     limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
 ) -> None:
