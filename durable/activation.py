@@ -328,7 +328,8 @@ def _replay(core: Core, activation: runs.Activation, owner: str) -> tuple[str, E
     elif status == "completed" and ctx.cancel_delivered:
         status, error = "cancelled", "cancelled"  # compensated, then returned
     wid = activation.workflow_id
-    ended = core.store(lambda c: runs.finish(c, wid, owner, status, result, error))
+    limited = activation.name in core.workflow_limits
+    ended = core.finish_run(wid, owner, status, result, error, limited)
     if ended.parent_id:
         ctx.effects.activations.append(ended.parent_id)
         if ended.parent_name:

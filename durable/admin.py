@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
@@ -28,6 +29,7 @@ from durable import attributes as attribute_rules
 from durable import durations
 from durable.attributes import AttributeFilter
 from durable.errors import (
+    InvalidLimit,
     LimitNotFound,
     WorkflowIdTaken,
     WorkflowNotFailed,
@@ -35,9 +37,9 @@ from durable.errors import (
     WorkflowNotRunning,
 )
 from durable.ids import check_id
-from durable.limits import check_concurrency
+from durable.limits import check_concurrency, parse_rate
 from durable.store import admin as queries
-from durable.store import history, runs, signals, steps, timers
+from durable.store import history, run_limits, runs, signals, steps, timers
 from durable.store import limits as limit_queries
 
 if TYPE_CHECKING:
@@ -76,7 +78,8 @@ def parse_duration(text: str) -> timedelta:
 def _waiting(row: Any) -> dict[str, Any] | None:
     """What a running run waits on; None once it has finished.
 
-    One of ``start`` (a delayed start, ``until`` its time), ``step``, ``timer``, ``signal``,
+    One of ``start`` (a delayed start, ``until`` its time), ``queued`` (a run queued for a
+    slot of its limit, ``name`` the limit's), ``step``, ``timer``, ``signal``,
     ``child``, ``activation`` (woken, not replayed yet) or ``nothing`` (stuck: see
     ``durable reconcile``).
     """
@@ -84,6 +87,8 @@ def _waiting(row: Any) -> dict[str, Any] | None:
         return None
     if row.start_at is not None:
         return {"on": "start", "seq": None, "name": None, "until": row.start_at}
+    if row.queued:
+        return {"on": "queued", "seq": None, "name": row.limit_name, "until": None}
     pending = row.pending
     if pending is None:
         on = "activation" if row.owed else ("timer" if row.next_timer else "nothing")
@@ -275,7 +280,9 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         (each with ``attempts``, ``duration`` in seconds, ``result``, ``error``, an
         ``attempt_history`` and its ``limit``: None, or the limit's name, the step's ``key``,
         ``priority`` and, while it is queued, its ``position`` in its key's queue, 1 being
-        admitted next); ``events`` (key to latest value); ``signals``; ``timers`` (with
+        admitted next); ``limit``: None, or for a run of a workflow declared with a limit
+        its ``limit``, ``key``, ``priority``, ``queued`` and, while queued, its
+        ``position``; ``events`` (key to latest value); ``signals``; ``timers`` (with
         ``lateness`` in seconds once fired); and ``history``.
 
     Raises:
@@ -296,6 +303,7 @@ def describe_run(conn: Connection, workflow_id: str) -> dict[str, Any]:
         "parent_id": row.parent_id,
         "cancel_requested": row.cancel_requested,
         "start_at": row.start_at,
+        "limit": run_limits.run_limit(conn, row.id),
         "steps": [
             {**_step(s, attempts.get(s.seq, [])), "limit": limited.get(s.seq)}
             for s in steps.list_steps(conn, row.id)
@@ -439,6 +447,8 @@ def retry(durable: Core, workflow_id: str) -> queries.Retried:
     """Run a failed run again from its first position that did not complete.
 
     That position and all after it are deleted and run again; earlier results are kept.
+    A run of a workflow declared with a limit is queued again for a slot of its key, and
+    admitted as any queued run is.
 
     Raises:
         WorkflowNotFound: no run has this id.
@@ -449,7 +459,10 @@ def retry(durable: Core, workflow_id: str) -> queries.Retried:
         raise WorkflowNotFound(workflow_id)
     if not done.retried:
         raise WorkflowNotFailed(workflow_id, done.status)
-    durable.send_activation(workflow_id, done.name)
+    if done.limit is not None:
+        durable.admit_runs([done.limit])
+    else:
+        durable.send_activation(workflow_id, done.name)
     return done
 
 
@@ -514,9 +527,10 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
 
     Each: ``name``, ``concurrency`` (as the code declares it), ``override`` (set by
     :func:`set_limit`, wins while set), ``effective``, ``rate`` (declared, per second,
-    minute, hour or day, e.g. ``"5/s"``; None without one), ``running`` (slots held) and
-    ``queued`` over every key, and ``keys``: the busiest 20 keys with theirs.
-    A limit is registered when a step under it is first admitted.
+    minute, hour or day, e.g. ``"5/s"``; None without one), ``rate_override`` (set by
+    :func:`set_limit`, wins while set; None: none), ``running`` (slots held) and ``queued``
+    over every key, and ``keys``: the busiest 20 keys with theirs. A limit is registered
+    when a step under it is first admitted, or a run of a workflow declared with it started.
 
     Raises:
         LimitNotFound: ``name`` is given and no limit has it.
@@ -531,6 +545,7 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
             "override": use.override,
             "effective": use.effective,
             "rate": rate_text(use.rate_interval),
+            "rate_override": rate_text(use.rate_override),
             "running": use.running,
             "queued": use.queued,
             "keys": use.keys,
@@ -539,30 +554,72 @@ def list_limits(conn: Connection, name: str | None = None) -> list[dict[str, Any
     ]
 
 
-def override_limit(conn: Connection, name: str, concurrency: int | None) -> None:
-    """Write a limit's run-time override only; the beat's sweep admits what now fits.
+class Keep(Enum):
+    """The type of :data:`KEEP`."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+"""For :func:`set_limit`: leave this override as it is."""
+
+
+def override_limit(
+    conn: Connection, name: str, concurrency: int | Keep | None, rate: str | Keep | None = KEEP
+) -> None:
+    """Write a limit's run-time overrides only; the beat's sweep admits what now fits.
 
     Raises:
         LimitNotFound: no limit has this name.
-        InvalidLimit: ``concurrency`` is negative or not an integer.
+        InvalidLimit: ``concurrency`` is negative or not an integer, ``rate`` is malformed,
+            or the limit declares no rate (only a declared rate can be overridden).
     """
-    if concurrency is not None:
+    if concurrency is not None and not isinstance(concurrency, Keep):
         check_concurrency(name, concurrency, allow_zero=True)
-    if not limit_queries.set_override(conn, name, concurrency):
+    interval = None
+    if isinstance(rate, str):
+        count, period = parse_rate(name, rate)
+        interval = period / count
+    exists, declared = limit_queries.declared_rate(conn, name)
+    if not exists:
+        raise LimitNotFound(name)
+    if interval is not None and declared is None:
+        raise InvalidLimit(name, "declares no rate: --rate overrides a declared rate only")
+    written = limit_queries.set_override(
+        conn,
+        name,
+        None if isinstance(concurrency, Keep) else concurrency,
+        interval,
+        set_concurrency=not isinstance(concurrency, Keep),
+        set_rate=not isinstance(rate, Keep),
+    )
+    if not written:
         raise LimitNotFound(name)
 
 
-def set_limit(durable: Core, name: str, concurrency: int | None) -> int:
-    """Override a limit's concurrency at run time (None: back to the code's declaration).
+def set_limit(
+    durable: Core, name: str, concurrency: int | Keep | None, rate: str | Keep | None = KEEP
+) -> int:
+    """Override a limit's concurrency or rate at run time (None: back to the code's).
 
-    The override wins over the declaration until cleared; 0 admits nothing (a pause).
-    Steps already holding slots keep them when the limit is lowered; raised, the queued
-    steps that now fit are admitted and sent at once. Returns how many were admitted.
+    Example::
+
+        set_limit(durable, "partner-api", 2)                      # 2 slots per key
+        set_limit(durable, "partner-api", KEEP, rate="50/m")      # half the declared rate
+        set_limit(durable, "partner-api", None, rate=None)        # both as declared
+
+    An override wins over the declaration until cleared; a concurrency of 0 admits nothing
+    (a pause). Steps and runs already holding slots keep them when the limit is lowered;
+    raised, the queued steps and runs that now fit are admitted and sent at once. A rate
+    override applies to a limit that declares a rate, from its next start on. Returns how
+    many were admitted.
 
     Raises:
         LimitNotFound: no limit has this name.
-        InvalidLimit: ``concurrency`` is negative or not an integer.
+        InvalidLimit: ``concurrency`` is negative or not an integer, ``rate`` is malformed,
+            or the limit declares no rate.
     """
-    durable.store(lambda c: override_limit(c, name, concurrency))
+    durable.store(lambda c: override_limit(c, name, concurrency, rate))
     keys = durable.store(lambda c: limit_queries.queued_keys(c, name))
-    return durable.admit(keys) if keys else 0
+    run_keys = durable.store(lambda c: run_limits.queued_keys(c, name))
+    return (durable.admit(keys) if keys else 0) + durable.admit_runs(run_keys)

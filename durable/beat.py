@@ -52,7 +52,7 @@ from durable.scheduler import (
 )
 from durable.store import admin as admin_queries
 from durable.store import limits as limit_queries
-from durable.store import recovery
+from durable.store import recovery, run_limits
 from durable.store import schedules as schedule_queries
 from durable.store import timers as timer_queries
 
@@ -71,6 +71,7 @@ class BeatStats:
     timers_fired: int = 0
     steps_redispatched: int = 0
     steps_admitted: int = 0
+    runs_admitted: int = 0
     activations_resent: int = 0
     index_rebuilds: int = 0
     lateness: list[float] = field(default_factory=list)
@@ -236,8 +237,11 @@ class Beat:
             durable.send_activation(wid, name)
         with durable.connect() as conn:
             keys = limit_queries.queued_keys(conn)
+            run_keys = run_limits.queued_keys(conn)
         if keys:
             self.stats.steps_admitted += durable.admit(keys)
+        if run_keys:
+            self.stats.runs_admitted += durable.admit_runs(run_keys)
         self.stats.steps_redispatched += len(expired) + len(stale)
         self.stats.activations_resent += len(owed)
         if expired or stale or owed:

@@ -28,7 +28,7 @@ from durable.errors import (
     WorkflowNotRunning,
 )
 from durable.store import delayed as delayed_queries
-from durable.store import notices
+from durable.store import notices, run_limits
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 from durable.store import tree as tree_queries
@@ -52,6 +52,7 @@ def start(
     debounce: timedelta | float | None = None,
     debounce_max: timedelta | float | None = None,
     attributes: Mapping[str, Any] | None = None,
+    priority: int | None = None,
     **kwargs: Any,
 ) -> WorkflowRun:
     """Start a workflow, or return the existing run when ``workflow_id`` is taken.
@@ -82,15 +83,29 @@ def start(
     long after the last call, each call inside the window replacing its arguments, and
     ``debounce_max`` bounds how long after the first call it may wait: see
     :mod:`durable.delayed`.
+
+    A workflow declared with a ``limit`` writes its run ``queued`` for a slot of its key (the
+    key function run here, on the arguments; ``priority`` its place in the queue) and admits
+    it at once if the key has room and no run of higher or equal priority waits: see
+    :mod:`durable.store.run_limits`. Such a run starts without an eager start, and cannot be
+    delayed or debounced (``ValueError``). For any other workflow ``priority`` is passed to
+    the workflow as its own keyword argument, as before.
     """
     timing = delayed.start_time(workflow_id, start_at, countdown, debounce, debounce_max)
     name = core.workflow_name(name_or_fn)
+    if priority is not None and name not in core.workflow_limits:
+        kwargs["priority"] = priority  # the workflow's own keyword argument, not durable's
+        priority = None
+    limit = _run_limit(core, name, list(args), kwargs, priority, timing is not None)
     attributes_json = attribute_rules.to_json(attribute_rules.check(attributes or {}))
     args_json = core.encode(list(args), f"arguments of workflow {name}")
     kwargs_json = core.encode(kwargs, f"keyword arguments of workflow {name}")
     wid = workflow_id or uuid.uuid4().hex
     with tracing.start_span(name, wid) as carrier:
-        if timing is not None:
+        if limit is not None:
+            trace = json.dumps(carrier) if carrier else None
+            _start_limited(core, wid, name, args_json, kwargs_json, attributes_json, trace, limit)
+        elif timing is not None:
             given = None if attributes is None else attributes_json
             trace = json.dumps(carrier) if carrier else None
             delayed.start_delayed(core, name, wid, args_json, kwargs_json, timing, given, trace)
@@ -133,6 +148,59 @@ def _start(
         core.send_activation(wid, name)
 
 
+def _run_limit(
+    core: Core,
+    name: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    priority: int | None,
+    delayed_start: bool,
+) -> tuple[str, str, int] | None:
+    """The run's (limit name, key, priority) if its workflow declares a limit, else None.
+
+    Raises ``ValueError`` for a delayed limited start, and
+    :class:`~durable.errors.LimitKeyError` or ``InvalidLimit`` for a bad key or priority.
+    """
+    limit = core.workflow_limits.get(name)
+    if limit is None:
+        return None
+    if delayed_start:
+        raise ValueError(f"start: {name} runs under a limit and cannot be delayed or debounced")
+    return limit.for_run(args, kwargs, 0 if priority is None else priority)
+
+
+def _start_limited(
+    core: Core,
+    wid: str,
+    name: str,
+    args_json: str,
+    kwargs_json: str,
+    attributes_json: str,
+    trace: str | None,
+    limit: tuple[str, str, int],
+) -> None:
+    """Write a limited run queued, and admit what fits of its key, in one transaction."""
+    timeout = core.execution_timeouts.get(name)
+    declared = core.workflow_limits[name].concurrency or 0
+
+    def write(conn: Any) -> tuple[run_queries.Inserted, list[tuple[str, str]]]:
+        run_limits.declare(conn, limit[0], limit[1], declared)
+        inserted = run_queries.insert_run(
+            conn, wid, name, args_json, kwargs_json, timeout, None, attributes_json, trace, limit
+        )
+        admitted = run_limits.admit(conn, limit[0], limit[1]) if inserted.created else []
+        return inserted, admitted
+
+    inserted, admitted = core.atomically(write)
+    if inserted.timer:
+        core.index_timers([inserted.timer])
+    if not inserted.created:
+        existing = core.store(lambda c: run_queries.get_run(c, wid))
+        if existing is not None and existing.name != name:
+            raise WorkflowIdConflict(wid, existing.name, name)
+    core.send_activations(admitted)
+
+
 def start_many(
     core: Core,
     name_or_fn: str | Callable[..., Any],
@@ -172,6 +240,13 @@ def start_many(
         raise ValueError(
             "start_many: args_list, workflow_ids, kwargs_list and attributes_list differ in length"
         )
+    if name in core.workflow_limits:  # each run queued and admitted as start() does it
+        if timing is not None:
+            raise ValueError(f"start: {name} runs under a limit and cannot be delayed")
+        return [
+            start(core, name, *args, workflow_id=wid, attributes=attrs, **kw)
+            for args, wid, kw, attrs in zip(args_list, ids, kwargs_each, attrs_each, strict=True)
+        ]
     with tracing.start_span(name) as carrier:
         return _start_many(core, name, args_list, ids, kwargs_each, attrs_each, timing, carrier)
 
@@ -330,10 +405,15 @@ def cancel(core: Core, workflow_id: str) -> list[str]:
     The workflow gets :class:`~durable.errors.WorkflowCancelled` at its next step, sleep or
     signal wait, may compensate in ``except``/``finally``, and ends ``cancelled``. A step
     already running finishes and its result is recorded. Cancelling twice is harmless.
-    A run still waiting for its delayed start ends ``cancelled`` at once.
+    A run still waiting for its delayed start, or queued for a slot of its limit, ends
+    ``cancelled`` at once. A child queued for its limit when its parent is cancelled stays
+    queued, flagged: its parent is cancelled where it waits for it, and once admitted the
+    child ends ``cancelled`` at its first position without running a step.
     """
     if core.store(lambda c: delayed_queries.cancel_pending(c, workflow_id)):
         return [workflow_id]  # it had not started: ended at once, nothing to deliver
+    if _cancel_queued(core, workflow_id):
+        return [workflow_id]
     flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
     if not flagged:
         row = core.store(lambda c: run_queries.get_run(c, workflow_id))
@@ -344,6 +424,14 @@ def cancel(core: Core, workflow_id: str) -> list[str]:
     for wid, name in flagged:
         core.send_activation(wid, name)
     return [wid for wid, _ in flagged]
+
+
+def _cancel_queued(core: Core, workflow_id: str) -> bool:
+    """End the run at once if it is queued for a slot of its limit; False if it is not."""
+    ended = core.store(lambda c: run_limits.cancel_queued(c, workflow_id))
+    if ended.parent is not None:
+        core.send_activation(*ended.parent)
+    return ended.cancelled
 
 
 # Celery's task states, as ``WorkflowRun.state`` reports a run's status.

@@ -19,6 +19,7 @@ from typing import Any
 from celery import Task
 from celery.canvas import Signature
 from celery.local import Proxy
+from sqlalchemy import Connection
 
 from durable import attributes as attribute_rules
 from durable import durations, tracing
@@ -34,6 +35,7 @@ from durable.retry import NO_RETRY, RetryPolicy, is_retryable, next_attempt
 from durable.serialization import describe_exception, dumps, encode
 from durable.step_info import StepInfo, step_context
 from durable.store import local as local_queries
+from durable.store import run_limits
 from durable.store import runs as run_queries
 from durable.store import signals as signal_queries
 from durable.store import steps as step_queries
@@ -489,15 +491,41 @@ class WorkflowContext(Replay):
         kwargs_json = self._core.encode(kwargs, f"keyword arguments of child workflow {name}")
         wid, owner = self.workflow_id, self._owner
         timeout = self._core.execution_timeouts.get(name)
-        started = self._core.store(
-            lambda c: tree_queries.start_child(
-                c, wid, owner, seq, child_id, name, args_json, kwargs_json, timeout, attributes_json
+        declared = self._core.workflow_limits.get(name)
+        limit = None if declared is None else declared.for_run(list(args), kwargs, 0)
+        cap = 0 if declared is None else declared.concurrency or 0
+
+        def start(conn: Connection) -> tuple[tree_queries.ChildStarted, list[tuple[str, str]]]:
+            if limit is not None:  # queued, then admitted if it fits: store.run_limits
+                run_limits.declare(conn, limit[0], limit[1], cap)
+            started = tree_queries.start_child(
+                conn,
+                wid,
+                owner,
+                seq,
+                child_id,
+                name,
+                args_json,
+                kwargs_json,
+                timeout,
+                attributes_json,
+                limit,
             )
-        )
+            if limit is None or not started.created:
+                return started, [(child_id, name)] if started.created else []
+            return started, run_limits.admit(conn, limit[0], limit[1])
+
+        if limit is None:
+            started, admitted = self._core.store(start)
+        else:
+            started, admitted = self._core.atomically(start)
         if not started.ours:
             raise WorkflowIdConflict(child_id, started.taken_by or "?", name)
         if started.timer:
             self.effects.timers.append(started.timer)
-        self.effects.activations.append(child_id)
-        self.effects.names[child_id] = name
+        if not started.created:
+            admitted = [(child_id, name)]  # recorded by an earlier activation: send it again
+        for run_id, run_name in admitted:
+            self.effects.activations.append(run_id)
+            self.effects.names[run_id] = run_name
         raise Suspend()

@@ -32,12 +32,13 @@ from durable.config import Settings, load_settings
 from durable.effects import Effects
 from durable.errors import ConfigurationError, UnknownWorkflow
 from durable.histories import HistoryCache
+from durable.limits import Limit
 from durable.liveness import Heartbeat
 from durable.rate import RateBuckets
 from durable.serialization import decode, encode, open_error, readable_error, seal_error
 from durable.store import engine as store_engine
 from durable.store import limits as limit_queries
-from durable.store import runs
+from durable.store import run_limits, runs
 from durable.timer_index import TimerIndex
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Core:
         """Registered workflows by name."""
         self.execution_timeouts: dict[str, float | None] = {}
         """Each registered workflow's execution timeout in seconds (None: none)."""
+        self.workflow_limits: dict[str, Limit] = {}
+        """The concurrency limit of each registered workflow that declares one."""
         self._heartbeat: Heartbeat | None = None
         self._index: TimerIndex | None = None
         self._rates: RateBuckets | None = None
@@ -181,6 +184,17 @@ class Core:
 
         return store_engine.with_retry(url, attempt, self.settings.connect_retries)
 
+    def atomically(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one transaction, retried whole if the connection fails."""
+
+        def attempt() -> T:
+            with self.transaction() as conn:
+                return fn(conn)
+
+        return store_engine.with_retry(
+            self.settings.database_url, attempt, self.settings.connect_retries
+        )
+
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection inside one transaction, committed at the end of the block."""
@@ -199,8 +213,19 @@ class Core:
 
     # -- the workflow registry ----------------------------------------------------------------
 
-    def register_workflow(self, name: str, fn: Callable[..., Any], timeout: float | None) -> None:
-        """Register ``fn`` under ``name``; the same function registered again is harmless."""
+    def register_workflow(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        timeout: float | None,
+        limit: Limit | None = None,
+    ) -> None:
+        """Register ``fn`` under ``name``; the same function registered again is harmless.
+
+        ``limit``: the concurrency limit of its runs (checked: concurrency only).
+        """
+        if limit is not None:
+            limit.check_for_workflow()
         existing = self.registry.get(name)
         if existing is not None and existing is not fn:
             same = getattr(existing, "__qualname__", None) == fn.__qualname__
@@ -208,6 +233,10 @@ class Core:
                 raise ValueError(f"workflow name {name!r} is already registered")
         self.registry[name] = fn
         self.execution_timeouts[name] = timeout
+        if limit is not None:
+            self.workflow_limits[name] = limit
+        else:
+            self.workflow_limits.pop(name, None)
         fn.__durable_name__ = name  # type: ignore[attr-defined]
 
     def workflow_name(self, name_or_fn: str | Callable[..., Any]) -> str:
@@ -344,6 +373,63 @@ class Core:
             sent += len(admitted)
         return sent
 
+    def admit_runs(self, keys: list[run_limits.RunKey]) -> int:
+        """Admit the queued runs that fit under each key and send their activations.
+
+        Called after a commit that freed run slots outside an admission's transaction; a
+        failure is logged and left to the beat's sweep. Returns how many were admitted.
+        """
+        sent = 0
+        for name, key in dict.fromkeys(keys):
+
+            def admit(conn: Connection, name: str = name, key: str = key) -> list[tuple[str, str]]:
+                return run_limits.admit(conn, name, key)
+
+            try:
+                admitted = self.atomically(admit)
+            except Exception as exc:
+                log.warning("durable: could not admit runs of %s/%s (%s)", name, key, exc)
+                continue
+            self.send_activations(admitted)
+            sent += len(admitted)
+        return sent
+
+    def send_activations(self, runs_to_start: list[tuple[str, str]]) -> None:
+        """Send each (workflow id, name) its activation: runs just admitted."""
+        for workflow_id, name in runs_to_start:
+            self.send_activation(workflow_id, name)
+
+    def finish_run(
+        self,
+        workflow_id: str,
+        owner: str,
+        status: str,
+        result: str | None = None,
+        error: str | None = None,
+        limited: bool = False,
+    ) -> runs.Finished:
+        """End a run (``runs.finish``); a limited run's freed slot admits the next queued.
+
+        ``limited`` (the workflow declares a limit): the end and the admission of its key
+        share one transaction. Otherwise the end commits alone, and admits after its commit
+        if the run turns out to hold a slot (a limit since removed from the code). The
+        admitted runs' activations are sent after the commit.
+        """
+        if not limited:
+            done = self.store(lambda c: runs.finish(c, workflow_id, owner, status, result, error))
+            if done.limit:
+                self.admit_runs([done.limit])
+            return done
+
+        def end(conn: Connection) -> tuple[runs.Finished, list[tuple[str, str]]]:
+            done = runs.finish(conn, workflow_id, owner, status, result, error)
+            admitted = run_limits.admit(conn, *done.limit) if done.limit else []
+            return done, admitted
+
+        ended, admitted = self.atomically(end)
+        self.send_activations(admitted)
+        return ended
+
     def _admit(
         self, conn: Connection, each: limit_queries.LimitKey
     ) -> tuple[list[Any], tuple[int, float] | None]:
@@ -355,10 +441,11 @@ class Core:
         name, key, declared, interval = each
         if interval is None:
             return limit_queries.admit(conn, name, key, declared), None
-        picked = limit_queries.candidates(conn, name, key, declared, interval)
+        picked, override = limit_queries.candidates(conn, name, key, declared, interval)
         if not picked:
             return [], None
-        granted, wait = self.rate_buckets.take(name, key, interval, len(picked))
+        spacing = override if override is not None else interval  # durable limits set --rate
+        granted, wait = self.rate_buckets.take(name, key, spacing, len(picked))
         admitted = limit_queries.mark_admitted(conn, picked[:granted])
         timer = None
         if granted < len(picked):

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from durable.core import limit_key
 from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.store import recovery
-from durable.store import runs as run_queries
 from durable.store import steps as step_queries
 from durable.store import tree as tree_queries
 from durable.store.timers import FiredTimer
@@ -39,11 +38,7 @@ def after_timer(core: Core, timer: FiredTimer) -> None:
 def expire_run(core: Core, workflow_id: str) -> None:
     """End a run whose execution timeout passed: failed, its children cancelled."""
     flagged = core.store(lambda c: tree_queries.request_cancel(c, workflow_id))
-    ended = core.store(
-        lambda c: run_queries.finish(
-            c, workflow_id, "", "failed", None, "execution timeout exceeded"
-        )
-    )
+    ended = core.finish_run(workflow_id, "", "failed", None, "execution timeout exceeded")
     log.warning("durable: workflow %s exceeded its execution timeout", workflow_id)
     for wid, name in flagged:
         if wid != workflow_id:

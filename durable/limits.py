@@ -1,4 +1,4 @@
-"""Flow control: at most N steps of a key running at once, and R starts per period.
+"""Flow control: at most N steps (or runs) of a key running at once, and R starts per period.
 
 A :class:`Limit` is named, and its key is computed from a step's arguments where the step is
 scheduled (in the workflow's activation) and stored on the step's row. A limited step is
@@ -10,6 +10,12 @@ step's limit as its options store it. Example::
 
     charges = Limit("charges", concurrency=1, key=lambda order: order["customer"])
     ctx.step(charge_card, order, limit=charges)
+
+A workflow declares one for its runs (concurrency only): a run over it is written
+``queued`` and admitted when a run of its key ends (:mod:`durable.store.run_limits`)::
+
+    @durable.workflow("reports.build", limit=Limit("reports", 2, key=lambda tenant: tenant))
+    def build(ctx, tenant): ...
 """
 
 from __future__ import annotations
@@ -140,6 +146,25 @@ class Limit:
             return None
         count, period = parse_rate(self.name, self.rate)
         return period / count
+
+    def check_for_workflow(self) -> Limit:
+        """This limit, checked for a workflow's runs: a concurrency, no rate.
+
+        A workflow's limit counts running runs; its runs' starts are not rate-limited (limit
+        their steps with a rate instead).
+        """
+        if self.concurrency is None or self.rate is not None:
+            raise InvalidLimit(
+                self.name,
+                "a workflow's limit takes concurrency= (and key=) only; put a rate on its steps",
+            )
+        return self
+
+    def for_run(
+        self, args: list[Any], kwargs: dict[str, Any], priority: int
+    ) -> tuple[str, str, int]:
+        """A run's (limit name, key, priority) as stored, for a workflow's limit."""
+        return self.name, self.key_of(args, kwargs), check_priority(self.name, priority)
 
     def for_step(self, args: list[Any], kwargs: dict[str, Any], priority: int) -> dict[str, Any]:
         """The step's ``limit`` option as stored (with a rate, its interval too)."""

@@ -28,6 +28,7 @@ metric                                              type       labels
 ``durable_beat_activations_resent_total``           counter
 ``durable_beat_index_rebuilds_total``               counter
 ``durable_beat_steps_admitted_total``               counter
+``durable_beat_runs_admitted_total``                counter
 ==================================================  =========  ==================================
 
 The limit gauges are per limit name only: a limit's keys (customers, tenants) are unbounded,
@@ -203,6 +204,7 @@ class StoreCollector(Collector):
             ("activations_resent", "Activations this beat sent again"),
             ("index_rebuilds", "Rebuilds of the Redis timer index by this beat"),
             ("steps_admitted", "Queued steps this beat's sweep admitted under their limits"),
+            ("runs_admitted", "Queued runs this beat's sweep admitted under their limits"),
         ):
             yield CounterMetricFamily(
                 f"durable_beat_{field}", doc, value=float(getattr(self.stats, field))

@@ -312,6 +312,10 @@ def _settle(
     replayed = None
     if run is not None:
         replayed = activation.replay_in_memory(core, run, seq, result, error, claimed.attempt)
+    if replayed is not None and replayed.result is not None and run is not None:
+        # A limited run ends through its activation, whose end admits the next queued run
+        # of its key in the same transaction (``Core.finish_run``).
+        replayed = None if run.name in core.workflow_limits else replayed
     settled = core.store(
         lambda c: step_queries.settle_step(
             c,

@@ -38,6 +38,7 @@ from durable.canvas import DurableChain
 from durable.client import WorkflowRun
 from durable.config import check_names
 from durable.core import Core
+from durable.limits import Limit
 from durable.scheduler import Schedules
 from durable.store.timers import FiredTimer
 
@@ -91,7 +92,11 @@ class Durable(Core):
         return found
 
     def workflow(
-        self, name: str | None = None, *, execution_timeout: timedelta | float | None = None
+        self,
+        name: str | None = None,
+        *,
+        execution_timeout: timedelta | float | None = None,
+        limit: Limit | None = None,
     ) -> Callable[[F], F]:
         """Register a function as a workflow under ``name`` (default: module.qualname).
 
@@ -107,11 +112,24 @@ class Durable(Core):
         randomness, I/O) belongs in a step or in ``ctx.now()``/``ctx.uuid4()``/``ctx.random()``.
         With ``execution_timeout`` a run that has not ended that long after its start is
         failed (``execution timeout exceeded``) and its child workflows cancelled.
+
+        With ``limit`` (a :class:`~durable.limits.Limit` with a concurrency, no rate) at most
+        that many runs of a key run at once, the key computed from the start's arguments;
+        a run over it is written ``queued`` and admitted, highest ``priority`` then oldest
+        first, when a run of its key ends. Example::
+
+            @durable.workflow("reports.build", limit=Limit("reports", 2, key=lambda t: t))
+            def build(ctx, tenant: str) -> dict: ...
         """
         timeout = durations.optional_checked("execution_timeout", execution_timeout, positive=True)
+        if limit is not None and not isinstance(limit, Limit):
+            raise TypeError(f"workflow: limit must be a durable.Limit, not {limit!r:.60}")
+        if limit is not None:
+            limit.check_for_workflow()
 
         def register(fn: F) -> F:
-            self.register_workflow(name or f"{fn.__module__}.{fn.__qualname__}", fn, timeout)
+            full = name or f"{fn.__module__}.{fn.__qualname__}"
+            self.register_workflow(full, fn, timeout, limit)
             return fn
 
         return register
@@ -128,6 +146,7 @@ class Durable(Core):
         debounce: timedelta | float | None = None,
         debounce_max: timedelta | float | None = None,
         attributes: Mapping[str, Any] | None = None,
+        priority: int | None = None,
         **kwargs: Any,
     ) -> WorkflowRun:
         """Start a workflow, or return the existing run when ``workflow_id`` is taken.
@@ -157,6 +176,9 @@ class Durable(Core):
                 back; once it has started or ended, the call returns it unchanged.
             debounce_max: With ``debounce``: start at the latest this long after the first
                 call, however often it is pushed back.
+            priority: For a workflow declared with a ``limit``: the run's place in its key's
+                queue (highest first; default 0). Any other workflow receives it as its own
+                keyword argument, as it always has.
             **kwargs: Its keyword arguments.
 
         See :func:`durable.client.start` and :mod:`durable.delayed`.
@@ -173,6 +195,7 @@ class Durable(Core):
             countdown=countdown,
             debounce=debounce,
             debounce_max=debounce_max,
+            priority=priority,
             **kwargs,
         )
 

@@ -3,6 +3,7 @@ operators see; across real worker processes, with a SIGKILL, a Redis flush and a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -166,6 +167,53 @@ def test_a_limit_changed_while_steps_queue(
     wait_until(lambda: all_completed(durable, ids), timeout=60, what="the rest done")
     listing = json.loads(invoke("limits", "--json", "--database-url", database_url).output)
     assert [(r["name"], r["override"], r["queued"]) for r in listing] == [(name, None, 0)]
+
+
+def test_a_rate_changed_at_run_time(
+    limited: tuple[Celery, Durable, redis.Redis], prefix: str, database_url: str
+) -> None:
+    _, durable, _ = limited
+    name, single = f"{prefix}-rate", f"{prefix}-single"
+    first = durable.start("limits.one", "any", "r", 0.0, "rate")
+    other = durable.start("limits.one", "any", "s", 0.0, "single")
+    assert [first.result(timeout=30), other.result(timeout=30)] == ["r", "s"]
+
+    result = invoke("limits", "set", name, "--rate", "1/s", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    with durable.connect() as conn:
+        (use,) = admin_verbs.list_limits(conn, name)
+    assert (use["rate"], use["rate_override"]) == ("5/s", "1/s")
+    table = invoke("limits", "--database-url", database_url)
+    assert "1/s (declared 5/s)" in table.output
+    ids = [durable.start("limits.one", "any", f"o{i}", 0.0, "rate").id for i in range(4)]
+    wait_until(lambda: all_completed(durable, ids), timeout=60, what="four done")
+    admitted = [
+        r.dispatched_at
+        for r in query(
+            database_url,
+            "SELECT dispatched_at FROM durable_steps WHERE workflow_id = ANY(:ids) ORDER BY 1",
+            ids=ids,
+        )
+    ]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(admitted)]
+    assert len(gaps) == 3 and min(gaps) > 0.5  # admitted one a second, not five
+
+    # Bad input: a malformed rate, a rate on a limit that declares none; nothing written.
+    bad = invoke("limits", "set", name, "--rate", "fast", "--database-url", database_url)
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "rate must be like" in bad.stderr
+    none = invoke("limits", "set", single, "--rate", "2/s", "--database-url", database_url)
+    assert none.exit_code == 1
+    assert none.stderr.strip().endswith("declares no rate: --rate overrides a declared rate only")
+    with durable.connect() as conn:
+        (kept,) = admin_verbs.list_limits(conn, single)
+    assert (kept["override"], kept["rate_override"]) == (None, None)
+
+    cleared = invoke("limits", "set", name, "--clear", "--database-url", database_url)
+    assert cleared.exit_code == 0, cleared.output
+    with durable.connect() as conn:
+        (use,) = admin_verbs.list_limits(conn, name)
+    assert (use["rate"], use["rate_override"], use["override"]) == ("5/s", None, None)
 
 
 def test_a_task_declares_its_limit_and_other_tasks_keep_their_keywords(

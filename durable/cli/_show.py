@@ -125,6 +125,12 @@ def _header(run: dict[str, Any], hidden: int) -> Table:
         header.add_row("", Text("cancellation requested", style="magenta"))
     if run.get("start_at") and run["status"] == "running":
         header.add_row("", Text(f"waiting for its start at {when(run['start_at'])}", style="cyan"))
+    limit = run.get("limit")
+    if limit and limit.get("queued") and run["status"] == "running":
+        place = f"queued #{limit['position']} for limit {limit['limit']}[{limit['key']}]"
+        header.add_row("", Text(f"{place}, priority {limit['priority']}", style="cyan"))
+    elif limit:
+        header.add_row("limit", Text(f"{limit['limit']}[{limit['key']}]"))
     if run.get("parent_id"):
         header.add_row("parent", Text(run["parent_id"]))
     header.add_row("created", when(run["created_at"]))

@@ -20,10 +20,28 @@ from durable.cli._common import (
     make_table,
     print_json,
 )
+from durable.errors import InvalidLimit
+from durable.limits import parse_rate
 
 
 def _number(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+def _rate(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """A ``--rate`` as given, once it parses (``100/m``, ``5/s``, ``10/5s``)."""
+    if value is not None:
+        try:
+            parse_rate("--rate", value)
+        except InvalidLimit as exc:
+            raise click.BadParameter(exc.reason) from None
+    return value
+
+
+def _rate_cell(row: dict[str, object]) -> str:
+    """The declared rate, and the override that wins while set."""
+    declared, override = row["rate"] or "-", row["rate_override"]
+    return f"{override} (declared {declared})" if override else str(declared)
 
 
 @click.group(cls=DurableGroup, invoke_without_command=True)
@@ -32,10 +50,11 @@ def _number(value: int | None) -> str:
 @database_option
 @click.pass_context
 def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str | None) -> None:
-    """List the concurrency limits: declared, overridden, slots in use and queued steps.
+    """List the concurrency limits: declared, overridden, slots in use and queued.
 
-    A limit appears once a step under it has been admitted. Each row's keys are the busiest
-    of its keys (at most 20), with their slots held and steps queued.
+    A limit appears once a step under it has been admitted, or a run of a workflow declared
+    with it started. Its running and queued count steps, or a workflow's runs. Each row's
+    keys are the busiest of its keys (at most 20), with their slots held and queued.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -53,7 +72,7 @@ def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str
             _number(row["concurrency"]),
             _number(row["override"]),
             _number(row["effective"]),
-            row["rate"] or "-",
+            _rate_cell(row),
             str(row["running"]),
             str(row["queued"]),
             Text(keys),
@@ -70,10 +89,16 @@ def limits(ctx: click.Context, as_json: bool, app: str | None, database_url: str
     help="Slots per key from now on; 0 admits nothing (a pause).",
 )
 @click.option(
+    "--rate",
+    callback=_rate,
+    show_envvar=True,
+    help="Starts per period per key from now on (100/m, 5/s); a limit that declares a rate.",
+)
+@click.option(
     "--clear",
     is_flag=True,
     show_envvar=True,
-    help="Drop the override: the code's declaration applies again.",
+    help="Drop the overrides (concurrency and rate): the code's declaration applies again.",
 )
 @json_option("limits set", "a line of text")
 @app_option
@@ -83,30 +108,39 @@ def limits_set(
     ctx: click.Context,
     name: str,
     concurrency: int | None,
+    rate: str | None,
     clear: bool,
     as_json: bool,
     app: str | None,
     database_url: str | None,
 ) -> None:
-    """Override limit NAME's concurrency at run time; it wins over the code's declaration.
+    """Override limit NAME's concurrency or rate at run time; it wins over the code's.
 
-    Steps already holding slots keep them when the limit is lowered. With the app (--app or
-    DURABLE_APP) the queued steps that now fit are admitted at once; without it, by the
-    next sweep of 'durable beat'.
+    Steps (or runs) already holding slots keep them when the limit is lowered. With the app
+    (--app or DURABLE_APP) the queued steps and runs that now fit are admitted at once;
+    without it, by the next sweep of 'durable beat'.
     """
-    if (concurrency is None) == (not clear):
-        raise click.UsageError("give exactly one of --concurrency N and --clear", ctx)
-    value = None if clear else concurrency
+    if (concurrency is None and rate is None) == (not clear):
+        raise click.UsageError(
+            "give exactly one of --concurrency N / --rate R/period (or both) and --clear", ctx
+        )
+    keep = admin.KEEP
+    value: int | admin.Keep | None = None if clear else keep if concurrency is None else concurrency
+    new_rate: str | admin.Keep | None = None if clear else keep if rate is None else rate
     spec = app or (ctx.find_object(Globals) or Globals()).app
     admitted: int | None = None
     if spec:
-        admitted = admin.set_limit(load_durable(spec), name, value)
+        admitted = admin.set_limit(load_durable(spec), name, value, new_rate)
     else:
         with connect(ctx, app, database_url) as conn:
-            admin.override_limit(conn, name, value)
+            admin.override_limit(conn, name, value, new_rate)
     if as_json:
-        print_json({"name": name, "override": value, "admitted": admitted})
+        shown = {"override": concurrency, "rate_override": rate}
+        print_json({"name": name, **shown, "cleared": clear, "admitted": admitted})
         return
-    now = "the declared concurrency" if value is None else f"concurrency {value}"
+    changes = ["the declared concurrency and rate"] if clear else []
+    changes += [] if concurrency is None else [f"concurrency {concurrency}"]
+    changes += [] if rate is None else [f"rate {rate}"]
+    now = " and ".join(changes)
     later = "by the beat's next sweep" if admitted is None else f"now: {admitted}"
-    echo(f"limit {name}: {now}; queued steps that fit are admitted {later}")
+    echo(f"limit {name}: {now}; queued steps and runs that fit are admitted {later}")

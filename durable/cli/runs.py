@@ -222,6 +222,8 @@ def _waiting_text(waiting: dict[str, Any] | None) -> Text:
     parts = [on]
     if waiting["seq"] is not None:
         parts.append(f"#{waiting['seq']} {waiting['name']}")
+    elif on == "queued":  # a run queued for a slot of its limit, named here
+        parts.append(f"for {waiting['name']}")
     if waiting["until"] is not None:
         parts.append(f"until {when(waiting['until'])}")
     return Text(" ".join(parts), style="red" if on == "nothing" else "")

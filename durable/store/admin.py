@@ -42,9 +42,9 @@ WAITING_FILTERS = {
                     AND t.fired_at IS NULL)""",
     "signal": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
                      AND s.kind = 'signal' AND s.status = 'waiting')""",
-    # A step under a concurrency limit waiting for a slot of its key.
-    "queued": """EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
-                     AND s.status = 'queued')""",
+    # A run, or a step of it, under a concurrency limit waiting for a slot of its key.
+    "queued": """(w.queued OR EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
+                     AND s.status = 'queued'))""",
 }
 
 
@@ -155,8 +155,8 @@ def list_runs(
         status: Only runs in this status.
         name: Only runs of this workflow.
         since: Only runs created at or after this time.
-        waiting: Only running runs waiting on a ``step``, a ``timer``, a ``signal``, or with
-            a step ``queued`` for a slot of its concurrency limit.
+        waiting: Only running runs waiting on a ``step``, a ``timer``, a ``signal``, or
+            ``queued`` for a slot of a concurrency limit (the run's own, or a step's).
         paused: Only paused runs.
         attributes: Only runs whose attributes pass every one of these filters.
         limit: Most rows returned.
@@ -203,7 +203,8 @@ def list_runs_query(
     where += on_attributes
     query = f"""
         SELECT w.id, w.name, w.status, w.paused, w.created_at, w.updated_at, w.finished_at,
-               w.attributes, w.wake_seq > w.run_seq AS owed, w.start_at,
+               w.attributes, w.wake_seq > w.run_seq AS owed, w.start_at, w.queued,
+               w.limit_name,
                CASE WHEN w.status = 'running' THEN {_PENDING_STEP} END AS pending,
                CASE WHEN w.status = 'running' THEN {_NEXT_TIMER} END AS next_timer
           FROM durable_workflows w
@@ -391,9 +392,10 @@ _RETRY = statement(
            SET status = 'running', result = NULL, error = NULL, finished_at = NULL,
                updated_at = now(), wake_seq = wake_seq + 1, woken_at = now(),
                lease_owner = NULL, lease_expires_at = NULL,
-               cancel_requested = false, cancelled_at_seq = NULL
+               cancel_requested = false, cancelled_at_seq = NULL,
+               queued = limit_name IS NOT NULL
          WHERE id = :id AND status = 'failed'
-        RETURNING id
+        RETURNING id, limit_name, limit_key
     ), children AS (
         SELECT c.id FROM durable_workflows c, w
          WHERE c.parent_id = w.id AND c.parent_seq >= (SELECT seq FROM f)
@@ -426,7 +428,8 @@ _RETRY = statement(
           FROM w
     )
     SELECT r.name, r.status, (SELECT count(*) FROM w) AS retried,
-           (SELECT seq FROM f) AS from_step, (SELECT count(*) FROM d) AS removed
+           (SELECT seq FROM f) AS from_step, (SELECT count(*) FROM d) AS removed,
+           (SELECT limit_name FROM w) AS limit_name, (SELECT limit_key FROM w) AS limit_key
       FROM r
     """
 )
@@ -444,6 +447,8 @@ class Retried:
     """The first position that did not complete, run again with all after it (None: none)."""
     removed: int
     """How many step rows were deleted to run again."""
+    limit: tuple[str, str] | None = None
+    """A limited run's (limit name, key): it was queued again, to be admitted."""
 
 
 def retry_run(conn: Connection, wid: str) -> Retried | None:
@@ -451,7 +456,8 @@ def retry_run(conn: Connection, wid: str) -> Retried | None:
     row = conn.execute(_RETRY, {"id": wid}).first()
     if row is None:
         return None
-    return Retried(row.name, row.status, bool(row.retried), row.from_step, int(row.removed))
+    limit = (row.limit_name, row.limit_key) if row.limit_name is not None else None
+    return Retried(row.name, row.status, bool(row.retried), row.from_step, int(row.removed), limit)
 
 
 # -- fork --------------------------------------------------------------------------------------

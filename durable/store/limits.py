@@ -88,7 +88,9 @@ _ADMIT = statement(
 _CANDIDATES = statement(
     _PICK
     + """
-    SELECT workflow_id, seq FROM pick ORDER BY priority DESC, created_at, workflow_id, seq
+    SELECT workflow_id, seq,
+           (SELECT rate_interval_override FROM durable_limits WHERE name = :name) AS override
+      FROM pick ORDER BY priority DESC, created_at, workflow_id, seq
     """
 )
 
@@ -138,11 +140,17 @@ def admit(
 
 def candidates(
     conn: Connection, name: str, key: str, declared: int | None, interval: float | None
-) -> list[StepKey]:
-    """As :func:`admit` (lock included), but only pick: the steps that fit, in order."""
+) -> tuple[list[StepKey], float | None]:
+    """As :func:`admit` (lock included), but only pick: the steps that fit, in order.
+
+    Also returns the operators' override of the rate's interval (None: none, or nothing
+    picked): it wins over ``interval`` for the starts these steps take.
+    """
     lock_key(conn, name, key)
     params = {"name": name, "key": key, "declared": declared, "interval": interval}
-    return [(r.workflow_id, r.seq) for r in conn.execute(_CANDIDATES, params)]
+    rows = conn.execute(_CANDIDATES, params).all()
+    override = rows[0].override if rows else None
+    return [(r.workflow_id, r.seq) for r in rows], override
 
 
 def mark_admitted(conn: Connection, picked: list[StepKey]) -> list[Dispatch]:
@@ -198,18 +206,74 @@ def queued_keys(conn: Connection, name: str | None = None, limit: int = 1000) ->
     return [(r.limit_name, r.limit_key, r.declared, r.interval) for r in rows]
 
 
+# Each override is written only when asked (:set_concurrency, :set_rate); a rate override
+# only on a limit that declares a rate (its steps' admissions consult the bucket).
 _SET = statement(
     """
-    UPDATE durable_limits SET concurrency_override = :concurrency, updated_at = now()
+    UPDATE durable_limits
+       SET concurrency_override = CASE WHEN :set_concurrency THEN CAST(:concurrency AS int)
+                                       ELSE concurrency_override END,
+           rate_interval_override = CASE WHEN :set_rate THEN CAST(:interval AS float8)
+                                         ELSE rate_interval_override END,
+           updated_at = now()
      WHERE name = :name
+       AND (NOT :set_rate OR CAST(:interval AS float8) IS NULL OR rate_interval IS NOT NULL)
     RETURNING name
     """
 )
 
+_DECLARED_RATE = statement("SELECT rate_interval FROM durable_limits WHERE name = :name")
 
-def set_override(conn: Connection, name: str, concurrency: int | None) -> bool:
-    """Set (or with None clear) a limit's run-time override; False if no such limit."""
-    return conn.execute(_SET, {"name": name, "concurrency": concurrency}).first() is not None
+
+def declared_rate(conn: Connection, name: str) -> tuple[bool, float | None]:
+    """(the limit exists, its declared rate's interval or None)."""
+    row = conn.execute(_DECLARED_RATE, {"name": name}).first()
+    return (row is not None, None if row is None else row.rate_interval)
+
+
+def set_override(
+    conn: Connection,
+    name: str,
+    concurrency: int | None,
+    interval: float | None = None,
+    *,
+    set_concurrency: bool = True,
+    set_rate: bool = False,
+) -> bool:
+    """Set (or with None clear) a limit's run-time overrides; False if no such limit.
+
+    ``set_concurrency`` / ``set_rate``: which of the two to write (the other is kept).
+    ``interval``: the rate override's seconds between starts; refused (False) on a limit
+    that declares no rate.
+    """
+    params = {
+        "name": name,
+        "concurrency": concurrency,
+        "interval": interval,
+        "set_concurrency": set_concurrency,
+        "set_rate": set_rate,
+    }
+    return conn.execute(_SET, params).first() is not None
+
+
+# Slots held and waiters per (limit, key): steps under the limit, and runs of workflows
+# declared with it (``durable.store.run_limits``), each kind counted as its admission does.
+_IN_USE = f"""
+    SELECT st.limit_name, st.limit_key,
+           count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
+           count(*) FILTER (WHERE st.status = 'queued') AS queued
+      FROM durable_steps st
+      JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
+     WHERE st.limit_name IS NOT NULL
+       AND st.status IN ('queued', 'scheduled', 'started', 'waiting')
+     GROUP BY st.limit_name, st.limit_key
+    UNION ALL
+    SELECT limit_name, limit_key, count(*) FILTER (WHERE NOT queued) AS running,
+           count(*) FILTER (WHERE queued) AS queued
+      FROM durable_workflows
+     WHERE limit_name IS NOT NULL AND status = 'running'
+     GROUP BY limit_name, limit_key
+"""
 
 
 @dataclass(frozen=True)
@@ -223,11 +287,14 @@ class LimitUse:
     """Set by ``durable limits set``; wins while set."""
     rate_interval: float | None
     """Seconds between two starts of a key under the declared rate; None: no rate."""
+    rate_override: float | None
+    """Set by ``durable limits set --rate``: the interval admissions use while set."""
     running: int
-    """Slots held, over every key."""
+    """Slots held (by steps, or by runs of a workflow's limit), over every key."""
     queued: int
+    """Steps (or runs) queued, over every key."""
     keys: list[dict[str, Any]]
-    """Per key with slots held or steps queued: {key, running, queued}, busiest first."""
+    """Per key with slots held or waiters: {key, running, queued}, busiest first."""
 
     @property
     def effective(self) -> int | None:
@@ -238,16 +305,12 @@ class LimitUse:
 _USE = statement(
     f"""
     WITH k AS (
-        SELECT st.limit_name, st.limit_key,
-               count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
-               count(*) FILTER (WHERE st.status = 'queued') AS queued
-          FROM durable_steps st
-          JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
-         WHERE st.limit_name IS NOT NULL AND st.status IN ('queued', 'scheduled', 'started',
-                                                            'waiting')
-         GROUP BY st.limit_name, st.limit_key
+        SELECT limit_name, limit_key, sum(running) AS running, sum(queued) AS queued
+          FROM ({_IN_USE}) u
+         GROUP BY limit_name, limit_key
     )
     SELECT l.name, l.concurrency, l.concurrency_override, l.rate_interval,
+           l.rate_interval_override,
            coalesce((SELECT sum(running) FROM k WHERE k.limit_name = l.name), 0) AS running,
            coalesce((SELECT sum(queued) FROM k WHERE k.limit_name = l.name), 0) AS queued,
            coalesce((SELECT jsonb_agg(jsonb_build_object('key', limit_key, 'running', running,
@@ -272,6 +335,7 @@ def limit_use(conn: Connection, name: str | None = None, keys: int = 20) -> list
             r.concurrency,
             r.concurrency_override,
             r.rate_interval,
+            r.rate_interval_override,
             int(r.running),
             int(r.queued),
             list(r.keys),
@@ -320,18 +384,13 @@ def step_limits(conn: Connection, workflow_id: str) -> dict[int, dict[str, Any]]
 # Metrics: queued steps and held slots per limit name (keys are not labels: unbounded).
 _COUNTS = statement(
     f"""
-    SELECT st.limit_name,
-           count(*) FILTER (WHERE st.status IN {HOLDING}) AS running,
-           count(*) FILTER (WHERE st.status = 'queued') AS queued
-      FROM durable_steps st
-      JOIN durable_workflows w ON w.id = st.workflow_id AND w.status = 'running'
-     WHERE st.limit_name IS NOT NULL
-       AND st.status IN ('queued', 'scheduled', 'started', 'waiting')
-     GROUP BY st.limit_name
+    SELECT limit_name, sum(running) AS running, sum(queued) AS queued
+      FROM ({_IN_USE}) u
+     GROUP BY limit_name
     """
 )
 
 
 def counts_by_limit(conn: Connection) -> dict[str, tuple[int, int]]:
-    """{limit name: (slots held, steps queued)} over running runs."""
+    """{limit name: (slots held, steps or runs queued)} over running runs."""
     return {r.limit_name: (int(r.running), int(r.queued)) for r in conn.execute(_COUNTS)}

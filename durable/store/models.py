@@ -12,7 +12,8 @@ Tables (all prefixed ``durable_``):
 - ``signals``: data pushed into a run from outside, consumed once, oldest first.
 - ``events``: key/value state a run publishes (``ctx.set_event``), read from outside.
 - ``schedules``: what ``durable beat`` starts when; the next fire, indexed in Redis.
-- ``limits``: named concurrency limits, as declared and as overridden at run time.
+- ``limits``: named concurrency limits (of steps or of runs), as declared and as
+  overridden at run time.
 """
 
 from __future__ import annotations
@@ -106,9 +107,32 @@ class Workflow(Base):
     # The trace context the run's spans continue (W3C traceparent/tracestate): the start's,
     # or the parent run's for a child; NULL when tracing was off (durable.tracing).
     trace_context: Mapped[Any | None] = mapped_column(JSONB)
+    # A run of a workflow declared with a concurrency limit (``durable.Limit``): the limit's
+    # name, the key its key function gave at the start, and its priority in the key's queue.
+    # ``queued`` while it waits for a slot (at rest, running no code); from its admission
+    # until it ends it holds a slot of its key (see ``durable.store.run_limits``).
+    limit_name: Mapped[str | None] = mapped_column(Text)
+    limit_key: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    queued: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
     __table_args__ = (
         Index("ix_durable_workflows_status_created_at", "status", "created_at"),
+        # The slots a key's running runs hold, and its queue in admission order.
+        Index(
+            "ix_durable_workflows_limit",
+            "limit_name",
+            "limit_key",
+            postgresql_where=text("limit_name IS NOT NULL AND status = 'running'"),
+        ),
+        Index(
+            "ix_durable_workflows_queued",
+            "limit_name",
+            "limit_key",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("queued"),
+        ),
         Index("ix_durable_workflows_paused", "name", postgresql_where=text("paused")),
         Index(
             "ix_durable_workflows_attributes",
@@ -342,8 +366,9 @@ schedules = Schedule.__table__
 class FlowLimit(Base):
     """A named limit: what the code last declared, and the operators' override.
 
-    A row is written when a step under the limit is first admitted; ``durable limits set``
-    writes ``concurrency_override``, which wins over the declaration while it is set.
+    A row is written when a step under the limit is first admitted (or a run of a workflow
+    declared with it started); ``durable limits set`` writes ``concurrency_override`` and
+    ``rate_interval_override``, which win over the declaration while they are set.
     """
 
     __tablename__ = "durable_limits"
@@ -351,14 +376,19 @@ class FlowLimit(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     concurrency: Mapped[int | None] = mapped_column(Integer)
     concurrency_override: Mapped[int | None] = mapped_column(Integer)
-    # Seconds between two starts of a key under the declared rate (period / count).
+    # Seconds between two starts of a key under the declared rate (period / count), and the
+    # operators' override of it (``durable limits set --rate``), which wins while set.
     rate_interval: Mapped[float | None] = mapped_column(Float)
+    rate_interval_override: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=NOW)
 
     __table_args__ = (
         CheckConstraint("concurrency IS NULL OR concurrency > 0", name="concurrency"),
         CheckConstraint(
             "concurrency_override IS NULL OR concurrency_override >= 0", name="override"
+        ),
+        CheckConstraint(
+            "rate_interval_override IS NULL OR rate_interval_override > 0", name="rate_override"
         ),
     )
 

@@ -40,7 +40,8 @@ FINDERS = {
          ORDER BY st.lease_expires_at LIMIT :limit
     """,
     # Woken (a step settled, a timer fired, a signal came) but no activation replayed it: the
-    # message was lost, or the process replaying it died. Not a run before its delayed start.
+    # message was lost, or the process replaying it died. Not a run before its delayed start,
+    # nor one queued for a slot of its limit.
     "workflow-not-resumed": """
         SELECT w.id AS workflow_id, last.seq, coalesce(last.name, w.name) AS name,
                w.woken_at AS since, last.status AS info
@@ -50,18 +51,19 @@ FINDERS = {
                  WHERE s.workflow_id = w.id AND s.completed_at IS NOT NULL
                  ORDER BY s.completed_at DESC, s.seq DESC LIMIT 1) last ON true
          WHERE w.status = 'running' AND NOT w.paused AND w.wake_seq > w.run_seq
-           AND w.start_at IS NULL
+           AND w.start_at IS NULL AND NOT w.queued
            AND w.woken_at < now() - make_interval(secs => :grace)
            AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
          ORDER BY w.woken_at LIMIT :limit
     """,
     # Running, owed nothing, and nothing can move it: no step in flight or waiting, no timer.
+    # A run queued for a slot of its limit waits for its admission, not stuck.
     "workflow-idle": """
         SELECT w.id AS workflow_id, NULL::int AS seq, w.name, w.updated_at AS since,
                NULL AS info
           FROM durable_workflows w
          WHERE w.status = 'running' AND NOT w.paused AND w.wake_seq <= w.run_seq
-           AND w.updated_at < now() - make_interval(secs => :grace)
+           AND NOT w.queued AND w.updated_at < now() - make_interval(secs => :grace)
            AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
            AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.workflow_id = w.id
                              AND s.status IN ('queued', 'scheduled', 'started', 'waiting',
@@ -159,7 +161,7 @@ _TOUCH_OWED = statement(
     """
     UPDATE durable_workflows SET woken_at = now()
      WHERE id = ANY(CAST(:ids AS text[])) AND status = 'running' AND NOT paused
-       AND wake_seq > run_seq AND start_at IS NULL
+       AND wake_seq > run_seq AND start_at IS NULL AND NOT queued
        AND woken_at < now() - make_interval(secs => :grace)
        AND (lease_owner IS NULL OR lease_expires_at < now())
     RETURNING id, name

@@ -63,13 +63,14 @@ _STALE_STEPS = statement(
 
 # A run owed an activation (woken, not replayed since) whose lease is free or expired, and
 # whose last wake-up is older than the redispatch delay: the activation message was lost, or
-# the process replaying it died. A run waiting for its delayed start (a signal came) waits on.
+# the process replaying it died. A run waiting for its delayed start or queued for a slot of
+# its limit (a signal came) waits on.
 _OWED_RUNS = statement(
     """
     WITH c AS (
         SELECT id FROM durable_workflows
          WHERE status = 'running' AND wake_seq > run_seq AND NOT paused AND start_at IS NULL
-           AND woken_at < now() - make_interval(secs => :after)
+           AND NOT queued AND woken_at < now() - make_interval(secs => :after)
            AND (lease_owner IS NULL OR lease_expires_at < now())
          ORDER BY woken_at LIMIT :limit
            FOR UPDATE SKIP LOCKED

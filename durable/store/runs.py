@@ -30,19 +30,28 @@ _INSERT = statement(
     """
     WITH w AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, deadline_at, run_seq,
-                                       attributes, trace_context)
+                                       wake_seq, attributes, trace_context, limit_name,
+                                       limit_key, priority, queued)
         VALUES (:id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb),
                 now() + make_interval(secs => CAST(:timeout AS float8)),
-                CASE WHEN :eager THEN 1 ELSE 0 END, CAST(:attributes AS jsonb),
-                CAST(:trace AS jsonb))
+                CASE WHEN :eager THEN 1 ELSE 0 END,
+                CASE WHEN CAST(:limit_name AS text) IS NULL THEN 1 ELSE 0 END,
+                CAST(:attributes AS jsonb), CAST(:trace AS jsonb), :limit_name, :limit_key,
+                :priority, CAST(:limit_name AS text) IS NOT NULL)
         ON CONFLICT (id) DO NOTHING
-        RETURNING id, deadline_at
+        RETURNING id, deadline_at, queued
     ), n AS ("""
     + insert_new_steps("w.id", source="w, ")
     + """), h AS (
-        -- The steps' 'step scheduled' events are their rows (durable.store.history).
+        -- The steps' 'step scheduled' events are their rows (durable.store.history). A
+        -- limited run is 'queued' first; its admission writes 'started'.
         INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT id, NULL, 'started', jsonb_build_object('name', CAST(:name AS text)) FROM w
+        SELECT id, NULL, CASE WHEN queued THEN 'queued' ELSE 'started' END,
+               jsonb_build_object('name', CAST(:name AS text))
+               || CASE WHEN queued THEN jsonb_build_object(
+                      'limit', CAST(:limit_name AS text), 'key', CAST(:limit_key AS text),
+                      'priority', CAST(:priority AS int)) ELSE '{}' END
+          FROM w
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
         SELECT id, 0, 'deadline', deadline_at FROM w WHERE deadline_at IS NOT NULL
@@ -77,6 +86,7 @@ def insert_run(
     steps: str | None = None,
     attributes: str = "{}",
     trace: str | None = None,
+    limit: tuple[str, str, int] | None = None,
 ) -> Inserted:
     """Create a run (arguments as JSON text); ``created`` is False when the id exists.
 
@@ -84,9 +94,13 @@ def insert_run(
     first steps in the same statement and starts the run at rest (an eager start).
     ``attributes`` is the run's searchable attributes as a JSON object (checked by
     :func:`durable.attributes.check`). ``trace`` is the trace context its spans continue, a
-    JSON object (:mod:`durable.tracing`).
+    JSON object (:mod:`durable.tracing`). ``limit`` (limit name, key, priority; never with
+    ``steps``) writes the run queued for a slot of its key (:mod:`durable.store.run_limits`).
     """
     params = {
+        "limit_name": None if limit is None else limit[0],
+        "limit_key": None if limit is None else limit[1],
+        "priority": 0 if limit is None else limit[2],
         "trace": trace,
         "id": workflow_id,
         "name": name,
@@ -279,7 +293,8 @@ RUN_COLUMNS = (
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
 # statement: replay costs one round trip whatever the number of steps. A paused run is not
 # acquired: its activation ends there, and ``durable unpause`` sends it again. A run waiting
-# for its delayed start (``start_at`` set) is not taken either: its code must not run yet.
+# for its delayed start (``start_at`` set) or queued for a slot of its limit (``queued``) is
+# not taken either: its code must not run yet.
 # Step rows are aggregated into a single JSON value so the run's arguments are not repeated
 # per row.
 _ACQUIRE = statement(
@@ -289,6 +304,7 @@ _ACQUIRE = statement(
            SET lease_owner = :owner,
                lease_expires_at = now() + make_interval(secs => :ttl)
          WHERE id = :id AND (status = 'running') IS TRUE AND NOT paused AND start_at IS NULL
+           AND NOT queued
            AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
         RETURNING """
     + RUN_COLUMNS
@@ -405,10 +421,10 @@ _FINISH = statement(
         UPDATE durable_workflows
            SET status = :status, result = CAST(:result AS jsonb), error = :error,
                finished_at = now(), updated_at = now(), run_seq = wake_seq,
-               lease_owner = NULL, lease_expires_at = NULL
+               lease_owner = NULL, lease_expires_at = NULL, queued = false
          WHERE id = :id AND (lease_owner = :owner OR :owner = '')
            AND (status = 'running') IS TRUE
-        RETURNING id, parent_id, parent_seq
+        RETURNING id, parent_id, parent_seq, limit_name, limit_key
     ), h AS (
         INSERT INTO durable_history (workflow_id, event, detail)
         SELECT id, :status, jsonb_build_object('error', CAST(:error AS text)) FROM w
@@ -418,7 +434,8 @@ _FINISH = statement(
     + notify_sql(ENDED, "id")
     + """ FROM w)
     SELECT (SELECT count(*) FROM w) AS finished, (SELECT id FROM pw) AS parent_id,
-           (SELECT name FROM pw) AS parent_name, (SELECT count(*) FROM nt) AS notified
+           (SELECT name FROM pw) AS parent_name, (SELECT count(*) FROM nt) AS notified,
+           (SELECT limit_name FROM w) AS limit_name, (SELECT limit_key FROM w) AS limit_key
     """
 )
 
@@ -432,6 +449,8 @@ class Finished:
     """A parent woken by this child's end: send it an activation."""
     parent_name: str | None = None
     """That parent's workflow name."""
+    limit: tuple[str, str] | None = None
+    """The (limit name, key) whose slot this end freed, for a limited run."""
 
 
 def finish(
@@ -457,7 +476,8 @@ def finish(
         "end_error": error,
     }
     row = conn.execute(_FINISH, params).one()
-    return Finished(bool(row.finished), row.parent_id, row.parent_name)
+    limit = (row.limit_name, row.limit_key) if row.limit_name is not None else None
+    return Finished(bool(row.finished), row.parent_id, row.parent_name, limit)
 
 
 _PATCH = statement(

@@ -88,14 +88,17 @@ _CHILD = statement(
     WITH c AS (
         INSERT INTO durable_workflows (id, name, status, args, kwargs, parent_id, parent_seq,
                                        cancel_requested, deadline_at, attributes,
-                                       trace_context)
+                                       trace_context, wake_seq, limit_name, limit_key,
+                                       priority, queued)
         SELECT :child, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), :id,
                :seq, p.cancel_requested,
                now() + make_interval(secs => CAST(:timeout AS float8)),
-               CAST(:attributes AS jsonb), p.trace_context
+               CAST(:attributes AS jsonb), p.trace_context,
+               CASE WHEN CAST(:limit_name AS text) IS NULL THEN 1 ELSE 0 END, :limit_name,
+               :limit_key, :priority, CAST(:limit_name AS text) IS NOT NULL
           FROM durable_workflows p WHERE p.id = :id AND p.lease_owner = :owner
         ON CONFLICT (id) DO NOTHING
-        RETURNING id, deadline_at
+        RETURNING id, deadline_at, queued
     ), t AS (
         INSERT INTO durable_timers (workflow_id, seq, purpose, fire_at)
         SELECT id, 0, 'deadline', deadline_at FROM c WHERE deadline_at IS NOT NULL
@@ -116,9 +119,14 @@ _CHILD = statement(
         SELECT :id, :seq, 'child started', jsonb_build_object('child', CAST(:child AS text))
           FROM s
     ), ch AS (
+        -- A limited child is 'queued' first; its admission writes 'started'.
         INSERT INTO durable_history (workflow_id, event, detail)
-        SELECT id, 'started', jsonb_build_object('name', CAST(:name AS text),
-                                                 'parent', CAST(:id AS text)) FROM c
+        SELECT id, CASE WHEN queued THEN 'queued' ELSE 'started' END,
+               jsonb_build_object('name', CAST(:name AS text), 'parent', CAST(:id AS text))
+               || CASE WHEN queued THEN jsonb_build_object(
+                      'limit', CAST(:limit_name AS text), 'key', CAST(:limit_key AS text),
+                      'priority', CAST(:priority AS int)) ELSE '{}' END
+          FROM c
     ), stale AS (
         DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM c)
     )
@@ -155,12 +163,17 @@ def start_child(
     kwargs: str,
     timeout: float | None = None,
     attributes: str = "{}",
+    limit: tuple[str, str, int] | None = None,
 ) -> ChildStarted:
     """Create a child run waited for at the parent's position ``seq``.
 
-    ``attributes`` is the child's searchable attributes as a JSON object.
+    ``attributes`` is the child's searchable attributes as a JSON object. ``limit`` (limit
+    name, key, priority) writes it queued for a slot (:mod:`durable.store.run_limits`).
     """
     params = {
+        "limit_name": None if limit is None else limit[0],
+        "limit_key": None if limit is None else limit[1],
+        "priority": 0 if limit is None else limit[2],
         "id": workflow_id,
         "owner": owner,
         "seq": seq,
@@ -196,7 +209,8 @@ _IN_FLIGHT = statement(
         OR EXISTS (
                SELECT 1 FROM durable_workflows
                 WHERE id IN (SELECT id FROM tree) AND status = 'running'
-                  AND start_at IS NULL AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
+                  AND start_at IS NULL AND NOT queued
+                  AND (wake_seq > run_seq OR lease_owner IS NOT NULL))
     """
 )
 
