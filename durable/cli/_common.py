@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
@@ -27,7 +27,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
-from durable import durations
+from durable import admin, durations
 from durable.config import normalise_database_url, read_setting
 from durable.errors import ConfigurationError, DurableError, InvalidDuration, InvalidIdentifier
 from durable.ids import check_id, escape, escape_json
@@ -135,6 +135,18 @@ class Globals:
     app: str | None = None
     database_url: str | None = None
     database_url_given: bool = False
+
+
+def duration_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> timedelta | None:
+    """A duration option (90s, 30m, 12h, 1d12h) as a timedelta; a usage error names a bad one."""
+    if value is None:
+        return None
+    try:
+        return admin.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
 
 def given(ctx: click.Context, name: str) -> bool:

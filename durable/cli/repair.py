@@ -25,6 +25,7 @@ from durable.cli._common import (
     check_id_option,
     connect,
     database_option,
+    duration_callback,
     echo,
     engine_url,
     json_option,
@@ -33,17 +34,6 @@ from durable.cli._common import (
     store_url,
 )
 from durable.cli._show import duration
-
-
-def _duration_callback(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return admin.parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param=param) from None
 
 
 @click.command()
@@ -160,7 +150,7 @@ def fork(
 @click.option(
     "--older-than",
     "older_than",
-    callback=_duration_callback,
+    callback=duration_callback,
     metavar="DURATION",
     show_envvar=True,
     help="Delete runs finished longer ago than this: 90s, 30m, 12h, 30d, 1d12h.",

@@ -23,6 +23,7 @@ from durable.cli._common import (
     connect,
     console,
     database_option,
+    duration_callback,
     json_option,
     limit_option,
     load_durable,
@@ -62,17 +63,6 @@ def _kwargs_callback(
     if clash:
         raise click.BadParameter(f"cannot pass {', '.join(clash)} as keywords", param=param)
     return data
-
-
-def _duration_callback(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return admin.parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param=param) from None
 
 
 def _moment_callback(
@@ -133,7 +123,7 @@ def _start_attr_callback(
 )
 @click.option(
     "--countdown",
-    callback=_duration_callback,
+    callback=duration_callback,
     metavar="DURATION",
     show_envvar=True,
     help="Start this long from now (90s, 30m, 12h, 1d12h), by a durable timer.",
@@ -148,7 +138,7 @@ def _start_attr_callback(
 )
 @click.option(
     "--debounce",
-    callback=_duration_callback,
+    callback=duration_callback,
     metavar="DURATION",
     show_envvar=True,
     help="Start this long after the last such call for --id; a call while the run waits "
@@ -157,7 +147,7 @@ def _start_attr_callback(
 @click.option(
     "--debounce-max",
     "debounce_max",
-    callback=_duration_callback,
+    callback=duration_callback,
     metavar="DURATION",
     show_envvar=True,
     help="With --debounce: start at the latest this long after the first call.",
