@@ -8,23 +8,20 @@ import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
-from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from durable import Durable, InvalidLimit, Limit, LimitKeyError
 from durable import admin as admin_verbs
 from durable.beat import Beat
-from durable.cli import cli
 from durable.errors import WorkflowNotRunning
 from durable.metrics import StoreCollector
 from tests.apps.run_limits_app import build
 from tests.conftest import ROOT, Background, Workers, clean_keys, clean_tables, query, wait_until
+from tests.limit_helpers import all_completed, entered, in_process, invoke
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -73,19 +70,6 @@ def child_of(database_url: str, parent_id: str) -> str:
     return str(row.id)
 
 
-def entered(client: redis.Redis, prefix: str) -> list[str]:
-    return list(client.lrange(f"{prefix}:entered", 0, -1))
-
-
-def all_completed(durable: Durable, ids: list[str]) -> bool:
-    return all(durable.run(i).status() == "completed" for i in ids)
-
-
-def invoke(*args: str) -> Any:
-    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("DURABLE_")}
-    return CliRunner().invoke(cli, list(args), env=clean, catch_exceptions=False)
-
-
 # -- in-process: one worker thread pool and a beat ------------------------------------------
 
 
@@ -93,22 +77,8 @@ def invoke(*args: str) -> Any:
 def limited(
     database_url: str, redis_url: str, prefix: str
 ) -> Iterator[tuple[Celery, Durable, redis.Redis]]:
-    clean_tables(database_url)
-    app, durable = build(database_url, redis_url, prefix)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    beat = Beat(durable, sweep_interval=0.5)
-    thread = Background(beat.run)
-    try:
-        with start_worker(
-            app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"
-        ):
-            yield app, durable, client
-    finally:
-        client.set(f"{prefix}:open", 1)
-        beat.stopping.set()
-        thread.join()
-        clean_keys(redis_url, prefix)
-        clean_tables(database_url)
+    with in_process(build, database_url, redis_url, prefix) as running:
+        yield running
 
 
 def test_queued_runs_start_by_priority_and_operators_see_them(
