@@ -180,6 +180,11 @@ def test_the_step_is_the_tasks_own_message_with_its_request_and_signals(
     # Celery's signals, sent with the task as sender for the message's id.
     assert of_task(celery_signals, "m.request", "task_prerun") == [seen["id"]]
     # What Celery sees returned is the outcome, never the step's value (it is in PostgreSQL).
+    # The run's end is committed before the worker returns to Celery, which signals after.
+    wait_until(
+        lambda: of_task(celery_signals, "m.request", "task_postrun"),
+        what="Celery's task_postrun signal",
+    )
     assert of_task(celery_signals, "m.request", "task_success") == ["completed"]
     assert of_task(celery_signals, "m.request", "task_postrun") == ["completed"]
     [row] = query(database_url, "SELECT result FROM durable_steps WHERE workflow_id = 'req-1'")
