@@ -37,11 +37,6 @@ MAX_CONNECTIONS = 20
 # leaving room for this module's own direct connections (the sampler, the set-up).
 BOUNCER_POOL = 14
 
-MISSING = (
-    "optional dependency pgbouncer is missing: install Debian's pgbouncer package "
-    "or run `python -m durable.dev.pgbouncer fetch`"
-)
-
 
 class Bounced:
     """A database on the small PostgreSQL, reached directly and through PgBouncer."""
@@ -68,7 +63,10 @@ class Bounced:
 @pytest.fixture(scope="module")
 def bounced(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bounced]:
     if find_pgbouncer() is None:
-        pytest.skip(MISSING)
+        pytest.skip(
+            "optional dependency pgbouncer is missing: install Debian's pgbouncer package "
+            "or run `python -m durable.dev.pgbouncer fetch`"
+        )
     state = tmp_path_factory.mktemp("pgbouncer")
     with (
         PrivatePostgres(state_dir=state, max_connections=MAX_CONNECTIONS) as postgres,
