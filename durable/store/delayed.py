@@ -17,6 +17,7 @@ first, the same way.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -48,38 +49,10 @@ _TIMERS_JSON = """
        FROM t) AS timers
 """
 
-_INSERT = statement(
-    """
-    WITH s AS (SELECT """
-    + _START_AT.format(created="now()")
-    + """ AS at
-    ), w AS (
-        INSERT INTO durable_workflows (id, name, status, args, kwargs, start_at, deadline_at,
-                                       wake_seq, run_seq, attributes, trace_context)
-        SELECT :id, :name, 'running', CAST(:args AS jsonb), CAST(:kwargs AS jsonb), s.at,
-               s.at + make_interval(secs => CAST(:timeout AS float8)), 0, 0,
-               coalesce(CAST(:attributes AS jsonb), '{}'), CAST(:trace AS jsonb)
-          FROM s
-        ON CONFLICT (id) DO NOTHING
-        RETURNING id, start_at, deadline_at
-    ), h AS (
-        INSERT INTO durable_history (workflow_id, seq, event, detail)
-        SELECT id, NULL, 'start delayed',
-               jsonb_build_object('name', CAST(:name AS text), 'start_at', start_at)
-          FROM w
-    ), """
-    + _TIMERS
-    + """, stale AS (
-        -- History left by a run deleted under this id, as ``runs.insert_run`` clears it.
-        DELETE FROM durable_history WHERE workflow_id IN (SELECT id FROM w)
-    )
-    SELECT (SELECT count(*) FROM w) AS created, """
-    + _TIMERS_JSON
-)
-
-# Many delayed runs of one workflow, all due at one start time (``durable.start_many``); the
-# runs arrive as one JSON array of {id, args, kwargs, attributes}, as ``runs.insert_runs``
-# takes them.
+# Delayed runs of one workflow, all due at one start time (``durable.start``, one run, and
+# ``durable.start_many``); the runs arrive as one JSON array of {id, args, kwargs,
+# attributes}, as ``runs.insert_runs`` takes them. History left by a run deleted under an id
+# is cleared, as ``runs.insert_run`` clears it.
 _INSERT_MANY = statement(
     """
     WITH r AS (
@@ -203,9 +176,12 @@ def insert_delayed_run(
     or None). ``trace``: the trace context its spans continue (JSON text), kept by a
     debounce.
     """
-    params = {**_params(workflow_id, name, args, kwargs, timeout, when, attributes), "trace": trace}
-    row = conn.execute(_INSERT, params).one()
-    return Delayed(bool(row.created), [(int(i), float(at)) for i, at in row.timers])
+    run = (
+        f'{{"id": {json.dumps(workflow_id)}, "args": {args}, "kwargs": {kwargs}, '
+        f'"attributes": {attributes or "null"}}}'
+    )
+    created, timers = insert_delayed_runs(conn, name, f"[{run}]", timeout, when, trace)
+    return Delayed(workflow_id in created, timers)
 
 
 def insert_delayed_runs(
