@@ -143,7 +143,8 @@ def _start(
     if existing is not None and existing.name != name:
         raise WorkflowIdConflict(wid, existing.name, name)
     if created and eager is not None:
-        core.apply_effects(eager.effects)  # the first steps' messages, no activation
+        # The first steps' messages, no activation; one step alone may run unclaimed.
+        core.apply_effects(eager.effects, first=len(eager.effects.schedules) == 1)
     elif created:
         core.send_activation(wid, name)
 

@@ -267,7 +267,8 @@ class Core:
         """Send a step message: the task ``name``'s own, whose one argument is a label.
 
         ``first``: this is the step's first dispatch, right after the statement that wrote
-        the step; the message then carries its send time (see :mod:`durable.runner`).
+        it, and the step is its run's one open position; the message then carries its send
+        time, and its first delivery may run the step unclaimed (see :mod:`durable.runner`).
         """
         send = dispatch.step_options(workflow_id, seq, name, options or {}, first)
         label = {dispatch.STEP_KWARG: dispatch.step_label(workflow_id, seq)}
@@ -290,11 +291,12 @@ class Core:
                 self.admit(limited)
             with self.app.producer_or_acquire() as producer:
                 for each in effects:
+                    alone = len(each.schedules) == 1  # may run unclaimed (durable.runner)
                     for pending in each.dispatches:
                         if "limit" in pending.options:
                             continue
                         options = dispatch.step_options(
-                            each.workflow_id, pending.seq, pending.name, pending.options, False
+                            each.workflow_id, pending.seq, pending.name, pending.options, alone
                         )
                         label = {
                             dispatch.STEP_KWARG: dispatch.step_label(each.workflow_id, pending.seq)
@@ -331,7 +333,7 @@ class Core:
     def apply_effects(self, effects: Effects, first: bool = False) -> None:
         """After an activation's commits: index its timers, send its messages.
 
-        ``first``: the steps were just written by this process (see ``send_step``).
+        ``first``: the one step was just written by this process, alone (see ``send_step``).
         """
         if effects.timers:
             self.index_timers(effects.timers)

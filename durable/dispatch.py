@@ -28,7 +28,8 @@ STEP_KWARG = "durable_step"
 """The one keyword argument of a step message: ``"<workflow id>#<step number>"``."""
 
 SENT_AT_HEADER = "durable_sent_at"
-"""Message header of a step's first dispatch: its send time (epoch seconds)."""
+"""Message header of a step's first dispatch when the step is its run's one open position:
+its send time (epoch seconds). Its first delivery may run the step unclaimed."""
 
 TIME_LIMIT_GRACE = 5.0
 """Seconds between a step's soft time limit (its ``timeout``) and Celery's hard kill."""

@@ -74,20 +74,23 @@ class HistoryCache:
         new: list[NewStep],
         settled_at: datetime | None,
         first: bool = True,
-    ) -> None:
+    ) -> bool:
         """Keep ``run`` as it is after a settle advanced it: one wake later, with ``new``.
 
         ``steps`` is the history the in-memory replay used (the settled step's commit time
         still unknown there: ``settled_at`` fills it in). ``first``: the settle wrote the
         new steps (they were not there already), so their messages are first dispatches.
+        Returns whether the one new step is a first dispatch and the run's one open
+        position, which its message then says (it may run unclaimed, see ``durable.runner``),
+        whether or not this cache keeps it.
         """
-        if self.size <= 0:
-            return
-        history = [_with_time(record, settled_at) for record in steps]
-        history.extend(_scheduled(step) for step in new)
-        kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
         sole = first and len(new) == 1 and all(r.status in _SETTLED for r in steps)
-        self._keep(kept, new[0] if sole else None)
+        if self.size > 0:
+            history = [_with_time(record, settled_at) for record in steps]
+            history.extend(_scheduled(step) for step in new)
+            kept = replace(run, wake_seq=run.wake_seq + 1, steps=history)
+            self._keep(kept, new[0] if sole else None)
+        return sole
 
     def keep_at_rest(self, run: Activation, effects: Effects) -> bool:
         """Keep ``run`` as an activation just released it, if it then waits on one new step.
@@ -96,10 +99,11 @@ class HistoryCache:
         step is the next position: then nothing else moved during the activation (no local
         step, sleep, signal, event or child recorded), and ``run``'s history plus that step
         is the run's at the wake counter the release left it at rest. Returns whether the
-        step was kept (its message is then a first dispatch, see :meth:`take_fresh`).
+        step qualifies (its message then says it may run unclaimed, see :meth:`take_fresh`),
+        whether or not this cache keeps it.
         """
         new = effects.schedules
-        if self.size <= 0 or len(new) != 1 or len(effects.dispatches) != 1:
+        if len(new) != 1 or len(effects.dispatches) != 1:
             return False
         if effects.timers or effects.activations or run.cancel_requested:
             return False
@@ -107,9 +111,10 @@ class HistoryCache:
             return False
         if new[0].seq != max((record.seq for record in run.steps), default=0) + 1:
             return False
-        history = [_with_time(record, None) for record in run.steps]
-        history.append(_scheduled(new[0]))
-        self._keep(replace(run, steps=history), new[0])
+        if self.size > 0:
+            history = [_with_time(record, None) for record in run.steps]
+            history.append(_scheduled(new[0]))
+            self._keep(replace(run, steps=history), new[0])
         return True
 
     def _keep(self, run: Activation, fresh: NewStep | None) -> None:
@@ -144,6 +149,13 @@ class HistoryCache:
         with self._lock:
             self._runs.pop(workflow_id, None)
             self._fresh.pop(workflow_id, None)
+
+
+def alone(steps: list[StepRecord], seq: int) -> bool:
+    """Whether step ``seq`` is the last position of ``steps`` and every other one is over."""
+    return all(r.status in _SETTLED for r in steps if r.seq != seq) and seq == max(
+        (r.seq for r in steps), default=seq
+    )
 
 
 def _scheduled(step: NewStep) -> StepRecord:

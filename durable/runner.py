@@ -1,10 +1,11 @@
 """Running a step in a worker: claim it, run the user's task, commit its outcome.
 
-The message a step travels in (task ``durable.step``) carries only the workflow id and the
-step number. The claim, one statement, moves the step from ``scheduled`` to ``started``
-under this process's lease and returns the task name and arguments; a message for a step
-that is not ``scheduled`` (a duplicate delivery, a late redelivery after recovery) finds
-nothing to claim and ends there, so a finished step's body never runs again.
+The message a step travels in (its own task's, see ``durable.stepmessage``) carries only the
+workflow id and the step number. The claim, one statement, moves the step from
+``scheduled`` to ``started`` under this process's lease and returns the task name and
+arguments; a message for a step that is not ``scheduled`` (a duplicate delivery, a late
+redelivery after recovery) finds nothing to claim and ends there, so a finished step's body
+never runs again.
 
 **Unclaimed first deliveries.** A step is only ever sent again by recovery (the sweep, after
 ``redispatch_after`` without a claim; a lease that expired; a retry timer; an admin command)
@@ -14,7 +15,9 @@ be a copy of a step that already ran: no other copy exists yet. When that messag
 the process that scheduled the step (which kept the run's history and the step as written,
 see ``durable.histories``), the step runs without a claim: its settle, which must find it
 never claimed (``scheduled``, or ``cancelled`` by a cancellation that came meanwhile),
-records its start and its end together, one statement per step. A body still running
+records its start and its end together, one statement per step. Another process (the other
+child of a prefork worker) reads the step and its run instead, one statement that writes
+nothing, and runs it unclaimed if the read confirms it is the only copy. A body still running
 half-way to ``redispatch_after`` is claimed then, from the heartbeat thread, so the sweep
 never sends a running step again; a body that fails is claimed before its failure is
 handled, which then goes the usual way.
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from durable import activation, tracing
 from durable.core import limit_key
 from durable.errors import CodecUnavailable, StoreError, TaskExpired
+from durable.histories import alone
 from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.serialization import describe_exception, mask_error
 from durable.step_info import StepInfo, step_context
@@ -43,13 +47,12 @@ if TYPE_CHECKING:
     from durable.core import Core
     from durable.liveness import Deferred
     from durable.store.runs import Activation
-    from durable.store.steps import NewStep
 
 log = logging.getLogger(__name__)
 
 UNCLAIMED_WINDOW = 0.3
 """A first delivery runs unclaimed while its message is younger than this fraction of
-``redispatch_after`` (sent and received by the same process, on one clock)."""
+``redispatch_after`` (by the process's clock if it sent it, else by PostgreSQL's)."""
 
 CLAIM_AT = 0.5
 """An unclaimed body still running at this fraction of ``redispatch_after`` after its message
@@ -89,14 +92,33 @@ def execute_step(
     """Run one step message; returns what happened (for logs and tests).
 
     ``fresh``: the send time of a first delivery (:func:`first_delivery`); the step runs
-    unclaimed if this process scheduled it. ``call``: how to call the body (by default the
-    registered task, called directly).
+    unclaimed if it is the only copy (this process scheduled it, or a read says so).
+    ``call``: how to call the body (by default the registered task, called directly).
     """
     owner = core.heartbeat.token()
     if fresh is not None and core.settings.inline_activation:
         kept = core.histories.take_fresh(workflow_id, seq)
         if kept is not None:
-            return _execute_unclaimed(core, kept[0], kept[1], owner, fresh, call)
+            run, step = kept
+            options = json.loads(step.options)
+            if not options.get("timeout"):  # a deadline is set by the claim
+                unclaimed = step_queries.ClaimedStep(
+                    workflow_id=run.workflow_id,
+                    seq=step.seq,
+                    name=step.name,
+                    args=json.loads(step.args),
+                    kwargs=json.loads(step.kwargs),
+                    options=options,
+                    attempt=1,
+                    rest_wake=run.wake_seq,
+                    rest_created_at=run.created_at,
+                    run=run,
+                )
+                return _execute_unclaimed(core, unclaimed, owner, time.time() - fresh, call)
+        else:
+            first = _read_first(core, workflow_id, seq)
+            if first is not None:
+                return _execute_unclaimed(core, first[0], owner, first[1], call)
     ttl = core.settings.lease_ttl.total_seconds()
     # Not flushed: a claim lost in a PostgreSQL crash leaves the step scheduled, and the sweep
     # sends it again (the body may run twice, under the same idempotency key, as after any
@@ -121,6 +143,29 @@ def execute_step(
     finally:
         core.heartbeat.release(owner)
     return _after(core, workflow_id, owner, outcome, leased)
+
+
+def _read_first(core: Core, wid: str, seq: int) -> tuple[step_queries.ClaimedStep, float] | None:
+    """A first delivery scheduled elsewhere: (the step, its age) if it may run unclaimed.
+
+    One read, no write: the step as written and its run's history (unless this process holds
+    it at the run's version). The step must be never claimed, sent once and its run's one
+    open position (see ``durable.histories``), as a step the process that scheduled it kept
+    is. Its age comes from PostgreSQL's clock, so the sender's clock does not matter. None:
+    the step is claimed as any other delivery.
+    """
+    cached = core.histories.wake_of(wid)
+    window = core.settings.redispatch_after.total_seconds() * UNCLAIMED_WINDOW
+    found = core.store(lambda c: step_queries.read_first_step(c, wid, seq, window, cached))
+    if found is None:
+        return None
+    step = found.step
+    run = step.run
+    if run is None and step.rest_wake is not None and step.rest_created_at is not None:
+        run = core.histories.get(wid, step.rest_wake, step.rest_created_at)
+    if run is None or not alone(run.steps, seq):
+        return None
+    return replace(step, run=run), found.age
 
 
 def _give_up(core: Core, workflow_id: str, seq: int, owner: str) -> None:
@@ -148,7 +193,7 @@ def _after(
 class _Unclaimed:
     """A step running without a claim, and the claim deferred to the heartbeat thread."""
 
-    def __init__(self, core: Core, workflow_id: str, seq: int, owner: str, sent_at: float) -> None:
+    def __init__(self, core: Core, workflow_id: str, seq: int, owner: str, age: float) -> None:
         self.started_at = datetime.now(UTC)
         ttl = core.settings.lease_ttl.total_seconds()
 
@@ -160,7 +205,7 @@ class _Unclaimed:
             return None if claimed is None else claimed.attempt
 
         after = core.settings.redispatch_after.total_seconds() * CLAIM_AT
-        at = time.monotonic() + (sent_at + after - time.time())
+        at = time.monotonic() + (after - age)
         self.deferred: Deferred = core.heartbeat.defer(at, claim)
 
     def claim_now(self) -> int | None:
@@ -179,36 +224,30 @@ class _Unclaimed:
 
 
 def _execute_unclaimed(
-    core: Core, run: Activation, step: NewStep, owner: str, sent_at: float, call: Body | None
+    core: Core,
+    claimed: step_queries.ClaimedStep,
+    owner: str,
+    age: float,
+    call: Body | None,
 ) -> str:
-    options = json.loads(step.options)
-    if options.get("timeout"):  # a deadline is set by the claim
-        return execute_step(core, run.workflow_id, step.seq, call=call)
-    claimed = step_queries.ClaimedStep(
-        workflow_id=run.workflow_id,
-        seq=step.seq,
-        name=step.name,
-        args=json.loads(step.args),
-        kwargs=json.loads(step.kwargs),
-        options=options,
-        attempt=1,
-        rest_wake=run.wake_seq,
-        rest_created_at=run.created_at,
-        run=run,
-    )
+    """Run a first delivery without a claim; ``age``: seconds since its message was sent.
+
+    ``claimed`` carries its run at rest (``run``), for the settle's in-memory replay.
+    """
+    wid = claimed.workflow_id
     core.heartbeat.hold(owner)
     try:
-        unclaimed = _Unclaimed(core, run.workflow_id, step.seq, owner, sent_at)
+        unclaimed = _Unclaimed(core, wid, claimed.seq, owner, age)
         try:
             outcome, leased = _run_claimed(core, claimed, owner, unclaimed, call)
         finally:
             unclaimed.deferred.settle()
     except BaseException:
-        _give_up(core, run.workflow_id, step.seq, owner)
+        _give_up(core, wid, claimed.seq, owner)
         raise
     finally:
         core.heartbeat.release(owner)
-    return _after(core, run.workflow_id, owner, outcome, leased)
+    return _after(core, wid, owner, outcome, leased)
 
 
 def _run_claimed(
@@ -343,10 +382,10 @@ def _settle(
         # Only steps this statement wrote are first dispatches (one already there may have
         # been sent, and run, already).
         first = settled.inserted == len(replayed.effects.schedules)
-        core.histories.keep_advanced(
+        sole = core.histories.keep_advanced(
             run, replayed.steps, replayed.effects.schedules, settled.settled_at, first
         )
-        core.apply_effects(replayed.effects, first=first)
+        core.apply_effects(replayed.effects, first=sole)
     else:
         core.histories.drop(wid)
     if settled.parent is not None:

@@ -348,14 +348,16 @@ def test_a_sequential_run_costs_one_statement_per_step(
             event.remove(engine, "before_cursor_execute", record)
         stop_counting()
     claims = [s for s in seen if "SET status = 'started'" in s]
+    reads = [s for s in seen if s == step_queries._READ_FIRST.text]
     settles = [s for s in seen if "AS settled_attempts" in s]
     # The first step is scheduled by the start's own statement (an eager start, the
-    # default), and claimed by the worker, which did not schedule it; every other step is
-    # scheduled by a settle in the process that runs it, so it runs unclaimed; the last
-    # settle ends the run: no activation, no finish statement.
-    assert len(claims) == 1 and len(settles) == 20
+    # default); the worker did not schedule it, so it reads it (a first dispatch, the run's
+    # one step: it runs unclaimed, no claim). Every other step is scheduled by a settle in
+    # the process that runs it, which kept the history: it runs unclaimed with no read. The
+    # last settle ends the run: no activation, no finish statement.
+    assert len(claims) == 0 and len(reads) == 1 and len(settles) == 20
     start = [s for s in seen if "INSERT INTO durable_workflows" in s]
-    others = [s for s in seen if s not in claims and s not in settles and s not in start]
+    others = [s for s in seen if s not in reads and s not in settles and s not in start]
     assert len(start) == 1 and len(others) == 0, others
     run = query(database_url, "SELECT status, result, lease_owner FROM durable_workflows")[0]
     assert (run.status, run.result, run.lease_owner) == ("completed", 20, None)

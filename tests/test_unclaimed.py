@@ -1,16 +1,19 @@
-"""Steps run without a claim on their first delivery to the process that scheduled them.
+"""Steps run without a claim on the first delivery of their only copy.
 
-See ``durable.runner``: such a step is settled from ``scheduled`` in one statement, claimed
-by the heartbeat thread if its body is still running half-way to ``redispatch_after``, and
-claimed before a failure is handled. Every other delivery claims first, as before.
+See ``durable.runner``: in the process that scheduled it, or after one read elsewhere, such a
+step is settled from ``scheduled`` in one statement, claimed by the heartbeat thread if its
+body is still running half-way to ``redispatch_after``, and claimed before a failure is
+handled. Every other delivery claims first, as before.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -25,6 +28,7 @@ from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
 from durable.store.records import StepRecord
 from durable.store.runs import Activation
+from durable.store.statement import on_statement
 from tests.conftest import (
     HISTORY_ROWS,
     Background,
@@ -198,10 +202,12 @@ def test_a_first_step_runs_unclaimed_unless_the_activation_did_more(
     assert execute_step(durable, "unc-7", 1, fresh=time.time()) == "completed"
     assert started("unc-7", 1)["unclaimed"] is True
     assert durable.run("unc-7").result(timeout=5) == 1
-    # A local step recorded in the same activation: its history is not the one it read.
+    # A local step recorded in the same activation: its history is not the one it read, so
+    # the step is not kept, and its message does not say it may run unclaimed.
     durable.start("wf.unclaimed.local_first", workflow_id="unc-8")
     assert activate(durable, "unc-8") == "suspended"
-    assert execute_step(durable, "unc-8", 2, fresh=time.time()) == "completed"
+    assert durable.histories.take_fresh("unc-8", 2) is None
+    assert execute_step(durable, "unc-8", 2) == "completed"
     assert "unclaimed" not in started("unc-8", 2)
     assert durable.run("unc-8").result(timeout=5) == 2
 
@@ -375,3 +381,139 @@ def test_a_long_unclaimed_step_is_claimed_before_it_would_be_sent_again(
         "step started",
         "step completed",
     ]
+
+
+def _elsewhere(durable: Durable) -> None:
+    """Forget what this process kept: as if the next delivery reached another process."""
+    durable._histories = HistoryCache(durable.settings.history_cache_size)
+
+
+def _sent(statements: list[str]) -> Callable[[], None]:
+    return on_statement(lambda clause, seconds: statements.append(clause.text))
+
+
+def test_a_first_delivery_to_another_process_reads_the_step_instead_of_claiming_it(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """Another prefork child, say: one read (no write, no lease), then the one settle."""
+
+    @app.task(name="t.hop", shared=False)
+    def hop(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.unclaimed.elsewhere")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(hop, ctx.step(hop, ctx.step(hop, 0))))
+
+    durable.start("wf.unclaimed.elsewhere", workflow_id="unc-10")
+    assert activate(durable, "unc-10") == "suspended"
+    assert execute_step(durable, "unc-10", 1) == "completed"  # claimed; schedules step 2
+    _elsewhere(durable)
+    statements: list[str] = []
+    stop = _sent(statements)
+    try:
+        assert execute_step(durable, "unc-10", 2, fresh=time.time()) == "completed"
+    finally:
+        stop()
+    assert statements == [step_queries._READ_FIRST.text, step_queries._SETTLE.text]
+    (start,) = query(
+        database_url,
+        "SELECT detail FROM " + HISTORY_ROWS + " WHERE workflow_id = 'unc-10' AND seq = 2 "
+        "AND event = 'step started'",
+    )
+    assert start.detail["unclaimed"] is True and start.detail["attempt"] == 1
+    # The read's history was the run's: the settle advanced it as the claim's would.
+    _elsewhere(durable)
+    assert execute_step(durable, "unc-10", 3, fresh=time.time()) == "completed"
+    assert durable.run("unc-10").result(timeout=5) == 3
+
+
+def _two_step_run(durable: Durable, app: Celery, wid: str) -> None:
+    """A run of two steps at rest on its second, scheduled by a settle elsewhere."""
+
+    @app.task(name="t.twice", shared=False)
+    def twice(x: int) -> int:
+        return x * 2
+
+    @durable.workflow("wf.unclaimed.two")
+    def wf(ctx: Any) -> int:
+        return int(ctx.step(twice, ctx.step(twice, 1)))
+
+    durable.start("wf.unclaimed.two", workflow_id=wid)
+    assert activate(durable, wid) == "suspended"
+    assert execute_step(durable, wid, 1) == "completed"
+    _elsewhere(durable)
+
+
+@pytest.mark.parametrize(
+    ("case", "change"),
+    [
+        ("sent again", "UPDATE durable_steps SET dispatch_count = 2 WHERE workflow_id = :w"),
+        (
+            "sent too long ago",
+            "UPDATE durable_steps SET dispatched_at = now() - interval '4 seconds'"
+            " WHERE workflow_id = :w AND seq = 2",
+        ),
+        ("its run woken", "UPDATE durable_workflows SET wake_seq = wake_seq + 1 WHERE id = :w"),
+        (
+            "its run leased",
+            "UPDATE durable_workflows SET lease_owner = 'other#1',"
+            " lease_expires_at = now() + interval '1 minute' WHERE id = :w",
+        ),
+        (
+            "its run being cancelled",
+            "UPDATE durable_workflows SET cancel_requested = true WHERE id = :w",
+        ),
+        ("its run paused", "UPDATE durable_workflows SET paused = true WHERE id = :w"),
+        (
+            "a timeout",
+            "UPDATE durable_steps SET options = options || '{\"timeout\": 30}'"
+            " WHERE workflow_id = :w AND seq = 2",
+        ),
+    ],
+)
+def test_a_first_delivery_elsewhere_is_claimed_unless_it_is_the_only_copy(
+    durable: Durable, app: Celery, database_url: str, case: str, change: str
+) -> None:
+    """Each condition of the read, seen refusing: the step is claimed instead."""
+    wid = f"unc-11-{case.replace(' ', '-')}"
+    _two_step_run(durable, app, wid)
+    with durable.connect() as conn:
+        conn.execute(text(change), {"w": wid})
+        found = step_queries.read_first_step(conn, wid, 2, window=3.0)
+    assert found is None, case
+    # The claim path records the start as a claimed one (or leaves a leased run alone).
+    statements: list[str] = []
+    stop = _sent(statements)
+    try:
+        execute_step(durable, wid, 2, fresh=time.time())
+    finally:
+        stop()
+    assert step_queries._CLAIM.text in statements, case
+
+
+def test_a_step_of_a_parallel_batch_elsewhere_is_claimed(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """Not its run's one open position: its sibling may settle meanwhile."""
+
+    @app.task(name="t.part", shared=False)
+    def part(x: int) -> int:
+        return x
+
+    @durable.workflow("wf.unclaimed.batch")
+    def wf(ctx: Any) -> int:
+        return sum(ctx.parallel([part.s(1), part.s(2)]))
+
+    durable.start("wf.unclaimed.batch", workflow_id="unc-12")
+    assert activate(durable, "unc-12") == "suspended"
+    _elsewhere(durable)
+    with durable.connect() as conn:
+        assert step_queries.read_first_step(conn, "unc-12", 1, 3.0) is not None  # the SQL allows it
+    assert execute_step(durable, "unc-12", 1, fresh=time.time()) == "completed"
+    (start,) = query(
+        database_url,
+        "SELECT detail FROM " + HISTORY_ROWS + " WHERE workflow_id = 'unc-12' AND seq = 1 "
+        "AND event = 'step started'",
+    )
+    assert "unclaimed" not in start.detail

@@ -248,6 +248,92 @@ def claim_step(
     )
 
 
+@dataclass(frozen=True)
+class FirstStep:
+    """A step's first dispatch as :func:`read_first_step` found it, fit to run unclaimed."""
+
+    step: ClaimedStep
+    """The step as written (``attempt`` 1), its run at rest (``run``, or only ``rest_wake``
+    when the caller holds that history), as a claim with ``with_history`` returns it."""
+    age: float
+    """Seconds since its dispatch, by PostgreSQL's clock (the one the sweep measures by)."""
+
+
+# A first delivery that did not reach the process that scheduled its step reads the step
+# instead of claiming it: a read writes nothing (no row, no WAL, no lease). It finds the step
+# only if it may run unclaimed (``durable.runner``): never claimed, sent once (so the message
+# is the only copy) and within the window, its run at rest, not paused or being cancelled,
+# and the step plain (no timeout, whose deadline the claim sets; no limit, whose slot it
+# holds). The history is read as the claim reads it, in the statement's one snapshot.
+_READ_FIRST = statement(
+    """
+    SELECT st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options,
+           CAST(extract(epoch FROM now() - st.dispatched_at) AS float8) AS age,
+           w.id, w.name AS run_name, w.args AS run_args, w.kwargs AS run_kwargs,
+           w.wake_seq + w.advances AS snapshot_wake_seq, w.created_at, w.cancel_requested,
+           w.cancelled_at_seq, w.patches, w.trace_context AS run_trace,
+           CASE WHEN w.wake_seq + w.advances IS DISTINCT FROM CAST(:cached_wake AS bigint) THEN """
+    + HISTORY_JSON
+    + """ END AS steps
+      FROM durable_steps st JOIN durable_workflows w ON w.id = st.workflow_id
+     WHERE st.workflow_id = :wid AND st.seq = :seq AND st.status = 'scheduled'
+       AND st.attempts = 0 AND st.dispatch_count = 1 AND st.kind = 'task'
+       AND st.dispatched_at > now() - make_interval(secs => :window)
+       AND NOT (st.options ? 'timeout' OR st.options ? 'limit')
+       AND (w.status = 'running') IS TRUE AND NOT w.paused AND NOT w.cancel_requested
+       AND w.run_seq = w.wake_seq AND (w.lease_owner IS NULL OR w.lease_expires_at < now())
+    """
+)
+
+
+def read_first_step(
+    conn: Connection, wid: str, seq: int, window: float, cached_wake: int | None = None
+) -> FirstStep | None:
+    """Step ``seq`` of ``wid`` and its run at rest, if its first dispatch may run unclaimed.
+
+    None when it may not (claimed, sent again or ``window`` seconds ago or more, its run
+    woken, leased, paused or being cancelled, or the step carries a timeout or a limit): the
+    caller claims it as any other delivery. The history is left out (``run`` None) when the
+    run is at ``cached_wake``.
+    """
+    params = {"wid": wid, "seq": seq, "window": window, "cached_wake": cached_wake}
+    row = first_row(conn, _READ_FIRST, params)
+    if row is None:
+        return None
+    run = None
+    if row.steps is not None:
+        run = activation_from_row(
+            SimpleNamespace(
+                id=row.id,
+                name=row.run_name,
+                args=row.run_args,
+                kwargs=row.run_kwargs,
+                snapshot_wake_seq=row.snapshot_wake_seq,
+                created_at=row.created_at,
+                steps=row.steps,
+                cancel_requested=row.cancel_requested,
+                cancelled_at_seq=row.cancelled_at_seq,
+                patches=row.patches,
+                trace_context=row.run_trace,
+            )
+        )
+    step = ClaimedStep(
+        workflow_id=row.workflow_id,
+        seq=row.seq,
+        name=row.name,
+        args=row.args if row.args is not None else [],
+        kwargs=row.kwargs if row.kwargs is not None else {},
+        options=dict(row.options or {}),
+        attempt=1,
+        rest_wake=row.snapshot_wake_seq,
+        rest_created_at=row.created_at,
+        run=run,
+        workflow_name=row.run_name,
+        trace_context=row.run_trace or None,
+    )
+    return FirstStep(step, float(row.age))
+
+
 # A paused run neither advances nor is taken: the settle records the step's outcome and the
 # wake-up, which the activation that ``durable unpause`` sends replays.
 _ADVANCE = """(wake_seq + advances = :expect_wake AND run_seq = wake_seq AND NOT paused
