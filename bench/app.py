@@ -12,7 +12,8 @@ parts: ``bench.local`` (local steps), ``bench.nap`` (one sleep: timer lateness),
 
 The worker process counts and times the SQL statements durable sends (SQLAlchemy events,
 in-memory counters); the task ``bench.flush`` reports and resets them, and closes the
-process's pooled connections so that PostgreSQL publishes their statistics.
+process's pooled connections so that PostgreSQL publishes their statistics. It also stamps
+the time each run-ending settle returned (:func:`stamp_ends`).
 
 Everything is keyed under ``BENCH_PREFIX``: broker queues, results, durable's Redis keys.
 """
@@ -71,6 +72,27 @@ def statement_label(context: Any, statement: str) -> str:
     if known:
         return known
     return re.sub(r"\s+", " ", statement).strip()[:48]
+
+
+def ended_key(prefix: str) -> str:
+    """Where the worker sets the time (epoch) at which its last run-ending settle returned."""
+    return f"{prefix}:bench:ended"
+
+
+def stamp_ends(redis_url: str, prefix: str) -> None:
+    """Set :func:`ended_key` each time a settle that ends a run returns: its commit is done.
+
+    The bench times ``run.result()`` from there as well as from the ending transaction's
+    clock, which PostgreSQL reads before the commit and its WAL flush.
+    """
+    client = redis.Redis.from_url(redis_url)
+    key = ended_key(prefix)
+
+    def sent(clause: TextClause, elapsed: float) -> None:
+        if clause is steps._SETTLE_END:
+            client.set(key, repr(time.time()))
+
+    store_statement.on_statement(sent)
 
 
 def count_statements() -> None:
@@ -187,6 +209,7 @@ def build(
 
 if os.environ.get(PREFIX_ENV):
     count_statements()
+    stamp_ends(os.environ["DURABLE_REDIS_URL"], os.environ[PREFIX_ENV])
     app, durable, add = build(
         os.environ["DURABLE_DATABASE_URL"],
         os.environ["DURABLE_REDIS_URL"],

@@ -14,7 +14,7 @@ import redis
 from celery import Celery, Task
 
 from bench import common
-from bench.app import PREFIX_ENV, build
+from bench.app import PREFIX_ENV, build, ended_key
 from bench.common import BenchError, console, psycopg_url
 from durable import Durable
 from durable.dev.services import Services, create_database, drop_database
@@ -71,6 +71,11 @@ class Bench:
         self._durable: Durable | None = None
         self._activated: Durable | None = None
         self._add: Task | None = None
+
+    @property
+    def ended_key(self) -> str:
+        """The Redis key where the worker sets the time its last run-ending settle returned."""
+        return ended_key(self.prefix)
 
     @property
     def app(self) -> Celery:

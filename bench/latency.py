@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import psutil
 import psycopg
@@ -57,7 +58,11 @@ class Samples:
     durable_result: dict[int, list[float]] = field(default_factory=dict)
     """Until ``run.result()`` returned in the caller (which waited from its start)."""
     result_wait: list[float] = field(default_factory=list)
-    """Seconds from the commit that ended a run to its ``run.result()`` returning."""
+    """Seconds from the ending transaction's clock (before its commit and WAL flush) to the
+    run's ``run.result()`` returning."""
+    result_wait_acked: list[float] = field(default_factory=list)
+    """Seconds from the worker's ending statement returning (its commit done and flushed)
+    to the run's ``run.result()`` returning."""
     local: list[float] = field(default_factory=list)
 
     def add(self, kind: str, n: int, seconds: float) -> None:
@@ -157,20 +162,35 @@ def backend(bench: Bench, n: int) -> float:
     return elapsed
 
 
+class DurableRun(NamedTuple):
+    """Seconds from the start of one run to each of its moments."""
+
+    last: float
+    """Its last step pushed its time."""
+    done: float
+    """The ending transaction read the server's clock (before its commit and WAL flush)."""
+    returned: float
+    """``run.result()`` returned in the caller."""
+    acked: float | None
+    """The worker's ending statement returned: its commit done (None if it was not seen)."""
+
+
 def durable_run(
     bench: Bench,
     n: int,
     check: bool = True,
     activated: bool = False,
     workflow: str = STEPS_WORKFLOW,
-) -> tuple[float, float, float]:
-    """The workflow: (its last step has pushed, its result is committed, result() returned).
+) -> DurableRun:
+    """The workflow, timed to each moment of :class:`DurableRun`.
 
     The caller waits in ``run.result()`` from the start (with ``check`` the value is
     checked); the commit is the server's clock in the ending transaction (the bench's
-    NOTIFY). With ``activated`` it is started with ``eager_start`` off.
+    NOTIFY); the acknowledgement is the time the worker's ending settle returned
+    (``bench.app``). With ``activated`` it is started with ``eager_start`` off.
     """
     key = bench.key()
+    bench.redis.delete(bench.ended_key)
     started = time.time()
     run = (bench.activated if activated else bench.durable).start(workflow, n, key)
     value = run.result(timeout=bench.left(RUN_TIMEOUT))
@@ -178,9 +198,15 @@ def durable_run(
     bench.wait_finished([run.id])
     committed = bench.ended_at.pop(run.id)
     last_step = float(bench.blpop(key))
+    acked = bench.redis.get(bench.ended_key)
     if check and value != n:
         raise BenchError(f"the workflow of {n} steps returned {value!r}")
-    return last_step - started, committed - started, returned - started
+    return DurableRun(
+        last_step - started,
+        committed - started,
+        returned - started,
+        None if acked is None else float(acked) - started,
+    )
 
 
 def local_run(bench: Bench, n: int) -> float:
@@ -222,11 +248,13 @@ def measure(bench: Bench, samples: Samples) -> None:
 
 
 def _add_durable(bench: Bench, samples: Samples, n: int) -> None:
-    last, done, returned = durable_run(bench, n)
-    samples.add("durable_last", n, last)
-    samples.add("durable_done", n, done)
-    samples.add("durable_result", n, returned)
-    samples.result_wait.append(returned - done)
+    run = durable_run(bench, n)
+    samples.add("durable_last", n, run.last)
+    samples.add("durable_done", n, run.done)
+    samples.add("durable_result", n, run.returned)
+    samples.result_wait.append(run.returned - run.done)
+    if run.acked is not None:
+        samples.result_wait_acked.append(run.returned - run.acked)
 
 
 def count(bench: Bench) -> Counts:
