@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from durable.store.statement import statement
+from durable.store.statement import first_row, statement
 
 # Only under the run's lease (``lease_owner = :owner``): an activation that stalled while the
 # local step ran and whose run another activation took over must not record its outcome.
@@ -65,7 +65,8 @@ def record_local(
         "status": status,
         "event": event,
     }
-    return conn.execute(_LOCAL, params).scalar()
+    row = first_row(conn, _LOCAL, params)
+    return None if row is None else row[0]
 
 
 _SLEEP = statement(

@@ -17,6 +17,8 @@ from durable.store.statement import (
     first_row,
     insert_new_steps,
     new_step_values,
+    one_row,
+    row_count,
     statement,
 )
 
@@ -111,7 +113,8 @@ def insert_run(
         "rows": steps or "[]",
         "attributes": attributes,
     }
-    row = conn.execute(_INSERT, params).one()
+    # On the driver's cursor (``first_row``): a start's one statement, as hot as a step's.
+    row = one_row(conn, _INSERT, params)
     timer = (int(row.timer_id), row.fire_at.timestamp()) if row.timer_id else None
     return Inserted(bool(row.created), timer)
 
@@ -322,7 +325,7 @@ _ACQUIRE = statement(
 
 def acquire(conn: Connection, workflow_id: str, owner: str, ttl: float) -> Activation | None:
     """Take the run's lease and load its history; None if another process holds it."""
-    row = conn.execute(_ACQUIRE, {"id": workflow_id, "owner": owner, "ttl": ttl}).first()
+    row = first_row(conn, _ACQUIRE, {"id": workflow_id, "owner": owner, "ttl": ttl})
     return None if row is None else activation_from_row(row)
 
 
@@ -360,7 +363,7 @@ _RELEASE = statement(
 def release(conn: Connection, workflow_id: str, owner: str, wake_seq: int) -> bool:
     """Give the lease back; False when the run was woken meanwhile (replay again)."""
     params = {"id": workflow_id, "owner": owner, "wake_seq": wake_seq}
-    return conn.execute(_RELEASE, params).rowcount == 1
+    return row_count(conn, _RELEASE, params) == 1
 
 
 _LET_GO = statement(
@@ -377,7 +380,7 @@ def let_go(conn: Connection, workflow_id: str, owner: str) -> bool:
     For an activation that cannot replay again (the run was paused while it replayed): the
     run stays owed, and whoever unpauses it finds the lease free.
     """
-    return conn.execute(_LET_GO, {"id": workflow_id, "owner": owner}).rowcount == 1
+    return row_count(conn, _LET_GO, {"id": workflow_id, "owner": owner}) == 1
 
 
 # What a run's end does besides marking the run, as CTEs for the statement that ends it
@@ -475,7 +478,7 @@ def finish(
         "end_result": result,
         "end_error": error,
     }
-    row = conn.execute(_FINISH, params).one()
+    row = one_row(conn, _FINISH, params)
     limit = (row.limit_name, row.limit_key) if row.limit_name is not None else None
     return Finished(bool(row.finished), row.parent_id, row.parent_name, limit)
 

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, Row, select
 
 from durable.store.models import events, signals
 from durable.store.notices import EVENT, notify_sql
-from durable.store.statement import statement
+from durable.store.statement import first_row, one_row, statement
 
 # Kept and woken in one statement: a signal sent while no worker runs at all is in PostgreSQL,
 # and the run owes an activation (wake_seq > run_seq) that the recovery sweep will send.
@@ -77,7 +77,7 @@ def send_signal(
         "max_total": max_total,
         "max_per_minute": max_per_minute,
     }
-    row = conn.execute(_SEND, params).one()
+    row = one_row(conn, _SEND, params)
     total, last_minute = int(row.total or 0), int(row.last_minute or 0)
     return Sent(row.status, row.signal_id, total, last_minute, row.workflow)
 
@@ -221,7 +221,8 @@ _SET_EVENT = statement(
 
 def set_event(conn: Connection, wid: str, seq: int, key: str, value: str) -> Any:
     """Publish ``key`` (value as JSON text) at position ``seq``; returns its commit time."""
-    return conn.execute(_SET_EVENT, {"wid": wid, "seq": seq, "key": key, "value": value}).scalar()
+    row = first_row(conn, _SET_EVENT, {"wid": wid, "seq": seq, "key": key, "value": value})
+    return None if row is None else row[0]
 
 
 def get_event(conn: Connection, wid: str, key: str) -> Row[Any] | None:

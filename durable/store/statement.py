@@ -20,7 +20,8 @@ from sqlalchemy import Connection, TextClause, text
 from sqlalchemy.exc import DBAPIError
 
 StatementHook = Callable[[TextClause, float], None]
-"""Called with a statement sent by :func:`first_row` and the seconds until its reply."""
+"""Called with a statement sent by :func:`first_row` (or :func:`row_count`) and the seconds
+until its reply."""
 
 _hooks: list[StatementHook] = []
 _compiled: dict[int, tuple[TextClause, str]] = {}
@@ -79,14 +80,32 @@ def insert_new_steps(workflow_id: str, source: str = "", tail: str = "") -> str:
 def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -> Any | None:
     """The first row of ``clause`` (or None), sent straight on ``conn``'s psycopg cursor.
 
-    For the statements every step sends (its claim, its settle), on autocommit connections
-    (others go through ``conn.execute``): SQLAlchemy's execution and result objects cost
-    about 100 µs of CPU per statement here, as much as the rest of the client's side. The
-    row has the columns as attributes, as SQLAlchemy's would. A failure is raised as
-    SQLAlchemy's exception of the same kind (``OperationalError`` with the connection
-    invalidated when it was lost), so retries treat it alike. SQLAlchemy's
-    ``*_cursor_execute`` events do not see these statements: :func:`on_statement` does.
+    For the statements of the hot paths (a step's claim, read and settle, a start, an
+    activation's lease and release, a local step), on autocommit connections (others go
+    through ``conn.execute``): SQLAlchemy's execution and result objects cost about 100 µs
+    of CPU per statement here, as much as the rest of the client's side. The row has the
+    columns as attributes, as SQLAlchemy's would. A failure is raised as SQLAlchemy's
+    exception of the same kind (``OperationalError`` with the connection invalidated when
+    it was lost), so retries treat it alike. SQLAlchemy's ``*_cursor_execute`` events do
+    not see these statements: :func:`on_statement` does.
     """
+    return _send(conn, clause, params, rows=True)
+
+
+def one_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -> Any:
+    """The one row of a statement that always returns one, sent as :func:`first_row` sends it."""
+    row = first_row(conn, clause, params)
+    if row is None:
+        raise RuntimeError(f"durable: a statement returned no row: {clause.text[:60]!r}")
+    return row
+
+
+def row_count(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -> int:
+    """The number of rows ``clause`` changed, sent as :func:`first_row` sends it."""
+    return int(_send(conn, clause, params, rows=False))
+
+
+def _send(conn: Connection, clause: TextClause, params: Mapping[str, Any], rows: bool) -> Any:
     key = id(clause)
     entry = _compiled.get(key)
     if entry is None or entry[0] is not clause:
@@ -95,12 +114,17 @@ def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -
     driver = conn.connection.driver_connection
     if not isinstance(driver, psycopg.Connection) or not driver.autocommit:
         # Inside a transaction SQLAlchemy must see the statement (it commits or rolls back).
-        return conn.execute(clause, params).first()
+        result = conn.execute(clause, params)
+        return result.first() if rows else result.rowcount
     sent = time.perf_counter()
+    found: Any
     try:
         with driver.cursor(row_factory=namedtuple_row) as cursor:
             cursor.execute(sql, params)
-            row = cursor.fetchone() if cursor.description is not None else None
+            if rows:
+                found = cursor.fetchone() if cursor.description is not None else None
+            else:
+                found = cursor.rowcount
     except psycopg.Error as exc:
         lost = driver.closed or driver.broken
         if lost:
@@ -117,13 +141,14 @@ def first_row(conn: Connection, clause: TextClause, params: Mapping[str, Any]) -
         seconds = time.perf_counter() - sent
         for hook in list(_hooks):
             hook(clause, seconds)
-    return row
+    return found
 
 
 def on_statement(hook: StatementHook) -> Callable[[], None]:
-    """Call ``hook`` after each statement :func:`first_row` sends; returns its remover.
+    """Call ``hook`` after each statement sent on the driver's cursor; returns its remover.
 
-    For measurements (the benchmarks and tests count the statements of the step path).
+    The statements of :func:`first_row` and :func:`row_count`. For measurements (the
+    benchmarks and tests count the statements of the step path).
     """
     _hooks.append(hook)
     return lambda: _hooks.remove(hook)
