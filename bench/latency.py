@@ -36,6 +36,7 @@ from bench.app import LIMITED_WORKFLOW, LOCAL_WORKFLOW, STEPS_WORKFLOW
 from bench.common import BenchError, psycopg_url
 from bench.harness import RUN_TIMEOUT, Bench
 from durable.store import engine as store_engine
+from durable.store import runs as run_queries
 
 SIZES = ((1, 5), (10, 5), (100, 3))  # (steps per run, measured runs after the warm-up)
 LOCAL_STEPS, LOCAL_RUNS = 200, 3
@@ -102,6 +103,9 @@ class Counts:
     """Their total time in the worker, from sending each one to having its result."""
     tables: dict[str, TableWrites] = field(default_factory=dict)
     """Rows written over the run, by table (those with any)."""
+    round_trips: dict[float, float] = field(default_factory=dict)
+    """Median seconds of one result read (``run.result()``'s statement, from the caller),
+    by the seconds the connection sat idle before it (:func:`idle_round_trips`)."""
 
     @property
     def updates(self) -> int:
@@ -281,7 +285,39 @@ def count(bench: Bench) -> Counts:
     written = {name: now[name] - tables.get(name, TableWrites()) for name in now}
     written = {name: table for name, table in written.items() if table.rows}
     rows = sum(table.rows for table in written.values())
-    return Counts(after - before, rows, wal, cpu, ours, statements, seconds, written)
+    trips = idle_round_trips(bench)
+    return Counts(after - before, rows, wal, cpu, ours, statements, seconds, written, trips)
+
+
+IDLE = (0.0, 0.002, 0.010)  # seconds a connection sits idle before a timed statement
+IDLE_READS = 200
+
+
+def idle_round_trips(bench: Bench) -> dict[float, float]:
+    """One statement's time after the connection (and its server process) sat idle.
+
+    The statement ``run.result()`` sends once notified (``runs.get_outcome``, one row by its
+    key, prepared), through durable's pool, after sleeping each of ``IDLE``: a step, a start
+    or a result wait meets its connection idle for about that long between two statements.
+    """
+    wid = bench.sql("SELECT id FROM durable_workflows LIMIT 1")[0][0]
+    core = bench.durable
+
+    def read() -> None:
+        core.store(lambda c: run_queries.get_outcome(c, wid))
+
+    for _ in range(20):  # the pool's connection, the prepared statement
+        read()
+    found: dict[float, float] = {}
+    for idle in IDLE:
+        times = []
+        for _ in range(IDLE_READS):
+            time.sleep(idle)
+            began = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - began)
+        found[idle] = float(statistics.median(times))
+    return found
 
 
 def _table_writes(bench: Bench) -> dict[str, TableWrites]:

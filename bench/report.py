@@ -191,6 +191,17 @@ def report_counts(counts: Counts) -> None:
         table.add_row(label, str(number), f"{number / lat.COUNT_STEPS:.2f}", f"{ms:.2f}")
     console.print(table)
     report_table_writes(counts)
+    if counts.round_trips:
+        trips = ", ".join(
+            f"{ms * 1000:.2f} ms after {idle * 1000:g} ms idle"
+            for idle, ms in counts.round_trips.items()
+        )
+        console.print(
+            f"(f) One statement's round trip (the result read, one row by its key, prepared,"
+            f" from the caller; median of {lat.IDLE_READS}): {trips}. Every statement of a"
+            " step, a start or a result wait meets a connection and a server process that"
+            " sat idle."
+        )
 
 
 def report_table_writes(counts: Counts) -> None:
