@@ -51,6 +51,7 @@ from durable.scheduler import (
     schedule_settings,
 )
 from durable.store import admin as admin_queries
+from durable.store import engine as store_engine
 from durable.store import limits as limit_queries
 from durable.store import recovery, run_limits
 from durable.store import schedules as schedule_queries
@@ -146,8 +147,14 @@ class Beat:
         except DurableError as exc:  # a known condition (store unreachable): one line
             log.error("durable beat: iteration failed (%s); retrying", exc)
             return False
-        except Exception:
-            log.exception("durable beat: iteration failed; retrying")
+        except Exception as exc:
+            if not store_engine.is_connection_failure(exc):
+                log.exception("durable beat: iteration failed; retrying")
+                return False
+            # PostgreSQL went away under a statement sent outside the store's retries (the
+            # sweep's reads): the same one line as StoreUnavailable, not a traceback.
+            lost = store_engine.unavailable(self.durable.settings.database_url, exc)
+            log.error("durable beat: iteration failed (%s); retrying", lost)
             return False
         return True
 

@@ -258,3 +258,7 @@ def test_a_postgres_crash_mid_run_loses_no_committed_step_and_runs_none_again(
     for child in [*stage.workers, stage.beat]:
         assert child.alive, f"{child.name} exited:\n{child.log_tail()}"
         assert child.proc is not None and child.proc.pid == pids[child.name]
+    # The beat reported the outage in one line per failed iteration, not a traceback.
+    beat_log = stage.beat.log_path.read_text(errors="replace")
+    assert "durable beat: iteration failed" in beat_log
+    assert "Traceback" not in beat_log, beat_log[-3000:]

@@ -286,5 +286,13 @@ def with_retry(url: str, fn: Callable[[], T], attempts: int = 3, delay: float = 
             last = exc
         if attempt + 1 < attempts:
             time.sleep(delay * (2**attempt))
-    cause = str(getattr(last, "orig", last) or last).strip().splitlines()[0]
-    raise StoreUnavailable(redact(url), redaction.redact_text(cause, [url]))
+    raise unavailable(url, last)
+
+
+def unavailable(url: str, exc: BaseException | None) -> StoreUnavailable:
+    """The one-line :class:`StoreUnavailable` for a connection failure ``exc`` on ``url``.
+
+    Its first line only, with the URL's password redacted wherever it appears.
+    """
+    cause = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+    return StoreUnavailable(redact(url), redaction.redact_text(cause, [url]))
