@@ -11,7 +11,10 @@ the run's version, ``wake_seq + advances`` (see ``durable.store.steps``): a sett
 advanced the run counts in ``advances``.
 
 Bounded by ``Settings.history_cache_size`` runs, least recently used first out; a prefork
-worker keeps one cache per child process. A kept history is never trusted on its own: the
+worker keeps one cache per child process. A kept run that a read returned with its
+``wake_seq`` alone (``Activation.woken``) also lets a later read of that run return only the
+positions its advances can have changed (:func:`first_open` on), when it was not woken
+since (see ``durable.store.steps.read_first_step``). A kept history is never trusted on its own: the
 claim's wake counter decides, and the settle checks the run again under its row lock.
 
 When a settle (or an activation that did nothing else) scheduled exactly one step and left
@@ -44,6 +47,11 @@ class HistoryCache:
         self._runs: OrderedDict[str, Activation] = OrderedDict()
         self._fresh: dict[str, NewStep] = {}
         self._lock = threading.Lock()  # a threads pool settles steps concurrently
+
+    def held(self, workflow_id: str) -> Activation | None:
+        """The kept run of ``workflow_id`` as it is, if any (its use is checked by the caller)."""
+        with self._lock:
+            return self._runs.get(workflow_id)
 
     def wake_of(self, workflow_id: str) -> int | None:
         """The wake counter the kept history of ``workflow_id`` is valid at, if any."""
@@ -149,6 +157,16 @@ class HistoryCache:
         with self._lock:
             self._runs.pop(workflow_id, None)
             self._fresh.pop(workflow_id, None)
+
+
+def first_open(steps: list[StepRecord]) -> int:
+    """The lowest position of ``steps`` not over (past the last if every one is).
+
+    Positions below it are settled, and a settle never changes a settled position: from
+    there on is all that the run's advances can have changed since ``steps`` was read.
+    """
+    open_positions = [r.seq for r in steps if r.status not in _SETTLED]
+    return min(open_positions, default=max((r.seq for r in steps), default=0) + 1)
 
 
 def alone(steps: list[StepRecord], seq: int) -> bool:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from durable import activation, tracing
 from durable.core import limit_key
 from durable.errors import CodecUnavailable, StoreError, TaskExpired
-from durable.histories import alone
+from durable.histories import alone, first_open
 from durable.retry import NO_RETRY, is_retryable, next_attempt
 from durable.serialization import describe_exception, mask_error
 from durable.step_info import StepInfo, step_context
@@ -154,15 +154,21 @@ def _read_first(core: Core, wid: str, seq: int) -> tuple[step_queries.ClaimedSte
     is. Its age comes from PostgreSQL's clock, so the sender's clock does not matter. None:
     the step is claimed as any other delivery.
     """
-    cached = core.histories.wake_of(wid)
+    kept = core.histories.held(wid)
+    held = None
+    if kept is not None:
+        held = step_queries.Held(kept.wake_seq, kept.woken, kept.created_at, first_open(kept.steps))
     window = core.settings.redispatch_after.total_seconds() * UNCLAIMED_WINDOW
-    found = core.store(lambda c: step_queries.read_first_step(c, wid, seq, window, cached))
+    found = core.store(lambda c: step_queries.read_first_step(c, wid, seq, window, held))
     if found is None:
         return None
     step = found.step
     run = step.run
     if run is None and step.rest_wake is not None and step.rest_created_at is not None:
         run = core.histories.get(wid, step.rest_wake, step.rest_created_at)
+    elif run is not None and found.since is not None and kept is not None:
+        # Only advances since the kept history: it stands below ``since``, the read has the rest.
+        run = replace(run, steps=[r for r in kept.steps if r.seq < found.since] + run.steps)
     if run is None or not alone(run.steps, seq):
         return None
     return replace(step, run=run), found.age

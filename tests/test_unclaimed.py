@@ -22,7 +22,7 @@ from sqlalchemy import text
 from durable import Durable, RetryPolicy, current_step
 from durable.activation import activate
 from durable.beat import Beat
-from durable.histories import HistoryCache
+from durable.histories import HistoryCache, first_open
 from durable.liveness import Heartbeat
 from durable.runner import execute_step, first_delivery
 from durable.store import steps as step_queries
@@ -517,3 +517,59 @@ def test_a_step_of_a_parallel_batch_elsewhere_is_claimed(
         "AND event = 'step started'",
     )
     assert "unclaimed" not in start.detail
+
+
+def test_a_read_elsewhere_returns_only_what_advances_changed_since_the_kept_history(
+    durable: Durable, app: Celery, database_url: str
+) -> None:
+    """Prefork children take turns: one holds the run a few advances old, and reads the rest."""
+
+    @app.task(name="t.inc", shared=False)
+    def inc(x: int) -> int:
+        return x + 1
+
+    @durable.workflow("wf.unclaimed.turns")
+    def wf(ctx: Any) -> int:
+        x = 0
+        for _ in range(4):
+            x = ctx.step(inc, x)
+        return x
+
+    durable.start("wf.unclaimed.turns", workflow_id="unc-13")
+    assert activate(durable, "unc-13") == "suspended"
+    _elsewhere(durable)
+    assert execute_step(durable, "unc-13", 1, fresh=time.time()) == "completed"  # read, kept
+    first_child = durable._histories
+    _elsewhere(durable)
+    assert execute_step(durable, "unc-13", 2, fresh=time.time()) == "completed"  # the other
+    durable._histories = first_child  # holds the run as it was after step 1
+    kept = first_child.held("unc-13")
+    assert kept is not None and kept.woken is not None
+    held = step_queries.Held(kept.wake_seq, kept.woken, kept.created_at, first_open(kept.steps))
+    assert held.since == 2  # step 2 was the open one then
+    with durable.connect() as conn:
+        found = step_queries.read_first_step(conn, "unc-13", 3, 3.0, held)
+    assert found is not None and found.since == 2 and found.step.run is not None
+    assert [r.seq for r in found.step.run.steps] == [2, 3]
+    assert found.step.run.steps[0].status == "completed"
+    # The merged history is the run's: the run goes on to the right result.
+    assert execute_step(durable, "unc-13", 3, fresh=time.time()) == "completed"
+    assert execute_step(durable, "unc-13", 4, fresh=time.time()) == "completed"
+    assert durable.run("unc-13").result(timeout=5) == 4
+    # Woken since (a signal, say, handled by an activation that released it): all is read.
+    with durable.connect() as conn:
+        conn.execute(
+            text(
+                "UPDATE durable_workflows SET wake_seq = wake_seq + 1, run_seq = run_seq + 1,"
+                " status = 'running' WHERE id = 'unc-13'"
+            )
+        )
+        conn.execute(
+            text(
+                "UPDATE durable_steps SET status = 'scheduled', attempts = 0, result = NULL,"
+                " dispatched_at = now() WHERE workflow_id = 'unc-13' AND seq = 4"
+            )
+        )
+        found = step_queries.read_first_step(conn, "unc-13", 4, 3.0, held)
+    assert found is not None and found.since is None and found.step.run is not None
+    assert [r.seq for r in found.step.run.steps] == [1, 2, 3, 4]

@@ -266,6 +266,10 @@ class Activation:
     patches: tuple[str, ...] = ()
     trace_context: dict[str, str] | None = None
     """The trace context the run's spans continue (:mod:`durable.tracing`), or None."""
+    woken: int | None = None
+    """The run's ``wake_seq`` alone (``wake_seq`` above is the version, with ``advances``)
+    when the statement that read it returned it; a kept history uses it to read only what
+    its run's advances changed (``durable.histories``)."""
 
 
 # The run's wake counter as the statement's snapshot sees it, for a run aliased ``w``: its

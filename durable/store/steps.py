@@ -249,6 +249,20 @@ def claim_step(
 
 
 @dataclass(frozen=True)
+class Held:
+    """What the caller holds of a run's history, so that a read returns only what changed."""
+
+    wake: int
+    """The version it holds (``wake_seq + advances``)."""
+    woken: int | None
+    """The run's ``wake_seq`` alone at that version, if known."""
+    created_at: datetime
+    """Which run of that id it is."""
+    since: int
+    """The first position an advance can have changed since: the lowest one still open."""
+
+
+@dataclass(frozen=True)
 class FirstStep:
     """A step's first dispatch as :func:`read_first_step` found it, fit to run unclaimed."""
 
@@ -257,6 +271,9 @@ class FirstStep:
     when the caller holds that history), as a claim with ``with_history`` returns it."""
     age: float
     """Seconds since its dispatch, by PostgreSQL's clock (the one the sweep measures by)."""
+    since: int | None = None
+    """Set when ``step.run`` holds only the positions from ``since`` on: the caller's held
+    history is the run's below it (only advances happened since, see :class:`Held`)."""
 
 
 # A first delivery that did not reach the process that scheduled its step reads the step
@@ -264,7 +281,10 @@ class FirstStep:
 # only if it may run unclaimed (``durable.runner``): never claimed, sent once (so the message
 # is the only copy) and within the window, its run at rest, not paused or being cancelled,
 # and the step plain (no timeout, whose deadline the claim sets; no limit, whose slot it
-# holds). The history is read as the claim reads it, in the statement's one snapshot.
+# holds). The history is read as the claim reads it, in the statement's one snapshot: none
+# if the caller holds the run at its version; only the positions from :since on if the run
+# was not woken since the caller's version (``wake_seq`` unchanged, so every change since
+# was an advance: a settle of a position open then, and new positions after it); else all.
 _READ_FIRST = statement(
     """
     SELECT st.workflow_id, st.seq, st.name, st.args, st.kwargs, st.options,
@@ -272,7 +292,14 @@ _READ_FIRST = statement(
            w.id, w.name AS run_name, w.args AS run_args, w.kwargs AS run_kwargs,
            w.wake_seq + w.advances AS snapshot_wake_seq, w.created_at, w.cancel_requested,
            w.cancelled_at_seq, w.patches, w.trace_context AS run_trace,
-           CASE WHEN w.wake_seq + w.advances IS DISTINCT FROM CAST(:cached_wake AS bigint) THEN """
+           w.wake_seq AS woken,
+           w.wake_seq = CAST(:held_woken AS bigint)
+               AND w.created_at = CAST(:held_created AS timestamptz) AS since_held,
+           CASE WHEN w.wake_seq + w.advances = CAST(:held_wake AS bigint) THEN NULL
+                WHEN w.wake_seq = CAST(:held_woken AS bigint)
+                 AND w.created_at = CAST(:held_created AS timestamptz) THEN """
+    + HISTORY_JSON.replace("s.workflow_id = w.id)", "s.workflow_id = w.id AND s.seq >= :since)")
+    + """ ELSE """
     + HISTORY_JSON
     + """ END AS steps
       FROM durable_steps st JOIN durable_workflows w ON w.id = st.workflow_id
@@ -287,16 +314,25 @@ _READ_FIRST = statement(
 
 
 def read_first_step(
-    conn: Connection, wid: str, seq: int, window: float, cached_wake: int | None = None
+    conn: Connection, wid: str, seq: int, window: float, held: Held | None = None
 ) -> FirstStep | None:
     """Step ``seq`` of ``wid`` and its run at rest, if its first dispatch may run unclaimed.
 
     None when it may not (claimed, sent again or ``window`` seconds ago or more, its run
     woken, leased, paused or being cancelled, or the step carries a timeout or a limit): the
-    caller claims it as any other delivery. The history is left out (``run`` None) when the
-    run is at ``cached_wake``.
+    caller claims it as any other delivery. With ``held``, the history is left out (``run``
+    None) when the run is at the held version, and only the positions from ``held.since``
+    on are read (``FirstStep.since``) when the run was not woken since it.
     """
-    params = {"wid": wid, "seq": seq, "window": window, "cached_wake": cached_wake}
+    params = {
+        "wid": wid,
+        "seq": seq,
+        "window": window,
+        "held_wake": None if held is None else held.wake,
+        "held_woken": None if held is None else held.woken,
+        "held_created": None if held is None else held.created_at,
+        "since": 0 if held is None else held.since,
+    }
     row = first_row(conn, _READ_FIRST, params)
     if row is None:
         return None
@@ -317,6 +353,7 @@ def read_first_step(
                 trace_context=row.run_trace,
             )
         )
+        run = replace(run, woken=row.woken)
     step = ClaimedStep(
         workflow_id=row.workflow_id,
         seq=row.seq,
@@ -331,7 +368,8 @@ def read_first_step(
         workflow_name=row.run_name,
         trace_context=row.run_trace or None,
     )
-    return FirstStep(step, float(row.age))
+    since = held.since if held is not None and run is not None and row.since_held else None
+    return FirstStep(step, float(row.age), since)
 
 
 # A paused run neither advances nor is taken: the settle records the step's outcome and the
