@@ -215,6 +215,13 @@ def claim_step(
     row = first_row(conn, _CLAIM, params)
     if row is None:
         return None
+    return _step_from_row(row, row.attempts, row.workflow_name)
+
+
+def _step_from_row(
+    row: Any, attempt: int, workflow_name: str | None, woken: int | None = None
+) -> ClaimedStep:
+    """The step a claim or a read returned, with its run when the row carries the history."""
     run = None
     if row.id is not None and row.steps is not None:
         run = activation_from_row(
@@ -232,6 +239,7 @@ def claim_step(
                 trace_context=row.run_trace,
             )
         )
+        run = replace(run, woken=woken)
     return ClaimedStep(
         workflow_id=row.workflow_id,
         seq=row.seq,
@@ -239,11 +247,11 @@ def claim_step(
         args=row.args if row.args is not None else [],
         kwargs=row.kwargs if row.kwargs is not None else {},
         options=dict(row.options or {}),
-        attempt=row.attempts,
+        attempt=attempt,
         rest_wake=row.snapshot_wake_seq,
         rest_created_at=row.created_at,
         run=run,
-        workflow_name=row.workflow_name,
+        workflow_name=workflow_name,
         trace_context=row.run_trace or None,
     )
 
@@ -336,39 +344,10 @@ def read_first_step(
     row = first_row(conn, _READ_FIRST, params)
     if row is None:
         return None
-    run = None
-    if row.steps is not None:
-        run = activation_from_row(
-            SimpleNamespace(
-                id=row.id,
-                name=row.run_name,
-                args=row.run_args,
-                kwargs=row.run_kwargs,
-                snapshot_wake_seq=row.snapshot_wake_seq,
-                created_at=row.created_at,
-                steps=row.steps,
-                cancel_requested=row.cancel_requested,
-                cancelled_at_seq=row.cancelled_at_seq,
-                patches=row.patches,
-                trace_context=row.run_trace,
-            )
-        )
-        run = replace(run, woken=row.woken)
-    step = ClaimedStep(
-        workflow_id=row.workflow_id,
-        seq=row.seq,
-        name=row.name,
-        args=row.args if row.args is not None else [],
-        kwargs=row.kwargs if row.kwargs is not None else {},
-        options=dict(row.options or {}),
-        attempt=1,
-        rest_wake=row.snapshot_wake_seq,
-        rest_created_at=row.created_at,
-        run=run,
-        workflow_name=row.run_name,
-        trace_context=row.run_trace or None,
-    )
-    since = held.since if held is not None and run is not None and row.since_held else None
+    step = _step_from_row(row, 1, row.run_name, woken=row.woken)
+    since = None
+    if held is not None and step.run is not None and row.since_held:
+        since = held.since  # the run holds only the positions from there on
     return FirstStep(step, float(row.age), since)
 
 
