@@ -14,8 +14,9 @@ Bounded by ``Settings.history_cache_size`` runs, least recently used first out; 
 worker keeps one cache per child process. A kept run that a read returned with its
 ``wake_seq`` alone (``Activation.woken``) also lets a later read of that run return only the
 positions its advances can have changed (:func:`first_open` on), when it was not woken
-since (see ``durable.store.steps.read_first_step``). A kept history is never trusted on its own: the
-claim's wake counter decides, and the settle checks the run again under its row lock.
+since (see ``durable.store.steps.read_first_step``). A kept history is never trusted on its
+own: the claim's wake counter decides, and the settle checks the run again under its row
+lock.
 
 When a settle (or an activation that did nothing else) scheduled exactly one step and left
 nothing else open, the cache also keeps that step as it was written (name, arguments,
