@@ -8,9 +8,12 @@ handled. Every other delivery claims first, as before.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,9 +32,12 @@ from durable.store import steps as step_queries
 from durable.store.records import StepRecord
 from durable.store.runs import Activation
 from durable.store.statement import on_statement
+from tests.apps import pool_app
 from tests.conftest import (
     HISTORY_ROWS,
+    ROOT,
     Background,
+    Workers,
     clean_keys,
     clean_tables,
     make_app,
@@ -573,3 +579,55 @@ def test_a_read_elsewhere_returns_only_what_advances_changed_since_the_kept_hist
         found = step_queries.read_first_step(conn, "unc-13", 4, 3.0, held)
     assert found is not None and found.since is None and found.step.run is not None
     assert [r.seq for r in found.step.run.steps] == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(300)
+def test_every_step_runs_unclaimed_on_either_child_of_a_prefork_worker(
+    database_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A real ``prefork -c 2`` worker: a step often lands on the child that did not schedule
+    it (and a run's first step, sent by this process, always does). There it is read, not
+    claimed: every step of every run runs unclaimed. Claimed instead, as before, the steps
+    that changed process would record a claimed start."""
+    clean_tables(database_url)
+    env = {
+        **os.environ,
+        "DURABLE_DATABASE_URL": database_url,
+        "DURABLE_REDIS_URL": redis_url,
+        # A first delivery runs unclaimed while younger than 0.3 of this: 18 s of margin
+        # for a loaded machine's queue.
+        "DURABLE_REDISPATCH_AFTER": "60",
+        "POOL_PREFIX": prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    _, durable = pool_app.build(prefix, redis_url, database_url=database_url, redispatch_after=60)
+    workers = Workers(env, tmp_path, "tests.apps.pool_app")
+    workers.start("unclaimed-two", concurrency=2)
+    try:
+        # The worker ready first: a first message that waited for it to boot may be too old.
+        assert durable.start("pool.sum", 0, workflow_id=f"{prefix}-w").result(timeout=60) == 111
+        runs = [durable.start("pool.sum", i, 0.05, workflow_id=f"{prefix}-u{i}") for i in range(20)]
+        assert [r.result(timeout=120) for r in runs] == [i + 111 for i in range(20)]
+        children = redis.Redis.from_url(redis_url).smembers(f"{prefix}:pids")
+    finally:
+        workers.stop_all()
+        clean_keys(redis_url, prefix)
+    assert len(children) == 2  # both children ran steps
+    rows = query(
+        database_url,
+        "SELECT workflow_id, seq, detail FROM " + HISTORY_ROWS + " WHERE event = 'step started'"
+        f" AND workflow_id LIKE '{prefix}-u%' ORDER BY workflow_id, seq",
+    )
+    assert len(rows) == 60
+    claimed = [(r.workflow_id, r.seq) for r in rows if r.detail.get("unclaimed") is not True]
+    assert claimed == []
+
+    def pid(row: Any) -> str:
+        return str(row.detail["worker"]).split(":")[1]
+
+    moved = [
+        (r.workflow_id, r.seq)
+        for before, r in pairwise(rows)
+        if before.workflow_id == r.workflow_id and pid(before) != pid(r)
+    ]
+    assert moved, "no step landed on the child that did not schedule it"
