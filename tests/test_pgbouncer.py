@@ -60,13 +60,13 @@ class Bounced:
             ).fetchall()
 
 
+INSTALL_PGBOUNCER = "Debian's pgbouncer package, or `python -m durable.dev.pgbouncer fetch`"
+
+
 @pytest.fixture(scope="module")
 def bounced(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bounced]:
     if find_pgbouncer() is None:
-        pytest.skip(
-            "optional dependency pgbouncer is missing: install Debian's pgbouncer package "
-            "or run `python -m durable.dev.pgbouncer fetch`"
-        )
+        pytest.skip(f"optional dependency pgbouncer is missing: install it ({INSTALL_PGBOUNCER})")
     state = tmp_path_factory.mktemp("pgbouncer")
     with (
         PrivatePostgres(state_dir=state, max_connections=MAX_CONNECTIONS) as postgres,
