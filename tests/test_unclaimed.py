@@ -585,10 +585,15 @@ def test_a_read_elsewhere_returns_only_what_advances_changed_since_the_kept_hist
 def test_every_step_runs_unclaimed_on_either_child_of_a_prefork_worker(
     database_url: str, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    """A real ``prefork -c 2`` worker: a step often lands on the child that did not schedule
-    it (and a run's first step, sent by this process, always does). There it is read, not
-    claimed: every step of every run runs unclaimed. Claimed instead, as before, the steps
-    that changed process would record a claimed start."""
+    """A real ``prefork -c 2`` worker: a run's first step, sent by this process, lands on a
+    process that did not schedule it, and so do later steps whenever the other child takes
+    them. There they are read, not claimed: every step of every run runs unclaimed. Claimed
+    instead, as before, the steps that changed process would record a claimed start.
+
+    Twenty runs at once fill the queue; which child takes a step then depends on timing. Three
+    ``pool.hops`` runs, one at a time, make the change of child certain: the child that sent
+    a step stays busy after it (``pool_app.hold_child``), and the worker hands the step to the
+    idle one."""
     clean_tables(database_url)
     env = {
         **os.environ,
@@ -609,6 +614,9 @@ def test_every_step_runs_unclaimed_on_either_child_of_a_prefork_worker(
         runs = [durable.start("pool.sum", i, 0.05, workflow_id=f"{prefix}-u{i}") for i in range(20)]
         assert [r.result(timeout=120) for r in runs] == [i + 111 for i in range(20)]
         children = redis.Redis.from_url(redis_url).smembers(f"{prefix}:pids")
+        for i in range(3):
+            run = durable.start("pool.hops", i, workflow_id=f"{prefix}-h{i}")
+            assert run.result(timeout=60) == i + 111
     finally:
         workers.stop_all()
         clean_keys(redis_url, prefix)
@@ -616,18 +624,20 @@ def test_every_step_runs_unclaimed_on_either_child_of_a_prefork_worker(
     rows = query(
         database_url,
         "SELECT workflow_id, seq, detail FROM " + HISTORY_ROWS + " WHERE event = 'step started'"
-        f" AND workflow_id LIKE '{prefix}-u%' ORDER BY workflow_id, seq",
+        f" AND (workflow_id LIKE '{prefix}-u%' OR workflow_id LIKE '{prefix}-h%')"
+        " ORDER BY workflow_id, seq",
     )
-    assert len(rows) == 60
+    assert len(rows) == 69
     claimed = [(r.workflow_id, r.seq) for r in rows if r.detail.get("unclaimed") is not True]
     assert claimed == []
 
     def pid(row: Any) -> str:
         return str(row.detail["worker"]).split(":")[1]
 
-    moved = [
+    hops = [r for r in rows if r.workflow_id.startswith(f"{prefix}-h")]
+    stayed = [
         (r.workflow_id, r.seq)
-        for before, r in pairwise(rows)
-        if before.workflow_id == r.workflow_id and pid(before) != pid(r)
+        for before, r in pairwise(hops)
+        if before.workflow_id == r.workflow_id and pid(before) == pid(r)
     ]
-    assert moved, "no step landed on the child that did not schedule it"
+    assert stayed == [], "a step ran on the child that had just sent it"

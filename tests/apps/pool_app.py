@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import task_postrun
 
 from durable import Durable
 
@@ -35,6 +36,11 @@ def build(prefix: str, redis_url: str, **settings: Any) -> tuple[Celery, Durable
         time.sleep(pause)
         return x + y
 
+    @app.task(name="pool.held", shared=False)
+    def held(x: int, y: int) -> int:
+        """``x + y``; the child stays busy a moment after it (see ``hold_child``)."""
+        return x + y
+
     @durable.workflow("pool.sum")
     def sum_workflow(ctx: Any, n: int, pause: float = 0.0) -> int:
         total = ctx.step(add, n, 1, pause)
@@ -47,7 +53,24 @@ def build(prefix: str, redis_url: str, **settings: Any) -> tuple[Celery, Durable
         got = ctx.wait_for_signal("go")
         return {"got": got, "sum": ctx.step(add, n, 1)}
 
+    @durable.workflow("pool.hops")
+    def hops_workflow(ctx: Any, n: int) -> int:
+        total = ctx.step(held, n, 1)
+        total = ctx.step(held, total, 10)
+        return int(ctx.step(held, total, 100))
+
     return app, durable
+
+
+@task_postrun.connect(weak=False, dispatch_uid="pool-app-hold-child")
+def hold_child(task: Any = None, **_: Any) -> None:
+    """Keep the child busy 0.2 s after ``pool.held`` returns, its next step already sent.
+
+    A ``prefork`` worker hands a message to an idle child only, so a run of ``pool.hops``
+    alone on a ``-c 2`` worker has each step after its first run on the other child.
+    """
+    if task is not None and task.name == "pool.held":
+        time.sleep(0.2)
 
 
 if os.environ.get("POOL_PREFIX"):
