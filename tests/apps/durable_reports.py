@@ -2,7 +2,8 @@
 
 tests/apps/celery_reports.py is a plain Celery module; tests/apps/durable_reports.py is the
 same module migrated to durable (docs/migrating.md, section h). Their flaky services are
-simulated with counters in the broker's Redis.
+simulated with counters in the broker's Redis. Both modules load into one test process, so
+their tasks are ``shared=False``: each app keeps its own ``reports.*`` callables.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class WebhookBusy(Exception):
     pass
 
 
-@app.task(name="reports.fetch", rate_limit="120/m")
+@app.task(name="reports.fetch", rate_limit="120/m", shared=False)
 def fetch(part: str) -> dict[str, Any]:
     services.rpush("reports:fetched", f"{time.monotonic()}")
     return {"part": part, "sales": 100 * len(part)}
@@ -52,6 +53,7 @@ def fetch(part: str) -> dict[str, Any]:
 
 @app.task(
     name="reports.render",
+    shared=False,
     bind=True,
     autoretry_for=(RendererBusy,),
     max_retries=3,
@@ -64,7 +66,7 @@ def render(self: Any, parts: list[dict[str, Any]]) -> str:
     return ", ".join(f"{p['part']}={p['sales']}" for p in parts)
 
 
-@app.task(name="reports.post", bind=True, max_retries=2)
+@app.task(name="reports.post", bind=True, max_retries=2, shared=False)
 def post(self: Any, report: str, url: str) -> str:
     if services.incr("reports:post-calls") == 1:
         raise self.retry(exc=WebhookBusy("the webhook is busy"), countdown=0.5)
@@ -80,6 +82,6 @@ def nightly(region: str) -> Any:
     )
 
 
-@app.task(name="reports.build")
+@app.task(name="reports.build", shared=False)
 def build(region: str) -> str:
     return str(nightly(region).apply_async().id)
