@@ -16,6 +16,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import event, text
+from sqlalchemy.dialects import postgresql
 
 from durable import Durable
 from durable.activation import activate, replay_in_memory
@@ -90,6 +91,59 @@ def test_a_settle_advances_a_run_at_rest(durable: Durable, database_url: str) ->
         "SELECT seq, event FROM " + HISTORY_ROWS + " WHERE seq IS NOT NULL ORDER BY pos",
     )
     assert [(e.seq, e.event) for e in events][-2:] == [(1, "step completed"), (2, "step scheduled")]
+
+
+def test_a_settle_returns_the_run_s_arguments_only_to_replay(
+    durable: Durable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settle that advances the run sends back no arguments (they weigh what the caller
+    gave, 100 kB here); one that takes the lease to replay gets them whole."""
+    rows: list[Any] = []
+    sent = step_queries.first_row
+
+    def kept(*args: Any) -> Any:
+        rows.append(sent(*args))
+        return rows[-1]
+
+    monkeypatch.setattr(step_queries, "first_row", kept)
+    document = "x" * 100_000
+
+    @durable.workflow("wf.adv.document")
+    def wf(ctx: Any, text: str, *, lang: str) -> None:
+        ctx.sleep(3600)
+
+    durable.start("wf.adv.document", document, lang="en", workflow_id="adv-doc")
+    with durable.connect() as conn:
+        conn.execute(text("UPDATE durable_workflows SET run_seq = wake_seq WHERE id = 'adv-doc'"))
+        for seq in (1, 2):
+            schedule_step(conn, "adv-doc", seq, "t.part", "[]", "{}", "{}")
+        first, second = (
+            step_queries.claim_step(conn, "adv-doc", seq, f"w{seq}#1", 30, with_history=True)
+            for seq in (1, 2)
+        )
+        assert first is not None and second is not None
+        settled = step_queries.settle_step(
+            conn, "adv-doc", 1, result='"one"', owner="w1#1", ttl=30, acquire=True,
+            attempt=first.attempt, expect_wake=first.rest_wake, new=[_next(3)],
+        )  # fmt: skip
+        assert settled.advanced
+        assert rows[-1].args is None and rows[-1].kwargs is None
+        # The second step's claim read the run before that advance: it cannot advance it.
+        settled = step_queries.settle_step(
+            conn, "adv-doc", 2, result='"two"', owner="w2#1", ttl=30, acquire=True,
+            attempt=second.attempt, expect_wake=second.rest_wake, new=[_next(4)],
+        )  # fmt: skip
+    assert not settled.advanced and settled.activation is not None
+    assert settled.activation.args == [document]
+    assert settled.activation.kwargs == {"lang": "en"}
+
+
+def test_the_settle_every_step_sends_stays_under_psycopg_s_cached_size() -> None:
+    """psycopg caches the conversion of a query's placeholders up to 4,096 bytes; past that
+    it parses the settle again at every step (about 150 us of CPU). The run-ending variant,
+    sent once per run, may be longer."""
+    sql = str(step_queries._SETTLE.compile(dialect=postgresql.psycopg.dialect()))
+    assert len(sql.encode()) <= 4096
 
 
 def _hot_and_all_updates(conn: Any, table: str) -> tuple[int, int]:

@@ -297,6 +297,19 @@ RUN_COLUMNS = (
     " patches, trace_context"
 )
 
+
+def run_columns(values_when: str) -> str:
+    """:data:`RUN_COLUMNS`, with the run's ``args`` and ``kwargs`` only where ``values_when``.
+
+    ``values_when`` is an SQL condition on the row; where it does not hold both are NULL,
+    for a statement whose caller replays the run only then: the arguments weigh what the
+    caller gave, and are sent and decoded for nothing otherwise.
+    """
+    values = f"CASE WHEN {values_when} THEN args END AS args,"
+    values += f" CASE WHEN {values_when} THEN kwargs END AS kwargs"
+    return RUN_COLUMNS.replace("args, kwargs", values, 1)
+
+
 # The lease is taken (free, expired, or already ours) and the whole step history read in one
 # statement: replay costs one round trip whatever the number of steps. A paused run is not
 # acquired: its activation ends there, and ``durable unpause`` sends it again. A run waiting

@@ -24,6 +24,7 @@ from durable.store.runs import (
     SNAPSHOT_WAKE,
     Activation,
     activation_from_row,
+    run_columns,
 )
 from durable.store.statement import first_row, insert_new_steps, statement
 
@@ -366,15 +367,16 @@ def _settle_statement(ending: bool) -> TextClause:
     conversion of (4 kB), and PostgreSQL plans less.
     """
     end_columns = ""
+    end_values = ""
     end_history = ""
     end_ctes = ""
     woken_parent = "NULL AS woken_parent_id, NULL AS woken_parent_name"
     if ending:
-        end_columns = (
-            f"status = CASE WHEN {_ADVANCE} THEN 'completed' ELSE status END,"
-            f" result = CASE WHEN {_ADVANCE} THEN CAST(:end_result AS jsonb) ELSE result END,"
-            f" finished_at = CASE WHEN {_ADVANCE} THEN now() ELSE finished_at END,"
-        )
+        end_columns = ", status, result, finished_at"
+        end_values = """,
+                  CASE WHEN f.a THEN 'completed' ELSE status END,
+                  CASE WHEN f.a THEN CAST(:end_result AS jsonb) ELSE result END,
+                  CASE WHEN f.a THEN now() ELSE finished_at END"""
         end_history = """, h AS (
         INSERT INTO durable_history (workflow_id, seq, event, detail)
         SELECT id, NULL, 'completed', jsonb_build_object('error', NULL) FROM w WHERE w.ended
@@ -409,35 +411,32 @@ def _settle_statement(ending: bool) -> TextClause:
                          AND (CAST(:attempt AS int) IS NULL OR attempts = :attempt) END
         RETURNING workflow_id, seq, attempts, completed_at
     ), w AS (
+        -- f.a: the run advances (see _ADVANCE); f.t: otherwise its lease is taken. Written
+        -- once, in a sub-select of the row being updated (its newest version, as the
+        -- CASEs it replaces read it), not once per column.
         UPDATE durable_workflows
-           SET wake_seq = CASE WHEN """
-        + _ADVANCE
-        + """ THEN wake_seq ELSE wake_seq + 1 END,
-               woken_at = CASE WHEN """
-        + _ADVANCE
-        + """ THEN woken_at ELSE now() END,
-               advances = CASE WHEN """
-        + _ADVANCE
-        + """ THEN advances + 1 ELSE advances END,
-               updated_at = CASE WHEN """
-        + _ADVANCE
-        + """ THEN now() ELSE updated_at END, """
+           SET (wake_seq, woken_at, advances, updated_at, lease_owner, lease_expires_at"""
         + end_columns
+        + """) = (
+               SELECT CASE WHEN f.a THEN wake_seq ELSE wake_seq + 1 END,
+                      CASE WHEN f.a THEN woken_at ELSE now() END,
+                      CASE WHEN f.a THEN advances + 1 ELSE advances END,
+                      CASE WHEN f.a THEN now() ELSE updated_at END,
+                      CASE WHEN f.a THEN NULL WHEN f.t THEN :owner ELSE lease_owner END,
+                      CASE WHEN f.a THEN NULL
+                           WHEN f.t THEN now() + make_interval(secs => :ttl)
+                           ELSE lease_expires_at END"""
+        + end_values
         + """
-               lease_owner = CASE WHEN """
+                 FROM (SELECT """
         + _ADVANCE
-        + """ THEN NULL WHEN """
+        + " AS a, "
         + _TAKE
-        + """ THEN :owner ELSE lease_owner END,
-               lease_expires_at = CASE WHEN """
-        + _ADVANCE
-        + """ THEN NULL WHEN """
-        + _TAKE
-        + """ THEN now() + make_interval(secs => :ttl) ELSE lease_expires_at END
+        + """ AS t) AS f)
          WHERE id = :wid AND (status = 'running') IS TRUE AND EXISTS (SELECT 1 FROM s)
         RETURNING lease_owner, run_seq = wake_seq AS advanced, status = 'completed' AS ended,
                   parent_id, parent_seq, """
-        + RUN_COLUMNS
+        + run_columns("run_seq <> wake_seq")
         + """
     ), n AS ("""
         + insert_new_steps(
