@@ -282,14 +282,25 @@ class Activation:
 # moved on, the release fails and replay runs again on a fresh read.
 SNAPSHOT_WAKE = "(SELECT d.wake_seq + d.advances FROM durable_workflows d WHERE d.id = w.id)"
 
-# The history of a run as one JSON array (replay's whole read), for a run aliased ``w``.
-HISTORY_JSON = """
+
+def history_json(positions: str = "") -> str:
+    """The history of a run aliased ``w`` as one JSON array.
+
+    ``positions``, an SQL condition on its step rows ``s``, keeps only some (a read of what
+    changed).
+    """
+    where = f"s.workflow_id = w.id AND {positions}" if positions else "s.workflow_id = w.id"
+    return f"""
     (SELECT coalesce(json_agg(json_build_object(
                 'seq', s.seq, 'kind', s.kind, 'name', s.name, 'status', s.status,
                 'attempts', s.attempts, 'result', s.result, 'error', s.error,
                 'completed_at', s.completed_at) ORDER BY s.seq), '[]')
-       FROM durable_steps s WHERE s.workflow_id = w.id)
+       FROM durable_steps s WHERE {where})
 """
+
+
+# The history of a run as one JSON array (replay's whole read), for a run aliased ``w``.
+HISTORY_JSON = history_json()
 
 # The run's columns replay needs, as returned by the statements that lease it.
 RUN_COLUMNS = (

@@ -24,6 +24,7 @@ from durable.store.runs import (
     SNAPSHOT_WAKE,
     Activation,
     activation_from_row,
+    history_json,
     run_columns,
 )
 from durable.store.statement import first_row, insert_new_steps, statement
@@ -307,7 +308,7 @@ _READ_FIRST = statement(
            CASE WHEN w.wake_seq + w.advances = CAST(:held_wake AS bigint) THEN NULL
                 WHEN w.wake_seq = CAST(:held_woken AS bigint)
                  AND w.created_at = CAST(:held_created AS timestamptz) THEN """
-    + HISTORY_JSON.replace("s.workflow_id = w.id)", "s.workflow_id = w.id AND s.seq >= :since)")
+    + history_json("s.seq >= :since")
     + """ ELSE """
     + HISTORY_JSON
     + """ END AS steps
